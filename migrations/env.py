@@ -1,0 +1,51 @@
+"""Alembic environment: the database URL comes from provfw's configuration
+(or from ``config.attributes['connection']`` when provfw.db.migration drives it)."""
+
+from alembic import context
+
+from provfw.db.sqlalchemy import models
+
+config = context.config
+target_metadata = models.Base.metadata
+
+
+def _url() -> str:
+    url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
+    if not url:
+        from provfw import conf
+        url = conf.database_url()
+    return url
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
+                      compare_type=True, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run(connection)
+        return
+    from provfw.db.sqlalchemy.api import create_engine
+    engine = create_engine(_url())
+    with engine.connect() as conn:
+        _run(conn)
+    engine.dispose()
+
+
+def _run(connection) -> None:
+    # render_as_batch: SQLite cannot ALTER constraints in place; batch mode copies the table.
+    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True,
+                      render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+    connection.commit()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

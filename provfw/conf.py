@@ -1,0 +1,178 @@
+"""Configuration options (oslo.config), all declared in this one module.
+
+``etc/provfw/provfw.conf.sample`` is generated from :func:`list_opts` by
+``provfw-manage config sample``; a unit test fails when the sample drifts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from oslo_config import cfg
+
+CONF = cfg.CONF
+
+default_opts = [
+    cfg.StrOpt("state_path", default=os.path.expanduser("~/.local/state/provfw"),
+               help="Directory for the embedded SQLite database, the bootstrap admin token "
+                    "and the per-host apply lock."),
+    cfg.StrOpt("transport_url", default="memory://",
+               help="Message bus URL. 'memory://' is the in-process bus of provfw-all-in-one; "
+                    "use rabbit://guest:guest@127.0.0.1:5672// (RabbitMQ) for a real deployment."),
+    cfg.StrOpt("control_exchange", default="provfw",
+               help="Prefix of the AMQP exchanges; the fanout exchange is '<prefix>_compute_fanout'."),
+    cfg.ListOpt("protected_cidrs", default=["127.0.0.0/8", "::1/128"],
+                help="Management networks that provider rules may never overlap; "
+                     "a rule that does is refused with 409."),
+    cfg.IntOpt("max_rules", default=1_000_000, min=1,
+               help="Largest number of live provider rules; past it new rules are refused."),
+    cfg.BoolOpt("debug", default=False, help="Log at DEBUG level."),
+]
+
+database_opts = [
+    cfg.StrOpt("connection", default=None, secret=True,
+               help="SQLAlchemy URL, e.g. postgresql+psycopg2://provfw@127.0.0.1/provfw or "
+                    "mysql+pymysql://root@127.0.0.1/provfw. Empty: SQLite file under state_path."),
+    cfg.IntOpt("pool_size", default=5, help="Connections kept open per process (not SQLite)."),
+]
+
+api_opts = [
+    cfg.HostAddressOpt("bind_host", default="127.0.0.1", help="Address provfw-api listens on."),
+    cfg.PortOpt("bind_port", default=8774, help="Port provfw-api listens on."),
+    cfg.IntOpt("max_request_body_size", default=64 * 1024, min=1024,
+               help="Largest JSON request body in bytes; bigger bodies get 413."),
+    cfg.IntOpt("max_import_body_size", default=64 * 1024 * 1024, min=1024,
+               help="Largest bulk import body in bytes; bigger bodies get 413."),
+    cfg.StrOpt("audit_log", default=None,
+               help="File that receives one JSON line per mutation (besides the audit table). "
+                    "Empty: audit lines go to the 'provfw.audit' logger only."),
+]
+
+compute_opts = [
+    cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
+               help="Name of this compute worker; one Service row per host."),
+    cfg.StrOpt("compute_driver", default="libvirt",
+               help="Compute (virt) driver: 'libvirt' (LibvirtConnection), 'fake' (FakeConnection) "
+                    "or a dotted path to a class."),
+    cfg.StrOpt("firewall_driver", default="iptables",
+               help="Firewall driver: 'iptables' (IptablesFirewallDriver), 'nwfilter' (NWFilterFirewall), "
+                    "'ipset', 'nftables', 'iptc', 'noop', or a dotted path to a class."),
+    cfg.StrOpt("dataplane_netns", default="",
+               help="Network namespace whose firewall the worker manages; empty means the host's own."),
+    cfg.IntOpt("heartbeat_interval", default=5, min=1, help="Seconds between service heartbeats."),
+    cfg.IntOpt("reconcile_interval", default=10, min=1,
+               help="Seconds between checks of the database generation and of kernel drift."),
+    cfg.IntOpt("service_down_time", default=30, min=1,
+               help="A worker whose heartbeat is older than this many seconds is reported down."),
+    cfg.StrOpt("lock_path", default=None,
+               help="Directory of the per-host apply lock; empty: state_path."),
+]
+
+iptables_opts = [
+    cfg.StrOpt("provider_chain", default="nova-provider", help="Chain that holds the provider rules."),
+    cfg.StrOpt("local_chain", default="nova-local",
+               help="Chain that the provider chain continues to (security groups); never flushed."),
+    cfg.StrOpt("forward_chain", default="FORWARD", help="Built-in chain whose first rule jumps to provider_chain."),
+    cfg.StrOpt("backend", default="auto", choices=["auto", "nft", "legacy"],
+               help="iptables flavour: 'auto' uses the host's iptables-restore alternative."),
+    cfg.IntOpt("wait_seconds", default=10, min=1, help="--wait passed to iptables tools (xtables lock)."),
+]
+
+libvirt_opts = [
+    cfg.StrOpt("uri", default="qemu:///system", help="libvirt connection URI."),
+    cfg.StrOpt("provider_filter", default="nova-provider", help="Name of the provider nwfilter."),
+    cfg.StrOpt("instance_filter_pattern", default="nova-instance-*",
+               help="fnmatch pattern of instance filters that must reference the provider filter."),
+    cfg.BoolOpt("ensure_filter_refs", default=False,
+                help="On every refresh, add the provider filterref to instance filters missing it."),
+    cfg.StrOpt("match_mode", default="auto", choices=["auto", "rules", "ipset"],
+               help="How the provider nwfilter matches sources: one rule per CIDR, or host ipsets "
+                    "that provfw keeps; 'auto' switches to ipsets past ipset_threshold rules."),
+    cfg.IntOpt("ipset_threshold", default=256, min=1,
+               help="Rule count past which match_mode=auto uses host ipsets."),
+]
+
+sets_opts = [
+    cfg.IntOpt("min_set_size", default=65536, min=1024, help="Smallest maxelem given to a kernel set."),
+    cfg.FloatOpt("headroom", default=2.0, min=1.1, help="Set size = max(min_set_size, entries * headroom)."),
+    cfg.IntOpt("full_rebuild_delta", default=20000, min=1,
+               help="A delta with more changes than this is applied as a full rebuild."),
+]
+
+
+def list_opts():
+    return [
+        ("DEFAULT", default_opts),
+        ("database", database_opts),
+        ("api", api_opts),
+        ("compute", compute_opts),
+        ("iptables", iptables_opts),
+        ("libvirt", libvirt_opts),
+        ("sets", sets_opts),
+    ]
+
+
+def register_opts(conf: cfg.ConfigOpts = CONF) -> None:
+    for group, opts in list_opts():
+        conf.register_opts(opts, group=None if group == "DEFAULT" else group)
+
+
+register_opts()
+
+
+def parse_args(argv=None, conf: cfg.ConfigOpts = CONF, default_config_files=None) -> cfg.ConfigOpts:
+    """Parse command line + config files (``--config-file``; default /etc/provfw/provfw.conf if present)."""
+    if default_config_files is None:
+        default_config_files = [p for p in ("/etc/provfw/provfw.conf",) if os.path.exists(p)]
+    conf(argv, project="provfw", default_config_files=default_config_files)
+    return conf
+
+
+def database_url(conf: cfg.ConfigOpts = CONF) -> str:
+    if conf.database.connection:
+        return conf.database.connection
+    os.makedirs(conf.state_path, exist_ok=True)
+    return "sqlite:///" + os.path.join(conf.state_path, "provfw.sqlite")
+
+
+def lock_dir(conf: cfg.ConfigOpts = CONF) -> str:
+    path = conf.compute.lock_path or conf.state_path
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def sample_config() -> str:
+    """Render the sample configuration file from the declared options."""
+    lines = ["# provfw sample configuration, generated by 'provfw-manage config sample'.", ""]
+    for group, opts in list_opts():
+        lines.append(f"[{group}]")
+        lines.append("")
+        for opt in opts:
+            for text in _wrap(opt.help or ""):
+                lines.append(f"# {text}")
+            default = getattr(opt, "sample_default", None) or opt.default
+            if isinstance(default, list):
+                default = ",".join(default)
+            if default is None:
+                default = ""
+            extra = f" (one of: {', '.join(c for c, _ in opt.type.choices.items())})" \
+                if getattr(opt.type, "choices", None) else ""
+            lines.append(f"# type: {type(opt).__name__.replace('Opt', '').lower()}{extra}")
+            if opt.name == "state_path":
+                default = "~/.local/state/provfw"
+            lines.append(f"#{opt.dest} = {default}")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _wrap(text: str, width: int = 76):
+    words, line = text.split(), ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            yield line
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        yield line

@@ -1,0 +1,143 @@
+"""SQLAlchemy 2 models.  Alembic migrations in ``migrations/`` must match them
+(``alembic check`` runs in CI).
+
+Soft delete follows Nova: ``deleted`` is 0 while a row is live and becomes the
+row's own id when it is deleted, so the unique constraint on
+(cidr, protocol, from_port, to_port, deleted) allows exactly one live rule per
+spec on every database (NULLs in unique keys would not), while any number of
+deleted copies may remain for history and for generation deltas.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Annotated, Optional
+
+from sqlalchemy import (BigInteger, CheckConstraint, DateTime, Index, Integer, MetaData, String, Text,
+                        UniqueConstraint)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# BigInteger ids would be wasted on SQLite, whose autoincrement needs INTEGER.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+intpk = Annotated[int, mapped_column(BigId, primary_key=True, autoincrement=True)]
+# Microsecond precision on MariaDB (DATETIME defaults to whole seconds there).
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+timestamp = Annotated[datetime.datetime, mapped_column(Timestamp)]
+
+
+def utcnow() -> datetime.datetime:
+    """Naive UTC: every database stores it the same way."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ProviderFirewallRule(Base):
+    """One provider-level block: traffic from ``cidr`` matching protocol/ports is dropped on every host."""
+
+    __tablename__ = "provider_fw_rules"
+    __table_args__ = (
+        UniqueConstraint("cidr", "protocol", "from_port", "to_port", "deleted"),
+        CheckConstraint("protocol IN ('tcp', 'udp', 'icmp', 'all')", name="protocol"),
+        CheckConstraint("from_port >= -1 AND from_port <= 65535 AND to_port >= -1 AND to_port <= 65535",
+                        name="port_range"),
+        CheckConstraint("ip_version IN (4, 6)", name="ip_version"),
+        Index("ix_provider_fw_rules_created_generation", "created_generation"),
+        Index("ix_provider_fw_rules_deleted_generation", "deleted_generation"),
+        Index("ix_provider_fw_rules_deleted_expires_at", "deleted", "expires_at"),
+    )
+
+    id: Mapped[intpk]
+    cidr: Mapped[str] = mapped_column(String(43), comment="Normalised network, host bits cleared")
+    ip_version: Mapped[int] = mapped_column(Integer, comment="4 or 6")
+    protocol: Mapped[str] = mapped_column(String(8), comment="tcp, udp, icmp or all")
+    from_port: Mapped[int] = mapped_column(Integer, comment="First port, or ICMP type; -1 = any")
+    to_port: Mapped[int] = mapped_column(Integer, comment="Last port, or ICMP code; -1 = any")
+    description: Mapped[Optional[str]] = mapped_column(String(255))
+    created_by: Mapped[Optional[str]] = mapped_column(String(255), comment="Name of the API token that created it")
+    created_at: Mapped[timestamp] = mapped_column(default=utcnow)
+    updated_at: Mapped[Optional[timestamp]] = mapped_column(onupdate=utcnow)
+    deleted_at: Mapped[Optional[timestamp]]
+    deleted: Mapped[int] = mapped_column(BigId, default=0, comment="0 while live, the row id once deleted")
+    deleted_by: Mapped[Optional[str]] = mapped_column(String(255))
+    expires_at: Mapped[Optional[timestamp]] = mapped_column(comment="Hosts stop enforcing the rule at this time")
+    created_generation: Mapped[int] = mapped_column(BigInteger, comment="Generation that added the rule")
+    deleted_generation: Mapped[Optional[int]] = mapped_column(BigInteger, comment="Generation that removed it")
+
+
+class FirewallGeneration(Base):
+    """A single row whose counter every rule mutation bumps in its own transaction.
+
+    Updating this row also serialises rule mutations, so generations are
+    handed out in commit order and a delta 'since N' never misses a change.
+    """
+
+    __tablename__ = "provider_fw_generation"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[Optional[timestamp]]
+
+
+class Service(Base):
+    """A compute worker: its heartbeat and what it last applied."""
+
+    __tablename__ = "services"
+    __table_args__ = (UniqueConstraint("host", "binary"),)
+
+    id: Mapped[intpk]
+    host: Mapped[str] = mapped_column(String(255))
+    binary: Mapped[str] = mapped_column(String(64), default="provfw-compute")
+    driver: Mapped[Optional[str]] = mapped_column(String(255))
+    heartbeat_at: Mapped[Optional[timestamp]]
+    applied_generation: Mapped[int] = mapped_column(BigInteger, default=-1, comment="-1: nothing applied yet")
+    applied_at: Mapped[Optional[timestamp]]
+    rule_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[timestamp] = mapped_column(default=utcnow)
+    updated_at: Mapped[Optional[timestamp]] = mapped_column(onupdate=utcnow)
+
+
+class ApiToken(Base):
+    """An API credential; only the SHA-256 of the secret is stored."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (
+        UniqueConstraint("name"),
+        UniqueConstraint("token_hash"),
+        CheckConstraint("role IN ('admin', 'reader')", name="role"),
+    )
+
+    id: Mapped[intpk]
+    name: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[timestamp] = mapped_column(default=utcnow)
+    revoked_at: Mapped[Optional[timestamp]]
+
+
+class AuditRecord(Base):
+    """Who changed what, when and why."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_created_at", "created_at"),)
+
+    id: Mapped[intpk]
+    created_at: Mapped[timestamp] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(255), comment="API token name")
+    request_id: Mapped[Optional[str]] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    generation: Mapped[Optional[int]] = mapped_column(BigInteger)
+    detail: Mapped[Optional[str]] = mapped_column(Text, comment="JSON: what changed, and the reason given")

@@ -1,0 +1,93 @@
+"""One exception hierarchy for provfw, each class carrying its HTTP status.
+
+The REST layer turns any ``ProvfwError`` into ``{"error": {"code", "message"}}``
+with ``code`` as the HTTP status; anything else becomes a 500 with a request
+id and no traceback in the body.
+"""
+
+from __future__ import annotations
+
+
+class ProvfwError(Exception):
+    """Base class; ``code`` is the HTTP status the API answers with."""
+
+    code = 500
+    message = "An unknown error occurred"
+
+    def __init__(self, message: str | None = None):
+        self.message = message or self.message
+        super().__init__(self.message)
+
+
+class ConfigError(ProvfwError):
+    code = 500
+
+
+class InvalidInput(ProvfwError):
+    """A request field is malformed; the message always names the field."""
+
+    code = 400
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        super().__init__(f"{field}: {reason}")
+
+
+class BodyTooLarge(ProvfwError):
+    code = 413
+
+
+class NotAuthenticated(ProvfwError):
+    code = 401
+    message = "X-Auth-Token: missing or invalid token"
+
+
+class Forbidden(ProvfwError):
+    code = 403
+    message = "this token's role may not perform this action"
+
+
+class NotFound(ProvfwError):
+    code = 404
+
+
+class RuleNotFound(NotFound):
+    def __init__(self, rule_id):
+        super().__init__(f"provider firewall rule {rule_id} not found")
+
+
+class Conflict(ProvfwError):
+    code = 409
+
+
+class DuplicateRule(Conflict):
+    def __init__(self, spec=None):
+        what = f" for {spec.cidr} {spec.protocol} {spec.from_port}:{spec.to_port}" if spec else ""
+        super().__init__(f"a live rule{what} already exists")
+
+
+class ProtectedNetwork(Conflict):
+    def __init__(self, cidr: str, protected: str):
+        self.protected = protected
+        super().__init__(f"cidr: {cidr} overlaps protected network {protected}")
+
+
+class RuleLimitExceeded(Conflict):
+    code = 507
+    message = "the configured maximum number of provider firewall rules is reached"
+
+
+class DriverError(ProvfwError):
+    """The dataplane refused or failed an apply; the previous state stays in force."""
+
+
+class ProcessExecutionError(DriverError):
+    def __init__(self, cmd, exit_code: int, stdout: str = "", stderr: str = "", detail: str = ""):
+        self.cmd = list(cmd)
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        text = f"command {' '.join(self.cmd)!r} exited {exit_code}: {stderr.strip()[:2000]}"
+        if detail:
+            text += f"\n{detail}"
+        super().__init__(text)

@@ -1,0 +1,69 @@
+"""The one way provfw runs external commands (iptables-restore, ipset, nft, ip).
+
+Firewall drivers take a ``Runner`` so that unit tests can pass a fake
+dataplane that interprets the input instead of touching the kernel, and so
+that every command of a worker configured with ``dataplane_netns`` runs inside
+that namespace.  Thread-safety: a Runner holds no mutable state.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from typing import Sequence
+
+from provfw import exception
+
+LOG = logging.getLogger(__name__)
+
+
+class Runner:
+    """Run commands, optionally inside a network namespace (``ip netns exec``)."""
+
+    def __init__(self, netns: str = "", timeout: float = 300.0):
+        self.netns = netns or ""
+        self.timeout = timeout
+
+    def wrap(self, cmd: Sequence[str]) -> list[str]:
+        if self.netns:
+            return ["ip", "netns", "exec", self.netns, *cmd]
+        return list(cmd)
+
+    def __call__(self, cmd: Sequence[str], input: str | None = None, check: bool = True) -> str:
+        return self.execute(cmd, input=input, check=check)
+
+    def execute(self, cmd: Sequence[str], input: str | None = None, check: bool = True) -> str:
+        """Run ``cmd``; return stdout.  Raise ProcessExecutionError on a non-zero exit when ``check``."""
+        full = self.wrap(cmd)
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(full, input=input, capture_output=True, text=True, timeout=self.timeout)
+        except FileNotFoundError as exc:
+            raise exception.ProcessExecutionError(full, 127, stderr=str(exc)) from None
+        except subprocess.TimeoutExpired as exc:
+            raise exception.ProcessExecutionError(full, -1, stderr=f"timed out after {exc.timeout}s") from None
+        LOG.debug("ran %s in %.3fs -> %s", " ".join(full[:6]), time.monotonic() - started, proc.returncode)
+        if check and proc.returncode != 0:
+            raise exception.ProcessExecutionError(
+                full, proc.returncode, proc.stdout, proc.stderr, detail=failing_input_context(proc.stderr, input))
+        return proc.stdout
+
+
+def failing_input_context(stderr: str, input: str | None, around: int = 2) -> str:
+    """For a failed restore, quote the input line the tool complained about, with context.
+
+    iptables-restore says "line N failed", ipset "Error in line N", nft "<stdin>:N:".
+    """
+    if not input or not stderr:
+        return ""
+    import re
+
+    match = re.search(r"(?:line|<cmdline>:|/dev/stdin:|<stdin>:)\s*(\d+)", stderr)
+    if not match:
+        return ""
+    number = int(match.group(1))
+    lines = input.splitlines()
+    start, end = max(1, number - around), min(len(lines), number + around)
+    quoted = [f"{'>' if n == number else ' '} {n:6d}: {lines[n - 1]}" for n in range(start, end + 1)]
+    return "failing input:\n" + "\n".join(quoted)

@@ -1,0 +1,196 @@
+"""Provider firewall rules as plain values: parsing, normalisation, validation.
+
+Everything that decides whether a rule is well formed lives here, so the REST
+API, the bulk importer, the database layer and every firewall driver agree on
+one meaning of a rule.  Nothing in this module touches the database, the
+network or the kernel.
+
+Conventions (kept from Nova's security-group rules so operators recognise them):
+
+* ``protocol`` is one of ``tcp``, ``udp``, ``icmp`` or ``all``.  For an IPv6
+  CIDR, ``icmp`` means ICMPv6.
+* For ``tcp``/``udp`` the ports are a destination port range ``from_port`` ..
+  ``to_port`` (1-65535).  Omitting both means every port (1-65535).
+* For ``icmp`` ``from_port`` is the ICMP type and ``to_port`` the code;
+  ``-1`` (``ANY``) means any type / any code.  A code without a type is
+  refused.
+* For ``all`` both ports are ``ANY``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from typing import Any, Iterable, Mapping
+
+from provfw import exception
+
+ANY = -1
+PROTOCOLS = ("tcp", "udp", "icmp", "all")
+MIN_PORT = 1
+MAX_PORT = 65535
+MAX_ICMP = 255
+MAX_DESCRIPTION = 255
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclasses.dataclass(frozen=True, order=True, slots=True)
+class RuleSpec:
+    """The matching part of one provider firewall rule, already normalised.
+
+    Two rules with equal ``RuleSpec`` match exactly the same packets; the
+    database enforces that at most one live rule exists per spec.
+    """
+
+    cidr: str
+    protocol: str
+    from_port: int = ANY
+    to_port: int = ANY
+
+    @property
+    def network(self) -> Network:
+        return ipaddress.ip_network(self.cidr)
+
+    @property
+    def version(self) -> int:
+        return 6 if ":" in self.cidr else 4
+
+    @property
+    def is_full_port_range(self) -> bool:
+        return self.from_port == MIN_PORT and self.to_port == MAX_PORT
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def normalise_cidr(value: Any, field: str = "cidr") -> str:
+    """Return ``value`` as a canonical network string.
+
+    A bare address becomes a /32 (IPv4) or /128 (IPv6); host bits are cleared
+    (``192.168.100.11/24`` -> ``192.168.100.0/24``); IPv6 is compressed and
+    lower-cased so string equality means network equality.  ``/0`` is refused:
+    a provider rule that blocks the whole internet is never what an admin meant.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise exception.InvalidInput(field, "must be a non-empty string such as 203.0.113.0/24")
+    text = value.strip()
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise exception.InvalidInput(field, f"{text!r} is not a valid IPv4/IPv6 address or CIDR ({exc})") from None
+    if network.prefixlen == 0:
+        raise exception.InvalidInput(field, f"{text!r} has prefix length 0; blocking every address is refused")
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
+        raise exception.InvalidInput(field, f"{text!r} is an IPv4-mapped IPv6 network; use the IPv4 form")
+    return network.with_prefixlen
+
+
+def _as_int(value: Any, field: str) -> int:
+    # bool is an int subclass; True as a port is always a client bug.
+    if isinstance(value, bool):
+        raise exception.InvalidInput(field, "must be an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    raise exception.InvalidInput(field, "must be an integer")
+
+
+def _check_range(value: int, low: int, high: int, field: str, allow_any: bool = False) -> None:
+    if allow_any and value == ANY:
+        return
+    if not low <= value <= high:
+        extra = " or -1 for any" if allow_any else ""
+        raise exception.InvalidInput(field, f"{value} is out of range {low}-{high}{extra}")
+
+
+def make_spec(cidr: Any, protocol: Any = "all", from_port: Any = None, to_port: Any = None) -> RuleSpec:
+    """Validate and normalise one rule; raise ``InvalidInput`` naming the bad field."""
+    cidr_text = normalise_cidr(cidr)
+    if protocol is None:
+        protocol = "all"
+    if not isinstance(protocol, str) or protocol.strip().lower() not in PROTOCOLS:
+        raise exception.InvalidInput("protocol", f"{protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    proto = protocol.strip().lower()
+    start = None if from_port is None else _as_int(from_port, "from_port")
+    end = None if to_port is None else _as_int(to_port, "to_port")
+
+    if proto in ("tcp", "udp"):
+        if start is None and end is None:
+            start, end = MIN_PORT, MAX_PORT
+        elif start is None:
+            raise exception.InvalidInput("from_port", "is required when to_port is given")
+        elif end is None:
+            end = start
+        _check_range(start, MIN_PORT, MAX_PORT, "from_port")
+        _check_range(end, MIN_PORT, MAX_PORT, "to_port")
+        if start > end:
+            raise exception.InvalidInput("from_port", f"{start} is greater than to_port {end}")
+    elif proto == "icmp":
+        start = ANY if start is None else start
+        end = ANY if end is None else end
+        _check_range(start, 0, MAX_ICMP, "from_port", allow_any=True)
+        _check_range(end, 0, MAX_ICMP, "to_port", allow_any=True)
+        if start == ANY and end != ANY:
+            raise exception.InvalidInput("to_port", "an ICMP code needs an ICMP type in from_port")
+    else:
+        for name, value in (("from_port", start), ("to_port", end)):
+            if value not in (None, ANY):
+                raise exception.InvalidInput(name, "must be omitted when protocol is 'all'")
+        start = end = ANY
+    return RuleSpec(cidr_text, proto, start, end)
+
+
+def spec_from_body(body: Mapping[str, Any]) -> RuleSpec:
+    """Build a ``RuleSpec`` from a decoded JSON request body."""
+    if not isinstance(body, Mapping):
+        raise exception.InvalidInput("body", "must be a JSON object")
+    if "cidr" not in body:
+        raise exception.InvalidInput("cidr", "is required")
+    return make_spec(body.get("cidr"), body.get("protocol", "all"), body.get("from_port"), body.get("to_port"))
+
+
+def validate_description(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise exception.InvalidInput("description", "must be a string")
+    if len(value) > MAX_DESCRIPTION:
+        raise exception.InvalidInput("description", f"is longer than {MAX_DESCRIPTION} characters")
+    return value
+
+
+def external_block_specs(cidr: str) -> list[RuleSpec]:
+    """The three rules the seed's ``block_external_addresses`` creates for one CIDR."""
+    return [
+        make_spec(cidr, "tcp", MIN_PORT, MAX_PORT),
+        make_spec(cidr, "udp", MIN_PORT, MAX_PORT),
+        make_spec(cidr, "icmp", ANY, ANY),
+    ]
+
+
+def parse_protected_networks(values: Iterable[str]) -> list[Network]:
+    """Parse the configured protected (management) networks; bad config fails loudly."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError as exc:
+            raise exception.ConfigError(f"protected_cidrs: {value!r} is not a CIDR ({exc})") from None
+    return networks
+
+
+def protected_overlap(cidr: str, protected: Iterable[Network]) -> Network | None:
+    """Return the first protected network that ``cidr`` overlaps, if any."""
+    network = ipaddress.ip_network(cidr)
+    for candidate in protected:
+        if candidate.version == network.version and candidate.overlaps(network):
+            return candidate
+    return None
+
+
+def check_not_protected(spec: RuleSpec, protected: Iterable[Network]) -> None:
+    hit = protected_overlap(spec.cidr, protected)
+    if hit is not None:
+        raise exception.ProtectedNetwork(spec.cidr, str(hit))
