@@ -73,7 +73,6 @@ class ProtectedNetwork(Conflict):
 
 
 class RuleLimitExceeded(Conflict):
-    code = 507
     message = "the configured maximum number of provider firewall rules is reached"
 
 

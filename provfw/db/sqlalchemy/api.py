@@ -354,7 +354,8 @@ def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None) -> t
     with _session() as session, session.begin():
         generation = _bump_generation(session)
         ids = list(session.scalars(select(ProviderFirewallRule.id)
-                                   .where(ProviderFirewallRule.cidr == cidr, _live())))
+                                   .where(ProviderFirewallRule.cidr == cidr, _live())
+                                   .order_by(ProviderFirewallRule.id)))
         if not ids:
             raise exception.NotFound(f"no provider firewall rules for {cidr}")
         count = _soft_delete(session, ids, generation, now, audit.actor if audit else None)

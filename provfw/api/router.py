@@ -1,0 +1,38 @@
+"""The provfw-api WSGI application: URL map -> AdminController."""
+
+from __future__ import annotations
+
+import routes
+from oslo_config import cfg
+
+from provfw import conf as provfw_conf
+from provfw.api import admin, wsgi
+from provfw.compute import api as compute_api
+
+
+def build_mapper() -> routes.Mapper:
+    mapper = routes.Mapper()
+
+    def connect(path: str, action: str, method: str, public: bool = False) -> None:
+        mapper.connect(path, controller="admin", action=action, conditions={"method": [method]},
+                       **({"public": True} if public else {}))
+
+    connect("/", "versions", "GET", public=True)
+    connect("/healthz", "health", "GET", public=True)
+    connect("/v1/provider-fw-rules", "index", "GET")
+    connect("/v1/provider-fw-rules", "create", "POST")
+    connect("/v1/provider-fw-rules/import", "import_rules", "POST")
+    connect("/v1/provider-fw-rules/{id}", "show", "GET")
+    connect("/v1/provider-fw-rules/{id}", "delete", "DELETE")
+    connect("/v1/block-external-addresses", "block_external_addresses", "POST")
+    connect("/v1/external-address-blocks", "list_blocks", "GET")
+    connect("/v1/remove-external-address-block", "remove_block", "POST")
+    connect("/v1/services", "services", "GET")
+    connect("/v1/audit-log", "audit_log", "GET")
+    return mapper
+
+
+def build_app(conf: cfg.ConfigOpts = provfw_conf.CONF, compute: compute_api.ComputeAPI | None = None):
+    """The WSGI app; ``compute`` defaults to a ComputeAPI on ``conf.transport_url``."""
+    controller = admin.AdminController(conf, compute or compute_api.ComputeAPI(conf))
+    return wsgi.Router(build_mapper(), {"admin": controller}, wsgi.token_authenticator)

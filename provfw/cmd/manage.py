@@ -1,0 +1,170 @@
+"""provfw-manage: operator tasks that do not go through the REST API.
+
+    provfw-manage [--config-file F] db sync | db version | db check
+    provfw-manage token create --name NAME --role admin|reader     (prints the secret once)
+    provfw-manage token list | token revoke --name NAME
+    provfw-manage config sample                                   (prints etc/provfw/provfw.conf.sample)
+    provfw-manage rules purge-expired [--older-than SECONDS]
+    provfw-manage service list | service delete --host HOST
+    provfw-manage nwfilter ensure-refs                             (add the provider filterref to instance filters)
+    provfw-manage dataplane apply | dataplane teardown             (this host's firewall, once, in the foreground)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+from oslo_config import cfg
+
+from provfw import conf as provfw_conf
+from provfw import exception
+from provfw.cmd import common
+from provfw.db import api as db
+from provfw.db import migration
+
+CONF = provfw_conf.CONF
+
+
+def _add_commands(subparsers) -> None:
+    dbp = subparsers.add_parser("db").add_subparsers(dest="action", required=True)
+    dbp.add_parser("sync", help="create or upgrade the schema (alembic upgrade head)")
+    dbp.add_parser("version", help="print the schema revision")
+    dbp.add_parser("check", help="fail if models and migrations disagree (alembic check)")
+
+    token = subparsers.add_parser("token").add_subparsers(dest="action", required=True)
+    create = token.add_parser("create")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True, choices=["admin", "reader"])
+    token.add_parser("list")
+    revoke = token.add_parser("revoke")
+    revoke.add_argument("--name", required=True)
+
+    config = subparsers.add_parser("config").add_subparsers(dest="action", required=True)
+    config.add_parser("sample")
+
+    rules = subparsers.add_parser("rules").add_subparsers(dest="action", required=True)
+    purge = rules.add_parser("purge-expired")
+    purge.add_argument("--older-than", type=float, default=0.0, help="seconds past expiry")
+
+    svc = subparsers.add_parser("service").add_subparsers(dest="action", required=True)
+    svc.add_parser("list")
+    delete = svc.add_parser("delete")
+    delete.add_argument("--host", required=True)
+
+    nwf = subparsers.add_parser("nwfilter").add_subparsers(dest="action", required=True)
+    nwf.add_parser("ensure-refs")
+
+    dataplane = subparsers.add_parser("dataplane").add_subparsers(dest="action", required=True)
+    dataplane.add_parser("apply", help="apply the current rules to this host once")
+    dataplane.add_parser("teardown", help="remove provfw's chains, jump, sets or filter from this host")
+
+
+def _command_args(argv):
+    parser = argparse.ArgumentParser(prog="provfw-manage")
+    sub = parser.add_subparsers(dest="category", required=True)
+    _add_commands(sub)
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
+    url = provfw_conf.database_url()
+    if args.category == "config":
+        sys.stdout.write(provfw_conf.sample_config())
+        return 0
+    if args.category == "db":
+        if args.action == "sync":
+            migration.db_sync(url)
+            print(f"schema at {migration.db_version(url)}")
+        elif args.action == "version":
+            print(migration.db_version(url) or "(empty)")
+        else:
+            migration.db_check(url)
+            print("models and migrations agree")
+        return 0
+    if args.category == "token":
+        if args.action == "create":
+            print(db.api_token_create(args.name, args.role))
+        elif args.action == "list":
+            for token in db.api_token_get_all():
+                state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}" if token.revoked_at else "active"
+                print(f"{token.name}\t{token.role}\t{state}")
+        else:
+            db.api_token_revoke(args.name)
+            print(f"revoked {args.name}")
+        return 0
+    if args.category == "rules":
+        count, generation = db.provider_fw_rule_purge_expired(
+            older_than=datetime.timedelta(seconds=args.older_than))
+        if count:
+            from provfw.compute import api as compute_api
+            compute_api.ComputeAPI(CONF).trigger_provider_fw_rules_refresh(generation)
+        print(f"purged {count} expired rule(s)")
+        return 0
+    if args.category == "service":
+        if args.action == "list":
+            for service in db.service_get_all():
+                print(json.dumps({"host": service.host, "driver": service.driver,
+                                  "heartbeat_at": str(service.heartbeat_at),
+                                  "applied_generation": service.applied_generation,
+                                  "rule_count": service.rule_count, "last_error": service.last_error}))
+        elif not db.service_destroy(args.host):
+            raise exception.NotFound(f"no service row for host {args.host!r}")
+        return 0
+    if args.category == "nwfilter":
+        import libvirt
+
+        from provfw.virt import nwfilter
+        conn = libvirt.open(CONF.libvirt.uri)
+        try:
+            changed = nwfilter.ensure_filter_refs(conn, CONF.libvirt.instance_filter_pattern,
+                                                  CONF.libvirt.provider_filter)
+        finally:
+            conn.close()
+        for name in changed:
+            print(f"added filterref {CONF.libvirt.provider_filter} to {name}")
+        print(f"{len(changed)} filter(s) changed")
+        return 0
+    if args.category == "dataplane":
+        from provfw.virt import driver as virt_driver
+        compute = virt_driver.load_compute_driver(CONF)
+        try:
+            if args.action == "apply":
+                print(compute.refresh_provider_fw_rules(full=True))
+            else:
+                compute.firewall_driver.teardown()
+                print("removed")
+        finally:
+            compute.close()
+        return 0
+    raise AssertionError(args.category)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # oslo.config owns --config-file/--config-dir; everything after them is our sub-command.
+    conf_args, rest = [], list(argv)
+    while rest and rest[0].startswith("--config"):
+        option = rest.pop(0)
+        conf_args.append(option)
+        if "=" not in option and rest:
+            conf_args.append(rest.pop(0))
+    args = _command_args(rest)
+    try:
+        provfw_conf.parse_args(conf_args)
+    except cfg.Error as exc:
+        print(f"provfw-manage: {exc}", file=sys.stderr)
+        return 2
+    common.setup_logging()
+    db.configure(provfw_conf.database_url(), CONF.database.pool_size)
+    try:
+        return run(args)
+    except exception.ProvfwError as exc:
+        print(f"provfw-manage: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
