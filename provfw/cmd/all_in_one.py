@@ -5,9 +5,7 @@ migrated at start, and - when no token exists yet - a bootstrap admin token
 written to ``<state_path>/admin-token`` (mode 0600) for the ``provfw`` CLI.
 """
 
-import eventlet
-
-eventlet.monkey_patch()
+from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
 
 import logging  # noqa: E402
 import os  # noqa: E402

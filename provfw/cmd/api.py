@@ -1,12 +1,11 @@
 """provfw-api: the admin REST API server (eventlet WSGI)."""
 
-import eventlet
-
-eventlet.monkey_patch()
+from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
 
 import logging  # noqa: E402
 import threading  # noqa: E402
 
+import eventlet  # noqa: E402
 import eventlet.wsgi  # noqa: E402
 
 from provfw.api import router  # noqa: E402

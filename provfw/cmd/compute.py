@@ -1,8 +1,6 @@
 """provfw-compute: the per-hypervisor worker (eventlet daemon)."""
 
-import eventlet
-
-eventlet.monkey_patch()
+from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
 
 import logging  # noqa: E402
 import signal  # noqa: E402

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything the tests need (apt packages, libvirtd, the venv) and run the whole suite:
+# unit, functional (real PostgreSQL/MariaDB/SQLite, RabbitMQ, iptables/ipset/nft in namespaces, libvirtd)
+# and end-to-end (the real daemons).  Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./tools/setup-test-env.sh
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider --timeout=600 -ra tests "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "run-tests: pytest collected no tests" >&2
+    exit 1
+fi
+leftover=$(ip netns list 2>/dev/null | grep -c '^pfw-' || true)
+if [ "$leftover" -ne 0 ]; then
+    echo "run-tests: $leftover test namespace(s) left behind:" >&2
+    ip netns list | grep '^pfw-' >&2
+    exit 1
+fi
+exit "$rc"
