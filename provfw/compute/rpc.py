@@ -43,16 +43,24 @@ def fanout_exchange(conf: cfg.ConfigOpts = provfw_conf.CONF, topic: str = COMPUT
                           auto_delete=False)
 
 
+def kombu_url(url: str) -> str:
+    """Accept oslo.messaging's ``rabbit://`` scheme as well as kombu's own (amqp://, pyamqp://, memory://)."""
+    if url.startswith("rabbit://"):
+        return "pyamqp://" + url[len("rabbit://"):]
+    return url
+
+
 def _connection(url: str) -> kombu.Connection:
+    url = kombu_url(url)
     # heartbeat lets a worker notice a dead broker even when no cast arrives.
     heartbeat = 0 if url.startswith("memory") else 30
     return kombu.Connection(url, heartbeat=heartbeat, connect_timeout=5,
-                            transport_options={"confirm_publish": True} if url.startswith(("amqp", "rabbit")) else {})
+                            transport_options={"confirm_publish": True} if url.startswith(("amqp", "pyamqp")) else {})
 
 
 def bus_errors(url: str) -> tuple:
     """The exceptions that mean "the bus is unreachable" for ``url``'s transport (no connect)."""
-    probe = kombu.Connection(url)
+    probe = kombu.Connection(kombu_url(url))
     return (OSError, *probe.connection_errors, *probe.channel_errors)
 
 

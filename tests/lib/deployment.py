@@ -1,0 +1,180 @@
+"""A real provfw deployment for end-to-end tests and benchmarks.
+
+Starts ``provfw-api`` and one or more ``provfw-compute`` processes (the
+installed console scripts) on a real database and RabbitMQ, each worker
+managing the firewall of its own hypervisor namespace.  Configuration is a
+real config file; tokens and schema come from ``provfw-manage``.  Every
+process is stopped and the database dropped on ``close()``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+import requests
+
+from provfw.adminclient import AdminClient
+from tests.lib import services
+
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Deployment:
+    def __init__(self, db_kind: str = "postgresql", transport_url: str | None = None,
+                 firewall_driver: str = "iptables", extra_conf: str = ""):
+        self.database = services.TestDatabase(db_kind)
+        self.transport_url = transport_url or services.require_rabbitmq()
+        self.firewall_driver = firewall_driver
+        self.extra_conf = extra_conf
+        self.dir = tempfile.mkdtemp(prefix="provfw-e2e-")
+        self.port = free_port()
+        self.exchange = f"provfw-e2e-{secrets.token_hex(4)}"
+        self.api: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.logs: list[str] = []
+        self.config = self._write_config("api", "")
+        self.manage("db", "sync")
+        self.admin_token = self.manage("token", "create", "--name", "e2e-admin", "--role", "admin").strip()
+        self.reader_token = self.manage("token", "create", "--name", "e2e-reader", "--role", "reader").strip()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = AdminClient(self.url, self.admin_token, timeout=30)
+
+    # ------------------------------------------------------------ config and tools
+
+    def _write_config(self, name: str, compute_section: str) -> str:
+        path = os.path.join(self.dir, f"{name}.conf")
+        with open(path, "w") as handle:
+            handle.write(f"""[DEFAULT]
+state_path = {self.dir}/state-{name}
+transport_url = {self.transport_url}
+control_exchange = {self.exchange}
+protected_cidrs = 127.0.0.0/8,::1/128,192.0.2.0/24
+
+[database]
+connection = {self.database.url}
+
+[api]
+bind_host = 127.0.0.1
+bind_port = {self.port}
+
+[compute]
+heartbeat_interval = 1
+reconcile_interval = 2
+service_down_time = 5
+{compute_section}
+{self.extra_conf}
+""")
+        return path
+
+    def manage(self, *args: str) -> str:
+        result = subprocess.run([os.path.join(BIN, "provfw-manage"), "--config-file", self.config, *args],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"provfw-manage {' '.join(args)} failed: {result.stderr}")
+        return result.stdout
+
+    def _spawn(self, binary: str, config: str, name: str) -> subprocess.Popen:
+        log_path = os.path.join(self.dir, f"{name}.log")
+        self.logs.append(log_path)
+        log = open(log_path, "ab")
+        return subprocess.Popen([os.path.join(BIN, binary), "--config-file", config], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    # ------------------------------------------------------------ processes
+
+    def start_api(self, timeout: float = 20.0) -> None:
+        self.api = self._spawn("provfw-api", self.config, "api")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.api.poll() is not None:
+                raise RuntimeError(f"provfw-api exited: {self.tail('api')}")
+            try:
+                requests.get(self.url + "/healthz", timeout=1).raise_for_status()
+                return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise RuntimeError(f"provfw-api did not answer: {self.tail('api')}")
+
+    def start_worker(self, host: str, netns: str, extra: str = "", wait: bool = True) -> None:
+        config = self._write_config(f"compute-{host}", f"host = {host}\ndataplane_netns = {netns}\n"
+                                    f"firewall_driver = {self.firewall_driver}\ncompute_driver = libvirt\n{extra}")
+        self.workers[host] = self._spawn("provfw-compute", config, f"compute-{host}")
+        if wait:
+            self.wait_in_sync(host)
+
+    def stop_worker(self, host: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.workers.pop(host)
+        _stop(proc, sig)
+
+    def wait_in_sync(self, host: str | None = None, timeout: float = 30.0) -> None:
+        """Wait until ``host`` (or every started worker) reports the current generation applied."""
+        hosts = [host] if host else list(self.workers)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.client.services()
+            by_host = {s["host"]: s for s in info["services"]}
+            if all(h in by_host and by_host[h]["applied_generation"] == info["generation"] for h in hosts):
+                return
+            for h in hosts:
+                proc = self.workers.get(h)
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"provfw-compute {h} exited: {self.tail('compute-' + h)}")
+            time.sleep(0.05)
+        raise RuntimeError(f"workers {hosts} not in sync: {self.client.services()}")
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        path = os.path.join(self.dir, f"{name}.log")
+        try:
+            with open(path, errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        for host in list(self.workers):
+            self.stop_worker(host)
+        if self.api is not None:
+            _stop(self.api, signal.SIGTERM)
+            self.api = None
+        self.database.drop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def kernel_has_source(netns: str, cidr: str, tools: Sequence[str] = ("iptables-save", "ip6tables-save")) -> bool:
+    """True when the provider chain in ``netns`` holds a rule for ``cidr``."""
+    tool = tools[1] if ":" in cidr else tools[0]
+    out = subprocess.run(["ip", "netns", "exec", netns, tool, "-t", "filter"], capture_output=True,
+                         text=True).stdout
+    return f"-s {cidr} " in out
