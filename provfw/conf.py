@@ -91,6 +91,10 @@ libvirt_opts = [
                     "that provfw keeps; 'auto' switches to ipsets past ipset_threshold rules."),
     cfg.IntOpt("ipset_threshold", default=256, min=1,
                help="Rule count past which match_mode=auto uses host ipsets."),
+    cfg.StrOpt("ipset_prefix", default="pfn",
+               help="Name prefix of the host ipsets the nwfilter driver keeps in ipset mode "
+                    "(one hash:net set per family/protocol/port range, e.g. pfn4-tcp-1-65535). "
+                    "Every set with this prefix belongs to the driver; at most 16 characters."),
 ]
 
 sets_opts = [
