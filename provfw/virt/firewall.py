@@ -159,6 +159,13 @@ class ProviderFirewallBase(FirewallDriver):
                     added.remove(spec)
                 else:
                     removed.append(spec)
+            # A spec deleted and created again inside the window is still wanted and the
+            # kernel already holds it: passing it as both added and removed would let a
+            # driver that applies removals last unblock it.
+            readded = set(added) & set(removed)
+            if readded:
+                added = [s for s in added if s not in readded]
+                removed = [s for s in removed if s not in readded]
             if len(added) + len(removed) > self.conf.sets.full_rebuild_delta:
                 return self._full_from_db(now, started)
             changed = bool(added or removed) and self.apply_delta(added, removed)
