@@ -130,7 +130,7 @@ class FakeIptables:
         self.calls: list[Call] = []
         self._tables: dict[tuple[int, str], dict[str, Table]] = {}
         self._lock = threading.Lock()
-        self._failures: list[str] = []
+        self._failures: list[tuple[int | None, str]] = []
 
     # ------------------------------------------------------------------ Runner API
 
@@ -199,10 +199,11 @@ class FakeIptables:
         tool = "iptables" if version == 4 else "ip6tables"
         self.execute([f"{tool}-{flavour}" if flavour != "nft" else tool, "-t", table, *shlex.split(line)])
 
-    def fail_next_restore(self, reason: str = "Another app is currently holding the xtables lock.") -> None:
-        """Make the next restore fail before changing anything."""
+    def fail_next_restore(self, reason: str = "Another app is currently holding the xtables lock.",
+                          version: int | None = None) -> None:
+        """Make the next restore (of ``version``, or of either family) fail before changing anything."""
         with self._lock:
-            self._failures.append(reason)
+            self._failures.append((version, reason))
 
     # ------------------------------------------------------------------ commands
 
@@ -258,8 +259,10 @@ class FakeIptables:
                 test_only = True
             else:
                 raise RestoreFailed(f"unknown argument '{arg}'")
-        if self._failures:
-            raise RestoreFailed(self._failures.pop(0))
+        for index, (only, reason) in enumerate(self._failures):
+            if only in (None, version):
+                del self._failures[index]
+                raise RestoreFailed(reason)
         state = self._state(version, flavour)
         committed = self._parse_restore(version, state, text, noflush)
         if not test_only:
