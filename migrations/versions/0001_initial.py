@@ -39,10 +39,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_provider_fw_rules"),
         sa.UniqueConstraint("cidr", "protocol", "from_port", "to_port", "deleted",
                             name="uq_provider_fw_rules_cidr_protocol_from_port_to_port_deleted"),
-        sa.CheckConstraint("protocol IN ('tcp', 'udp', 'icmp', 'all')", name="ck_provider_fw_rules_protocol"),
+        sa.CheckConstraint("protocol IN ('tcp', 'udp', 'icmp', 'all')", name=op.f("ck_provider_fw_rules_protocol")),
         sa.CheckConstraint("from_port >= -1 AND from_port <= 65535 AND to_port >= -1 AND to_port <= 65535",
-                           name="ck_provider_fw_rules_port_range"),
-        sa.CheckConstraint("ip_version IN (4, 6)", name="ck_provider_fw_rules_ip_version"),
+                           name=op.f("ck_provider_fw_rules_port_range")),
+        sa.CheckConstraint("ip_version IN (4, 6)", name=op.f("ck_provider_fw_rules_ip_version")),
     )
     op.create_index("ix_provider_fw_rules_created_generation", "provider_fw_rules", ["created_generation"])
     op.create_index("ix_provider_fw_rules_deleted_generation", "provider_fw_rules", ["deleted_generation"])
@@ -54,7 +54,7 @@ def upgrade() -> None:
         sa.Column("generation", sa.BigInteger(), nullable=False),
         sa.Column("updated_at", Timestamp, nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_provider_fw_generation"),
-        sa.CheckConstraint("id = 1", name="ck_provider_fw_generation_single_row"),
+        sa.CheckConstraint("id = 1", name=op.f("ck_provider_fw_generation_single_row")),
     )
     op.bulk_insert(generation, [{"id": 1, "generation": 0}])
 
@@ -86,7 +86,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_api_tokens"),
         sa.UniqueConstraint("name", name="uq_api_tokens_name"),
         sa.UniqueConstraint("token_hash", name="uq_api_tokens_token_hash"),
-        sa.CheckConstraint("role IN ('admin', 'reader')", name="ck_api_tokens_role"),
+        sa.CheckConstraint("role IN ('admin', 'reader')", name=op.f("ck_api_tokens_role")),
     )
 
     op.create_table(
