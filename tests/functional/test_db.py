@@ -1,0 +1,479 @@
+"""The db layer on real SQLite, PostgreSQL (127.0.0.1:5432) and MariaDB (127.0.0.1:3306).
+
+Every test runs once per database kind on a freshly migrated, empty database
+(``any_db`` in tests/conftest.py runs ``alembic upgrade head``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from provfw import exception
+from provfw.db import api as db
+from provfw.db import migration
+from provfw.db.sqlalchemy import models
+from provfw.rules import make_spec
+
+pytestmark = pytest.mark.functional
+
+A = make_spec("203.0.113.5")
+B = make_spec("198.51.100.0/24", "tcp", 8080)
+C = make_spec("2001:db8::/32", "icmp", 128, 0)
+D = make_spec("192.0.2.0/24", "udp", 53)
+WHO = db.Audit("admin-token", request_id="req-1", reason="abuse report 42")
+
+
+def generation() -> int:
+    return db.provider_fw_generation_get()
+
+
+def raw_rules() -> list:
+    """Every row of the rules table, live or deleted, straight from the database."""
+    with db.get_engine().connect() as conn:
+        return list(conn.execute(sa.select(models.ProviderFirewallRule.__table__)
+                                 .order_by(models.ProviderFirewallRule.id)).mappings())
+
+
+def now() -> datetime.datetime:
+    return models.utcnow()
+
+
+# --------------------------------------------------------------------------- schema
+
+def test_migrated_schema_matches_the_models(any_db):
+    migration.db_check(any_db.url)                      # raises on any drift between models and migrations
+    assert migration.db_version(any_db.url) is not None
+    tables = set(sa.inspect(db.get_engine()).get_table_names())
+    assert {"provider_fw_rules", "provider_fw_generation", "services", "api_tokens", "audit_log"} <= tables
+    assert generation() == 0
+
+
+def constraint_names(engine) -> dict:
+    inspector = sa.inspect(engine)
+    names = {}
+    for table in models.Base.metadata.tables:
+        names[table] = (sorted(c["name"] for c in inspector.get_check_constraints(table)),
+                        sorted(c["name"] for c in inspector.get_unique_constraints(table)),
+                        sorted(i["name"] for i in inspector.get_indexes(table) if not i.get("unique")))
+    return names
+
+
+def test_migrated_constraint_names_are_the_models_names(any_db):
+    # alembic check compares neither CHECK constraints nor their names; a later migration that
+    # alters a constraint by its model name must find it under that name on every backend.
+    reference = sa.create_engine("sqlite://")
+    models.Base.metadata.create_all(reference)
+    try:
+        assert constraint_names(db.get_engine()) == constraint_names(reference)
+    finally:
+        reference.dispose()
+
+
+def test_upgrade_is_idempotent(any_db):
+    version = migration.db_version(any_db.url)
+    migration.db_sync(any_db.url)
+    assert migration.db_version(any_db.url) == version
+    migration.db_check(any_db.url)
+
+
+# --------------------------------------------------------------------------- CRUD
+
+def test_create_get_list_and_delete(any_db):
+    rule, gen = db.provider_fw_rule_create(C, description="ICMPv6 echo flood", created_by="ops")
+    assert (rule.cidr, rule.ip_version, rule.protocol, rule.from_port, rule.to_port) == ("2001:db8::/32", 6,
+                                                                                        "icmp", 128, 0)
+    assert rule.created_generation == gen and rule.deleted == 0
+    fetched = db.provider_fw_rule_get(rule.id)
+    assert (fetched.description, fetched.created_by) == ("ICMPv6 echo flood", "ops")
+    assert [r.id for r in db.provider_fw_rule_get_all()] == [rule.id]
+    assert [r.id for r in db.provider_fw_rule_get_all_by_cidr("2001:db8::/32")] == [rule.id]
+    assert db.provider_fw_rule_count() == 1
+    db.provider_fw_rule_destroy(rule.id)
+    with pytest.raises(exception.RuleNotFound):
+        db.provider_fw_rule_get(rule.id)
+    with pytest.raises(exception.RuleNotFound):
+        db.provider_fw_rule_destroy(rule.id)
+    assert db.provider_fw_rule_get_all() == [] and db.provider_fw_rule_count() == 0
+
+
+def test_destroy_by_cidr_removes_every_rule_of_that_cidr(any_db):
+    for spec in (make_spec("203.0.113.5", "tcp"), make_spec("203.0.113.5", "udp"), make_spec("203.0.113.5", "icmp"),
+                 B):
+        db.provider_fw_rule_create(spec)
+    assert db.provider_fw_distinct_cidrs() == [("198.51.100.0/24", 1), ("203.0.113.5/32", 3)]
+    count, gen = db.provider_fw_rule_destroy_by_cidr("203.0.113.5/32")
+    assert count == 3 and gen == generation()
+    assert [r.cidr for r in db.provider_fw_rule_get_all()] == ["198.51.100.0/24"]
+    with pytest.raises(exception.NotFound):
+        db.provider_fw_rule_destroy_by_cidr("203.0.113.5/32")
+
+
+def test_soft_delete_keeps_the_row_and_allows_the_same_rule_again(any_db):
+    rule, created = db.provider_fw_rule_create(A)
+    deleted_gen = db.provider_fw_rule_destroy(rule.id, audit=WHO)
+    (row,) = raw_rules()
+    assert row["id"] == rule.id and row["deleted"] == rule.id
+    assert row["deleted_at"] is not None and row["deleted_generation"] == deleted_gen == created + 1
+    assert row["deleted_by"] == "admin-token"
+    again, _ = db.provider_fw_rule_create(A)
+    assert again.id != rule.id
+    again_gen = db.provider_fw_rule_destroy(again.id)
+    third, _ = db.provider_fw_rule_create(A)               # any number of deleted copies may exist
+    rows = raw_rules()
+    assert [(r["id"], r["deleted"]) for r in rows] == [(rule.id, rule.id), (again.id, again.id), (third.id, 0)]
+    assert rows[1]["deleted_generation"] == again_gen
+
+
+def test_duplicate_live_rule_is_refused(any_db):
+    db.provider_fw_rule_create(B)
+    before = generation()
+    with pytest.raises(exception.DuplicateRule) as info:
+        db.provider_fw_rule_create(make_spec("198.51.100.77/24", "TCP", "8080"))
+    assert info.value.code == 409 and "198.51.100.0/24" in str(info.value)
+    assert generation() == before
+
+
+def test_database_refuses_a_second_live_copy_even_behind_the_api(any_db):
+    # The unique constraint is the last guard; it must hold on every backend.
+    db.provider_fw_rule_create(A)
+    row = dict(cidr=A.cidr, ip_version=4, protocol=A.protocol, from_port=A.from_port, to_port=A.to_port,
+               created_at=now(), created_generation=99, deleted=0)
+    with pytest.raises(sa.exc.IntegrityError):
+        with db.get_engine().begin() as conn:
+            conn.execute(sa.insert(models.ProviderFirewallRule.__table__).values(**row))
+
+
+@pytest.mark.parametrize("values", [
+    dict(protocol="sctp"), dict(from_port=70000), dict(to_port=-2), dict(ip_version=5),
+])
+def test_check_constraints_refuse_impossible_rows(any_db, values):
+    row = dict(cidr=A.cidr, ip_version=4, protocol="tcp", from_port=1, to_port=2, created_at=now(),
+               created_generation=1, deleted=0)
+    row.update(values)
+    # PyMySQL reports MariaDB's CHECK failure (errno 4025) as OperationalError, the others as IntegrityError.
+    with pytest.raises((sa.exc.IntegrityError, sa.exc.OperationalError), match="ck_provider_fw_rules_"):
+        with db.get_engine().begin() as conn:
+            conn.execute(sa.insert(models.ProviderFirewallRule.__table__).values(**row))
+
+
+# --------------------------------------------------------------------------- generation
+
+def test_generation_bumps_exactly_once_per_mutation_and_never_for_a_failed_one(any_db):
+    steps = []
+
+    def step(name, func, bump):
+        before = generation()
+        try:
+            func()
+        except exception.ProvfwError:
+            pass
+        steps.append((name, generation() - before, bump))
+
+    rule_a = []
+    step("create", lambda: rule_a.append(db.provider_fw_rule_create(A)[0]), 1)
+    step("duplicate create", lambda: db.provider_fw_rule_create(A), 0)
+    step("create_many of 3", lambda: db.provider_fw_rules_create_many([B, C, D]), 1)
+    step("create_many of duplicates", lambda: db.provider_fw_rules_create_many([B, C]), 0)
+    step("create over the limit", lambda: db.provider_fw_rule_create(make_spec("192.0.2.9"), max_rules=4), 0)
+    step("destroy", lambda: db.provider_fw_rule_destroy(rule_a[0].id), 1)
+    step("destroy of a deleted rule", lambda: db.provider_fw_rule_destroy(rule_a[0].id), 0)
+    step("destroy of a missing id", lambda: db.provider_fw_rule_destroy(987654), 0)
+    step("destroy_by_cidr", lambda: db.provider_fw_rule_destroy_by_cidr(B.cidr), 1)
+    step("destroy_by_cidr of nothing", lambda: db.provider_fw_rule_destroy_by_cidr(B.cidr), 0)
+    step("purge with nothing expired", lambda: db.provider_fw_rule_purge_expired(), 0)
+    step("service heartbeat", lambda: db.service_update("hv1", heartbeat=True), 0)
+    assert [(name, got) for name, got, _ in steps] == [(name, want) for name, _, want in steps]
+
+
+def test_rule_limit_is_enforced(any_db):
+    db.provider_fw_rules_create_many([A, B])
+    with pytest.raises(exception.RuleLimitExceeded) as info:
+        db.provider_fw_rules_create_many([C, D], max_rules=3)
+    assert "max_rules" in str(info.value)
+    assert db.provider_fw_rule_count() == 2
+
+
+def test_changes_since_returns_what_was_added_and_removed(any_db):
+    g0 = generation()
+    rule_a, g1 = db.provider_fw_rule_create(A)
+    _, g2 = db.provider_fw_rule_create(B)
+    g3 = db.provider_fw_rule_destroy(rule_a.id)
+    rule_c, g4 = db.provider_fw_rule_create(C)
+    g5 = db.provider_fw_rule_destroy(rule_c.id)              # created and deleted after g3
+
+    def summary(since):
+        changes = db.provider_fw_changes_since(since)
+        return changes.generation, sorted(s for s, _ in changes.added), sorted(changes.removed)
+
+    assert summary(g0) == (g5, [B], [])                      # A and C came and went: neither
+    assert summary(g1) == (g5, [B], [A])
+    assert summary(g2) == (g5, [], [A])
+    assert summary(g3) == (g5, [], [])
+    assert summary(g4) == (g5, [], [C])
+    assert summary(g5) == (g5, [], [])
+
+
+def test_changes_since_carries_expiry(any_db):
+    expires = (now() + datetime.timedelta(hours=1)).replace(microsecond=0)
+    db.provider_fw_rule_create(A, expires_at=expires)
+    (added,) = db.provider_fw_changes_since(0).added
+    assert added == (A, expires)
+
+
+def test_snapshot_has_live_unexpired_rules_at_one_generation(any_db):
+    db.provider_fw_rule_create(A)
+    db.provider_fw_rule_create(B, expires_at=now() - datetime.timedelta(seconds=1))
+    rule_c, _ = db.provider_fw_rule_create(C)
+    db.provider_fw_rule_destroy(rule_c.id)
+    snapshot = db.provider_fw_snapshot()
+    assert snapshot.generation == generation()
+    assert [spec for spec, _ in snapshot.rules] == [A]
+
+
+def test_purge_soft_deletes_expired_rules_in_one_generation(any_db):
+    past = now() - datetime.timedelta(minutes=1)
+    db.provider_fw_rule_create(A, expires_at=past)
+    db.provider_fw_rule_create(B, expires_at=past)
+    db.provider_fw_rule_create(C, expires_at=now() + datetime.timedelta(hours=1))
+    before = generation()
+    count, gen = db.provider_fw_rule_purge_expired()
+    assert (count, gen) == (2, before + 1)
+    assert sorted(s for s in db.provider_fw_changes_since(before).removed) == sorted([A, B])
+    assert [r.cidr for r in db.provider_fw_rule_get_all()] == [C.cidr]
+
+
+def test_expired_live_copy_is_replaced_by_a_new_create(any_db):
+    old, _ = db.provider_fw_rule_create(A, expires_at=now() - datetime.timedelta(seconds=1))
+    new, gen = db.provider_fw_rule_create(A)
+    assert new.id != old.id
+    assert [r.id for r in db.provider_fw_rule_get_all()] == [new.id]
+    assert db.provider_fw_changes_since(gen - 1).removed == [A]
+
+
+# --------------------------------------------------------------------------- concurrency
+
+def test_twenty_concurrent_identical_creates_make_exactly_one_rule(any_db):
+    before = generation()
+    barrier = threading.Barrier(20)
+    outcomes: list = []
+    lock = threading.Lock()
+
+    def create():
+        barrier.wait()
+        try:
+            db.provider_fw_rule_create(B, audit=WHO)
+            outcome = "created"
+        except exception.DuplicateRule:
+            outcome = "duplicate"
+        except Exception as exc:  # noqa: BLE001 - any other error is a failure, reported below
+            outcome = f"{type(exc).__name__}: {exc}"
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=create) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(outcomes) == ["created"] + ["duplicate"] * 19
+    assert db.provider_fw_rule_count() == 1
+    assert len([r for r in raw_rules() if r["cidr"] == B.cidr]) == 1
+    assert generation() == before + 1
+    assert [a.action for a in db.audit_get_all()] == ["rule.create"]
+
+
+def test_concurrent_different_creates_all_succeed_with_distinct_generations(any_db):
+    specs = [make_spec(f"192.0.2.{i}") for i in range(1, 11)]
+    barrier = threading.Barrier(len(specs))
+    generations: list = []
+
+    def create(spec):
+        barrier.wait()
+        generations.append(db.provider_fw_rule_create(spec)[1])
+
+    threads = [threading.Thread(target=create, args=(s,)) for s in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(generations) == list(range(1, 11))
+    assert db.provider_fw_rule_count() == 10
+
+
+# --------------------------------------------------------------------------- bulk and pagination
+
+def test_create_many_dedupes_against_live_rules_and_itself(any_db):
+    db.provider_fw_rule_create(A)
+    before = generation()
+    result = db.provider_fw_rules_create_many([A, B, B, C, make_spec("198.51.100.9/24", "tcp", 8080)], audit=WHO)
+    assert result.generation == before + 1
+    assert sorted((r.cidr, r.protocol) for r in result.added) == sorted([(B.cidr, "tcp"), (C.cidr, "icmp")])
+    assert result.duplicates == [A]
+    assert all(r.created_generation == result.generation for r in result.added)
+    assert db.provider_fw_rule_count() == 3
+    assert json.loads(db.audit_get_all(1)[0].detail)["duplicates"] == 3
+
+
+def test_create_many_large_import_uses_one_generation(any_db):
+    specs = [make_spec(f"10.{i // 250}.{i % 250}.1") for i in range(2500)]
+    result = db.provider_fw_rules_create_many(specs)
+    assert len(result.added) == 2500 and result.generation == 1
+    assert len({r.id for r in result.added}) == 2500
+    assert db.provider_fw_rule_count() == 2500
+    assert len(db.provider_fw_changes_since(0).added) == 2500
+
+
+def test_pagination_with_limit_and_marker_visits_every_rule_once(any_db):
+    specs = [make_spec(f"192.0.2.{i}", "tcp" if i % 2 else "udp", 22) for i in range(1, 8)]
+    ids = [db.provider_fw_rule_create(s)[0].id for s in specs]
+    db.provider_fw_rule_destroy(ids[3])
+    live = ids[:3] + ids[4:]
+    pages, marker = [], None
+    while True:
+        page = db.provider_fw_rule_get_all(limit=3, marker=marker)
+        if not page:
+            break
+        pages.append([r.id for r in page])
+        marker = page[-1].id
+    assert pages == [live[:3], live[3:6]] and sum(pages, []) == live
+    assert [r.protocol for r in db.provider_fw_rule_get_all(protocol="udp")] == ["udp"] * 2
+    assert [r.id for r in db.provider_fw_rule_get_all(cidr="192.0.2.5/32")] == [ids[4]]
+
+
+# --------------------------------------------------------------------------- services
+
+def test_service_update_upserts_one_row_per_host(any_db):
+    db.service_update("hv1", driver="libvirt/iptables", heartbeat=True)
+    first = db.service_get("hv1")
+    assert first.heartbeat_at is not None and first.applied_generation == -1
+    db.service_update("hv1", applied_generation=7, rule_count=3, last_error=None)
+    db.service_update("hv2", last_error="boom")
+    rows = db.service_get_all()
+    assert [r.host for r in rows] == ["hv1", "hv2"]
+    assert (rows[0].applied_generation, rows[0].rule_count, rows[0].driver) == (7, 3, "libvirt/iptables")
+    assert rows[1].last_error == "boom"
+    with pytest.raises(TypeError):
+        db.service_update("hv1", hostname="x")
+    assert db.service_destroy("hv2") is True and db.service_destroy("hv2") is False
+    assert db.service_get("hv2") is None
+
+
+def test_concurrent_first_heartbeats_of_one_host_make_one_row(any_db):
+    barrier = threading.Barrier(5)
+    errors = []
+
+    def beat():
+        barrier.wait()
+        try:
+            db.service_update("hv-race", heartbeat=True)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=beat) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(db.service_get_all()) == 1
+
+
+# --------------------------------------------------------------------------- tokens
+
+def test_token_is_stored_only_as_its_hash(any_db):
+    secret = db.api_token_create("ops", "admin")
+    with db.get_engine().connect() as conn:
+        rows = [dict(r) for r in conn.execute(sa.select(models.ApiToken.__table__)).mappings()]
+    assert len(rows) == 1
+    assert rows[0]["token_hash"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert all(secret not in str(value) for value in rows[0].values())
+    assert db.api_token_get_by_secret(secret).name == "ops"
+    assert db.api_token_get_by_secret(secret + "x") is None
+    with pytest.raises(exception.Conflict):
+        db.api_token_create("ops", "reader")
+    with pytest.raises(exception.InvalidInput) as info:
+        db.api_token_create("x", "root")
+    assert info.value.field == "role"
+    db.api_token_revoke("ops")
+    assert db.api_token_get_by_secret(secret) is None
+    with pytest.raises(exception.NotFound):
+        db.api_token_revoke("ops")
+
+
+# --------------------------------------------------------------------------- audit
+
+def test_each_mutation_writes_one_audit_row_with_its_generation(any_db):
+    rule, gen_create = db.provider_fw_rule_create(A, audit=WHO)
+    gen_delete = db.provider_fw_rule_destroy(rule.id, audit=db.Audit("second", reason="expired ticket"))
+    with pytest.raises(exception.RuleNotFound):
+        db.provider_fw_rule_destroy(rule.id, audit=WHO)                 # failed: no audit row
+    db.provider_fw_rule_create(B, audit=WHO)
+    with pytest.raises(exception.DuplicateRule):
+        db.provider_fw_rule_create(B, audit=WHO)                         # refused: no audit row
+    records = list(reversed(db.audit_get_all()))
+    assert [(r.actor, r.action, r.generation) for r in records] == [
+        ("admin-token", "rule.create", gen_create), ("second", "rule.delete", gen_delete),
+        ("admin-token", "rule.create", gen_delete + 1)]
+    detail = json.loads(records[0].detail)
+    assert detail["reason"] == "abuse report 42" and detail["rules"][0]["cidr"] == A.cidr
+    assert records[0].request_id == "req-1"
+
+
+def test_audit_row_is_written_in_the_same_transaction_as_the_mutation(any_db):
+    """Watch the SQL on each connection: the generation bump, the rule insert and the audit
+    insert must sit between one BEGIN and one COMMIT."""
+    engine = db.get_engine()
+    events: list[tuple[int, str]] = []
+
+    def on_begin(conn):
+        events.append((id(conn.connection.dbapi_connection), "BEGIN"))
+
+    def on_commit(conn):
+        events.append((id(conn.connection.dbapi_connection), "COMMIT"))
+
+    def on_execute(conn, cursor, statement, *args):
+        events.append((id(conn.connection.dbapi_connection), statement.split()[0].upper() + " " + (
+            "audit_log" if "audit_log" in statement else "provider_fw_generation"
+            if "provider_fw_generation" in statement else "provider_fw_rules" if "provider_fw_rules" in statement
+            else "other")))
+
+    sa.event.listen(engine, "begin", on_begin)
+    sa.event.listen(engine, "commit", on_commit)
+    sa.event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        rule, _ = db.provider_fw_rule_create(A, audit=WHO)
+        db.provider_fw_rule_destroy(rule.id, audit=WHO)
+    finally:
+        sa.event.remove(engine, "begin", on_begin)
+        sa.event.remove(engine, "commit", on_commit)
+        sa.event.remove(engine, "before_cursor_execute", on_execute)
+
+    transactions, current = [], {}
+    for conn, what in events:
+        if what == "BEGIN":
+            current[conn] = []
+        elif what == "COMMIT":
+            transactions.append(current.pop(conn))
+        elif conn in current:
+            current[conn].append(what)
+    writes = [t for t in transactions if any(s.startswith(("INSERT", "UPDATE")) for s in t)]
+    assert len(writes) == 2, transactions
+    create, delete = writes
+    assert {"UPDATE provider_fw_generation", "INSERT provider_fw_rules", "INSERT audit_log"} <= set(create)
+    assert {"UPDATE provider_fw_generation", "UPDATE provider_fw_rules", "INSERT audit_log"} <= set(delete)
+
+
+def test_mutation_whose_audit_row_cannot_be_written_is_rolled_back(any_db):
+    if any_db.kind == "sqlite":
+        pytest.skip("SQLite does not enforce VARCHAR lengths, so this audit row cannot fail there")
+    before = generation()
+    with pytest.raises(sa.exc.DBAPIError):
+        db.provider_fw_rule_create(A, audit=db.Audit("x" * 300))     # actor is VARCHAR(255)
+    assert generation() == before
+    assert db.provider_fw_rule_count() == 0 and raw_rules() == []
+    assert db.audit_get_all() == []
