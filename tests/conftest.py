@@ -34,23 +34,52 @@ def _migrated(kind: str):
     return database
 
 
+@pytest.fixture(scope="session")
+def _session_databases():
+    """One migrated database per kind for the whole run (migrating per test costs a second each)."""
+    databases: dict = {}
+    yield databases
+    for database in databases.values():
+        database.drop()
+
+
+def _empty(databases: dict, kind: str):
+    """The session's database of ``kind``, emptied and configured as provfw's database."""
+    import sqlalchemy as sa
+
+    from provfw.db import api as db
+    from provfw.db.sqlalchemy import models
+
+    if kind not in databases:
+        databases[kind] = _migrated(kind)
+    database = databases[kind]
+    engine = db.configure(database.url)
+    with engine.begin() as conn:
+        for table in reversed(models.Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+        conn.execute(sa.insert(models.FirewallGeneration.__table__).values(id=1, generation=0))
+    return database
+
+
 @pytest.fixture(params=DATABASE_KINDS)
-def any_db(request):
-    """A migrated, empty database of each kind, configured as provfw's database."""
-    database = _migrated(request.param)
-    yield database
-    database.drop()
+def any_db(request, _session_databases):
+    """An empty, migrated database of each kind (SQLite, PostgreSQL, MariaDB), configured as provfw's database."""
+    yield _empty(_session_databases, request.param)
 
 
 @pytest.fixture
-def sqlite_db():
-    database = _migrated("sqlite")
-    yield database
-    database.drop()
+def sqlite_db(_session_databases):
+    yield _empty(_session_databases, "sqlite")
 
 
 @pytest.fixture
-def pg_db():
-    database = _migrated("postgresql")
+def pg_db(_session_databases):
+    yield _empty(_session_databases, "postgresql")
+
+
+@pytest.fixture
+def fresh_db(request):
+    """A brand-new database of the kind given by indirect parametrisation (default sqlite), migrated from empty."""
+    database = _migrated(getattr(request, "param", "sqlite"))
     yield database
     database.drop()

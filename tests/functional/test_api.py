@@ -1,0 +1,262 @@
+"""The admin REST API against real databases (SQLite, PostgreSQL, MariaDB),
+with casts going over kombu's in-process transport to a real consumer."""
+
+from __future__ import annotations
+
+import json
+import queue
+import secrets
+import threading
+
+import pytest
+import webob
+
+from provfw.api import router
+from provfw.compute import api as compute_api
+from provfw.compute import rpc
+from provfw.db import api as db
+
+pytestmark = pytest.mark.functional
+
+
+class Api:
+    """Calls the WSGI app in-process; records every cast a real consumer receives."""
+
+    def __init__(self, conf):
+        self.conf = conf
+        self.app = router.build_app(conf, compute_api.ComputeAPI(conf))
+        self.casts: queue.Queue = queue.Queue()
+        self.consumer = rpc.FanoutConsumer(lambda method, args: self.casts.put((method, args)), "api-test", conf)
+        self.thread = threading.Thread(target=self.consumer.run, daemon=True)
+        self.thread.start()
+        assert self.consumer.connected.wait(5)
+        self.admin = db.api_token_create("admin-" + secrets.token_hex(3), "admin")
+        self.reader = db.api_token_create("reader-" + secrets.token_hex(3), "reader")
+
+    def call(self, method: str, path: str, body=None, token: str | None = "admin", raw: bytes | None = None,
+             content_type: str = "application/json", headers: dict | None = None) -> webob.Response:
+        request = webob.Request.blank(path, method=method)
+        if token == "admin":
+            request.headers["X-Auth-Token"] = self.admin
+        elif token == "reader":
+            request.headers["X-Auth-Token"] = self.reader
+        elif token is not None:
+            request.headers["X-Auth-Token"] = token
+        if raw is not None:
+            request.body = raw
+            request.content_type = content_type
+        elif body is not None:
+            request.body = json.dumps(body).encode()
+            request.content_type = content_type
+        for key, value in (headers or {}).items():
+            request.headers[key] = value
+        return request.get_response(self.app)
+
+    def drain_casts(self, timeout: float = 0.15) -> list:
+        found = []
+        while True:
+            try:
+                found.append(self.casts.get(timeout=timeout))
+            except queue.Empty:
+                return found
+
+    def close(self):
+        self.consumer.stop()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def api(conf, any_db):
+    conf.set_override("control_exchange", "api-test-" + secrets.token_hex(4))
+    conf.set_override("protected_cidrs", ["127.0.0.0/8", "::1/128", "10.20.0.0/16"])
+    api = Api(conf)
+    yield api
+    api.close()
+
+
+def test_create_list_show_delete_round_trip_casts_each_generation(api):
+    created = api.call("POST", "/v1/provider-fw-rules",
+                       {"cidr": "192.168.100.11/24", "protocol": "tcp", "from_port": 22, "description": "ssh"})
+    assert created.status_int == 201, created.text
+    rule = created.json["rule"]
+    assert rule["cidr"] == "192.168.100.0/24" and rule["from_port"] == rule["to_port"] == 22
+    assert api.drain_casts() == [("trigger_provider_fw_rules", {"generation": created.json["generation"]})]
+
+    listing = api.call("GET", "/v1/provider-fw-rules?cidr=192.168.100.99/24", token="reader")
+    assert listing.status_int == 200 and [r["id"] for r in listing.json["rules"]] == [rule["id"]]
+    assert listing.json["generation"] == created.json["generation"]
+    assert api.call("GET", f"/v1/provider-fw-rules/{rule['id']}").json["rule"]["description"] == "ssh"
+
+    deleted = api.call("DELETE", f"/v1/provider-fw-rules/{rule['id']}")
+    assert deleted.status_int == 204
+    assert api.call("GET", f"/v1/provider-fw-rules/{rule['id']}").status_int == 404
+    assert api.call("DELETE", f"/v1/provider-fw-rules/{rule['id']}").status_int == 404
+    assert [c[1]["generation"] for c in api.drain_casts()] == [int(deleted.headers["X-Provfw-Generation"])]
+
+
+def test_the_same_rule_twice_is_a_conflict(api):
+    body = {"cidr": "198.51.100.0/24", "protocol": "udp", "from_port": 53}
+    assert api.call("POST", "/v1/provider-fw-rules", body).status_int == 201
+    generation = db.provider_fw_generation_get()
+    again = api.call("POST", "/v1/provider-fw-rules", {**body, "cidr": "198.51.100.77/24"})
+    assert again.status_int == 409 and "already exists" in again.json["error"]["message"]
+    assert db.provider_fw_generation_get() == generation
+
+
+def test_block_external_addresses_follows_the_seed(api):
+    first = api.call("POST", "/v1/block-external-addresses", {"cidr": "203.0.113.9/24"})
+    assert first.status_int == 200
+    assert first.json["status"] == "OK" and first.json["message"] == "Added 3 rules"
+    assert sorted((r["protocol"], r["from_port"], r["to_port"]) for r in first.json["rules"]) == [
+        ("icmp", -1, -1), ("tcp", 1, 65535), ("udp", 1, 65535)]
+    again = api.call("POST", "/v1/block-external-addresses", {"cidr": "203.0.113.0/24"})
+    assert again.status_int == 409
+    assert again.json == {"status": "Failed", "message": "Duplicate rule. 0 rules added"}
+
+    # One of the three removed: blocking again adds just the missing one.
+    tcp = [r for r in first.json["rules"] if r["protocol"] == "tcp"][0]
+    assert api.call("DELETE", f"/v1/provider-fw-rules/{tcp['id']}").status_int == 204
+    assert api.call("POST", "/v1/block-external-addresses", {"cidr": "203.0.113.0/24"}).json["message"] == \
+        "Added 1 rules"
+
+    blocks = api.call("GET", "/v1/external-address-blocks", token="reader").json["blocks"]
+    assert blocks == [{"cidr": "203.0.113.0/24", "rules": 3}]
+    removed = api.call("POST", "/v1/remove-external-address-block", {"cidr": "203.0.113.0/24"})
+    assert removed.json["message"] == "Deleted 3 rules"
+    assert api.call("POST", "/v1/remove-external-address-block", {"cidr": "203.0.113.0/24"}).status_int == 404
+
+
+def test_ipv6_and_bare_addresses_are_normalised(api):
+    response = api.call("POST", "/v1/provider-fw-rules", {"cidr": "2001:DB8:0:0::1", "protocol": "icmp",
+                                                          "from_port": 128, "to_port": 0})
+    assert response.status_int == 201
+    assert response.json["rule"]["cidr"] == "2001:db8::1/128"
+
+
+BAD_REQUESTS = [
+    ("invalid cidr", "/v1/provider-fw-rules", {"cidr": "300.1.2.3/24"}, 400, "cidr"),
+    ("port out of range", "/v1/provider-fw-rules", {"cidr": "198.51.100.0/24", "protocol": "tcp", "from_port": 0}, 400,
+     "from_port"),
+    ("from > to", "/v1/provider-fw-rules", {"cidr": "198.51.100.0/24", "protocol": "tcp", "from_port": 90,
+                                            "to_port": 80}, 400, "from_port"),
+    ("unknown protocol", "/v1/provider-fw-rules", {"cidr": "198.51.100.0/24", "protocol": "sctp"}, 400, "protocol"),
+    ("/0", "/v1/provider-fw-rules", {"cidr": "0.0.0.0/0"}, 400, "cidr"),
+    ("::/0", "/v1/block-external-addresses", {"cidr": "::/0"}, 400, "cidr"),
+    ("protected overlap", "/v1/provider-fw-rules", {"cidr": "10.0.0.0/8"}, 409, "10.20.0.0/16"),
+    ("protected overlap via seed call", "/v1/block-external-addresses", {"cidr": "10.20.30.40"}, 409, "10.20.0.0/16"),
+    ("missing cidr", "/v1/provider-fw-rules", {"protocol": "tcp"}, 400, "cidr"),
+    ("body is a list", "/v1/provider-fw-rules", [1, 2], 400, "body"),
+    ("ttl negative", "/v1/provider-fw-rules", {"cidr": "198.51.100.0/24", "ttl": -5}, 400, "ttl"),
+    ("expires in the past", "/v1/provider-fw-rules", {"cidr": "198.51.100.0/24", "expires_at": "2001-01-01T00:00:00Z"},
+     400, "expires_at"),
+    ("description too long", "/v1/provider-fw-rules", {"cidr": "198.51.100.0/24", "description": "x" * 300}, 400,
+     "description"),
+]
+
+
+def _table_state():
+    return db.provider_fw_generation_get(), [(r.id, r.cidr, r.protocol) for r in db.provider_fw_rule_get_all()]
+
+
+@pytest.mark.parametrize("name,path,body,status,mentions", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_error_and_changes_nothing(api, name, path, body, status, mentions):
+    assert api.call("POST", "/v1/provider-fw-rules", {"cidr": "192.0.2.0/24"}).status_int == 201
+    api.drain_casts()
+    before = _table_state()
+    response = api.call("POST", path, body)
+    assert response.status_int == status, response.text
+    assert mentions in response.json["error"]["message"]
+    assert response.json["error"]["code"] == status
+    assert _table_state() == before
+    assert api.drain_casts(0.1) == []
+
+
+def test_body_that_is_not_json_no_token_reader_token_and_oversized_change_nothing(api):
+    before = _table_state()
+    not_json = api.call("POST", "/v1/provider-fw-rules", raw=b"{cidr: nope")
+    assert not_json.status_int == 400 and not_json.json["error"]["message"].startswith("body:")
+    assert api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.0/24"}, token=None).status_int == 401
+    assert api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.0/24"}, token="bogus").status_int == 401
+    forbidden = api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.0/24"}, token="reader")
+    assert forbidden.status_int == 403
+    assert api.call("DELETE", "/v1/provider-fw-rules/1", token="reader").status_int == 403
+    huge = api.call("POST", "/v1/provider-fw-rules", raw=b"{" + b" " * (api.conf.api.max_request_body_size + 10) + b"}")
+    assert huge.status_int == 413
+    assert api.call("GET", "/v1/provider-fw-rules", token=None).status_int == 401
+    assert api.call("PUT", "/v1/provider-fw-rules").status_int == 405
+    assert api.call("GET", "/v1/nothing-here").status_int == 404
+    assert _table_state() == before
+    assert api.drain_casts(0.1) == []
+
+
+def test_pagination_with_limit_and_marker_visits_every_rule_once(api):
+    for i in range(7):
+        assert api.call("POST", "/v1/provider-fw-rules", {"cidr": f"198.51.100.{i}"}).status_int == 201
+    seen, marker = [], None
+    while True:
+        path = "/v1/provider-fw-rules?limit=3" + (f"&marker={marker}" if marker else "")
+        page = api.call("GET", path).json
+        seen += [r["cidr"] for r in page["rules"]]
+        marker = page["next_marker"]
+        if marker is None:
+            break
+    assert seen == [f"198.51.100.{i}/32" for i in range(7)]
+    assert api.call("GET", "/v1/provider-fw-rules?limit=0").status_int == 400
+    assert api.call("GET", "/v1/provider-fw-rules?marker=x").status_int == 400
+
+
+def test_every_mutation_is_audited_with_token_name_and_request_id(api):
+    response = api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.0/24", "description": "abuse #42"},
+                        headers={"X-Request-Id": "req-audit-test"})
+    assert response.headers["X-Request-Id"] == "req-audit-test"
+    records = api.call("GET", "/v1/audit-log?limit=1").json["audit"]
+    assert records[0]["request_id"] == "req-audit-test"
+    assert records[0]["actor"].startswith("admin-")
+    assert records[0]["detail"]["reason"] == "abuse #42"
+    assert api.call("GET", "/v1/audit-log", token="reader").status_int == 403
+
+
+def test_bulk_import_counts_added_duplicate_and_refused_in_one_generation(api):
+    text = "\n".join(["# feed", "198.51.100.1", "198.51.100.1  # again", "198.51.100.0/30", "not-an-ip",
+                      "10.20.1.1", "0.0.0.0/0", "2001:db8::/48", ""])
+    before = db.provider_fw_generation_get()
+    response = api.call("POST", "/v1/provider-fw-rules/import?protocol=tcp&from_port=22", raw=text.encode(),
+                        content_type="text/plain")
+    assert response.status_int == 201, response.text
+    body = response.json
+    assert (body["added"], body["duplicate"], body["refused"]) == (3, 1, 3)
+    assert {r["line"] for r in body["refused_lines"]} == {5, 6, 7}
+    assert body["generation"] == before + 1
+    assert api.drain_casts() == [("trigger_provider_fw_rules", {"generation": before + 1})]
+    again = api.call("POST", "/v1/provider-fw-rules/import", raw=json.dumps(
+        {"cidrs": ["198.51.100.1"], "protocol": "tcp", "from_port": 22}).encode())
+    assert again.status_int == 200 and again.json["added"] == 0 and again.json["duplicate"] == 1
+    assert db.provider_fw_generation_get() == before + 1
+
+
+def test_max_rules_refuses_new_rules_with_a_clear_error(api):
+    api.conf.set_override("max_rules", 2)
+    assert api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.1"}).status_int == 201
+    assert api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.2"}).status_int == 201
+    refused = api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.3"})
+    assert refused.status_int == 409 and "max_rules" in refused.json["error"]["message"]
+    assert db.provider_fw_rule_count() == 2
+
+
+def test_services_lists_workers_with_state_and_sync(api):
+    db.service_update("hv-a", driver="libvirt/iptables", heartbeat=True, applied_generation=0, rule_count=0)
+    db.service_update("hv-b", driver="libvirt/iptables", applied_generation=-1)
+    services = {s["host"]: s for s in api.call("GET", "/v1/services", token="reader").json["services"]}
+    assert services["hv-a"]["state"] == "up" and services["hv-a"]["in_sync"]
+    assert services["hv-b"]["state"] == "down" and not services["hv-b"]["in_sync"]
+
+
+def test_an_unexpected_error_is_a_json_500_without_traceback(api, monkeypatch):
+    def explode(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(db, "provider_fw_rule_get_all", explode)
+    response = api.call("GET", "/v1/provider-fw-rules")
+    assert response.status_int == 500
+    assert "secret internals" not in response.text and "Traceback" not in response.text
+    assert response.headers["X-Request-Id"] in response.json["error"]["message"]
