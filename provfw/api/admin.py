@@ -218,7 +218,7 @@ class AdminController:
             result = db.provider_fw_rules_create_many(
                 unique, description=description, created_by=context.actor, expires_at=expires_at,
                 audit=context.audit(description), max_rules=self.conf.max_rules, action="rule.import")
-            added, duplicates, generation = len(result.added), duplicates + len(result.duplicates), result.generation
+            added, duplicates, generation = result.added_count, duplicates + len(result.duplicates), result.generation
             if added:
                 self._notify(generation)
         if generation is None:

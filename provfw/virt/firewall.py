@@ -166,6 +166,11 @@ class ProviderFirewallBase(FirewallDriver):
             if readded:
                 added = [s for s in added if s not in readded]
                 removed = [s for s in removed if s not in readded]
+            # A spec removed and re-added in the window was present before and is present after.
+            both = set(added) & set(removed)
+            if both:
+                added = [s for s in added if s not in both]
+                removed = [s for s in removed if s not in both]
             if len(added) + len(removed) > self.conf.sets.full_rebuild_delta:
                 return self._full_from_db(now, started)
             changed = bool(added or removed) and self.apply_delta(added, removed)
