@@ -166,11 +166,6 @@ class ProviderFirewallBase(FirewallDriver):
             if readded:
                 added = [s for s in added if s not in readded]
                 removed = [s for s in removed if s not in readded]
-            # A spec removed and re-added in the window was present before and is present after.
-            both = set(added) & set(removed)
-            if both:
-                added = [s for s in added if s not in both]
-                removed = [s for s in removed if s not in both]
             if len(added) + len(removed) > self.conf.sets.full_rebuild_delta:
                 return self._full_from_db(now, started)
             changed = bool(added or removed) and self.apply_delta(added, removed)
@@ -195,7 +190,8 @@ class ProviderFirewallBase(FirewallDriver):
             if not expired or self._generation is None:
                 return None
             with lockutils.external_lock(provfw_conf.lock_dir(self.conf), self._lock_name):
-                desired = {s: e for s, e in self._rules.items() if s not in set(expired)}
+                gone = set(expired)
+                desired = {s: e for s, e in self._rules.items() if s not in gone}
                 if self.supports_delta:
                     self.apply_delta([], expired)
                 else:
