@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""End-to-end scale benchmark (issue 4, items 2, 4 and 5), every driver side by side in one run.
+
+For each firewall driver (linear iptables chain, ipset, nftables):
+
+* start real ``provfw-api`` + 3 ``provfw-compute`` processes (RabbitMQ, PostgreSQL), each worker managing
+  its own hypervisor namespace;
+* bulk-import the blocklist (default: the 120,430 IPsum addresses) with ONE API call and time it until
+  every one of the 3 hosts reports that generation applied (workers report only after the kernel accepted);
+* with that list in place, add one more CIDR N times and time API return -> element in host 1's kernel
+  (p50 / p99);
+* read each worker process's RSS.
+
+    sudo .venv/bin/python benchmarks/bench_e2e_scale.py [--feed PATH | --generate N] [--adds 50]
+         [--drivers iptables,ipset,nftables]
+
+Ratios are against the linear chain (``iptables``), the baseline of issue 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from provfw import rules  # noqa: E402
+from provfw.virt import iptables as iptables_render  # noqa: E402
+from provfw.virt import sets  # noqa: E402
+from tests.lib import deployment as deploy  # noqa: E402
+from tests.lib import netns  # noqa: E402
+
+DEFAULT_FEED = "/work/shared/data/ipsum-levels1-2026-08-22.txt"
+HOSTS = 3
+
+
+def load_feed(path: str | None, generate: int | None) -> list[str]:
+    if generate:
+        base = int(ipaddress.IPv4Address("100.64.0.0"))
+        return [str(ipaddress.IPv4Address(base + 7 * i + 1)) for i in range(generate)]
+    with open(path) as handle:
+        return [line.split("#", 1)[0].strip() for line in handle if line.split("#", 1)[0].strip()]
+
+
+def enforced(driver: str, ns: str, spec: rules.RuleSpec) -> bool:
+    """Is ``spec`` in the kernel of namespace ``ns``?  Asks for the one element, not the whole ruleset."""
+    if driver == "ipset":
+        name = sets.ipset_name(sets.match_key(spec))
+        cmd = ["ipset", "test", name, sets.ipset_member(spec.cidr)]
+    elif driver == "nftables":
+        set_key, element = sets.nft_set_key(spec)
+        cmd = ["nft", "get", "element", "inet", "provfw", set_key.name, f"{{ {element} }}"]
+    else:
+        rule = iptables_render.render_drop_rule("nova-provider", spec).split()[2:]
+        cmd = ["iptables", "-w", "-C", "nova-provider", *rule]
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True).returncode == 0
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_driver(driver: str, feed: list[str], adds: int) -> dict:
+    topologies = [netns.RoutedTopology(listener=False) for _ in range(HOSTS)]
+    dep = None
+    try:
+        for topo in topologies:
+            topo.build()
+        dep = deploy.Deployment("postgresql", firewall_driver=driver,
+                                extra_conf="[sets]\nfull_rebuild_delta = 200000\n")
+        dep.start_api()
+        for i, topo in enumerate(topologies):
+            dep.start_worker(f"bench-{driver}-{i}", topo.hv)
+
+        started = time.perf_counter()
+        result = dep.client.import_rules(feed, protocol="all")
+        api_seconds = time.perf_counter() - started
+        dep.wait_in_sync(timeout=600)
+        import_seconds = time.perf_counter() - started
+
+        base = int(ipaddress.IPv4Address("100.127.0.0"))
+        latencies = []
+        for i in range(adds):
+            spec = rules.make_spec(str(ipaddress.IPv4Address(base + i)), "all")
+            dep.client.create_rule(spec.cidr, "all")
+            returned = time.perf_counter()
+            while not enforced(driver, topologies[0].hv, spec):
+                if time.perf_counter() - returned > 30:
+                    raise RuntimeError(f"{spec.cidr} never reached the kernel ({driver})")
+                time.sleep(0.001)
+            latencies.append(time.perf_counter() - returned)
+        latencies.sort()
+        rss = [rss_mb(proc.pid) for proc in dep.workers.values()]
+        return {"added": result["added"], "api": api_seconds, "import": import_seconds,
+                "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1,
+                                                                           int(0.99 * len(latencies)))],
+                "rss": max(rss)}
+    finally:
+        if dep is not None:
+            dep.close()
+        for topo in topologies:
+            topo.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--feed", default=DEFAULT_FEED)
+    parser.add_argument("--generate", type=int, help="use N synthetic addresses instead of the feed")
+    parser.add_argument("--adds", type=int, default=50)
+    parser.add_argument("--drivers", default="iptables,ipset,nftables")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_e2e_scale: run as root (network namespaces)", file=sys.stderr)
+        return 2
+    feed = load_feed(args.feed, args.generate)
+    print(f"{len(feed):,} entries, {HOSTS} hosts, real provfw-api + provfw-compute on RabbitMQ + PostgreSQL")
+    results = {}
+    for driver in args.drivers.split(","):
+        results[driver] = run_driver(driver, feed, args.adds)
+        print(f"  done: {driver}", file=sys.stderr)
+    baseline = results.get("iptables")
+    header = (f"{'driver':<10} {'added':>8} {'import API':>11} {'import->3 hosts':>16} {'vs linear':>10} "
+              f"{'+1 CIDR p50':>12} {'p99':>9} {'vs linear':>10} {'worker RSS':>11}")
+    print(header)
+    print("-" * len(header))
+    for driver, r in results.items():
+        ratio_import = f"{r['import'] / baseline['import']:.2f}x" if baseline else "-"
+        ratio_add = f"{r['p50'] / baseline['p50']:.3f}x" if baseline else "-"
+        print(f"{driver:<10} {r['added']:>8,} {r['api']:>10.2f}s {r['import']:>15.2f}s {ratio_import:>10} "
+              f"{r['p50'] * 1000:>10.1f}ms {r['p99'] * 1000:>7.1f}ms {ratio_add:>10} {r['rss']:>9.0f}MB")
+    print("goals: import -> 3 hosts <= 10 s; +1 CIDR p50 <= 30 ms, p99 <= 100 ms; worker RSS <= 150 MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
