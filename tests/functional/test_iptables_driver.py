@@ -1,0 +1,284 @@
+"""IptablesFirewallDriver against the real kernel, judged by real packets.
+
+One RoutedTopology (attacker -- hypervisor -- instance) serves the module; the
+driver manages the hypervisor namespace's FORWARD chain through a real Runner,
+with both iptables flavours: the host default (nft) and ``backend = legacy``.
+Each test starts from an empty filter table and leaves one behind.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from provfw import exception, processutils
+from provfw.db import api as db
+from provfw.rules import make_spec
+from provfw.virt import firewall, iptables
+from tests.lib import services
+from tests.lib.fake_iptables import FakeIptables
+from tests.lib.netns import RoutedTopology, netns_exec
+
+pytestmark = pytest.mark.functional
+
+ATTACKER4, OTHER4 = RoutedTopology.ATTACKER4
+ATTACKER6, OTHER6 = RoutedTopology.ATTACKER6
+INSTANCE4, INSTANCE6 = RoutedTopology.INSTANCE4, RoutedTopology.INSTANCE6
+BACKENDS = ["auto", "legacy"]        # auto = the host's iptables alternative, nf_tables on Debian 12
+EMPTY_FILTER = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+PROBE_TIMEOUT = 0.5
+
+
+class RecordingRunner(processutils.Runner):
+    """The real Runner (it still executes everything) that remembers what it ran."""
+
+    def __init__(self, netns: str):
+        super().__init__(netns)
+        self.commands: list[list[str]] = []
+
+    def execute(self, cmd, input=None, check=True):
+        self.commands.append(list(cmd))
+        return super().execute(cmd, input=input, check=check)
+
+    def restores(self) -> list[list[str]]:
+        return [c for c in self.commands if c[0].endswith("-restore")]
+
+
+@pytest.fixture(scope="module")
+def topology():
+    services.require_root_netns()
+    services.require_tools("iptables-restore", "ip6tables-restore", "iptables-legacy-restore",
+                           "ip6tables-legacy-restore", "ping")
+    with RoutedTopology() as topo:
+        yield topo
+
+
+def tools(backend: str) -> tuple[str, str]:
+    suffix = "" if backend == "auto" else f"-{backend}"
+    return f"iptables{suffix}", f"ip6tables{suffix}"
+
+
+class Dataplane:
+    """The hypervisor namespace as one test sees it: driver, runner, and 'another process'."""
+
+    def __init__(self, topo: RoutedTopology, conf, backend: str):
+        self.topo = topo
+        self.backend = backend
+        self.conf = conf
+        conf.set_override("dataplane_netns", topo.hv, group="compute")
+        conf.set_override("backend", backend, group="iptables")
+        self.runner = RecordingRunner(topo.hv)
+        self.driver = firewall.IptablesFirewallDriver(conf, runner=self.runner)
+
+    def other_process(self, version: int, *args: str) -> None:
+        """Run an iptables command in the hypervisor, as some other program would."""
+        netns_exec(self.topo.hv, tools(self.backend)[0 if version == 4 else 1], *args)
+
+    def save(self, version: int = 4) -> str:
+        return netns_exec(self.topo.hv, f"{tools(self.backend)[0 if version == 4 else 1]}-save", "-t",
+                          "filter").stdout
+
+    def state(self, version: int = 4) -> iptables.TableState:
+        return iptables.parse_save(self.save(version))
+
+    def reset(self) -> None:
+        for tool in tools(self.backend):
+            netns_exec(self.topo.hv, f"{tool}-restore", input=EMPTY_FILTER)
+
+    # Packet probes, from the attacker namespace to the instance.
+    def blocked(self, src: str, dst: str) -> bool:
+        return self.topo.blocked(src, dst, timeout=PROBE_TIMEOUT)
+
+    def reachable(self, src: str, dst: str) -> bool:
+        return self.topo.reachable(src, dst, timeout=2.0)
+
+
+@pytest.fixture(params=BACKENDS)
+def dataplane(request, topology, conf, sqlite_db):
+    plane = Dataplane(topology, conf, request.param)
+    plane.reset()
+    assert plane.reachable(ATTACKER4, INSTANCE4) and plane.reachable(ATTACKER6, INSTANCE6)
+    yield plane
+    plane.reset()
+
+
+@pytest.fixture
+def default_dataplane(topology, conf, sqlite_db):
+    plane = Dataplane(topology, conf, "auto")
+    plane.reset()
+    yield plane
+    plane.reset()
+
+
+# --------------------------------------------------------------------------- blocking with real packets
+
+@pytest.mark.parametrize("attacker, other, instance", [(ATTACKER4, OTHER4, INSTANCE4),
+                                                       (ATTACKER6, OTHER6, INSTANCE6)], ids=["ipv4", "ipv6"])
+def test_block_stops_one_address_and_unblock_lets_it_through_again(dataplane, attacker, other, instance):
+    rule, _ = db.provider_fw_rule_create(make_spec(attacker))
+    dataplane.driver.refresh_provider_fw_rules()
+    assert dataplane.blocked(attacker, instance)
+    assert dataplane.reachable(other, instance)
+
+    db.provider_fw_rule_destroy(rule.id)
+    dataplane.driver.refresh_provider_fw_rules()
+    assert dataplane.reachable(attacker, instance)
+
+
+@pytest.mark.parametrize("attacker, instance", [(ATTACKER4, INSTANCE4), (ATTACKER6, INSTANCE6)],
+                         ids=["ipv4", "ipv6"])
+def test_tcp_rule_for_8080_blocks_tcp_but_not_ping(default_dataplane, attacker, instance):
+    db.provider_fw_rule_create(make_spec(attacker, "tcp", 8080))
+    default_dataplane.driver.refresh_provider_fw_rules()
+    assert not default_dataplane.topo.can_connect(attacker, instance, timeout=PROBE_TIMEOUT)
+    assert default_dataplane.topo.can_ping(attacker, instance)
+
+
+@pytest.mark.parametrize("attacker, instance, echo_request", [(ATTACKER4, INSTANCE4, 8), (ATTACKER6, INSTANCE6, 128)],
+                         ids=["icmp", "icmpv6"])
+def test_icmp_type_rule_blocks_ping_but_not_tcp(default_dataplane, attacker, instance, echo_request):
+    db.provider_fw_rule_create(make_spec(attacker, "icmp", echo_request))
+    default_dataplane.driver.refresh_provider_fw_rules()
+    assert not default_dataplane.topo.can_ping(attacker, instance, timeout=PROBE_TIMEOUT)
+    assert default_dataplane.topo.can_connect(attacker, instance)
+
+
+def test_rule_for_a_network_blocks_every_address_in_it(default_dataplane):
+    db.provider_fw_rule_create(make_spec("198.18.1.0/30"))      # .2 and .3 (host bits cleared)
+    default_dataplane.driver.refresh_provider_fw_rules()
+    assert not default_dataplane.topo.can_connect(ATTACKER4, INSTANCE4, timeout=PROBE_TIMEOUT)
+    assert not default_dataplane.topo.can_connect(OTHER4, INSTANCE4, timeout=PROBE_TIMEOUT)
+    assert default_dataplane.reachable(ATTACKER6, INSTANCE6)    # another family is another rule
+
+
+# --------------------------------------------------------------------------- cost and drift
+
+def test_second_apply_with_no_change_runs_no_restore(dataplane):
+    db.provider_fw_rule_create(make_spec(ATTACKER4))
+    db.provider_fw_rule_create(make_spec(ATTACKER6, "tcp", 8080))
+    first = dataplane.driver.refresh_provider_fw_rules()
+    assert first.changed and len(dataplane.runner.restores()) == 2
+    dataplane.runner.commands.clear()
+
+    second = dataplane.driver.refresh_provider_fw_rules()
+    assert second.changed is False and dataplane.driver.repair_drift() is False
+    assert dataplane.runner.restores() == []
+    assert {c[0] for c in dataplane.runner.commands} == {f"{t}-save" for t in tools(dataplane.backend)}
+
+
+def test_after_another_process_flushes_the_provider_chain_repair_restores_it(dataplane):
+    db.provider_fw_rule_create(make_spec(ATTACKER4))
+    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.other_process(4, "-F", "nova-provider")
+    assert dataplane.reachable(ATTACKER4, INSTANCE4)              # the drift really opened a hole
+    assert dataplane.driver.repair_drift() is True
+    assert dataplane.blocked(ATTACKER4, INSTANCE4)
+    assert dataplane.driver.repair_drift() is False
+
+
+def test_after_another_process_deletes_the_forward_jump_repair_restores_it(dataplane):
+    db.provider_fw_rule_create(make_spec(ATTACKER6))
+    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.other_process(6, "-D", "FORWARD", "1")
+    dataplane.other_process(6, "-I", "FORWARD", "1", "-p", "udp", "-j", "ACCEPT")
+    assert dataplane.reachable(ATTACKER6, INSTANCE6)
+    assert dataplane.driver.repair_drift() is True
+    assert dataplane.blocked(ATTACKER6, INSTANCE6)
+    forward = dataplane.state(6).rules["FORWARD"]
+    assert iptables.comment_of(forward[0]) == "provfw:jump" and len(forward) == 2
+
+
+def test_nova_local_contents_survive_applies(dataplane):
+    # Security groups live in nova-local; ours only continue to it.  Reject OTHER's TCP there.
+    dataplane.other_process(4, "-N", "nova-local")
+    dataplane.other_process(4, "-A", "nova-local", "-s", OTHER4, "-p", "tcp", "--dport", "8080",
+                            "-j", "REJECT", "--reject-with", "tcp-reset")
+    before = dataplane.state(4).rules["nova-local"]
+    rule, _ = db.provider_fw_rule_create(make_spec(ATTACKER4))
+    dataplane.driver.refresh_provider_fw_rules()
+    db.provider_fw_rule_create(make_spec("192.0.2.0/24", "udp", 53))
+    dataplane.driver.refresh_provider_fw_rules()
+    db.provider_fw_rule_destroy(rule.id)
+    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.other_process(4, "-F", "nova-provider")
+    dataplane.driver.repair_drift()
+
+    assert dataplane.state(4).rules["nova-local"] == before
+    assert not dataplane.topo.can_connect(OTHER4, INSTANCE4, timeout=PROBE_TIMEOUT)   # nova-local still decides
+    assert dataplane.topo.can_ping(OTHER4, INSTANCE4)
+    assert dataplane.reachable(ATTACKER4, INSTANCE4)
+
+
+def test_refused_transaction_changes_nothing_and_the_old_block_holds(dataplane):
+    db.provider_fw_rule_create(make_spec(ATTACKER4))
+    dataplane.driver.refresh_provider_fw_rules()
+    saved = dataplane.save(4)
+
+    # A second writer whose transaction is refused by the kernel at its last line
+    # (its forward chain does not exist) after re-declaring and refilling the chain.
+    db.provider_fw_rule_create(make_spec(OTHER4))
+    dataplane.conf.set_override("forward_chain", "nova-missing", group="iptables")
+    broken = firewall.IptablesFirewallDriver(dataplane.conf, runner=processutils.Runner(dataplane.topo.hv))
+    with pytest.raises(exception.ProcessExecutionError) as info:
+        broken.refresh_provider_fw_rules()
+    assert "failing input" in str(info.value) and "nova-missing" in str(info.value)
+
+    def without_comments(text):      # iptables-save stamps the time in its comment lines
+        return [line for line in text.splitlines() if not line.startswith("#")]
+
+    assert without_comments(dataplane.save(4)) == without_comments(saved)
+    assert dataplane.blocked(ATTACKER4, INSTANCE4)
+    assert dataplane.reachable(OTHER4, INSTANCE4)
+
+
+def test_teardown_removes_what_the_driver_added(dataplane):
+    db.provider_fw_rule_create(make_spec(ATTACKER4))
+    db.provider_fw_rule_create(make_spec(ATTACKER6))
+    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.driver.teardown()
+    for version in (4, 6):
+        state = dataplane.state(version)
+        assert "nova-provider" not in state.chains and state.rules.get("FORWARD", []) == []
+    assert dataplane.reachable(ATTACKER4, INSTANCE4) and dataplane.reachable(ATTACKER6, INSTANCE6)
+
+
+# --------------------------------------------------------------------------- the fake tells the truth
+
+def test_fake_dataplane_reaches_the_same_tables_as_the_real_tools(dataplane, conf):
+    """Replay one story on FakeIptables and on the kernel; the saved tables must agree at every step."""
+    fake = FakeIptables()
+    fake_driver = firewall.IptablesFirewallDriver(conf, runner=fake)
+    flavour = "legacy" if dataplane.backend == "legacy" else "nft"
+
+    def both(version: int, *args: str) -> None:
+        dataplane.other_process(version, *args)
+        fake.run(version, " ".join(args), flavour=flavour)
+
+    def agree(step: str) -> None:
+        for version in (4, 6):
+            real = dataplane.state(version)
+            mirrored = iptables.parse_save(fake.save(version, flavour=flavour))
+            assert real.chains == mirrored.chains, (step, version)
+            assert real.rules == mirrored.rules, (step, version)
+
+    both(4, "-N", "nova-local")
+    both(4, "-A", "nova-local", "-s", "10.9.0.0/16", "-j", "ACCEPT")
+    both(4, "-A", "FORWARD", "-i", dataplane.topo.hv_attacker_if, "-j", "ACCEPT")
+    rule, _ = db.provider_fw_rule_create(make_spec(ATTACKER4, "tcp", 1000, 2000))
+    db.provider_fw_rule_create(make_spec(ATTACKER6, "icmp", 128, 0))
+    db.provider_fw_rule_create(make_spec("192.0.2.0/24", "udp", 53))
+    for driver in (dataplane.driver, fake_driver):
+        driver.refresh_provider_fw_rules()
+    agree("first apply")
+    both(4, "-F", "nova-provider")
+    both(6, "-D", "FORWARD", "1")
+    both(4, "-A", "FORWARD", "-j", "nova-provider")
+    for driver in (dataplane.driver, fake_driver):
+        assert driver.repair_drift() is True
+    agree("repair")
+    db.provider_fw_rule_destroy(rule.id)
+    for driver in (dataplane.driver, fake_driver):
+        driver.refresh_provider_fw_rules()
+    agree("second apply")
+    for driver in (dataplane.driver, fake_driver):
+        driver.teardown()
+    agree("teardown")
