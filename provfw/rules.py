@@ -152,7 +152,7 @@ def spec_from_body(body: Mapping[str, Any]) -> RuleSpec:
 
 
 def validate_description(value: Any) -> str | None:
-    if value is None:
+    if value is None or value == "":
         return None
     if not isinstance(value, str):
         raise exception.InvalidInput("description", "must be a string")

@@ -57,7 +57,7 @@ def _empty(databases: dict, kind: str):
     with engine.begin() as conn:
         for table in reversed(models.Base.metadata.sorted_tables):
             conn.execute(table.delete())
-        conn.execute(sa.insert(models.FirewallGeneration.__table__).values(id=1, generation=0))
+        conn.execute(sa.insert(models.FirewallGeneration.__table__).values(id=1, generation=0, live_rules=0))
     return database
 
 

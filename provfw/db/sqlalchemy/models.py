@@ -88,6 +88,8 @@ class FirewallGeneration(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    live_rules: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0",
+                                            comment="Live rules, kept in step by every mutation (max_rules check)")
     updated_at: Mapped[Optional[timestamp]]
 
 
