@@ -1,7 +1,8 @@
 """The db layer on real SQLite, PostgreSQL (127.0.0.1:5432) and MariaDB (127.0.0.1:3306).
 
-Every test runs once per database kind on a freshly migrated, empty database
-(``any_db`` in tests/conftest.py runs ``alembic upgrade head``).
+Every test runs once per database kind on an empty, migrated database
+(``any_db``); the schema tests get a brand-new database migrated from nothing
+(``fresh_db``, ``alembic upgrade head``).
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ def now() -> datetime.datetime:
 
 # --------------------------------------------------------------------------- schema
 
-def test_migrated_schema_matches_the_models(any_db):
-    migration.db_check(any_db.url)                      # raises on any drift between models and migrations
-    assert migration.db_version(any_db.url) is not None
+KINDS = ["sqlite", "postgresql", "mariadb"]
+
+
+@pytest.mark.parametrize("fresh_db", KINDS, indirect=True)
+def test_migrated_schema_matches_the_models(fresh_db):
+    migration.db_check(fresh_db.url)                    # raises on any drift between models and migrations
+    assert migration.db_version(fresh_db.url) is not None
     tables = set(sa.inspect(db.get_engine()).get_table_names())
     assert {"provider_fw_rules", "provider_fw_generation", "services", "api_tokens", "audit_log"} <= tables
     assert generation() == 0
@@ -64,7 +69,8 @@ def constraint_names(engine) -> dict:
     return names
 
 
-def test_migrated_constraint_names_are_the_models_names(any_db):
+@pytest.mark.parametrize("fresh_db", KINDS, indirect=True)
+def test_migrated_constraint_names_are_the_models_names(fresh_db):
     # alembic check compares neither CHECK constraints nor their names; a later migration that
     # alters a constraint by its model name must find it under that name on every backend.
     reference = sa.create_engine("sqlite://")
@@ -75,11 +81,12 @@ def test_migrated_constraint_names_are_the_models_names(any_db):
         reference.dispose()
 
 
-def test_upgrade_is_idempotent(any_db):
-    version = migration.db_version(any_db.url)
-    migration.db_sync(any_db.url)
-    assert migration.db_version(any_db.url) == version
-    migration.db_check(any_db.url)
+@pytest.mark.parametrize("fresh_db", KINDS, indirect=True)
+def test_upgrade_is_idempotent(fresh_db):
+    version = migration.db_version(fresh_db.url)
+    migration.db_sync(fresh_db.url)
+    assert migration.db_version(fresh_db.url) == version
+    migration.db_check(fresh_db.url)
 
 
 # --------------------------------------------------------------------------- CRUD
