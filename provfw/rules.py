@@ -65,7 +65,12 @@ class RuleSpec:
 
 
 def normalise_cidr(value: Any, field: str = "cidr") -> str:
-    """Return ``value`` as a canonical network string.
+    """Return ``value`` as a canonical network string (see ``parse_network``)."""
+    return parse_network(value, field).with_prefixlen
+
+
+def parse_network(value: Any, field: str = "cidr") -> Network:
+    """Parse ``value`` as a network.
 
     A bare address becomes a /32 (IPv4) or /128 (IPv6); host bits are cleared
     (``192.168.100.11/24`` -> ``192.168.100.0/24``); IPv6 is compressed and
@@ -83,7 +88,7 @@ def normalise_cidr(value: Any, field: str = "cidr") -> str:
         raise exception.InvalidInput(field, f"{text!r} has prefix length 0; blocking every address is refused")
     if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
         raise exception.InvalidInput(field, f"{text!r} is an IPv4-mapped IPv6 network; use the IPv4 form")
-    return network.with_prefixlen
+    return network
 
 
 def _as_int(value: Any, field: str) -> int:
@@ -105,9 +110,19 @@ def _check_range(value: int, low: int, high: int, field: str, allow_any: bool = 
         raise exception.InvalidInput(field, f"{value} is out of range {low}-{high}{extra}")
 
 
-def make_spec(cidr: Any, protocol: Any = "all", from_port: Any = None, to_port: Any = None) -> RuleSpec:
-    """Validate and normalise one rule; raise ``InvalidInput`` naming the bad field."""
-    cidr_text = normalise_cidr(cidr)
+def make_spec(cidr: Any, protocol: Any = "all", from_port: Any = None, to_port: Any = None,
+              protected: Iterable[Network] = ()) -> RuleSpec:
+    """Validate and normalise one rule; raise ``InvalidInput`` naming the bad field.
+
+    With ``protected`` networks, a CIDR overlapping one of them raises
+    ``ProtectedNetwork`` (checked on the already parsed network: an import of
+    120k entries parses each address once).
+    """
+    network = parse_network(cidr)
+    hit = protected_overlap(network, protected) if protected else None
+    if hit is not None:
+        raise exception.ProtectedNetwork(network.with_prefixlen, str(hit))
+    cidr_text = network.with_prefixlen
     if protocol is None:
         protocol = "all"
     if not isinstance(protocol, str) or protocol.strip().lower() not in PROTOCOLS:
@@ -142,13 +157,14 @@ def make_spec(cidr: Any, protocol: Any = "all", from_port: Any = None, to_port: 
     return RuleSpec(cidr_text, proto, start, end)
 
 
-def spec_from_body(body: Mapping[str, Any]) -> RuleSpec:
+def spec_from_body(body: Mapping[str, Any], protected: Iterable[Network] = ()) -> RuleSpec:
     """Build a ``RuleSpec`` from a decoded JSON request body."""
     if not isinstance(body, Mapping):
         raise exception.InvalidInput("body", "must be a JSON object")
     if "cidr" not in body:
         raise exception.InvalidInput("cidr", "is required")
-    return make_spec(body.get("cidr"), body.get("protocol", "all"), body.get("from_port"), body.get("to_port"))
+    return make_spec(body.get("cidr"), body.get("protocol", "all"), body.get("from_port"), body.get("to_port"),
+                     protected)
 
 
 def validate_description(value: Any) -> str | None:
@@ -181,9 +197,9 @@ def parse_protected_networks(values: Iterable[str]) -> list[Network]:
     return networks
 
 
-def protected_overlap(cidr: str, protected: Iterable[Network]) -> Network | None:
+def protected_overlap(cidr: str | Network, protected: Iterable[Network]) -> Network | None:
     """Return the first protected network that ``cidr`` overlaps, if any."""
-    network = ipaddress.ip_network(cidr)
+    network = ipaddress.ip_network(cidr) if isinstance(cidr, str) else cidr
     for candidate in protected:
         if candidate.version == network.version and candidate.overlaps(network):
             return candidate

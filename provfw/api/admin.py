@@ -88,9 +88,7 @@ class AdminController:
         return body
 
     def _spec(self, body: dict[str, Any]) -> rules.RuleSpec:
-        spec = rules.spec_from_body(body)
-        rules.check_not_protected(spec, self.protected)
-        return spec
+        return rules.spec_from_body(body, self.protected)
 
     def _notify(self, generation: int) -> bool:
         return self.compute_api.trigger_provider_fw_rules_refresh(generation)
@@ -203,8 +201,7 @@ class AdminController:
         refused: list[dict[str, Any]] = []
         for number, value in entries:
             try:
-                spec = rules.make_spec(value, template.protocol, template.from_port, template.to_port)
-                rules.check_not_protected(spec, self.protected)
+                spec = rules.make_spec(value, template.protocol, template.from_port, template.to_port, self.protected)
             except exception.ProvfwError as exc:
                 refused.append({"line": number, "value": str(value)[:100], "reason": exc.message})
                 continue
