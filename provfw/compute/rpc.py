@@ -61,7 +61,7 @@ def _connection(url: str) -> kombu.Connection:
         options = {"confirm_publish": True}
     else:
         options = {}
-    return kombu.Connection(url, heartbeat=heartbeat, connect_timeout=5, transport_options=options)
+    return kombu.Connection(url, heartbeat=heartbeat, connect_timeout=2, transport_options=options)
 
 
 def bus_errors(url: str) -> tuple:
@@ -73,11 +73,17 @@ def bus_errors(url: str) -> tuple:
 class FanoutPublisher:
     """Publishes casts to every compute worker."""
 
+    # After a cast has failed every retry, further casts fail at once for this
+    # long: an API request must not spend seconds per mutation on a dead
+    # broker when the workers' periodic check delivers the change anyway.
+    BUS_DOWN_HOLD = 5.0
+
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, url: str | None = None,
-                 topic: str = COMPUTE_TOPIC, max_retries: int = 5):
+                 topic: str = COMPUTE_TOPIC, max_retries: int = 2):
         self.url = url or conf.transport_url
         self.exchange = fanout_exchange(conf, topic)
         self.max_retries = max_retries
+        self._down_until = 0.0
         self._lock = threading.Lock()
         self._conn: kombu.Connection | None = None
         self._producer: kombu.Producer | None = None
@@ -108,6 +114,9 @@ class FanoutPublisher:
                    "msg_id": uuid.uuid4().hex, "sent_at": time.time()}
         delay = 0.2
         with self._lock:
+            if time.monotonic() < self._down_until:
+                raise ConnectionError(f"message bus marked unreachable for another "
+                                      f"{self._down_until - time.monotonic():.1f}s after failed casts")
             for attempt in range(self.max_retries + 1):
                 try:
                     producer = self._ensure_producer()
@@ -117,6 +126,7 @@ class FanoutPublisher:
                 except self._errors as exc:
                     self._reset()
                     if attempt == self.max_retries:
+                        self._down_until = time.monotonic() + self.BUS_DOWN_HOLD
                         raise
                     LOG.warning("cast %s failed (%s); retrying in %.1fs", method, exc, delay)
                     time.sleep(delay)

@@ -250,3 +250,18 @@ def test_all_in_one_worker_applies_casts_over_the_memory_bus(conf, memory_bus, s
     assert compute_api.ComputeAPI(conf).trigger_provider_fw_rules_refresh() is True
     assert wait_until(lambda: worker.manager.applied_generation == generation, 10) is not None
     assert worker.manager.casts == [generation]
+
+
+def test_after_a_failed_cast_the_next_ones_fail_fast_instead_of_stalling_the_api(conf):
+    """A dead broker must not cost every API mutation seconds of retries; workers converge periodically."""
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    api = compute_api.ComputeAPI(conf, rpc.FanoutPublisher(conf, url=f"rabbit://guest:guest@127.0.0.1:{closed_port}//"))
+    assert api.trigger_provider_fw_rules_refresh(generation=1) is False
+    started = time.monotonic()
+    for generation in range(2, 12):
+        assert api.trigger_provider_fw_rules_refresh(generation=generation) is False
+    assert time.monotonic() - started < 0.5

@@ -261,8 +261,14 @@ def provider_fw_rules_create_many(specs: Sequence[rules_mod.RuleSpec], descripti
             # Rolled back: the generation bump is undone, nothing changed.
             return CreateResult(nothing.generation, [], nothing.duplicates, 0)
         except sa_exc.IntegrityError as exc:
-            LOG.debug("create raced with another writer: %s", exc)
-            raise exception.DuplicateRule(unique_specs[0] if len(unique_specs) == 1 else None) from None
+            # Only a live copy written by a concurrent request makes this a duplicate;
+            # any other constraint failure is a server error, not the client's 409.
+            with _session() as check:
+                raced = _existing_live(check, unique_specs)
+            if raced:
+                LOG.debug("create raced with another writer: %s", exc)
+                raise exception.DuplicateRule(unique_specs[0] if len(unique_specs) == 1 else None) from None
+            raise exception.ProvfwError(f"the database refused the change: {exc.orig}") from exc
     return CreateResult(generation, rows, duplicates, added_count)
 
 
