@@ -55,17 +55,18 @@ class Deployment:
 
     # ------------------------------------------------------------ config and tools
 
-    def _write_config(self, name: str, compute_section: str) -> str:
+    def _write_config(self, name: str, compute_section: str, transport_url: str | None = None,
+                      database_url: str | None = None) -> str:
         path = os.path.join(self.dir, f"{name}.conf")
         with open(path, "w") as handle:
             handle.write(f"""[DEFAULT]
 state_path = {self.dir}/state-{name}
-transport_url = {self.transport_url}
+transport_url = {transport_url or self.transport_url}
 control_exchange = {self.exchange}
 protected_cidrs = 127.0.0.0/8,::1/128,192.0.2.0/24
 
 [database]
-connection = {self.database.url}
+connection = {database_url or self.database.url}
 
 [api]
 bind_host = 127.0.0.1
@@ -109,9 +110,13 @@ service_down_time = 5
                 time.sleep(0.1)
         raise RuntimeError(f"provfw-api did not answer: {self.tail('api')}")
 
-    def start_worker(self, host: str, netns: str, extra: str = "", wait: bool = True) -> None:
+    def start_worker(self, host: str, netns: str, extra: str = "", wait: bool = True,
+                     transport_url: str | None = None, database_url: str | None = None) -> None:
+        """Start ``provfw-compute`` for ``host``; ``transport_url``/``database_url`` override the
+        deployment's own for this worker only (e.g. to reach them through a proxy a test can cut)."""
         config = self._write_config(f"compute-{host}", f"host = {host}\ndataplane_netns = {netns}\n"
-                                    f"firewall_driver = {self.firewall_driver}\ncompute_driver = libvirt\n{extra}")
+                                    f"firewall_driver = {self.firewall_driver}\ncompute_driver = libvirt\n{extra}",
+                                    transport_url=transport_url, database_url=database_url)
         self.workers[host] = self._spawn("provfw-compute", config, f"compute-{host}")
         if wait:
             self.wait_in_sync(host)
