@@ -28,6 +28,7 @@ import uuid
 from typing import Callable
 
 import kombu
+import kombu.exceptions
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
@@ -67,7 +68,9 @@ def _connection(url: str) -> kombu.Connection:
 def bus_errors(url: str) -> tuple:
     """The exceptions that mean "the bus is unreachable" for ``url``'s transport (no connect)."""
     probe = kombu.Connection(kombu_url(url))
-    return (OSError, *probe.connection_errors, *probe.channel_errors)
+    # ensure_connection() re-raises a refused connect as kombu's OperationalError, which is not an
+    # OSError: without it here a broker that stays down past one retry kills the consumer thread.
+    return (OSError, kombu.exceptions.OperationalError, *probe.connection_errors, *probe.channel_errors)
 
 
 class FanoutPublisher:
