@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 from oslo_config import cfg
 
@@ -170,18 +170,9 @@ class NftSetKey:
 
 
 def nft_set_key(spec: RuleSpec) -> tuple[NftSetKey, str]:
-    """(set, element) holding ``spec``: the element is the network address."""
+    """(set, element) holding ``spec`` in the nftables driver: the element is the network address."""
     address, _, prefix = spec.cidr.partition("/")
     return NftSetKey(match_key(spec), int(prefix)), address
-
-
-def nft_groups(specs: Iterable[RuleSpec]) -> dict[NftSetKey, set[str]]:
-    """Elements of every nftables set for ``specs``."""
-    groups: dict[NftSetKey, set[str]] = {}
-    for spec in specs:
-        set_key, element = nft_set_key(spec)
-        groups.setdefault(set_key, set()).add(element)
-    return groups
 
 
 def prefix_mask(version: int, prefixlen: int) -> str:
@@ -194,6 +185,3 @@ def diff_members(kernel: set[str], desired: set[str]) -> tuple[set[str], set[str
     """(to_add, to_remove) turning ``kernel`` into ``desired``."""
     return desired - kernel, kernel - desired
 
-
-def counts(groups: Mapping[object, Iterable]) -> dict[object, int]:
-    return {key: len(list(members)) for key, members in groups.items()}

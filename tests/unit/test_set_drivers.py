@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 
 import pytest
 
@@ -17,8 +18,8 @@ ALL_DRIVERS = ("ipset", "nftables")
 
 
 def hosts(count: int, base: str = "100.64.0.0") -> list:
-    start = int(__import__("ipaddress").ip_address(base))
-    return [make_spec(str(__import__("ipaddress").ip_address(start + i))) for i in range(count)]
+    start = int(ipaddress.ip_address(base))
+    return [make_spec(str(ipaddress.ip_address(start + i))) for i in range(count)]
 
 
 @pytest.fixture
