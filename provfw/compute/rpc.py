@@ -193,11 +193,14 @@ class FanoutConsumer:
                             conn.drain_events(timeout=0.25)
                         except socket.timeout:
                             conn.heartbeat_check()
-            except bus_errors(self.url) as exc:
+            except Exception as exc:  # noqa: BLE001 - the consumer must outlive anything the bus throws
                 self.connected.clear()
                 if self._stop.is_set():
                     break
-                LOG.warning("message bus unreachable (%s); reconnecting in %.1fs", exc, delay)
+                if isinstance(exc, bus_errors(self.url)):
+                    LOG.warning("message bus unreachable (%s); reconnecting in %.1fs", exc, delay)
+                else:
+                    LOG.exception("consumer failed unexpectedly; reconnecting in %.1fs", delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 30.0)
             finally:

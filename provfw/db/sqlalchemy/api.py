@@ -68,6 +68,15 @@ def create_engine(url: str, pool_size: int = 5) -> sa.Engine:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
         kwargs.update(pool_pre_ping=True, pool_size=pool_size, max_overflow=2 * pool_size, pool_recycle=3600)
+        # A database that vanishes without a reset (a black hole) must not hang a
+        # worker for the kernel's TCP timeout: the drivers are not green, so a
+        # blocked query blocks the whole eventlet process, heartbeats included.
+        if url.startswith("postgresql"):
+            kwargs["connect_args"] = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10,
+                                      "keepalives_interval": 5, "keepalives_count": 3,
+                                      "options": "-c statement_timeout=60000"}
+        elif url.startswith(("mysql", "mariadb")):
+            kwargs["connect_args"] = {"connect_timeout": 5, "read_timeout": 60, "write_timeout": 60}
     engine = sa.create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
