@@ -259,6 +259,15 @@ class HostIpsets:
         self.runner(["ipset", "-exist", "restore"], input="\n".join(lines) + "\n")
         return True
 
+    def update_members(self, adds: Mapping[str, Sequence[str]], dels: Mapping[str, Sequence[str]]) -> bool:
+        """Add and delete members of existing sets in one ``ipset restore`` run, adds first."""
+        lines = [f"add {name} {cidr}" for name, cidrs in sorted(adds.items()) for cidr in cidrs]
+        lines += [f"del {name} {cidr}" for name, cidrs in sorted(dels.items()) for cidr in cidrs]
+        if not lines:
+            return False
+        self.runner(["ipset", "-exist", "restore"], input="\n".join(lines) + "\n")
+        return True
+
     def destroy_unused(self, keep: set[str]) -> bool:
         """Destroy our sets not in ``keep`` (call only once no filter references them)."""
         changed = False
@@ -326,7 +335,7 @@ class NWFilterFirewall(firewall.ProviderFirewallBase):
     """Provider rules as the libvirt nwfilter ``[libvirt] provider_filter``."""
 
     name = "nwfilter"
-    supports_delta = False      # the filter is one document; ipset mode diffs sets against the kernel instead
+    supports_delta = True       # ipset mode: a change to set members is an ipset add/del, nothing else
 
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: processutils.Runner | None = None,
                  get_connection: Callable | None = None):
@@ -340,6 +349,7 @@ class NWFilterFirewall(firewall.ProviderFirewallBase):
         self._get_connection = get_connection
         self.ipsets = HostIpsets(self.runner, conf.libvirt.ipset_prefix, conf.sets)
         self.match_mode: str | None = None      # mode of the last successful apply
+        self._referenced_sets: frozenset[str] = frozenset()    # sets the filter defined last references
 
     # ------------------------------------------------------------ helpers
 
@@ -403,13 +413,62 @@ class NWFilterFirewall(firewall.ProviderFirewallBase):
         # referenced enforces its new members at once, whatever libvirtd is doing.
         changed = self.ipsets.sync(desired_sets) if desired_sets else False
         changed |= self._with_libvirt(self._define, rules)
-        if self.conf.libvirt.ensure_filter_refs:
-            changed |= bool(self._with_libvirt(ensure_filter_refs, self.conf.libvirt.instance_filter_pattern,
-                                               self.filter_name))
+        self._referenced_sets = frozenset(desired_sets)
+        self.match_mode = mode
         # Only now does no filter reference the sets we no longer need.
         changed |= self.ipsets.destroy_unused(set(desired_sets))
-        self.match_mode = mode
         return changed
+
+    def apply_delta(self, added: Sequence[RuleSpec], removed: Sequence[RuleSpec]) -> bool:
+        """Set members only when that is the whole change; otherwise a full apply of the new state.
+
+        The base class calls this with ``self._rules`` still holding the
+        previously applied state.  The quick path needs: ipset mode before and
+        after, every changed spec set-matchable, and the same sets referenced
+        (no group appears or empties, so the filter itself is unchanged).
+        """
+        desired = (set(self._rules) - set(removed)) | set(added)
+        if self._set_members_only(desired, added, removed):
+            adds, dels = {}, {}
+            for spec in added:
+                adds.setdefault(self.ipsets.name_for(nwx.group_key(spec)), []).append(spec.cidr)
+            for spec in removed:
+                dels.setdefault(self.ipsets.name_for(nwx.group_key(spec)), []).append(spec.cidr)
+            try:
+                self.ipsets.update_members(adds, dels)
+                return True
+            except exception.ProcessExecutionError as exc:
+                # A set vanished or is full: the full path rebuilds whatever is wrong.
+                LOG.warning("set member update failed (%s); applying the full state", exc)
+        return self.apply_full(sorted(desired))
+
+    def _set_members_only(self, desired: set[RuleSpec], added, removed) -> bool:
+        if self.match_mode != "ipset" or self.mode_for(len(desired)) != "ipset":
+            return False
+        if not all(nwx.set_matchable(nwx.group_key(spec)) for spec in [*added, *removed]):
+            return False
+        groups_after = {self.ipsets.name_for(nwx.group_key(s)) for s in desired if nwx.set_matchable(nwx.group_key(s))}
+        return groups_after == self._referenced_sets
+
+    def ensure_filter_refs(self) -> list[str]:
+        """``ensure_filter_refs`` for this driver's pattern and provider filter, through its connection."""
+        return self._with_libvirt(ensure_filter_refs, self.conf.libvirt.instance_filter_pattern, self.filter_name)
+
+    def refresh_provider_fw_rules(self, full: bool = False) -> firewall.ApplyResult:
+        result = super().refresh_provider_fw_rules(full)
+        # New instances appear without any rule change; with ensure_filter_refs every refresh looks for them.
+        if self.conf.libvirt.ensure_filter_refs:
+            with self._lock:
+                if self.ensure_filter_refs():
+                    result = dataclasses.replace(result, changed=True)
+        return result
+
+    def repair_drift(self) -> bool:
+        repaired = super().repair_drift()
+        if self.conf.libvirt.ensure_filter_refs and self._generation is not None:
+            with self._lock:
+                repaired |= bool(self.ensure_filter_refs())
+        return repaired
 
     def teardown(self) -> None:
         """Empty the provider filter (undefine it when nothing references it) and destroy our ipsets."""
@@ -430,6 +489,7 @@ class NWFilterFirewall(firewall.ProviderFirewallBase):
             self._rules = {}
             self._generation = None
             self.match_mode = None
+            self._referenced_sets = frozenset()
 
     def close(self) -> None:
         if self._own_connector is not None:
