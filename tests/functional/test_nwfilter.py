@@ -331,6 +331,26 @@ def test_a_provider_filter_changed_behind_our_back_is_repaired(hypervisor_factor
     assert hv.provider_uuid() == uuid
 
 
+def test_the_libvirt_compute_driver_runs_the_nwfilter_driver_on_its_own_connection(libvirt_conn, conf, sqlite_db):
+    from provfw.virt import libvirt_conn as libvirt_compute
+
+    provider = f"nova-provider-{unique_tag()}"
+    conf.set_override("firewall_driver", "nwfilter", group="compute")
+    conf.set_override("provider_filter", provider, group="libvirt")
+    compute = libvirt_compute.LibvirtConnection(conf)
+    try:
+        assert isinstance(compute.firewall_driver, nwfilter.NWFilterFirewall)
+        db.provider_fw_rule_create(make_spec("203.0.113.0/24", "tcp", 22))
+        result = compute.refresh_provider_fw_rules()
+        assert result.changed and result.rule_count == 1
+        stored = nwx.parse_filter(libvirt_conn.nwfilterLookupByName(provider).XMLDesc())
+        assert stored.rules == (nwx.spec_rule(make_spec("203.0.113.0/24", "tcp", 22)),)
+        assert compute.repair_provider_fw_drift() is False
+    finally:
+        compute.firewall_driver.teardown()
+        compute.close()
+
+
 # ---------------------------------------------------------------- filter references
 
 def test_ensure_filter_refs_makes_existing_instance_filters_enforce_provider_rules(hypervisor_factory):
@@ -436,24 +456,34 @@ def test_libvirtd_away_raises_driver_error_keeps_the_previous_filter_and_applies
         hv = hypervisor_factory(mode, uri=proxy.uri)
         hv.block(ATTACKER4)
         assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)
-        applied = hv.driver.applied_generation
 
         proxy.stop()                                              # libvirtd "goes away"
-        with pytest.raises(exception.DriverError):
-            hv.block(OTHER4)
-        assert hv.driver.applied_generation == applied            # nothing recorded as applied
-        assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)         # the previous filter stays in force
         if mode == "rules":
-            assert hv.topo.reachable(OTHER4, INSTANCE4)           # the new rule needs libvirtd
+            applied = hv.driver.applied_generation
+            with pytest.raises(exception.DriverError):
+                hv.block(OTHER4)                                  # a new rule needs the filter redefined
+            assert hv.topo.reachable(OTHER4, INSTANCE4)
+            pending = (OTHER4, INSTANCE4, hv.topo.blocked)
         else:
-            assert_blocked_now(hv.topo, OTHER4, INSTANCE4)        # same group: the set already enforces it
+            hv.block(OTHER4)                                      # a new member of an existing set: no libvirt
+            assert_blocked_now(hv.topo, OTHER4, INSTANCE4)
+            applied = hv.driver.applied_generation
+            with pytest.raises(exception.DriverError):
+                hv.driver.repair_drift()                          # the periodic check does notice libvirtd is away
+            with pytest.raises(exception.DriverError):
+                hv.block(OTHER6, "tcp", 8080)                     # not set-matchable: the filter must change
+            assert hv.topo.can_connect(OTHER6, INSTANCE6)
+            pending = (OTHER6, INSTANCE6, lambda src, dst: not hv.topo.can_connect(src, dst, timeout=0.5))
+        assert hv.driver.applied_generation == applied            # the failed change is not recorded as applied
+        assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)         # the previous filter stays in force
         with pytest.raises(exception.DriverError):                # still away: still an error, no hang
             hv.refresh()
 
         proxy.start()                                             # libvirtd is back
         hv.refresh()
         assert hv.driver.applied_generation > applied
-        assert_blocked_now(hv.topo, OTHER4, INSTANCE4)
+        source, target, is_blocked = pending
+        assert is_blocked(source, target)
         assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)
     finally:
         proxy.close()
