@@ -27,9 +27,11 @@ between namespaces the benchmark creates; everything is removed at exit.
 from __future__ import annotations
 
 import argparse
+import atexit
 import ipaddress
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,11 +74,18 @@ def load_specs(path: str | None, generate: int | None) -> list:
     return list(specs)
 
 
+def scratch_dir(prefix: str) -> str:
+    """A temporary directory removed when the benchmark exits."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def make_conf(ns: str) -> cfg.ConfigOpts:
     conf = cfg.ConfigOpts()
     provfw_conf.register_opts(conf)
     conf([], project="provfw", default_config_files=[])
-    conf.set_override("state_path", tempfile.mkdtemp(prefix="provfw-bench-"))
+    conf.set_override("state_path", scratch_dir("provfw-bench-"))
     conf.set_override("dataplane_netns", ns, "compute")
     return conf
 
@@ -235,7 +244,7 @@ def bench_memory(specs: list, kinds: list[str]) -> dict:
     from provfw.db import api as db
     from provfw.db import migration
 
-    workdir = tempfile.mkdtemp(prefix="provfw-bench-db-")
+    workdir = scratch_dir("provfw-bench-db-")
     url = f"sqlite:///{workdir}/provfw.sqlite"
     migration.db_sync(url)
     db.configure(url)
