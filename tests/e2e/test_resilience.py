@@ -24,7 +24,7 @@ import urllib.parse
 import pytest
 import sqlalchemy as sa
 
-from tests.functional.test_set_drivers import Flood, InstanceCounter
+from tests.lib.traffic import Flood, InstanceCounter
 from tests.lib import deployment as deploy
 from tests.lib import netns, services
 from tests.lib.tcpproxy import TcpProxy

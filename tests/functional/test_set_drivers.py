@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
-import signal
 import subprocess
 import sys
 import time
@@ -25,12 +23,12 @@ from provfw.virt import ipset_driver, iptc_driver, nftables_driver, sets
 from provfw.virt.firewall import utcnow
 from tests.lib import services
 from tests.lib.netns import RoutedTopology, netns_exec, wait_until
+from tests.lib.traffic import Flood, InstanceCounter
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(240)]
 
 DRIVERS = {"ipset": ipset_driver.IpsetFirewallDriver, "nftables": nftables_driver.NftablesFirewallDriver,
            "iptc": iptc_driver.IptcFirewallDriver}
-UDP_PORT = 9999
 
 
 class RecordingRunner(processutils.Runner):
@@ -89,58 +87,6 @@ def test_a_100k_entry_set_blocks_an_address_inside_and_passes_one_outside(kind, 
 
 
 # ----------------------------------------------------------------------------- no window during rebuilds
-
-_FLOOD = r"""
-import signal, socket, sys, time
-src, dst, port, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-sent = 0
-stop = False
-def finish(*_):
-    global stop
-    stop = True
-signal.signal(signal.SIGTERM, finish)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((src, 0))
-print("ready", flush=True)
-deadline = time.monotonic() + seconds
-while not stop and time.monotonic() < deadline:
-    for _ in range(200):
-        try:
-            s.sendto(b"provfw-test-flood", (dst, port))
-            sent += 1
-        except OSError:
-            pass
-print(sent, flush=True)
-"""
-
-
-class InstanceCounter:
-    """An nftables counter in the instance namespace: UDP packets that reached the instance."""
-
-    def __init__(self, topo):
-        self.ns = topo.instance
-        netns_exec(self.ns, "nft", "-f", "-", input=(
-            "add table inet pfwtest\nadd counter inet pfwtest hits\n"
-            "add chain inet pfwtest input { type filter hook input priority 0; policy accept; }\n"
-            f"add rule inet pfwtest input udp dport {UDP_PORT} counter name hits\n"))
-
-    def packets(self) -> int:
-        out = netns_exec(self.ns, "nft", "-j", "list", "counter", "inet", "pfwtest", "hits").stdout
-        return next(i["counter"]["packets"] for i in json.loads(out)["nftables"] if "counter" in i)
-
-
-class Flood:
-    def __init__(self, topo, src: str, seconds: float = 60.0):
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", topo.attacker, sys.executable, "-c", _FLOOD, src, topo.INSTANCE4,
-             str(UDP_PORT), str(seconds)], stdout=subprocess.PIPE, text=True, start_new_session=True)
-        assert self.proc.stdout.readline().strip() == "ready"
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=20)
-        return int(out.strip().splitlines()[-1])
-
 
 def _rebuild_specs(round_number: int) -> list:
     return [make_spec(ATTACKER)] + hosts(9_999, str(ipaddress.ip_address("100.64.0.0") + 10_000 * round_number))
