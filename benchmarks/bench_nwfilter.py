@@ -90,7 +90,7 @@ class Host:
         self.tag = self.topo.tag
         self.seconds = seconds
         self.extra_ports = [f"pfx{self.tag}{i}" for i in range(ports - 1)]
-        self.dir = tempfile.mkdtemp(prefix="provfw-bench-nwfilter-")
+        self.dir = tempfile.mkdtemp(prefix="nwfbench-")
         self.iperf_server = None
         import libvirt
         self.libvirt = libvirt
@@ -193,16 +193,20 @@ class Scenario:
     def add_one_and_time_enforcement(self) -> tuple[float, float]:
         """Block the attacker's first address; return (refresh seconds, seconds until its pings died)."""
         topo = self.host.topo
-        pinger = subprocess.Popen(["ip", "netns", "exec", topo.attacker, "ping", "-4", "-D", "-n", "-i",
-                                   str(PING_INTERVAL), "-I", topo.ATTACKER4[0], topo.INSTANCE4],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        time.sleep(0.5)
-        asked = time.time()
-        db.provider_fw_rule_create(make_spec(topo.ATTACKER4[0]))
-        took = self.refresh()
-        time.sleep(0.5)
-        pinger.send_signal(signal.SIGINT)
-        out, _ = pinger.communicate(timeout=10)
+        # ping writes to a file, not a pipe: a refresh can take minutes, and a full pipe would stall ping.
+        with tempfile.TemporaryFile("w+") as log:
+            pinger = subprocess.Popen(["ip", "netns", "exec", topo.attacker, "ping", "-4", "-D", "-n", "-i",
+                                       str(PING_INTERVAL), "-I", topo.ATTACKER4[0], topo.INSTANCE4],
+                                      stdout=log, stderr=subprocess.DEVNULL, text=True)
+            time.sleep(0.5)
+            asked = time.time()
+            db.provider_fw_rule_create(make_spec(topo.ATTACKER4[0]))
+            took = self.refresh()
+            time.sleep(0.5)
+            pinger.send_signal(signal.SIGINT)
+            pinger.wait(10)
+            log.seek(0)
+            out = log.read()
         replies = [float(t) for t in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
         if not any(t < asked for t in replies):
             raise RuntimeError("the attacker's pings never got through before the block; nothing measured")
