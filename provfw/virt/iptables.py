@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shlex
 from typing import Iterable, Sequence
 
 from provfw import names, rules as rules_mod
@@ -105,9 +104,10 @@ def rule_hash(spec: RuleSpec) -> str:
 
 def render_drop_rule(chain: str, spec: RuleSpec) -> str:
     """One ``-A`` line that drops ``spec``'s traffic, tagged with its hash comment."""
-    parts = ["-A", chain, "-s", spec.cidr, *_port_match(spec, spec.version),
-             "-m", "comment", "--comment", rule_hash(spec), "-j", "DROP"]
-    return " ".join(shlex.quote(p) for p in parts)
+    # Every token is a validated chain name, CIDR, number or hex comment, so
+    # none needs shell-style quoting (quoting 100k rules cost a second).
+    return " ".join(["-A", chain, "-s", spec.cidr, *_port_match(spec, spec.version),
+                     "-m", "comment", "--comment", rule_hash(spec), "-j", "DROP"])
 
 
 def tail_comment(layout: ChainLayout) -> str:
