@@ -102,6 +102,8 @@ class ProviderFirewallBase(FirewallDriver):
         self.runner = runner or processutils.Runner(conf.compute.dataplane_netns)
         self._lock = threading.RLock()
         self._rules: dict[RuleSpec, datetime.datetime | None] = {}
+        # The subset of _rules that expires: what the expiry timer scans.
+        self._expiring: dict[RuleSpec, datetime.datetime] = {}
         self._generation: int | None = None
         self._lock_name = "apply-" + (conf.compute.dataplane_netns or "host")
 
@@ -131,8 +133,29 @@ class ProviderFirewallBase(FirewallDriver):
 
     def next_expiry(self) -> datetime.datetime | None:
         with self._lock:
-            expiries = [e for e in self._rules.values() if e is not None]
-        return min(expiries) if expiries else None
+            return min(self._expiring.values()) if self._expiring else None
+
+    def _commit(self, generation: int | None, removed=(), added: dict | None = None,
+                replace: dict | None = None) -> None:
+        """Record what the kernel now holds; called only after the driver's apply succeeded.
+
+        Deltas mutate the bookkeeping in place instead of copying it: at 120k
+        rules a copy and a scan for expiries cost more than the kernel write.
+        """
+        if replace is not None:
+            self._rules = replace
+            self._expiring = {s: e for s, e in replace.items() if e is not None}
+        for spec in removed:
+            self._rules.pop(spec, None)
+            self._expiring.pop(spec, None)
+        for spec, expires in (added or {}).items():
+            self._rules[spec] = expires
+            if expires is None:
+                self._expiring.pop(spec, None)
+            else:
+                self._expiring[spec] = expires
+        if generation is not None:
+            self._generation = generation
 
     def refresh_provider_fw_rules(self, full: bool = False) -> ApplyResult:
         started = time.monotonic()
@@ -141,24 +164,21 @@ class ProviderFirewallBase(FirewallDriver):
             if full or self._generation is None or not self.supports_delta:
                 return self._full_from_db(now, started)
             changes = db.provider_fw_changes_since(self._generation)
-            desired = dict(self._rules)
-            removed = [s for s in changes.removed if s in desired]
-            for spec in removed:
-                del desired[spec]
-            added = []
+            current = self._rules
+            removed = [s for s in changes.removed if s in current]
+            removed_set = set(removed)
+            added: list[RuleSpec] = []
+            arriving: dict[RuleSpec, datetime.datetime | None] = {}
             for spec, expires in changes.added:
                 if expires is not None and expires <= now:
                     continue
-                if spec not in desired:
+                if spec not in current or spec in removed_set:
                     added.append(spec)
-                desired[spec] = expires
-            expired = [s for s, e in desired.items() if e is not None and e <= now]
-            for spec in expired:
-                del desired[spec]
-                if spec in added:
-                    added.remove(spec)
-                else:
-                    removed.append(spec)
+                arriving[spec] = expires
+            # Only rules that carry an expiry are looked at, not every rule.
+            expired = [s for s, e in self._expiring.items()
+                       if e <= now and s not in removed_set and s not in arriving]
+            removed += expired
             # A spec deleted and created again inside the window is still wanted and the
             # kernel already holds it: passing it as both added and removed would let a
             # driver that applies removals last unblock it.
@@ -169,36 +189,33 @@ class ProviderFirewallBase(FirewallDriver):
             if len(added) + len(removed) > self.conf.sets.full_rebuild_delta:
                 return self._full_from_db(now, started)
             changed = bool(added or removed) and self.apply_delta(added, removed)
-            self._rules = desired
-            self._generation = changes.generation
-            return ApplyResult(changes.generation, len(desired), changed,
+            self._commit(changes.generation, removed=[s for s in removed if s not in arriving], added=arriving)
+            return ApplyResult(changes.generation, len(self._rules), changed,
                                "delta" if changed else "none", time.monotonic() - started)
 
     def _full_from_db(self, now: datetime.datetime, started: float) -> ApplyResult:
         snapshot = db.provider_fw_snapshot(now)
         desired = dict(snapshot.rules)
         changed = self.apply_full(list(desired))
-        self._rules = desired
-        self._generation = snapshot.generation
+        self._commit(snapshot.generation, replace=desired)
         return ApplyResult(snapshot.generation, len(desired), changed, "full", time.monotonic() - started)
 
     def expire_rules(self) -> ApplyResult | None:
         started = time.monotonic()
         with self._lock:
             now = utcnow()
-            expired = [s for s, e in self._rules.items() if e is not None and e <= now]
+            expired = [s for s, e in self._expiring.items() if e <= now]
             if not expired or self._generation is None:
                 return None
             with lockutils.external_lock(provfw_conf.lock_dir(self.conf), self._lock_name):
-                gone = set(expired)
-                desired = {s: e for s, e in self._rules.items() if s not in gone}
                 if self.supports_delta:
                     self.apply_delta([], expired)
                 else:
-                    self.apply_full(list(desired))
-                self._rules = desired
+                    gone = set(expired)
+                    self.apply_full([s for s in self._rules if s not in gone])
+                self._commit(None, removed=expired)
             LOG.info("stopped enforcing %d expired rule(s)", len(expired))
-            return ApplyResult(self._generation, len(desired), True, "expiry", time.monotonic() - started)
+            return ApplyResult(self._generation, len(self._rules), True, "expiry", time.monotonic() - started)
 
     def repair_drift(self) -> bool:
         with self._lock:
@@ -224,7 +241,7 @@ class NoopFirewallDriver(ProviderFirewallBase):
         return False
 
     def teardown(self) -> None:
-        self._rules = {}
+        self._commit(None, replace={})
 
 
 class IptablesFirewallDriver(ProviderFirewallBase):
@@ -274,7 +291,7 @@ class IptablesFirewallDriver(ProviderFirewallBase):
                 removal = iptables.build_removal(self.kernel_state(version), self.layout)
                 if removal:
                     self.runner(self._tool(version, "restore"), input=removal)
-            self._rules = {}
+            self._commit(None, replace={})
             self._generation = None
 
 

@@ -317,7 +317,7 @@ class IpsetFirewallDriver(ProviderFirewallBase):
                     self.runner(iptables_tool(self.conf, version, "restore"), input=removal)
             for name in sorted(self.kernel_sets()):
                 self.runner(["ipset", "destroy", name])
-            self._rules = {}
+            self._commit(None, replace={})
             self._generation = None
             self._capacity = {}
             self._counts = {}

@@ -112,7 +112,7 @@ class IptcFirewallDriver(IpsetFirewallDriver):
             self._helper({"action": "teardown", "layout": self._layout_dict(), "families": {"4": [], "6": []}})
             for name in sorted(self.kernel_sets()):
                 self.runner(["ipset", "destroy", name])
-            self._rules = {}
+            self._commit(None, replace={})
             self._generation = None
             self._capacity = {}
             self._counts = {}

@@ -294,7 +294,7 @@ class NftablesFirewallDriver(ProviderFirewallBase):
         with self._lock:
             if self.kernel_table().exists:
                 self.runner(["nft", "delete", "table", FAMILY, names.NFT_TABLE])
-            self._rules = {}
+            self._commit(None, replace={})
             self._generation = None
             self._counts = {}
 

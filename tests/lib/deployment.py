@@ -35,11 +35,12 @@ def free_port() -> int:
 
 class Deployment:
     def __init__(self, db_kind: str = "postgresql", transport_url: str | None = None,
-                 firewall_driver: str = "iptables", extra_conf: str = ""):
+                 firewall_driver: str = "iptables", extra_conf: str = "", reconcile_interval: int = 2):
         self.database = services.TestDatabase(db_kind)
         self.transport_url = transport_url or services.require_rabbitmq()
         self.firewall_driver = firewall_driver
         self.extra_conf = extra_conf
+        self.reconcile_interval = reconcile_interval
         self.dir = tempfile.mkdtemp(prefix="provfw-e2e-")
         self.port = free_port()
         self.exchange = f"provfw-e2e-{secrets.token_hex(4)}"
@@ -74,7 +75,7 @@ bind_port = {self.port}
 
 [compute]
 heartbeat_interval = 1
-reconcile_interval = 2
+reconcile_interval = {self.reconcile_interval}
 service_down_time = 5
 {compute_section}
 {self.extra_conf}

@@ -115,7 +115,8 @@ def test_refresh_reads_the_database_then_applies_deltas_and_expiry_without_a_ful
     result = driver.refresh_provider_fw_rules()
     assert result.mode == "delta" and len(plane.calls) == 1
     assert plane.drops("192.0.2.7")
-    driver._rules[make_spec("192.0.2.7")] = utcnow() - datetime.timedelta(seconds=1)
+    # Time travel: the rule's expiry has passed (the bookkeeping's expiry index included).
+    driver._commit(None, added={make_spec("192.0.2.7"): utcnow() - datetime.timedelta(seconds=1)})
     plane.reset_calls()
     assert driver.expire_rules().mode == "expiry"
     assert len(plane.calls) == 1 and not plane.drops("192.0.2.7") and plane.drops("100.64.0.49")
