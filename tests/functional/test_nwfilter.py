@@ -48,6 +48,7 @@ LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
 ENFORCE_WITHIN = 1.0          # seconds from asking to a dropped packet (ipset mode, existing group)
 RULES_MODE_WITHIN = 10.0      # rules mode: libvirt re-instantiates the port (1.5-3 s measured on 2 busy cores)
 MODES = ["rules", "ipset"]
+BLOCKED_PROBE_TIMEOUT = 0.5   # a ping/connect on this bridge answers in well under a millisecond
 
 
 def _libvirt():
@@ -55,13 +56,30 @@ def _libvirt():
     return libvirt
 
 
-@pytest.fixture(scope="module")
+_shared_conn = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_shared_conn():
+    yield
+    conn = _shared_conn.pop("conn", None)
+    if conn is not None:
+        conn.close()
+
+
+@pytest.fixture
 def libvirt_conn():
+    """One connection for the module, reopened if libvirtd restarted since (see the restart test)."""
     services.require(services.libvirtd_running(), "a running libvirtd")
     libvirt = _libvirt()
-    conn = libvirt.open(URI)
-    yield conn
-    conn.close()
+    conn = _shared_conn.get("conn")
+    try:
+        alive = conn is not None and conn.isAlive()
+    except libvirt.libvirtError:
+        alive = False
+    if not alive:
+        conn = _shared_conn["conn"] = libvirt.open(URI)
+    return conn
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +113,7 @@ class Hypervisor:
         conf.set_override("match_mode", mode, group="libvirt")
         conf.set_override("uri", uri, group="libvirt")
         self.driver = nwfilter.NWFilterFirewall(conf)
-        self.bindings = []
+        self.bound_ports: list[str] = []
         self.filters: list[str] = []
         self.rule_ids: dict[tuple, int] = {}
 
@@ -108,8 +126,9 @@ class Hypervisor:
         self.filters.append(name)
 
     def bind(self, filter_name: str) -> None:
-        self.bindings.append(self.conn.nwfilterBindingCreateXML(nwx.render_binding(
-            self.topo.instance_port, self.topo.INSTANCE_MAC, filter_name, f"vm-{self.tag}", str(uuidlib.uuid4()))))
+        self.conn.nwfilterBindingCreateXML(nwx.render_binding(
+            self.topo.instance_port, self.topo.INSTANCE_MAC, filter_name, f"vm-{self.tag}", str(uuidlib.uuid4())))
+        self.bound_ports.append(self.topo.instance_port)
 
     def start(self, reference_provider: bool = True) -> "Hypervisor":
         """Define the (empty) provider filter, the instance filter, and bind it to the instance's port."""
@@ -121,9 +140,9 @@ class Hypervisor:
     def cleanup(self) -> None:
         libvirt = _libvirt()
         errors = []
-        for binding in self.bindings:
+        for port in self.bound_ports:
             try:
-                binding.delete()
+                self.conn.nwfilterBindingLookupByPortDev(port).delete()
             except libvirt.libvirtError as exc:
                 errors.append(exc)
         for name in reversed(self.filters):
@@ -143,14 +162,21 @@ class Hypervisor:
 
     # ------------------------------------------------------------ rules through the database
 
-    def block(self, cidr: str, protocol: str = "all", from_port=None, to_port=None) -> float:
-        spec = make_spec(cidr, protocol, from_port, to_port)
-        rule, _ = db.provider_fw_rule_create(spec)
+    def add(self, cidr: str, protocol: str = "all", from_port=None, to_port=None) -> None:
+        """Create the rule in the database only (several adds, then one refresh, save libvirt work)."""
+        rule, _ = db.provider_fw_rule_create(make_spec(cidr, protocol, from_port, to_port))
         self.rule_ids[(cidr, protocol, from_port, to_port)] = rule.id
+
+    def remove(self, cidr: str, protocol: str = "all", from_port=None, to_port=None) -> None:
+        db.provider_fw_rule_destroy(self.rule_ids.pop((cidr, protocol, from_port, to_port)))
+
+    def block(self, cidr: str, protocol: str = "all", from_port=None, to_port=None) -> float:
+        """Create the rule and refresh; return the refresh's seconds."""
+        self.add(cidr, protocol, from_port, to_port)
         return self.refresh()
 
     def unblock(self, cidr: str, protocol: str = "all", from_port=None, to_port=None) -> float:
-        db.provider_fw_rule_destroy(self.rule_ids.pop((cidr, protocol, from_port, to_port)))
+        self.remove(cidr, protocol, from_port, to_port)
         return self.refresh()
 
     def refresh(self) -> float:
@@ -180,7 +206,7 @@ def hypervisor_factory(libvirt_conn, topo, conf, sqlite_db):
 
 
 def assert_blocked_now(topo, src, dst):
-    assert topo.blocked(src, dst), f"{src} still reaches {dst}"
+    assert topo.blocked(src, dst, timeout=BLOCKED_PROBE_TIMEOUT), f"{src} still reaches {dst}"
 
 
 def assert_reachable_soon(topo, src, dst, timeout=5.0):
@@ -234,8 +260,8 @@ def test_direction_in_drops_the_attackers_traffic_towards_the_instance_and_out_d
         rules = [dataclasses.replace(nwx.spec_rule(make_spec(cidr, protocol)), direction=direction)
                  for cidr, protocol in ((ATTACKER4, "all"), (ATTACKER6, "tcp"), (ATTACKER6, "icmp"))]
         hv.conn.nwfilterDefineXML(nwx.render_filter(nwx.provider_filter(hv.provider, rules, uuid)))
-        assert hv.topo.blocked(ATTACKER4, INSTANCE4) is blocked
-        assert hv.topo.blocked(ATTACKER6, INSTANCE6) is blocked
+        assert hv.topo.blocked(ATTACKER4, INSTANCE4, timeout=BLOCKED_PROBE_TIMEOUT) is blocked
+        assert hv.topo.blocked(ATTACKER6, INSTANCE6, timeout=BLOCKED_PROBE_TIMEOUT) is blocked
         assert hv.topo.reachable(OTHER4, INSTANCE4)
 
 
@@ -246,7 +272,7 @@ def test_blocking_one_address_drops_its_packets_at_once_and_unblocking_lets_them
     hv = hypervisor_factory(mode)
     topo = hv.topo
     uuid = hv.provider_uuid()
-    hv.block("203.0.113.0/24")          # rules already in force (and, in ipset mode, the groups' sets)
+    hv.add("203.0.113.0/24")            # rules already in force (and, in ipset mode, the groups' sets)
     hv.block("2001:db8::/32")
     assert topo.reachable(ATTACKER4, INSTANCE4) and topo.reachable(ATTACKER6, INSTANCE6)
     # ipset mode: a new CIDR of an existing group is one set add, no libvirt work.  rules mode: libvirt
@@ -268,7 +294,7 @@ def test_blocking_one_address_drops_its_packets_at_once_and_unblocking_lets_them
     assert hv.driver.refresh_provider_fw_rules().changed is False
     assert hv.driver.match_mode == mode
 
-    hv.unblock(ATTACKER4)
+    hv.remove(ATTACKER4)
     hv.unblock(f"{ATTACKER6}/128")
     assert_reachable_soon(topo, ATTACKER4, INSTANCE4)
     assert_reachable_soon(topo, ATTACKER6, INSTANCE6)
@@ -282,14 +308,15 @@ def test_port_and_icmp_rules_drop_only_what_they_name(hypervisor_factory, mode):
     udp_port = 5353
     echo = topo.start_udp_echo(udp_port)
     try:
-        hv.block(ATTACKER4, "tcp", 8080)                  # TCP to the listener only
-        hv.block(ATTACKER6, "icmp", 128)                  # ICMPv6 echo request only
-        hv.block(OTHER4, "udp", 5000, 6000)               # a UDP port range
-        hv.block(OTHER6, "tcp", 1, 79)                    # a TCP range that does not include 8080
-        hv.block("203.0.113.0/24")                        # and one protocol-all rule (a set in ipset mode)
+        hv.add(ATTACKER4, "tcp", 8080)                    # TCP to the listener only
+        hv.add(ATTACKER6, "icmp", 128)                    # ICMPv6 echo request only
+        hv.add(OTHER4, "udp", 5000, 6000)                 # a UDP port range
+        hv.add(OTHER6, "tcp", 1, 79)                      # a TCP range that does not include 8080
+        hv.add("203.0.113.0/24")                          # and one protocol-all rule (a set in ipset mode)
+        hv.refresh()
         assert not topo.can_connect(ATTACKER4, INSTANCE4, timeout=0.5)
         assert topo.can_ping(ATTACKER4, INSTANCE4)
-        assert not topo.can_ping(ATTACKER6, INSTANCE6)
+        assert not topo.can_ping(ATTACKER6, INSTANCE6, timeout=BLOCKED_PROBE_TIMEOUT)
         assert topo.can_connect(ATTACKER6, INSTANCE6)
         assert not topo.can_udp(OTHER4, INSTANCE4, udp_port, timeout=0.5)
         assert topo.reachable(OTHER4, INSTANCE4)          # ping and TCP 8080 still pass
@@ -305,7 +332,7 @@ def test_port_and_icmp_rules_drop_only_what_they_name(hypervisor_factory, mode):
 def test_auto_mode_switches_to_ipsets_past_the_threshold_without_letting_anyone_through(hypervisor_factory):
     hv = hypervisor_factory("auto")
     hv.conf.set_override("ipset_threshold", 2, group="libvirt")
-    hv.block(ATTACKER4)
+    hv.add(ATTACKER4)
     hv.block(ATTACKER6)
     assert hv.driver.match_mode == "rules" and hv.leftover_sets() == set()
     hv.block("203.0.113.0/24")
@@ -463,7 +490,7 @@ def test_libvirtd_away_raises_driver_error_keeps_the_previous_filter_and_applies
             with pytest.raises(exception.DriverError):
                 hv.block(OTHER4)                                  # a new rule needs the filter redefined
             assert hv.topo.reachable(OTHER4, INSTANCE4)
-            pending = (OTHER4, INSTANCE4, hv.topo.blocked)
+            pending = (OTHER4, INSTANCE4, lambda src, dst: hv.topo.blocked(src, dst, timeout=BLOCKED_PROBE_TIMEOUT))
         else:
             hv.block(OTHER4)                                      # a new member of an existing set: no libvirt
             assert_blocked_now(hv.topo, OTHER4, INSTANCE4)
@@ -510,6 +537,7 @@ def test_a_real_libvirtd_restart_raises_driver_error_and_the_next_refresh_applie
         if not services.libvirtd_running():
             subprocess.run(["libvirtd", "-d"], check=True)
         assert wait_until(_virsh_answers, 60, interval=0.5) is not None, "libvirtd did not come back"
+        hv.conn = _libvirt().open(URI)        # the test's own connection died with the old daemon
     # libvirtd re-instantiates its bindings at start; the driver reconnects on its own.
     assert wait_until(lambda: _refresh_ok(hv), 30, interval=0.5) is not None
     assert_blocked_now(hv.topo, OTHER4, INSTANCE4)

@@ -152,7 +152,8 @@ class BridgeTopology:
     # ------------------------------------------------------------ probes (attacker -> instance)
 
     def can_ping(self, src: str, dst: str, timeout: float = 1.0) -> bool:
-        cmd = ["ping", "-6" if ":" in dst else "-4", "-c", "1", "-W", str(max(1, int(timeout))), "-I", src, dst]
+        # iputils ping (20221126) takes a fractional -W, so a "blocked" verdict costs only ``timeout``.
+        cmd = ["ping", "-6" if ":" in dst else "-4", "-c", "1", "-W", f"{timeout:g}", "-I", src, dst]
         return netns_exec(self.attacker, *cmd, check=False).returncode == 0
 
     def can_connect(self, src: str, dst: str, port: int = TCP_PORT, timeout: float = 1.0) -> bool:
