@@ -351,6 +351,7 @@ class NWFilterFirewall(firewall.ProviderFirewallBase):
         self.ipsets = HostIpsets(self.runner, conf.libvirt.ipset_prefix, conf.sets)
         self.match_mode: str | None = None      # mode of the last successful apply
         self._referenced_sets: frozenset[str] = frozenset()    # sets the filter defined last references
+        self._set_sizes: dict[str, int] = {}                    # members per referenced set, as applied
 
     # ------------------------------------------------------------ helpers
 
@@ -415,6 +416,7 @@ class NWFilterFirewall(firewall.ProviderFirewallBase):
         changed = self.ipsets.sync(desired_sets) if desired_sets else False
         changed |= self._with_libvirt(self._define, rules)
         self._referenced_sets = frozenset(desired_sets)
+        self._set_sizes = {name: len(spec.cidrs) for name, spec in desired_sets.items()}
         self.match_mode = mode
         # Only now does no filter reference the sets we no longer need.
         changed |= self.ipsets.destroy_unused(set(desired_sets))
@@ -423,33 +425,45 @@ class NWFilterFirewall(firewall.ProviderFirewallBase):
     def apply_delta(self, added: Sequence[RuleSpec], removed: Sequence[RuleSpec]) -> bool:
         """Set members only when that is the whole change; otherwise a full apply of the new state.
 
-        The base class calls this with ``self._rules`` still holding the
-        previously applied state.  The quick path needs: ipset mode before and
-        after, every changed spec set-matchable, and the same sets referenced
-        (no group appears or empties, so the filter itself is unchanged).
+        The base class calls this before it commits, so ``self._rules`` still
+        holds the applied state; ``added`` are not in it and ``removed`` are.
+        The quick path costs O(change): it needs ipset mode before and after,
+        every changed spec set-matchable, and the same sets referenced (no
+        group appears or empties), so the filter itself stays as it is.
         """
-        desired = (set(self._rules) - set(removed)) | set(added)
-        if self._set_members_only(desired, added, removed):
-            adds, dels = {}, {}
-            for spec in added:
-                adds.setdefault(self.ipsets.name_for(nwx.group_key(spec)), []).append(spec.cidr)
-            for spec in removed:
-                dels.setdefault(self.ipsets.name_for(nwx.group_key(spec)), []).append(spec.cidr)
+        plan = self._set_member_plan(len(self._rules) - len(removed) + len(added), added, removed)
+        if plan is not None:
+            adds, dels, sizes = plan
             try:
                 self.ipsets.update_members(adds, dels)
+                self._set_sizes = sizes
                 return True
             except exception.ProcessExecutionError as exc:
                 # A set vanished or is full: the full path rebuilds whatever is wrong.
                 LOG.warning("set member update failed (%s); applying the full state", exc)
-        return self.apply_full(sorted(desired))
+        gone = set(removed)
+        return self.apply_full([s for s in self._rules if s not in gone] + list(added))
 
-    def _set_members_only(self, desired: set[RuleSpec], added, removed) -> bool:
-        if self.match_mode != "ipset" or self.mode_for(len(desired)) != "ipset":
-            return False
-        if not all(nwx.set_matchable(nwx.group_key(spec)) for spec in [*added, *removed]):
-            return False
-        groups_after = {self.ipsets.name_for(nwx.group_key(s)) for s in desired if nwx.set_matchable(nwx.group_key(s))}
-        return groups_after == self._referenced_sets
+    def _set_member_plan(self, count: int, added, removed):
+        """(adds, dels, new set sizes) when the change is set members only, else None."""
+        if self.match_mode != "ipset" or self.mode_for(count) != "ipset":
+            return None
+        adds: dict[str, list[str]] = {}
+        dels: dict[str, list[str]] = {}
+        sizes = dict(self._set_sizes)
+        for specs, target, step in ((added, adds, 1), (removed, dels, -1)):
+            for spec in specs:
+                key = nwx.group_key(spec)
+                if not nwx.set_matchable(key):
+                    return None
+                name = self.ipsets.name_for(key)
+                if name not in self._referenced_sets:
+                    return None                 # a new group: the filter needs a new rule
+                target.setdefault(name, []).append(spec.cidr)
+                sizes[name] += step
+        if any(size <= 0 for size in sizes.values()):
+            return None                         # a group empties: the filter loses a rule
+        return adds, dels, sizes
 
     def ensure_filter_refs(self) -> list[str]:
         """``ensure_filter_refs`` for this driver's pattern and provider filter, through its connection."""
@@ -491,6 +505,7 @@ class NWFilterFirewall(firewall.ProviderFirewallBase):
             self._generation = None
             self.match_mode = None
             self._referenced_sets = frozenset()
+            self._set_sizes = {}
 
     def close(self) -> None:
         if self._own_connector is not None:

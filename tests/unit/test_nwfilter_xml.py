@@ -270,3 +270,46 @@ def test_set_ownership_is_by_prefix_and_family_marker():
 def test_too_long_prefix_is_a_config_error():
     with pytest.raises(exception.ConfigError):
         HostIpsets(runner=None, prefix="x" * 17, sets_conf=_SetsConf())
+
+
+# ---------------------------------------------------------------- the driver's delta decision
+
+@pytest.fixture
+def ipset_driver(conf):
+    from provfw.virt.nwfilter import NWFilterFirewall
+
+    conf.set_override("match_mode", "ipset", group="libvirt")
+    driver = NWFilterFirewall(conf, runner=None, get_connection=lambda: None)
+    # As after a full apply that put 2 IPv4 and 1 IPv6 protocol-all CIDRs in sets and one tcp rule per CIDR.
+    driver._rules = {make_spec("192.0.2.1"): None, make_spec("192.0.2.2"): None,
+                     make_spec("2001:db8::1"): None, make_spec("198.51.100.0/24", "tcp", 22): None}
+    driver.match_mode = "ipset"
+    driver._referenced_sets = frozenset({"pfn4-all-any", "pfn6-all-any"})
+    driver._set_sizes = {"pfn4-all-any": 2, "pfn6-all-any": 1}
+    return driver
+
+
+def test_a_new_member_of_an_existing_set_is_a_set_update_only(ipset_driver):
+    plan = ipset_driver._set_member_plan(5, [make_spec("203.0.113.9")], [make_spec("192.0.2.1")])
+    assert plan == ({"pfn4-all-any": ["203.0.113.9/32"]}, {"pfn4-all-any": ["192.0.2.1/32"]},
+                    {"pfn4-all-any": 2, "pfn6-all-any": 1})
+
+
+@pytest.mark.parametrize("added,removed", [
+    ([make_spec("203.0.113.0/24", "tcp", 80)], []),           # not set-matchable: the filter changes
+    ([], [make_spec("2001:db8::1")]),                          # the IPv6 set would empty: its rule goes
+])
+def test_changes_that_alter_the_filter_take_the_full_path(ipset_driver, added, removed):
+    assert ipset_driver._set_member_plan(4, added, removed) is None
+
+
+def test_a_group_the_filter_does_not_reference_yet_takes_the_full_path(ipset_driver):
+    ipset_driver._referenced_sets = frozenset({"pfn4-all-any"})
+    assert ipset_driver._set_member_plan(5, [make_spec("2001:db8::2")], []) is None
+
+
+def test_rules_mode_or_a_switch_of_mode_takes_the_full_path(ipset_driver, conf):
+    conf.set_override("match_mode", "auto", group="libvirt")
+    conf.set_override("ipset_threshold", 4, group="libvirt")
+    assert ipset_driver._set_member_plan(4, [], [make_spec("192.0.2.1")]) is None     # 4 rules: back to rules
+    assert ipset_driver._set_member_plan(5, [make_spec("203.0.113.9")], []) is not None
