@@ -13,7 +13,7 @@ The libvirtd outage test goes through a private Unix socket proxy in front
 of libvirtd's socket: stopping the proxy looks to the driver exactly like
 libvirtd going away (connection dropped, reconnects refused) without
 disturbing the libvirtd that other tests use.  The test that really kills
-and restarts libvirtd runs only with PROVFW_TEST_RESTART_LIBVIRTD=1.
+and restarts libvirtd runs in CI (CI=true) or with PROVFW_TEST_RESTART_LIBVIRTD=1.
 """
 
 from __future__ import annotations
@@ -520,8 +520,9 @@ def _virsh_answers() -> bool:
     return subprocess.run(["virsh", "-c", URI, "nwfilter-list"], capture_output=True, timeout=10).returncode == 0
 
 
-@pytest.mark.skipif(os.environ.get("PROVFW_TEST_RESTART_LIBVIRTD") != "1",
-                    reason="kills and restarts the shared libvirtd; set PROVFW_TEST_RESTART_LIBVIRTD=1")
+@pytest.mark.skipif(os.environ.get("PROVFW_TEST_RESTART_LIBVIRTD") != "1" and not services.in_ci(),
+                    reason="kills and restarts the shared libvirtd; runs in CI (alone on the machine) "
+                           "or with PROVFW_TEST_RESTART_LIBVIRTD=1")
 def test_a_real_libvirtd_restart_raises_driver_error_and_the_next_refresh_applies(hypervisor_factory):
     hv = hypervisor_factory()
     hv.block(ATTACKER4)
