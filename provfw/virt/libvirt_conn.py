@@ -23,13 +23,72 @@ from provfw.virt import driver, firewall
 LOG = logging.getLogger(__name__)
 
 
+_quiet_installed = False
+
+
+def import_libvirt():
+    """Import libvirt-python lazily (iptables-only hosts need not have it) and silence its stderr printer."""
+    global _quiet_installed
+    try:
+        import libvirt
+    except ImportError:
+        raise exception.DriverError("the nwfilter driver needs libvirt-python (pip install 'provfw[libvirt]')") \
+            from None
+    if not _quiet_installed:
+        # libvirt prints every error to stderr by default; we turn each into a DriverError instead.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        _quiet_installed = True
+    return libvirt
+
+
+class LibvirtConnector:
+    """A lazily opened libvirt connection that is reopened when libvirtd went away.
+
+    Used when the driver is not given ``get_connection`` (LibvirtConnection
+    passes its own).  Thread-safety: ``__call__`` serialises on a lock.
+    """
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        libvirt = import_libvirt()
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                self._close()
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise exception.DriverError(f"cannot connect to libvirt at {self.uri}: {exc}") from None
+            LOG.info("connected to libvirt at %s", self.uri)
+            return self._conn
+
+    def _close(self) -> None:
+        try:
+            self._conn.close()
+        except Exception:  # noqa: BLE001 - a dead connection may fail to close; we drop it either way
+            pass
+        self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._close()
+
+
 class LibvirtConnection(driver.ComputeDriver):
     name = "libvirt"
 
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, firewall_driver: firewall.FirewallDriver | None = None):
         self.conf = conf
-        self._conn = None
-        self._conn_lock = threading.Lock()
+        self._connector = LibvirtConnector(conf.libvirt.uri)
         self.firewall_driver = firewall_driver or firewall.load_firewall_driver(conf, **self._firewall_kwargs())
 
     def _firewall_kwargs(self) -> dict:
@@ -41,26 +100,7 @@ class LibvirtConnection(driver.ComputeDriver):
 
     def get_connection(self):
         """An open libvirt connection, reopened if libvirtd restarted."""
-        import libvirt  # imported lazily: hosts without libvirt-python can still use iptables drivers
-
-        with self._conn_lock:
-            if self._conn is not None:
-                try:
-                    if self._conn.isAlive():
-                        return self._conn
-                except libvirt.libvirtError:
-                    pass
-                try:
-                    self._conn.close()
-                except libvirt.libvirtError:
-                    pass
-                self._conn = None
-            try:
-                self._conn = libvirt.open(self.conf.libvirt.uri)
-            except libvirt.libvirtError as exc:
-                raise exception.DriverError(f"cannot connect to libvirt at {self.conf.libvirt.uri}: {exc}") from None
-            LOG.info("connected to libvirt at %s", self.conf.libvirt.uri)
-            return self._conn
+        return self._connector()
 
     def refresh_provider_fw_rules(self, full: bool = False) -> firewall.ApplyResult:
         return self.firewall_driver.refresh_provider_fw_rules(full=full)
@@ -78,10 +118,7 @@ class LibvirtConnection(driver.ComputeDriver):
         return f"{self.name}/{self.firewall_driver.name}"
 
     def close(self) -> None:
-        with self._conn_lock:
-            if self._conn is not None:
-                try:
-                    self._conn.close()
-                except Exception:  # noqa: BLE001 - closing a dead connection must not fail shutdown
-                    pass
-                self._conn = None
+        self._connector.close()
+        close = getattr(self.firewall_driver, "close", None)
+        if close is not None:
+            close()

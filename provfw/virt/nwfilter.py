@@ -55,7 +55,6 @@ import dataclasses
 import fnmatch
 import ipaddress
 import logging
-import threading
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -65,74 +64,15 @@ from provfw import conf as provfw_conf
 from provfw import exception, names, processutils
 from provfw.rules import RuleSpec
 from provfw.virt import firewall
+from provfw.virt.libvirt_conn import LibvirtConnector, import_libvirt as _libvirt
 from provfw.virt import nwfilter_xml as nwx
 
 LOG = logging.getLogger(__name__)
 
 IPSET_PREFIX_MAX = 16       # leaves room for "6-icmp-255-255-t" within names.IPSET_NAME_MAX
-_quiet_installed = False
-
-
-def _libvirt():
-    """Import libvirt-python lazily (iptables-only hosts need not have it) and silence its stderr printer."""
-    global _quiet_installed
-    try:
-        import libvirt
-    except ImportError:
-        raise exception.DriverError("the nwfilter driver needs libvirt-python (pip install 'provfw[libvirt]')") \
-            from None
-    if not _quiet_installed:
-        # libvirt prints every error to stderr by default; we turn each into a DriverError instead.
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        _quiet_installed = True
-    return libvirt
-
-
 def _is_missing_filter(exc) -> bool:
     libvirt = _libvirt()
     return exc.get_error_code() == libvirt.VIR_ERR_NO_NWFILTER
-
-
-class LibvirtConnector:
-    """A lazily opened libvirt connection that is reopened when libvirtd went away.
-
-    Used when the driver is not given ``get_connection`` (LibvirtConnection
-    passes its own).  Thread-safety: ``__call__`` serialises on a lock.
-    """
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self._conn = None
-        self._lock = threading.Lock()
-
-    def __call__(self):
-        libvirt = _libvirt()
-        with self._lock:
-            if self._conn is not None:
-                try:
-                    if self._conn.isAlive():
-                        return self._conn
-                except libvirt.libvirtError:
-                    pass
-                self._close()
-            try:
-                self._conn = libvirt.open(self.uri)
-            except libvirt.libvirtError as exc:
-                raise exception.DriverError(f"cannot connect to libvirt at {self.uri}: {exc}") from None
-            LOG.info("connected to libvirt at %s", self.uri)
-            return self._conn
-
-    def _close(self) -> None:
-        try:
-            self._conn.close()
-        except Exception:  # noqa: BLE001 - a dead connection may fail to close; we drop it either way
-            pass
-        self._conn = None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._close()
 
 
 # ---------------------------------------------------------------- host ipsets (ipset mode)
