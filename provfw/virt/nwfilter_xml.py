@@ -55,6 +55,7 @@ from typing import Callable, Iterable, Sequence
 
 from provfw import exception
 from provfw.rules import ANY, RuleSpec
+from provfw.virt.sets import MatchKey, match_key
 
 PROVIDER_RULE_PRIORITY = -1000      # libvirt's lowest: evaluated before every other rule of the instance
 DEFAULT_RULE_PRIORITY = 500         # what libvirt assumes when a rule has no priority
@@ -100,18 +101,9 @@ class FilterDef:
                (other.chain, other.priority, other.rules, other.filterrefs)
 
 
-@dataclasses.dataclass(frozen=True, order=True)
-class GroupKey:
-    """Specs that differ only in their CIDR share one ipset and one nwfilter rule."""
-
-    version: int
-    protocol: str
-    from_port: int
-    to_port: int
-
-    @property
-    def family(self) -> str:
-        return "inet" if self.version == 4 else "inet6"
+# Specs that differ only in their CIDR share one ipset and one nwfilter rule:
+# the same grouping the set-based iptables/nft drivers use.
+GroupKey = MatchKey
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +114,7 @@ class SetSpec:
     cidrs: tuple[str, ...]
 
 
-def group_key(spec: RuleSpec) -> GroupKey:
-    return GroupKey(spec.version, spec.protocol, spec.from_port, spec.to_port)
+group_key = match_key
 
 
 def _match_attrs(protocol: str, from_port: int, to_port: int) -> list[tuple[str, str]]:

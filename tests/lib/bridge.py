@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from tests.lib.netns import _CONNECT, _LISTENER, TCP_PORT, kill_namespace_processes, netns_exec, run, unique_tag
+from tests.lib.netns import _LISTENER, TCP_PORT, AttackerProbes, kill_namespace_processes, netns_exec, run, unique_tag
 
 
 def _write_sysctl(name: str, value: str) -> None:
@@ -39,7 +39,7 @@ def _write_sysctl(name: str, value: str) -> None:
         handle.write(value)
 
 
-class BridgeTopology:
+class BridgeTopology(AttackerProbes):
     """attacker ns -- host bridge -- instance ns, one L2 segment, dual stack."""
 
     INSTANCE4 = "198.18.7.2"
@@ -150,24 +150,6 @@ class BridgeTopology:
             self._bridge_made = False
 
     # ------------------------------------------------------------ probes (attacker -> instance)
-
-    def can_ping(self, src: str, dst: str, timeout: float = 1.0) -> bool:
-        # iputils ping (20221126) takes a fractional -W, so a "blocked" verdict costs only ``timeout``.
-        cmd = ["ping", "-6" if ":" in dst else "-4", "-c", "1", "-W", f"{timeout:g}", "-I", src, dst]
-        return netns_exec(self.attacker, *cmd, check=False).returncode == 0
-
-    def can_connect(self, src: str, dst: str, port: int = TCP_PORT, timeout: float = 1.0) -> bool:
-        result = netns_exec(self.attacker, sys.executable, "-c", _CONNECT, src, dst, str(port), str(timeout),
-                            check=False)
-        return result.returncode == 0
-
-    def reachable(self, src: str, dst: str, timeout: float = 1.0) -> bool:
-        """True when both ping and a TCP connect from ``src`` to ``dst`` succeed."""
-        return self.can_ping(src, dst, timeout) and self.can_connect(src, dst, timeout=timeout)
-
-    def blocked(self, src: str, dst: str, timeout: float = 1.0) -> bool:
-        """True when neither ping nor a TCP connect from ``src`` gets through."""
-        return not self.can_ping(src, dst, timeout) and not self.can_connect(src, dst, timeout=timeout)
 
     def can_udp(self, src: str, dst: str, port: int, timeout: float = 1.0) -> bool:
         """Send one UDP datagram and wait for the instance's echo (needs ``start_udp_echo``)."""

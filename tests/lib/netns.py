@@ -65,7 +65,31 @@ def unique_tag() -> str:
     return secrets.token_hex(3)
 
 
-class RoutedTopology:
+class AttackerProbes:
+    """Reachability probes run from ``self.attacker`` (a namespace name); mixed into the topologies."""
+
+    attacker: str
+
+    def can_ping(self, src: str, dst: str, timeout: float = 1.0) -> bool:
+        # iputils ping (20221126) takes a fractional -W, so a "blocked" verdict costs only ``timeout``.
+        cmd = ["ping", "-6" if ":" in dst else "-4", "-c", "1", "-W", f"{timeout:g}", "-I", src, dst]
+        return netns_exec(self.attacker, *cmd, check=False).returncode == 0
+
+    def can_connect(self, src: str, dst: str, port: int = TCP_PORT, timeout: float = 1.0) -> bool:
+        result = netns_exec(self.attacker, sys.executable, "-c", _CONNECT, src, dst, str(port), str(timeout),
+                            check=False)
+        return result.returncode == 0
+
+    def reachable(self, src: str, dst: str, timeout: float = 1.0) -> bool:
+        """True when both ping and a TCP connect from ``src`` to ``dst`` succeed."""
+        return self.can_ping(src, dst, timeout) and self.can_connect(src, dst, timeout=timeout)
+
+    def blocked(self, src: str, dst: str, timeout: float = 1.0) -> bool:
+        """True when neither ping nor a TCP connect from ``src`` gets through."""
+        return not self.can_ping(src, dst, timeout) and not self.can_connect(src, dst, timeout=timeout)
+
+
+class RoutedTopology(AttackerProbes):
     """attacker -- hypervisor -- instance, routed, dual stack."""
 
     ATTACKER4 = ("198.18.1.2", "198.18.1.3")
@@ -165,26 +189,6 @@ class RoutedTopology:
             kill_namespace_processes(ns)
             run("ip", "netns", "del", ns, check=False)
         self._namespaces.clear()
-
-    # ------------------------------------------------------------ probes
-
-    def can_ping(self, src: str, dst: str, timeout: float = 1.0) -> bool:
-        cmd = ["ping", "-6" if ":" in dst else "-4", "-c", "1", "-W", str(max(1, int(timeout))), "-I", src, dst]
-        return netns_exec(self.attacker, *cmd, check=False).returncode == 0
-
-    def can_connect(self, src: str, dst: str, port: int = TCP_PORT, timeout: float = 1.0) -> bool:
-        result = netns_exec(self.attacker, sys.executable, "-c", _CONNECT, src, dst, str(port), str(timeout),
-                            check=False)
-        return result.returncode == 0
-
-    def reachable(self, src: str, dst: str, timeout: float = 1.0) -> bool:
-        """True when both ping and a TCP connect from ``src`` to ``dst`` succeed."""
-        return self.can_ping(src, dst, timeout) and self.can_connect(src, dst, timeout=timeout)
-
-    def blocked(self, src: str, dst: str, timeout: float = 1.0) -> bool:
-        """True when neither ping nor a TCP connect from ``src`` gets through."""
-        return not self.can_ping(src, dst, timeout) and not self.can_connect(src, dst, timeout=timeout)
-
 
 def kill_namespace_processes(ns: str) -> None:
     result = run("ip", "netns", "pids", ns, check=False)
