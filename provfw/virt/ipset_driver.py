@@ -315,9 +315,13 @@ class IpsetFirewallDriver(ProviderFirewallBase):
                 removal = iptables.build_removal(self.kernel_chains(version), self.layout)
                 if removal:
                     self.runner(iptables_tool(self.conf, version, "restore"), input=removal)
-            for name in sorted(self.kernel_sets()):
-                self.runner(["ipset", "destroy", name])
-            self._commit(None, replace={})
-            self._generation = None
-            self._capacity = {}
-            self._counts = {}
+            self._destroy_sets_and_forget()
+
+    def _destroy_sets_and_forget(self) -> None:
+        """Teardown's last step, after no rule references the sets any more."""
+        for name in sorted(self.kernel_sets()):
+            self.runner(["ipset", "destroy", name])
+        self._commit(None, replace={})
+        self._generation = None
+        self._capacity = {}
+        self._counts = {}

@@ -110,12 +110,7 @@ class IptcFirewallDriver(IpsetFirewallDriver):
     def teardown(self) -> None:
         with self._lock:
             self._helper({"action": "teardown", "layout": self._layout_dict(), "families": {"4": [], "6": []}})
-            for name in sorted(self.kernel_sets()):
-                self.runner(["ipset", "destroy", name])
-            self._commit(None, replace={})
-            self._generation = None
-            self._capacity = {}
-            self._counts = {}
+            self._destroy_sets_and_forget()
 
 
 # --------------------------------------------------------------------------- helper process

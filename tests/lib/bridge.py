@@ -24,13 +24,11 @@ bridge.  Names carry a random tag so concurrent runs never collide.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
 
-from tests.lib.netns import _LISTENER, TCP_PORT, AttackerProbes, kill_namespace_processes, netns_exec, run, unique_tag
+from tests.lib.netns import _LISTENER, TCP_PORT, AttackerProbes, netns_exec, run, unique_tag
 
 
 def _write_sysctl(name: str, value: str) -> None:
@@ -131,17 +129,7 @@ class BridgeTopology(AttackerProbes):
             raise RuntimeError(f"bridge topology never became reachable: {pending}")
 
     def close(self) -> None:
-        if self._listener is not None:
-            try:
-                os.killpg(self._listener.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._listener.wait(5)
-            self._listener = None
-        for ns in reversed(self._namespaces):
-            kill_namespace_processes(ns)
-            run("ip", "netns", "del", ns, check=False)
-        self._namespaces.clear()
+        self._close_namespaces()
         # Deleting the namespaces deleted the veth pairs; the bridge lives in the host namespace.
         for dev in (self.instance_port, self.attacker_port):
             run("ip", "link", "del", dev, check=False)

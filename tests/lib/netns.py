@@ -66,9 +66,25 @@ def unique_tag() -> str:
 
 
 class AttackerProbes:
-    """Reachability probes run from ``self.attacker`` (a namespace name); mixed into the topologies."""
+    """Reachability probes run from ``self.attacker`` (a namespace name), and the clean-up shared by the
+    topologies (their instance listener and every namespace they made); mixed into the topologies."""
 
     attacker: str
+    _listener: subprocess.Popen | None
+    _namespaces: list[str]
+
+    def _close_namespaces(self) -> None:
+        if self._listener is not None:
+            try:
+                os.killpg(self._listener.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._listener.wait(5)
+            self._listener = None
+        for ns in reversed(self._namespaces):
+            kill_namespace_processes(ns)
+            run("ip", "netns", "del", ns, check=False)
+        self._namespaces.clear()
 
     def can_ping(self, src: str, dst: str, timeout: float = 1.0) -> bool:
         # iputils ping (20221126) takes a fractional -W, so a "blocked" verdict costs only ``timeout``.
@@ -178,17 +194,7 @@ class RoutedTopology(AttackerProbes):
         raise RuntimeError("topology never became reachable")
 
     def close(self) -> None:
-        if self._listener is not None:
-            try:
-                os.killpg(self._listener.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._listener.wait(5)
-            self._listener = None
-        for ns in reversed(self._namespaces):
-            kill_namespace_processes(ns)
-            run("ip", "netns", "del", ns, check=False)
-        self._namespaces.clear()
+        self._close_namespaces()
 
 def kill_namespace_processes(ns: str) -> None:
     result = run("ip", "netns", "pids", ns, check=False)
