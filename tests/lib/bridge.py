@@ -63,17 +63,6 @@ class BridgeTopology(AttackerProbes):
 
     # ------------------------------------------------------------ life cycle
 
-    def __enter__(self) -> "BridgeTopology":
-        try:
-            self.build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def build(self) -> None:
         # Bridged packets must reach iptables/ip6tables, where libvirt's nwfilter puts its rules.
         _write_sysctl("net.bridge.bridge-nf-call-iptables", "1")

@@ -73,6 +73,23 @@ class AttackerProbes:
     _listener: subprocess.Popen | None
     _namespaces: list[str]
 
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._close_namespaces()
+
+    def __enter__(self):
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _close_namespaces(self) -> None:
         if self._listener is not None:
             try:
@@ -123,17 +140,6 @@ class RoutedTopology(AttackerProbes):
         self._namespaces: list[str] = []
 
     # ------------------------------------------------------------ life cycle
-
-    def __enter__(self) -> "RoutedTopology":
-        try:
-            self.build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _add_ns(self, name: str) -> None:
         run("ip", "netns", "add", name)
