@@ -45,6 +45,7 @@ from oslo_config import cfg  # noqa: E402
 from provfw import conf as provfw_conf  # noqa: E402
 from provfw.rules import make_spec  # noqa: E402
 from provfw.virt import firewall, ipset_driver, iptc_driver, nftables_driver  # noqa: E402
+from benchmarks.feed import load_specs  # noqa: E402
 from tests.lib import netns  # noqa: E402
 
 DEFAULT_IPSUM = "/work/shared/data/ipsum-levels1-2026-08-22.txt"
@@ -55,23 +56,6 @@ DRIVERS = {
     "iptc": iptc_driver.IptcFirewallDriver,
 }
 # The topology's own networks must never be in the blocked list (the probe source is 198.18.1.3).
-TOPOLOGY_NETS = [ipaddress.ip_network("198.18.0.0/15")]
-
-
-def load_specs(path: str | None, generate: int | None) -> list:
-    if generate:
-        base = int(ipaddress.ip_address("100.64.0.0"))
-        return [make_spec(str(ipaddress.ip_address(base + 1 + i))) for i in range(generate)]
-    specs = {}
-    with open(path) as handle:
-        for line in handle:
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            spec = make_spec(text)
-            if not any(spec.network.overlaps(n) for n in TOPOLOGY_NETS if n.version == spec.version):
-                specs[spec] = None
-    return list(specs)
 
 
 def scratch_dir(prefix: str) -> str:

@@ -35,7 +35,6 @@ filters, bindings, ipsets, veths, bridge and namespaces are removed at exit.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import re
@@ -56,30 +55,12 @@ from provfw.db import api as db  # noqa: E402
 from provfw.db import migration  # noqa: E402
 from provfw.rules import make_spec  # noqa: E402
 from provfw.virt import nwfilter, nwfilter_xml as nwx  # noqa: E402
+from benchmarks.feed import load_specs  # noqa: E402
 from tests.lib.bridge import BridgeTopology  # noqa: E402
 from tests.lib.netns import unique_tag  # noqa: E402
 
 DEFAULT_IPSUM = "/work/shared/data/ipsum-levels1-2026-08-22.txt"
-TOPOLOGY_NETS = [ipaddress.ip_network("198.18.0.0/15")]      # never block the benchmark's own addresses
 PING_INTERVAL = 0.01
-
-
-def load_specs(path: str | None, generate: int | None, count: int, protocol: str) -> list:
-    if generate:
-        base = int(ipaddress.ip_address("100.64.0.0"))
-        return [make_spec(str(ipaddress.ip_address(base + 1 + i)), protocol) for i in range(min(count, generate))]
-    specs = {}
-    with open(path) as handle:
-        for line in handle:
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            spec = make_spec(text, protocol)
-            if not any(spec.network.overlaps(n) for n in TOPOLOGY_NETS if n.version == spec.version):
-                specs[spec] = None
-            if len(specs) >= count:
-                break
-    return list(specs)
 
 
 class Host:
@@ -248,7 +229,7 @@ def main(argv=None) -> int:
         return 2
     sizes = [int(s) for s in args.sizes.split(",")]
     modes = args.modes.split(",")
-    specs = load_specs(args.ipsum, args.generate, max(sizes), args.protocol)
+    specs = load_specs(args.ipsum, args.generate, args.protocol, max(sizes))
     source = f"--generate {args.generate}" if args.generate else args.ipsum
     print(f"# provfw nwfilter benchmark: rules from {source} (protocol {args.protocol}); {args.ports} bound "
           f"port(s); {os.cpu_count()} CPUs; libvirt {_libvirt_version()}")
