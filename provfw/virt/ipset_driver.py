@@ -59,7 +59,7 @@ from typing import Iterable, Sequence
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import exception, names, processutils
+from provfw import exception, names, runner as runner_mod
 from provfw.rules import RuleSpec
 from provfw.virt import iptables, sets
 from provfw.virt.firewall import ProviderFirewallBase
@@ -215,7 +215,7 @@ class IpsetFirewallDriver(ProviderFirewallBase):
     name = "ipset"
     supports_delta = True
 
-    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: processutils.Runner | None = None):
+    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: runner_mod.Runner | None = None):
         super().__init__(conf, runner)
         self.layout = iptables.ChainLayout(conf.iptables.provider_chain, conf.iptables.local_chain,
                                            conf.iptables.forward_chain)

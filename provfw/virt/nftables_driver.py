@@ -69,7 +69,7 @@ from typing import Iterable, Sequence
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import exception, names, processutils
+from provfw import exception, names, runner as runner_mod
 from provfw.rules import ANY, RuleSpec
 from provfw.virt import sets
 from provfw.virt.firewall import ProviderFirewallBase
@@ -231,7 +231,7 @@ class NftablesFirewallDriver(ProviderFirewallBase):
     name = "nftables"
     supports_delta = True
 
-    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: processutils.Runner | None = None):
+    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: runner_mod.Runner | None = None):
         super().__init__(conf, runner)
         self._counts: dict[sets.NftSetKey, int] = {}
 

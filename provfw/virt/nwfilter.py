@@ -61,7 +61,7 @@ from typing import Callable, Mapping, Sequence
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import exception, names, processutils
+from provfw import exception, names, runner as runner_mod
 from provfw.rules import RuleSpec
 from provfw.virt import firewall
 from provfw.virt.libvirt_conn import LibvirtConnector, import_libvirt as _libvirt
@@ -124,7 +124,7 @@ class HostIpsets:
     TEMP_SUFFIX = "-t"
     SET_TYPE = "hash:net"
 
-    def __init__(self, runner: processutils.Runner, prefix: str, sets_conf):
+    def __init__(self, runner: runner_mod.Runner, prefix: str, sets_conf):
         if not prefix or len(prefix) > IPSET_PREFIX_MAX or " " in prefix:
             raise exception.ConfigError(f"[libvirt] ipset_prefix {prefix!r} must be 1-{IPSET_PREFIX_MAX} "
                                         "characters without spaces")
@@ -278,10 +278,10 @@ class NWFilterFirewall(firewall.ProviderFirewallBase):
     name = "nwfilter"
     supports_delta = True       # ipset mode: a change to set members is an ipset add/del, nothing else
 
-    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: processutils.Runner | None = None,
+    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: runner_mod.Runner | None = None,
                  get_connection: Callable | None = None):
         # libvirtd filters the host's bridges: its ipsets live in the host namespace, whatever dataplane_netns says.
-        super().__init__(conf, runner or processutils.Runner())
+        super().__init__(conf, runner or runner_mod.Runner())
         self.filter_name = conf.libvirt.provider_filter
         self._own_connector = None
         if get_connection is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from provfw import exception, processutils
+from provfw import exception, runner as runner_mod
 from provfw.db import api as db
 from provfw.rules import make_spec
 from provfw.virt import firewall, iptables
@@ -28,7 +28,7 @@ EMPTY_FILTER = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACC
 PROBE_TIMEOUT = 0.5
 
 
-class RecordingRunner(processutils.Runner):
+class RecordingRunner(runner_mod.Runner):
     """The real Runner (it still executes everything) that remembers what it ran."""
 
     def __init__(self, netns: str):
@@ -217,7 +217,7 @@ def test_refused_transaction_changes_nothing_and_the_old_block_holds(dataplane):
     # (its forward chain does not exist) after re-declaring and refilling the chain.
     db.provider_fw_rule_create(make_spec(OTHER4))
     dataplane.conf.set_override("forward_chain", "nova-missing", group="iptables")
-    broken = firewall.IptablesFirewallDriver(dataplane.conf, runner=processutils.Runner(dataplane.topo.hv))
+    broken = firewall.IptablesFirewallDriver(dataplane.conf, runner=runner_mod.Runner(dataplane.topo.hv))
     with pytest.raises(exception.ProcessExecutionError) as info:
         broken.refresh_provider_fw_rules()
     assert "failing input" in str(info.value) and "nova-missing" in str(info.value)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from provfw import exception, processutils
+from provfw import exception, runner as runner_mod
 from provfw.db import api as db
 from provfw.rules import make_spec
 from provfw.virt import ipset_driver, iptc_driver, nftables_driver, sets
@@ -31,7 +31,7 @@ DRIVERS = {"ipset": ipset_driver.IpsetFirewallDriver, "nftables": nftables_drive
            "iptc": iptc_driver.IptcFirewallDriver}
 
 
-class RecordingRunner(processutils.Runner):
+class RecordingRunner(runner_mod.Runner):
     """The real Runner, remembering each command it ran."""
 
     def __init__(self, netns: str):

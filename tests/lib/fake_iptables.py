@@ -1,6 +1,6 @@
 """A fake iptables dataplane for unit tests: it INTERPRETS what it is given.
 
-``FakeIptables`` stands in for ``provfw.processutils.Runner`` (same call
+``FakeIptables`` stands in for ``provfw.runner.Runner`` (same call
 signature) and answers the commands an iptables-based driver runs:
 
 * ``ip[6]tables[-nft|-legacy]-save [-t TABLE]`` prints the tables the way
@@ -46,7 +46,7 @@ import shlex
 import threading
 from typing import Sequence
 
-from provfw import exception, processutils
+from provfw import exception, runner as runner_mod
 
 BUILTIN_CHAINS = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
@@ -164,7 +164,7 @@ class FakeIptables:
                 self.calls.append(Call(cmd, input, 1, version, flavour, action))
                 if check:
                     raise exception.ProcessExecutionError(
-                        cmd, 1, "", stderr, detail=processutils.failing_input_context(stderr, input)) from None
+                        cmd, 1, "", stderr, detail=runner_mod.failing_input_context(stderr, input)) from None
                 return ""
             self.calls.append(Call(cmd, input, 0, version, flavour, action))
             return out

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import pytest
 
-from provfw import exception, processutils
+from provfw import exception, runner as runner_mod
 from tests.lib.fake_iptables import FakeIptables, RestoreFailed
 
 
@@ -427,7 +427,7 @@ class FakeSetDataplane:
             if check:
                 stderr = f"{cmd[0]}: {exc}\n"
                 raise exception.ProcessExecutionError(
-                    cmd, 1, "", stderr, detail=processutils.failing_input_context(stderr, input)) from None
+                    cmd, 1, "", stderr, detail=runner_mod.failing_input_context(stderr, input)) from None
             return ""
         self.calls.append(Ran(cmd, input, True))
         return out

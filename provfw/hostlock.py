@@ -1,4 +1,4 @@
-"""Inter-process lock for "one writer per host".
+"""The per-host apply lock: "one writer per dataplane" across processes.
 
 Two provfw-compute processes (or a worker and ``provfw-manage``) configured
 for the same dataplane must never interleave applies.  ``flock`` is taken

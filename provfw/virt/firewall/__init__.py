@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import exception, lockutils, processutils
+from provfw import exception, hostlock, runner as runner_mod
 from provfw.db import api as db
 from provfw.rules import RuleSpec
 from provfw.virt import iptables
@@ -97,9 +97,9 @@ class ProviderFirewallBase(FirewallDriver):
 
     supports_delta = False
 
-    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: processutils.Runner | None = None):
+    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: runner_mod.Runner | None = None):
         self.conf = conf
-        self.runner = runner or processutils.Runner(conf.compute.dataplane_netns)
+        self.runner = runner or runner_mod.Runner(conf.compute.dataplane_netns)
         self._lock = threading.RLock()
         self._rules: dict[RuleSpec, datetime.datetime | None] = {}
         # The subset of _rules that expires: what the expiry timer scans.
@@ -159,7 +159,7 @@ class ProviderFirewallBase(FirewallDriver):
 
     def refresh_provider_fw_rules(self, full: bool = False) -> ApplyResult:
         started = time.monotonic()
-        with self._lock, lockutils.external_lock(provfw_conf.lock_dir(self.conf), self._lock_name):
+        with self._lock, hostlock.external_lock(provfw_conf.lock_dir(self.conf), self._lock_name):
             now = utcnow()
             if full or self._generation is None or not self.supports_delta:
                 return self._full_from_db(now, started)
@@ -207,7 +207,7 @@ class ProviderFirewallBase(FirewallDriver):
             expired = [s for s, e in self._expiring.items() if e <= now]
             if not expired or self._generation is None:
                 return None
-            with lockutils.external_lock(provfw_conf.lock_dir(self.conf), self._lock_name):
+            with hostlock.external_lock(provfw_conf.lock_dir(self.conf), self._lock_name):
                 if self.supports_delta:
                     self.apply_delta([], expired)
                 else:
@@ -221,7 +221,7 @@ class ProviderFirewallBase(FirewallDriver):
         with self._lock:
             if self._generation is None:
                 return False
-            with lockutils.external_lock(provfw_conf.lock_dir(self.conf), self._lock_name):
+            with hostlock.external_lock(provfw_conf.lock_dir(self.conf), self._lock_name):
                 repaired = self.apply_full(list(self._rules))
         if repaired:
             LOG.warning("%s: kernel state had drifted from generation %s; repaired", self.name, self._generation)
@@ -255,7 +255,7 @@ class IptablesFirewallDriver(ProviderFirewallBase):
 
     name = "iptables"
 
-    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: processutils.Runner | None = None):
+    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, runner: runner_mod.Runner | None = None):
         super().__init__(conf, runner)
         self.layout = iptables.ChainLayout(conf.iptables.provider_chain, conf.iptables.local_chain,
                                            conf.iptables.forward_chain)
