@@ -90,3 +90,17 @@ class ProcessExecutionError(DriverError):
         if detail:
             text += f"\n{detail}"
         super().__init__(text)
+
+
+class ToolMissing(ProcessExecutionError):
+    """A kernel tool (ipset, nft, iptables-restore) is not installed: exit status 127."""
+
+
+class KernelObjectMissing(DriverError):
+    """A table, chain, set or filter the driver expected is not in the kernel (or libvirt)."""
+
+
+class ConductorUnavailable(ProvfwError):
+    """No provfw-conductor answered a request over the bus in time."""
+
+    code = 503

@@ -40,7 +40,7 @@ class Runner:
         try:
             proc = subprocess.run(full, input=input, capture_output=True, text=True, timeout=self.timeout)
         except FileNotFoundError as exc:
-            raise exception.ProcessExecutionError(full, 127, stderr=str(exc)) from None
+            raise exception.ToolMissing(full, 127, stderr=str(exc)) from None
         except subprocess.TimeoutExpired as exc:
             raise exception.ProcessExecutionError(full, -1, stderr=f"timed out after {exc.timeout}s") from None
         LOG.debug("ran %s in %.3fs -> %s", " ".join(full[:6]), time.monotonic() - started, proc.returncode)

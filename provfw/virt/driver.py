@@ -1,17 +1,26 @@
-"""Compute (virtualisation) drivers: what the compute manager talks to.
+"""Compute (virtualisation) drivers: what the worker's reconciler talks to.
 
 As in the seed, the compute driver owns the firewall driver and forwards
 ``refresh_provider_fw_rules`` to it.  ``ComputeDriver`` documents the calls
-every driver must implement; drivers that cannot enforce provider rules must
-say so by raising NotImplementedError (see ``FakeConnection``).
+every driver must implement; a driver that cannot enforce provider rules
+says so by raising NotImplementedError (see ``FakeConnection``), which the
+reconciler records as "not implemented" - by its type, never by its text.
+
+Values in, values out: the calls take a ``RuleUpdate`` (the desired rules and
+the change) and the driver state returned last time, and return an
+``Applied`` (see ``provfw.virt.firewall.base``).  No compute driver reads the
+database or the bus.
 """
 
 from __future__ import annotations
 
+from typing import Any, Collection
+
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw.virt import firewall
+from provfw.rules import RuleSpec
+from provfw.virt.firewall import base
 
 COMPUTE_DRIVER_ALIASES = {
     "libvirt": "provfw.virt.libvirt_conn.LibvirtConnection",
@@ -22,27 +31,27 @@ COMPUTE_DRIVER_ALIASES = {
 
 
 class ComputeDriver:
-    """Interface of compute drivers."""
+    """Interface of compute drivers; every provider-firewall call raises NotImplementedError here."""
 
     name = "base"
 
     def init_host(self) -> None:
         """Prepare the host (called once when the worker starts)."""
 
-    def refresh_provider_fw_rules(self, full: bool = False) -> firewall.ApplyResult:
-        """Rebuild the provider firewall from the database's rules."""
+    def refresh_provider_fw_rules(self, update: base.RuleUpdate, state: Any = None) -> base.Applied:
+        """Enforce ``update.desired`` (applying ``update``'s change where possible); DriverError if refused."""
         raise NotImplementedError()
 
-    def repair_provider_fw_drift(self) -> bool:
+    def check_provider_fw_rules(self, specs: Collection[RuleSpec]) -> None:
+        """DriverError if the host would refuse ``specs``; changes nothing that is enforced."""
         raise NotImplementedError()
 
-    def expire_provider_fw_rules(self) -> firewall.ApplyResult | None:
-        return None
-
-    def next_provider_fw_expiry(self):
-        return None
+    def repair_provider_fw_drift(self, desired: Collection[RuleSpec], state: Any = None) -> base.Applied:
+        """Re-read the kernel and rewrite what someone else changed."""
+        raise NotImplementedError()
 
     def describe(self) -> str:
+        """``<compute driver>/<firewall driver>``, as reported on the host's service state."""
         return self.name
 
     def close(self) -> None:
@@ -50,6 +59,6 @@ class ComputeDriver:
 
 
 def load_compute_driver(conf: cfg.ConfigOpts = provfw_conf.CONF) -> ComputeDriver:
-    """Instantiate ``[compute] compute_driver`` (alias or dotted path)."""
+    """Instantiate ``[compute] compute_driver`` (alias or dotted path); ConfigError if it cannot be loaded."""
     name = conf.compute.compute_driver
-    return firewall.import_class(COMPUTE_DRIVER_ALIASES.get(name, name))(conf=conf)
+    return base.import_class(COMPUTE_DRIVER_ALIASES.get(name, name))(conf=conf)

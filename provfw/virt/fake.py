@@ -1,8 +1,9 @@
 """A compute driver that manages no hypervisor.
 
-Kept from the seed: it defines ``refresh_provider_fw_rules`` only to raise
-NotImplementedError, so that authors of other drivers see the call they must
-implement.  The compute manager records that error on the Service row.
+Kept from the seed: it defines the provider-firewall calls only to raise
+NotImplementedError, so that authors of other drivers see the calls they
+must implement.  The worker records that as "not implemented" on its
+service state and keeps heartbeating.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ class FakeConnection(driver.ComputeDriver):
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF):
         self.conf = conf
 
-    def refresh_provider_fw_rules(self, full: bool = False):
+    def refresh_provider_fw_rules(self, update, state=None):
         raise NotImplementedError("FakeConnection does not implement refresh_provider_fw_rules")
 
-    def repair_provider_fw_drift(self) -> bool:
+    def check_provider_fw_rules(self, specs):
+        raise NotImplementedError("FakeConnection does not implement check_provider_fw_rules")
+
+    def repair_provider_fw_drift(self, desired, state=None):
         raise NotImplementedError("FakeConnection does not implement repair_provider_fw_drift")

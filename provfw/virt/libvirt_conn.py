@@ -102,17 +102,14 @@ class LibvirtConnection(driver.ComputeDriver):
         """An open libvirt connection, reopened if libvirtd restarted."""
         return self._connector()
 
-    def refresh_provider_fw_rules(self, full: bool = False) -> firewall.ApplyResult:
-        return self.firewall_driver.refresh_provider_fw_rules(full=full)
+    def refresh_provider_fw_rules(self, update, state=None):
+        return self.firewall_driver.refresh_provider_fw_rules(update, state)
 
-    def repair_provider_fw_drift(self) -> bool:
-        return self.firewall_driver.repair_drift()
+    def check_provider_fw_rules(self, specs):
+        return self.firewall_driver.check_provider_fw_rules(specs)
 
-    def expire_provider_fw_rules(self):
-        return self.firewall_driver.expire_rules()
-
-    def next_provider_fw_expiry(self):
-        return self.firewall_driver.next_expiry()
+    def repair_provider_fw_drift(self, desired, state=None):
+        return self.firewall_driver.repair_drift(desired, state)
 
     def describe(self) -> str:
         return f"{self.name}/{self.firewall_driver.name}"

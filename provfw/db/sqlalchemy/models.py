@@ -94,7 +94,7 @@ class FirewallGeneration(Base):
 
 
 class Service(Base):
-    """A compute worker: its heartbeat and what it last applied."""
+    """A compute worker: its heartbeat and what it last applied, as its reports to the conductor said."""
 
     __tablename__ = "services"
     __table_args__ = (UniqueConstraint("host", "binary"),)
@@ -108,6 +108,10 @@ class Service(Base):
     applied_at: Mapped[Optional[timestamp]]
     rule_count: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[Optional[str]] = mapped_column(Text)
+    quarantine: Mapped[Optional[str]] = mapped_column(
+        Text, comment='JSON: rules this host refused, [{"id", "cidr", "reason"}]')
+    bus_user: Mapped[Optional[str]] = mapped_column(
+        String(255), comment="AMQP user the broker validated for the latest report")
     created_at: Mapped[timestamp] = mapped_column(default=utcnow)
     updated_at: Mapped[Optional[timestamp]] = mapped_column(onupdate=utcnow)
 
