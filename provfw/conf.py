@@ -27,6 +27,10 @@ default_opts = [
                      "a rule that does is refused with 409."),
     cfg.IntOpt("max_rules", default=1_000_000, min=1,
                help="Largest number of live provider rules; past it new rules are refused."),
+    cfg.IntOpt("max_cast_changes", default=1000, min=0,
+               help="A trigger_provider_fw_rules cast carries the rules added and removed when there are at "
+                    "most this many; a bigger change (a bulk import) carries only the generations and every "
+                    "host fetches it from the conductor."),
     cfg.BoolOpt("debug", default=False, help="Log at DEBUG level."),
 ]
 
@@ -97,6 +101,43 @@ libvirt_opts = [
                     "Every set with this prefix belongs to the driver; at most 16 characters."),
 ]
 
+conductor_opts = [
+    cfg.IntOpt("max_delta_rules", default=20000, min=0,
+               help="get_provider_fw_rules answers with the rules added and removed since the host's "
+                    "generation when there are at most this many, otherwise with a full snapshot."),
+    cfg.IntOpt("snapshot_cache_size", default=2, min=1,
+               help="Compressed snapshots kept in memory (one per generation)."),
+    cfg.IntOpt("delta_cache_size", default=64, min=0,
+               help="Compressed deltas kept in memory (one per pair of generations)."),
+    cfg.FloatOpt("generation_cache_ttl", default=1.0, min=0.0,
+                 help="Seconds the conductor answers 'no change' from its cached generation before it reads "
+                      "the generation from the database again."),
+    cfg.IntOpt("purge_interval", default=60, min=1,
+               help="Seconds between purges of expired rules (soft delete; hosts stop enforcing at expiry)."),
+    cfg.FloatOpt("report_flush_interval", default=1.0, min=0.05,
+                 help="Longest time a compute host's state report waits before the conductor writes it; "
+                      "reports that change a host's generation or error are written at once, in batches."),
+    cfg.StrOpt("compute_user_prefix", default="provfw-compute-",
+               help="A compute host's bus user is this prefix followed by its host name; the conductor takes "
+                    "the reporting host from the broker-validated AMQP user_id and rejects reports that claim "
+                    "another host."),
+    cfg.BoolOpt("trust_unverified_hosts", default=False,
+                help="Accept state reports whose bus user is not a compute user (a shared bus user, or a "
+                     "transport without users). Off: such reports are rejected and logged. The in-process "
+                     "bus of provfw-all-in-one is always trusted."),
+    cfg.FloatOpt("call_timeout", default=10.0, min=0.1,
+                 help="Seconds a compute worker waits for a conductor's reply before retrying."),
+    cfg.IntOpt("call_retries", default=2, min=0,
+               help="Retries of a request to the conductor before the worker reports it unavailable."),
+]
+
+rabbit_opts = [
+    cfg.BoolOpt("ssl", default=False, help="Connect to RabbitMQ over TLS (as oslo.messaging's option)."),
+    cfg.StrOpt("ssl_ca_file", default=None, help="CA bundle that signs the brokers' certificates."),
+    cfg.StrOpt("ssl_cert_file", default=None, help="Client certificate (for brokers that require one)."),
+    cfg.StrOpt("ssl_key_file", default=None, help="Private key of the client certificate."),
+]
+
 sets_opts = [
     cfg.IntOpt("min_set_size", default=65536, min=1024, help="Smallest maxelem given to a kernel set."),
     cfg.FloatOpt("headroom", default=2.0, min=1.1, help="Set size = max(min_set_size, entries * headroom)."),
@@ -114,6 +155,8 @@ def list_opts():
         ("iptables", iptables_opts),
         ("libvirt", libvirt_opts),
         ("sets", sets_opts),
+        ("conductor", conductor_opts),
+        ("oslo_messaging_rabbit", rabbit_opts),
     ]
 
 

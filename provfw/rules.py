@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from provfw import exception
 
@@ -62,6 +62,70 @@ class RuleSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rule:
+    """A live rule as the hosts see it: its database id, what it matches, and its expiry.
+
+    ``expires_at`` is POSIX seconds (UTC), or None for a permanent rule.
+    The wire form (casts and conductor replies) is the list
+    ``[id, cidr, protocol, from_port, to_port, expires_at]``.
+    """
+
+    id: int
+    spec: RuleSpec
+    expires_at: float | None = None
+
+    def to_wire(self) -> list:
+        spec = self.spec
+        return [self.id, spec.cidr, spec.protocol, spec.from_port, spec.to_port, self.expires_at]
+
+    @classmethod
+    def from_wire(cls, item: Sequence[Any]) -> "Rule":
+        """Parse the wire form; ValueError when it is not ``[int, str, str, int, int, number|None]``.
+
+        The values are not re-validated as a rule (the conductor read them from
+        the database the API validated); a host that cannot enforce one
+        quarantines it.
+        """
+        if not isinstance(item, (list, tuple)) or len(item) != 6:
+            raise ValueError(f"a rule is [id, cidr, protocol, from_port, to_port, expires_at], not {item!r}")
+        rule_id, cidr, protocol, from_port, to_port, expires = item
+        if not (isinstance(rule_id, int) and isinstance(cidr, str) and isinstance(protocol, str)
+                and isinstance(from_port, int) and isinstance(to_port, int)
+                and (expires is None or isinstance(expires, (int, float)))):
+            raise ValueError(f"malformed rule {item!r}")
+        return cls(rule_id, RuleSpec(cidr, protocol, from_port, to_port),
+                   None if expires is None else float(expires))
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Every live, unexpired rule as of one generation (what a host needs to start from nothing)."""
+
+    generation: int
+    rules: list[Rule]
+
+
+@dataclasses.dataclass(frozen=True)
+class Changes:
+    """What changed between generation ``since`` and ``generation``: rules added and removed.
+
+    Every mutation bumps the generation by exactly one, so the change of a
+    single mutation has ``since == generation - 1``.  ``added`` may name a
+    spec a host already enforces under an older id (re-created, renewed):
+    hosts match removals by rule id, not by spec.
+    """
+
+    since: int
+    generation: int
+    added: list[Rule]
+    removed: list[Rule]
+
+    @property
+    def size(self) -> int:
+        return len(self.added) + len(self.removed)
 
 
 def normalise_cidr(value: Any, field: str = "cidr") -> str:

@@ -90,8 +90,16 @@ class AdminController:
     def _spec(self, body: dict[str, Any]) -> rules.RuleSpec:
         return rules.spec_from_body(body, self.protected)
 
-    def _notify(self, generation: int) -> bool:
-        return self.compute_api.trigger_provider_fw_rules_refresh(generation)
+    def _notify(self, changes: rules.Changes) -> bool:
+        """Cast the change to every worker (the rules themselves when small, else only the generations)."""
+        return self.compute_api.notify(changes)
+
+    def _notify_created(self, result) -> bool:
+        """Cast a create_many result; a bulk create (rows not read back) casts only the generations."""
+        if result.added_count and not result.added:
+            return self.compute_api.trigger_provider_fw_rules_refresh(result.generation, result.generation - 1)
+        return self._notify(rules.Changes(result.generation - 1, result.generation,
+                                          [db.rule_of(row) for row in result.added], list(result.retired)))
 
     @staticmethod
     def _int_param(request: webob.Request, name: str, low: int, high: int) -> int | None:
@@ -124,7 +132,7 @@ class AdminController:
         rule, generation = db.provider_fw_rule_create(
             spec, description=description, created_by=context.actor, expires_at=expires_at,
             audit=context.audit(description), max_rules=self.conf.max_rules)
-        notified = self._notify(generation)
+        notified = self._notify(rules.Changes(generation - 1, generation, [db.rule_of(rule)], []))
         return wsgi.json_response({"rule": rule_view(rule), "generation": generation, "notified": notified}, 201)
 
     def index(self, request, context):
@@ -153,10 +161,10 @@ class AdminController:
         return wsgi.json_response({"rule": rule_view(db.provider_fw_rule_get(self._rule_id(id)))})
 
     def delete(self, request, context, id):
-        generation = db.provider_fw_rule_destroy(self._rule_id(id), audit=context.audit())
-        self._notify(generation)
+        changes = db.provider_fw_rule_destroy(self._rule_id(id), audit=context.audit())
+        self._notify(changes)
         response = webob.Response(status=204)
-        response.headers["X-Provfw-Generation"] = str(generation)
+        response.headers["X-Provfw-Generation"] = str(changes.generation)
         return response
 
     # ------------------------------------------------------------ bulk import
@@ -217,7 +225,7 @@ class AdminController:
                 audit=context.audit(description), max_rules=self.conf.max_rules, action="rule.import")
             added, duplicates, generation = result.added_count, duplicates + len(result.duplicates), result.generation
             if added:
-                self._notify(generation)
+                self._notify_created(result)
         if generation is None:
             generation = db.provider_fw_generation_get()
         return wsgi.json_response({
@@ -242,7 +250,7 @@ class AdminController:
             audit=context.audit(description), max_rules=self.conf.max_rules, action="cidr.block")
         if not result.added:
             return wsgi.json_response({"status": "Failed", "message": "Duplicate rule. 0 rules added"}, 409)
-        self._notify(result.generation)
+        self._notify_created(result)
         return wsgi.json_response({"status": "OK", "message": f"Added {len(result.added)} rules",
                                    "rules": [rule_view(r) for r in result.added],
                                    "generation": result.generation})
@@ -257,9 +265,10 @@ class AdminController:
         if "cidr" not in body:
             raise exception.InvalidInput("cidr", "is required")
         cidr = rules.normalise_cidr(body["cidr"])
-        count, generation = db.provider_fw_rule_destroy_by_cidr(cidr, audit=context.audit(body.get("description")))
-        self._notify(generation)
-        return wsgi.json_response({"status": "OK", "message": f"Deleted {count} rules", "generation": generation})
+        changes = db.provider_fw_rule_destroy_by_cidr(cidr, audit=context.audit(body.get("description")))
+        self._notify(changes)
+        return wsgi.json_response({"status": "OK", "message": f"Deleted {len(changes.removed)} rules",
+                                   "generation": changes.generation})
 
     # ------------------------------------------------------------ services and audit
 
@@ -275,6 +284,8 @@ class AdminController:
                 "heartbeat_at": _iso(service.heartbeat_at), "applied_generation": service.applied_generation,
                 "in_sync": service.applied_generation == generation, "applied_at": _iso(service.applied_at),
                 "rule_count": service.rule_count, "driver": service.driver, "last_error": service.last_error,
+                "quarantine": json.loads(service.quarantine) if service.quarantine else [],
+                "bus_user": service.bus_user,
             })
         return wsgi.json_response({"services": views, "generation": generation})
 

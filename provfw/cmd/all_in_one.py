@@ -1,8 +1,10 @@
-"""provfw-all-in-one: API + one compute worker in one process, on embedded defaults.
+"""provfw-all-in-one: API + conductor + one compute worker in one process, on embedded defaults.
 
 SQLite under ``state_path``, the in-process bus (``memory://``), the schema
 migrated at start, and - when no token exists yet - a bootstrap admin token
 written to ``<state_path>/admin-token`` (mode 0600) for the ``provfw`` CLI.
+The worker reaches the database only through the in-process conductor, as
+it would on a real hypervisor.
 """
 
 from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
@@ -16,6 +18,7 @@ from provfw.cmd import api as api_cmd  # noqa: E402
 from provfw.cmd import common  # noqa: E402
 from provfw.compute import api as compute_api  # noqa: E402
 from provfw.compute import service  # noqa: E402
+from provfw.conductor import service as conductor_service  # noqa: E402
 from provfw.db import api as db  # noqa: E402
 from provfw.db import migration  # noqa: E402
 
@@ -38,14 +41,19 @@ def main(argv=None) -> None:
     conf = common.CONF
     migration.db_sync(provfw_conf.database_url(conf))
     bootstrap_token(conf)
+    compute = compute_api.ComputeAPI(conf)
+    conductor = conductor_service.ConductorService(conf, compute)
+    conductor.start()
+    conductor.ready.wait(10)
     worker = service.ComputeService(conf)
     worker.start()
     stop = threading.Event()
     try:
-        api_cmd.serve(conf, compute_api.ComputeAPI(conf), stop)
+        api_cmd.serve(conf, compute, stop)
     finally:
         stop.set()
         worker.stop()
+        conductor.stop()
 
 
 if __name__ == "__main__":

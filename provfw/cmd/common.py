@@ -1,4 +1,4 @@
-"""Start-up shared by the provfw daemons and tools: config, logging, database."""
+"""Start-up shared by the provfw daemons and tools: config, logging, and (for those allowed) the database."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import logging
 import sys
 
 from provfw import conf as provfw_conf
-from provfw.db import api as db
 
 CONF = provfw_conf.CONF
 
@@ -22,8 +21,15 @@ def setup_logging(conf=CONF) -> None:
         logging.getLogger("provfw.audit").addHandler(handler)
 
 
-def prepare(argv=None, description: str = "") -> None:
-    """Parse config, set up logging, point the db layer at the configured database."""
+def prepare(argv=None, database: bool = True) -> None:
+    """Parse config and set up logging; with ``database``, point the db layer at the configured database.
+
+    Only provfw-api, provfw-conductor, provfw-manage and the all-in-one pass
+    ``database=True``; the db layer is imported only then, so a compute
+    worker never loads it (nor a database driver).
+    """
     provfw_conf.parse_args(argv)
     setup_logging()
-    db.configure(provfw_conf.database_url(), CONF.database.pool_size)
+    if database:
+        from provfw.db import api as db
+        db.configure(provfw_conf.database_url(), CONF.database.pool_size)

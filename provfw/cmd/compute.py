@@ -1,9 +1,16 @@
-"""provfw-compute: the per-hypervisor worker (eventlet daemon)."""
+"""provfw-compute: the per-hypervisor worker (eventlet daemon).
+
+It holds bus credentials only.  A hypervisor runs strangers' virtual
+machines; credentials that can change rules, tokens or the audit log do not
+belong on it, so a configuration with ``[database] connection`` is refused
+at start (the conductor serves the rules).
+"""
 
 from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
 
 import logging  # noqa: E402
 import signal  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 
 from provfw.cmd import common  # noqa: E402
@@ -11,9 +18,17 @@ from provfw.compute import service  # noqa: E402
 
 LOG = logging.getLogger("provfw.compute")
 
+NO_DATABASE = ("provfw-compute: refusing to start: [database] connection is set in its configuration. "
+               "Compute workers hold no database credentials - provfw-conductor serves them the rules over the "
+               "bus - so a compromised hypervisor cannot change rules, tokens or the audit log. Remove the "
+               "[database] section from this host's configuration.")
 
-def main(argv=None) -> None:
-    common.prepare(argv)
+
+def main(argv=None) -> int:
+    common.prepare(argv, database=False)
+    if common.CONF.database.connection:
+        print(NO_DATABASE, file=sys.stderr)
+        return 2
     worker = service.ComputeService(common.CONF)
     stopping = threading.Event()
 
@@ -28,7 +43,8 @@ def main(argv=None) -> None:
     while not stopping.wait(1.0):
         pass
     worker.stop()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

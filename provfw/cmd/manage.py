@@ -8,6 +8,10 @@
     provfw-manage service list | service delete --host HOST
     provfw-manage nwfilter ensure-refs                             (add the provider filterref to instance filters)
     provfw-manage dataplane apply | dataplane teardown             (this host's firewall, once, in the foreground)
+    provfw-manage bus create-user --role compute --host HOST       (least-privilege RabbitMQ user of one hypervisor)
+    provfw-manage bus create-user --role control --user NAME       (the API / conductor user)
+    provfw-manage bus permissions --role compute --host HOST       (print the permission regexes)
+    provfw-manage bus delete-user --user NAME
 """
 
 from __future__ import annotations
@@ -57,6 +61,22 @@ def _add_commands(subparsers) -> None:
     nwf = subparsers.add_parser("nwfilter").add_subparsers(dest="action", required=True)
     nwf.add_parser("ensure-refs")
 
+    bus = subparsers.add_parser("bus", help="RabbitMQ users with least privilege (runs rabbitmqctl)")
+    bus_actions = bus.add_subparsers(dest="action", required=True)
+    for name in ("create-user", "permissions"):
+        cmd = bus_actions.add_parser(name)
+        cmd.add_argument("--role", required=True, choices=["compute", "control"])
+        cmd.add_argument("--host", help="the compute host ([compute] host) this user may speak for")
+        cmd.add_argument("--user", help="user name (compute default: [conductor] compute_user_prefix + host)")
+        cmd.add_argument("--vhost", default="/")
+        if name == "create-user":
+            cmd.add_argument("--password-file", help="read the password from this file (default: generate one "
+                                                     "and print it once)")
+            cmd.add_argument("--print", dest="print_only", action="store_true",
+                             help="print the rabbitmqctl commands instead of running them")
+    delete_user = bus_actions.add_parser("delete-user")
+    delete_user.add_argument("--user", required=True)
+
     dataplane = subparsers.add_parser("dataplane").add_subparsers(dest="action", required=True)
     dataplane.add_parser("apply", help="apply the current rules to this host once")
     dataplane.add_parser("teardown", help="remove provfw's chains, jump, sets or filter from this host")
@@ -70,7 +90,7 @@ def _command_args(argv):
 
 
 def run(args) -> int:
-    url = provfw_conf.database_url()
+    url = provfw_conf.database_url() if args.category not in ("bus", "config") else ""
     if args.category == "config":
         sys.stdout.write(provfw_conf.sample_config())
         return 0
@@ -96,13 +116,14 @@ def run(args) -> int:
             print(f"revoked {args.name}")
         return 0
     if args.category == "rules":
-        count, generation = db.provider_fw_rule_purge_expired(
-            older_than=datetime.timedelta(seconds=args.older_than))
-        if count:
+        changes = db.provider_fw_rule_purge_expired(older_than=datetime.timedelta(seconds=args.older_than))
+        if changes is not None:
             from provfw.compute import api as compute_api
-            compute_api.ComputeAPI(CONF).trigger_provider_fw_rules_refresh(generation)
-        print(f"purged {count} expired rule(s)")
+            compute_api.ComputeAPI(CONF).notify(changes)
+        print(f"purged {len(changes.removed) if changes else 0} expired rule(s)")
         return 0
+    if args.category == "bus":
+        return bus_command(args)
     if args.category == "service":
         if args.action == "list":
             for service in db.service_get_all():
@@ -142,6 +163,58 @@ def run(args) -> int:
     raise AssertionError(args.category)
 
 
+def bus_user_and_permissions(args):
+    """(user name, rpc.Permissions) for ``bus`` commands; UsageError-style ProvfwError when incomplete."""
+    from provfw import rpc
+
+    if args.role == "compute":
+        if not args.host:
+            raise exception.InvalidInput("--host", "is required for a compute user")
+        return (args.user or CONF.conductor.compute_user_prefix + rpc.check_host(args.host),
+                rpc.compute_user_permissions(CONF, args.host))
+    if not args.user:
+        raise exception.InvalidInput("--user", "is required for the control user")
+    return args.user, rpc.control_user_permissions(CONF)
+
+
+def bus_command(args) -> int:
+    """Create, show or delete RabbitMQ users through rabbitmqctl (run on a broker node)."""
+    import secrets
+    import shlex
+    import subprocess
+
+    def rabbitmqctl(*argv: str, stdin: str | None = None) -> None:
+        result = subprocess.run(["rabbitmqctl", *argv], input=stdin, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise exception.ProvfwError(f"rabbitmqctl {argv[0]} failed: {result.stderr.strip() or result.stdout}")
+
+    if args.action == "delete-user":
+        rabbitmqctl("delete_user", args.user)
+        print(f"deleted bus user {args.user}")
+        return 0
+    user, perms = bus_user_and_permissions(args)
+    if args.action == "permissions":
+        print(f"user:      {user}\nvhost:     {args.vhost}\nconfigure: {perms.configure}\n"
+              f"write:     {perms.write}\nread:      {perms.read}")
+        return 0
+    if args.password_file:
+        with open(args.password_file) as handle:
+            password = handle.read().strip()
+    else:
+        password = secrets.token_urlsafe(24)
+    permissions = ["set_permissions", "-p", args.vhost, user, perms.configure, perms.write, perms.read]
+    if args.print_only:
+        print(f"printf '%s' {shlex.quote(password)} | rabbitmqctl add_user {shlex.quote(user)}")
+        print("rabbitmqctl " + " ".join(shlex.quote(a) for a in permissions))
+        return 0
+    rabbitmqctl("add_user", user, stdin=password)     # from stdin: never on a command line
+    rabbitmqctl(*permissions)
+    print(f"created bus user {user} ({args.role}) on vhost {args.vhost}")
+    if not args.password_file:
+        print(f"password: {password}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # oslo.config owns --config-file/--config-dir; everything after them is our sub-command.
@@ -158,7 +231,8 @@ def main(argv=None) -> int:
         print(f"provfw-manage: {exc}", file=sys.stderr)
         return 2
     common.setup_logging()
-    db.configure(provfw_conf.database_url(), CONF.database.pool_size)
+    if args.category not in ("bus", "config"):
+        db.configure(provfw_conf.database_url(), CONF.database.pool_size)
     try:
         return run(args)
     except exception.ProvfwError as exc:

@@ -1,14 +1,19 @@
-"""The compute API as seen from provfw-api: tell every worker to reload rules."""
+"""The compute API as seen from provfw-api and provfw-conductor: tell every worker that rules changed.
+
+Thread-safety: one ``ComputeAPI`` per process, shared by all request
+threads; the publisher serialises casts.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw.compute import rpc
-from provfw.db import api as db
+from provfw import rpc
+from provfw.rules import Changes, Rule
 
 LOG = logging.getLogger(__name__)
 
@@ -20,22 +25,37 @@ class ComputeAPI:
         self.conf = conf
         self.publisher = publisher or rpc.FanoutPublisher(conf)
 
-    def trigger_provider_fw_rules_refresh(self, generation: int | None = None) -> bool:
-        """Cast ``trigger_provider_fw_rules {generation}`` to EVERY compute worker.
+    def trigger_provider_fw_rules_refresh(self, generation: int, previous_generation: int | None = None,
+                                          added: Sequence[Rule] | None = None,
+                                          removed: Sequence[Rule] | None = None) -> bool:
+        """Cast ``trigger_provider_fw_rules`` to EVERY compute worker.
+
+        The cast carries ``{generation, previous_generation, added, removed}``
+        (rules in ``Rule`` wire form) when the change is known and at most
+        ``max_cast_changes`` rules; otherwise ``added``/``removed`` are null and
+        every worker fetches the change from the conductor.
 
         Returns False (and logs) when the bus is unreachable: the change is
-        already committed, and workers converge through their periodic
-        generation check, so a lost cast delays enforcement but loses nothing.
+        already committed, and workers converge through their periodic check,
+        so a lost cast delays enforcement but loses nothing.
         """
-        if generation is None:
-            generation = db.provider_fw_generation_get()
+        carry = (added is not None and removed is not None and previous_generation is not None
+                 and len(added) + len(removed) <= self.conf.max_cast_changes)
+        args = {"generation": generation, "previous_generation": previous_generation,
+                "added": [r.to_wire() for r in added] if carry else None,
+                "removed": [r.to_wire() for r in removed] if carry else None}
         try:
-            self.publisher.cast("trigger_provider_fw_rules", generation=generation)
+            self.publisher.cast("trigger_provider_fw_rules", **args)
             return True
         except Exception as exc:  # noqa: BLE001 - any bus failure degrades to the periodic check
             LOG.error("could not cast trigger_provider_fw_rules(generation=%s): %s; workers will pick the "
                       "change up on their next periodic check", generation, exc)
             return False
+
+    def notify(self, changes: Changes) -> bool:
+        """``trigger_provider_fw_rules_refresh`` for one mutation's ``Changes``."""
+        return self.trigger_provider_fw_rules_refresh(changes.generation, changes.since, changes.added,
+                                                      changes.removed)
 
     def close(self) -> None:
         self.publisher.close()

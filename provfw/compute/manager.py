@@ -1,36 +1,48 @@
-"""ComputeManager: what a compute worker does when told (or when it notices)
-that provider rules changed.
+"""ComputeManager: what a compute worker does when told (or when it notices) that provider rules changed.
 
-Design: the database is the truth and casts are hints.  The manager applies
-the current rules at start, on every ``trigger_provider_fw_rules`` cast whose
-generation it has not applied yet, and from ``periodic_check`` whenever the
-database generation differs from the applied one; otherwise the periodic
-check asks the driver to repair drift.  Every outcome - success, a driver
-that does not implement the call, a database or kernel failure - is written
-to this host's Service row instead of crashing the worker; a failed apply
-leaves the previous rules in force.
+Design: the database is the truth, the conductor serves it, casts are
+hints.  A ``trigger_provider_fw_rules`` cast carries
+``{generation, previous_generation, added, removed}``: when
+``previous_generation`` is the generation this host applied, the change is
+applied straight from the message (no round trip); otherwise (a missed cast,
+a bulk import whose cast carries only generations) the manager asks the
+conductor for what changed since its generation.  It also asks at start and
+on every periodic check, so a host that missed every cast still converges;
+when nothing changed, the periodic check repairs kernel drift instead.
 
-Thread-safety: methods may be called from the consumer, the periodic loop and
-the expiry loop concurrently; the driver serialises the applies.
+The manager holds no rule state of its own: the reconciler does
+(``provfw.compute.reconciler``).  It never touches the database: after every
+apply, and on every heartbeat, it casts its state to the conductor, which
+writes the host's Service row.  Every failure - a driver that does not
+implement the calls (NotImplementedError, decided by type), a kernel refusal,
+an unreachable conductor - is recorded in that state instead of crashing the
+worker, and the previously applied rules stay in force.
+
+Thread-safety: methods are called from the cast consumer, the periodic loop,
+the heartbeat loop and the expiry loop concurrently; the reconciler
+serialises applies, ``_state_lock`` guards the recorded outcome.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 import time
+from typing import Any, Callable
 
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw.db import api as db
+from provfw import exception, rpc
+from provfw.compute import reconciler as reconciler_mod
+from provfw.conductor import api as conductor_api
+from provfw.rules import Changes, Rule, Snapshot
 from provfw.virt import driver as virt_driver
-from provfw.virt import firewall
 
 LOG = logging.getLogger(__name__)
 
 DRIFT_CHECK_SPACING = 10
+MAX_ERROR = 4000
 
 # Casts the consumer may dispatch; anything else is logged and dropped.
 RPC_METHODS = frozenset({"trigger_provider_fw_rules"})
@@ -38,12 +50,17 @@ RPC_METHODS = frozenset({"trigger_provider_fw_rules"})
 
 class ComputeManager:
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, driver: virt_driver.ComputeDriver | None = None,
-                 host: str | None = None):
+                 host: str | None = None, conductor: conductor_api.ConductorAPI | None = None,
+                 clock: Callable[[], float] = time.time):
         self.conf = conf
-        self.host = host or conf.compute.host
+        self.host = rpc.check_host(host or conf.compute.host)
         self.driver = driver or virt_driver.load_compute_driver(conf)
-        self.last_result: firewall.ApplyResult | None = None
+        self.reconciler = reconciler_mod.Reconciler(self.driver, conf, clock=clock)
+        self.conductor = conductor or conductor_api.ConductorAPI(conf, self.host)
+        self.last_outcome: reconciler_mod.Outcome | None = None
         self.last_error: str | None = None
+        self.not_implemented = False
+        self.applied_at: float | None = None
         self._state_lock = threading.Lock()
         self._next_drift_check = 0.0
 
@@ -54,111 +71,175 @@ class ComputeManager:
         if method not in RPC_METHODS:
             LOG.error("ignoring unknown cast %r", method)
             return
-        getattr(self, method)(**args)
+        try:
+            getattr(self, method)(**args)
+        except TypeError as exc:
+            LOG.error("ignoring cast %s with unexpected arguments %s: %s", method, sorted(args), exc)
 
-    def trigger_provider_fw_rules(self, generation: int | None = None) -> firewall.ApplyResult | None:
-        """Seed API: rules changed.  ``generation`` lets a worker skip casts it has already applied."""
-        applied = self.applied_generation
-        if generation is not None and applied is not None and generation <= applied:
+    def trigger_provider_fw_rules(self, generation: int | None = None, previous_generation: int | None = None,
+                                  added: list | None = None, removed: list | None = None, **_ignored
+                                  ) -> reconciler_mod.Outcome | None:
+        """Seed API: rules changed.  Apply the cast's change when it follows what this host applied.
+
+        ``added``/``removed`` are rules in wire form (``provfw.rules.Rule``);
+        both are None when the change was too large to carry.  A cast for a
+        generation already applied is ignored; anything else makes the host
+        ask the conductor.
+        """
+        applied = self.reconciler.generation
+        if applied is None:
+            return None             # the start-up sync has not run yet; it fetches everything
+        if isinstance(generation, int) and generation <= applied:
             LOG.debug("cast for generation %s ignored: %s already applied", generation, applied)
             return None
-        return self.refresh()
+        change = None
+        if (isinstance(generation, int) and previous_generation == applied and isinstance(added, list)
+                and isinstance(removed, list)):
+            try:
+                change = Changes(previous_generation, generation, [Rule.from_wire(r) for r in added],
+                                 [Rule.from_wire(r) for r in removed])
+            except ValueError as exc:
+                LOG.error("cast for generation %s carries a malformed change (%s); asking the conductor",
+                          generation, exc)
+        if change is not None:
+            return self._reconcile(lambda: self.reconciler.apply_change(change), "cast")
+        return self.sync(min_generation=generation if isinstance(generation, int) else None)
 
     # ----------------------------------------------------------------- work
 
     @property
     def applied_generation(self) -> int | None:
-        return self.last_result.generation if self.last_result else None
+        return self.reconciler.generation
 
-    def init_host(self) -> firewall.ApplyResult | None:
-        """Called once at start: prepare the host, then apply everything before serving casts."""
+    def init_host(self) -> reconciler_mod.Outcome:
+        """Called at start: prepare the host, then apply everything before serving casts.
+
+        Raises what stopped it (NotImplementedError, ConductorUnavailable,
+        DriverError) after recording it, so the caller can retry.
+        """
         self.driver.init_host()
-        return self.refresh(full=True)
+        outcome = self.sync(full=True)
+        if outcome is None:
+            raise _LastError(self.last_error or "the initial sync failed")
+        return outcome
 
-    def refresh(self, full: bool = False) -> firewall.ApplyResult | None:
+    def sync(self, full: bool = False, min_generation: int | None = None) -> reconciler_mod.Outcome | None:
+        """Ask the conductor what changed since the applied generation (everything with ``full``); apply it."""
+        since = None if full else self.reconciler.generation
         try:
-            result = self.driver.refresh_provider_fw_rules(full=full)
-        except NotImplementedError as exc:
-            self._record_error(f"{type(self.driver).__name__}.refresh_provider_fw_rules is not implemented: {exc}")
+            reply = self.conductor.get_provider_fw_rules(since, min_generation)
+        except exception.ConductorUnavailable as exc:
+            self._record_error(f"ConductorUnavailable: {exc}")
             return None
-        except Exception as exc:  # noqa: BLE001 - record, keep running, keep the old rules in force
-            LOG.exception("refresh_provider_fw_rules failed; the previously applied rules stay in force")
-            self._record_error(f"{type(exc).__name__}: {exc}")
+        except exception.ProvfwError as exc:
+            self._record_error(f"conductor: {exc}")
             return None
-        self._record_success(result)
-        return result
+        if isinstance(reply, Snapshot):
+            return self._reconcile(lambda: self.reconciler.apply_snapshot(reply), "snapshot")
+        if reply.since == reply.generation == self.reconciler.generation and not reply.size:
+            return self._record_success(reconciler_mod.Outcome(reply.generation, self.reconciler.rule_count,
+                                                               False, "none", 0.0, len(self.reconciler.quarantine())))
+        if reply.since != self.reconciler.generation:
+            # Another thread applied something meanwhile; the next cast or check converges.
+            LOG.info("conductor delta %s->%s no longer follows generation %s; fetching again", reply.since,
+                     reply.generation, self.reconciler.generation)
+            return self.sync(full=self.reconciler.generation is None, min_generation=min_generation)
+        return self._reconcile(lambda: self.reconciler.apply_change(reply), "conductor delta")
 
     def periodic_check(self) -> None:
-        """Converge on the database generation; if already there, repair kernel drift."""
-        try:
-            generation = db.provider_fw_generation_get()
-        except Exception as exc:  # noqa: BLE001 - database down: keep enforcing what we have
-            LOG.warning("periodic check: database unreachable (%s); keeping generation %s",
-                        exc, self.applied_generation)
-            return
-        if self.applied_generation is None or generation != self.applied_generation or self.last_error:
-            self.refresh(full=self.applied_generation is None)
+        """Converge on the conductor's generation; if already there (and due), repair kernel drift."""
+        before = self.reconciler.generation
+        outcome = self.sync(full=before is None)
+        if outcome is None or self.last_error or outcome.generation != before or outcome.mode != "none":
             return
         if time.monotonic() < self._next_drift_check:
             return
         started = time.monotonic()
         try:
-            if self.driver.repair_provider_fw_drift():
-                self._record_success(self.last_result, note="repaired drift")
+            repaired = self.reconciler.repair_drift()
         except NotImplementedError:
-            pass
-        except Exception as exc:  # noqa: BLE001
+            repaired = None
+        except Exception as exc:  # noqa: BLE001 - record, keep running
             LOG.exception("drift check failed")
             self._record_error(f"drift check: {type(exc).__name__}: {exc}")
+            repaired = None
+        if repaired is not None and repaired.changed:
+            LOG.warning("kernel state had drifted from generation %s; repaired", repaired.generation)
+            self._record_success(repaired)
         # Reading the kernel back is cheap for sets but takes seconds for a
         # 100k-rule linear chain (iptables-nft's save); spacing the checks by
         # DRIFT_CHECK_SPACING times their cost keeps them under ~10% of a core.
         self._next_drift_check = time.monotonic() + DRIFT_CHECK_SPACING * (time.monotonic() - started)
 
-    def expire_rules(self) -> None:
-        try:
-            result = self.driver.expire_provider_fw_rules()
-        except Exception as exc:  # noqa: BLE001
-            LOG.exception("expiring rules failed")
-            self._record_error(f"expiry: {type(exc).__name__}: {exc}")
-            return
-        if result is not None:
-            with self._state_lock:
-                self.last_result = result
-            self._write_service(rule_count=result.rule_count)
+    def expire_rules(self) -> reconciler_mod.Outcome | None:
+        """Stop enforcing expired rules (no conductor, bus or database needed)."""
+        return self._reconcile(self.reconciler.expire, "expiry")
 
-    def next_expiry(self) -> datetime.datetime | None:
-        try:
-            return self.driver.next_provider_fw_expiry()
-        except Exception:  # noqa: BLE001
-            return None
+    def next_expiry(self) -> float | None:
+        return self.reconciler.next_expiry()
 
-    def heartbeat(self) -> None:
-        self._write_service(heartbeat=True)
-
-    # ----------------------------------------------------------------- service row
-
-    def _record_success(self, result: firewall.ApplyResult | None, note: str = "") -> None:
-        if result is None:
-            return
+    def report_state(self) -> bool:
+        """Cast this host's state to the conductor (also the heartbeat); False when the bus is unreachable."""
         with self._state_lock:
-            self.last_result = result
+            state = {
+                "applied_generation": -1 if self.reconciler.generation is None else self.reconciler.generation,
+                "rule_count": self.reconciler.rule_count, "driver": self.driver.describe(),
+                "last_error": self.last_error, "quarantine": self.reconciler.quarantine(),
+                "applied_at": self.applied_at,
+            }
+        try:
+            self.conductor.report_provider_fw_state(**state)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the bus may be down; the kernel keeps its rules
+            LOG.warning("could not report the state of %s: %s", self.host, exc)
+            return False
+
+    heartbeat = report_state
+
+    # ----------------------------------------------------------------- outcomes
+
+    def _reconcile(self, func: Callable[[], Any], what: str) -> reconciler_mod.Outcome | None:
+        try:
+            outcome = func()
+        except reconciler_mod.GenerationGap as exc:
+            LOG.info("%s: %s; asking the conductor", what, exc)
+            return self.sync()
+        except NotImplementedError as exc:
+            with self._state_lock:
+                self.not_implemented = True
+            self._record_error(f"{type(self.driver).__name__} does not implement the provider firewall: {exc}")
+            return None
+        except Exception as exc:  # noqa: BLE001 - record, keep running, keep the old rules in force
+            LOG.exception("%s: applying provider rules failed; the previously applied rules stay in force", what)
+            self._record_error(f"{type(exc).__name__}: {exc}")
+            return None
+        if outcome is None:
+            return None
+        return self._record_success(outcome)
+
+    def _record_success(self, outcome: reconciler_mod.Outcome) -> reconciler_mod.Outcome:
+        with self._state_lock:
+            changed_generation = self.last_outcome is None or self.last_outcome.generation != outcome.generation
+            had_error = self.last_error is not None
+            self.last_outcome = outcome
             self.last_error = None
-        if result.changed or note:
-            LOG.info("applied generation %s: %d rules, %s in %.3fs %s", result.generation, result.rule_count,
-                     result.mode, result.seconds, note)
-        self._write_service(applied_generation=result.generation, rule_count=result.rule_count,
-                            applied_at=datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None),
-                            last_error=None)
+            if outcome.changed or changed_generation:
+                self.applied_at = time.time()
+        if outcome.changed or outcome.newly_quarantined:
+            LOG.info("applied generation %s: %d rules (%d quarantined), %s in %.3fs", outcome.generation,
+                     outcome.rule_count, outcome.quarantined, outcome.mode, outcome.seconds)
+        if outcome.changed or changed_generation or had_error or outcome.newly_quarantined:
+            self.report_state()
+        return outcome
 
     def _record_error(self, message: str) -> None:
         with self._state_lock:
-            self.last_error = message
-        LOG.error("%s", message)
-        self._write_service(last_error=message[:4000])
+            repeated = self.last_error == message[:MAX_ERROR]
+            self.last_error = message[:MAX_ERROR]
+        if not repeated:
+            LOG.error("%s", message)
+            self.report_state()
 
-    def _write_service(self, **values) -> None:
-        try:
-            db.service_update(self.host, driver=self.driver.describe(), **values)
-        except Exception as exc:  # noqa: BLE001 - the database may be down; the kernel keeps its rules
-            LOG.warning("could not update the service row of %s: %s", self.host, exc)
+
+class _LastError(exception.ProvfwError):
+    """The initial sync failed; the reason was recorded (and reported) already."""

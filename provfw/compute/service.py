@@ -1,29 +1,37 @@
-"""The compute worker's main loop: start-up sync, cast consumer, periodic
-check, heartbeat and expiry timer.
+"""The compute worker's main loop: start-up sync, cast consumer, periodic check, heartbeat and expiry timer.
 
 Written against plain ``threading``; ``provfw-compute`` monkey-patches with
 eventlet in its entry point so these threads are greenthreads there, while
 tests can run the same code with real threads.
 
-Order at start: the first full apply happens before the consumer starts, so
-a worker never serves casts on top of an unknown kernel state.  If the
-database is unreachable at start, the worker keeps whatever the kernel holds
-(it never flushes) and retries with backoff.
+Order at start: the first report (so the host shows up), then the first
+full apply from the conductor, and only then the cast consumer, so a worker
+never serves casts on top of an unknown kernel state.  If the conductor is
+unreachable at start, the worker keeps whatever the kernel holds (it never
+flushes) and retries with backoff; a driver that does not implement the
+provider firewall (NotImplementedError) is not retried - it is reported and
+the worker keeps heartbeating.
+
+Thread-safety: ``start``/``stop`` from one thread; the loops they spawn only
+call the (thread-safe) manager.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
+import time
 
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
+from provfw import exception, rpc
 from provfw.compute import manager as compute_manager
-from provfw.compute import rpc
+from provfw.retrying import retrying
 
 LOG = logging.getLogger(__name__)
+
+EXPIRY_POLL = 0.2
 
 
 class ComputeService:
@@ -46,22 +54,31 @@ class ComputeService:
         self._spawn(self._initial_sync_then_serve, "provfw-main")
 
     def _initial_sync_then_serve(self) -> None:
-        delay = 1.0
-        self.manager.heartbeat()
-        while not self._stop.is_set():
-            if self.manager.init_host() is not None:
-                break
-            if self.manager.last_error and "not implemented" in self.manager.last_error:
-                break  # retrying cannot help; keep heartbeating and report the error
-            LOG.warning("initial apply failed; retrying in %.0fs", delay)
-            self._stop.wait(delay)
-            delay = min(delay * 2, self.conf.compute.reconcile_interval)
+        self.manager.report_state()
+        try:
+            retrying("initial sync", exception.ProvfwError, initial=1.0, maximum=float(self.conf.compute.reconcile_interval),
+                     stop_event=self._stop, log=LOG)(self._initial_sync)
+        except NotImplementedError as exc:
+            LOG.error("serving without an initial apply: %s", exc)
+        except exception.ProvfwError:
+            pass                                   # stopped while retrying
+        if self._stop.is_set():
+            return
         self.started.set()
         self._spawn(self.consumer.run, "provfw-consumer")
-        self._spawn(self._every(self.conf.compute.heartbeat_interval, self.manager.heartbeat), "provfw-heartbeat")
+        self._spawn(self._every(self.conf.compute.heartbeat_interval, self.manager.report_state), "provfw-heartbeat")
         self._spawn(self._every(self.conf.compute.reconcile_interval, self.manager.periodic_check),
                     "provfw-periodic")
         self._spawn(self._expiry_loop, "provfw-expiry")
+
+    def _initial_sync(self) -> None:
+        try:
+            self.manager.init_host()
+        except exception.ProvfwError:
+            if self.manager.not_implemented:
+                # Retrying cannot help: keep heartbeating and reporting it.
+                raise NotImplementedError(self.manager.last_error) from None
+            raise
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -78,11 +95,11 @@ class ComputeService:
         return loop
 
     def _expiry_loop(self) -> None:
-        # Polls the driver's earliest expiry often enough to stop enforcing a
-        # rule within a fraction of a second of its expiry, with no database.
-        while not self._stop.wait(0.2):
+        # Polls the reconciler's earliest expiry (a heap: O(1)) often enough to stop
+        # enforcing a rule within a fraction of a second of its expiry, with no conductor.
+        while not self._stop.wait(EXPIRY_POLL):
             expiry = self.manager.next_expiry()
-            if expiry is not None and expiry <= datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None):
+            if expiry is not None and expiry <= time.time():
                 self.manager.expire_rules()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -90,6 +107,7 @@ class ComputeService:
         self.consumer.stop()
         for thread in self._threads:
             thread.join(timeout)
+        self.manager.conductor.close()
         self.manager.driver.close()
 
     def wait(self) -> None:

@@ -10,6 +10,7 @@ from provfw.db.sqlalchemy import api as IMPL
 
 Audit = IMPL.Audit
 CreateResult = IMPL.CreateResult
+rule_of = IMPL.rule_of
 Snapshot = IMPL.Snapshot
 Changes = IMPL.Changes
 
@@ -57,17 +58,17 @@ def provider_fw_rule_get_all_by_cidr(cidr):
 
 
 def provider_fw_rule_destroy(rule_id, audit=None):
-    """Soft-delete one live rule; return the new generation."""
+    """Soft-delete one live rule; return Changes (one rule removed).  RuleNotFound if it is not live."""
     return IMPL.provider_fw_rule_destroy(rule_id, audit)
 
 
 def provider_fw_rule_destroy_by_cidr(cidr, audit=None):
-    """Soft-delete every live rule of ``cidr``; return (count, generation)."""
+    """Soft-delete every live rule of ``cidr``; return Changes (the rules removed).  NotFound when none."""
     return IMPL.provider_fw_rule_destroy_by_cidr(cidr, audit)
 
 
 def provider_fw_rule_purge_expired(now=None, older_than=None, audit=None):
-    """Soft-delete expired rules; return (count, generation or None)."""
+    """Soft-delete expired rules; return Changes, or None when nothing had expired."""
     return IMPL.provider_fw_rule_purge_expired(now, older_than, audit)
 
 
@@ -86,12 +87,12 @@ def provider_fw_generation_get():
 
 
 def provider_fw_snapshot(now=None):
-    """Snapshot(generation, [(spec, expires_at)]) of the live, unexpired rules."""
+    """Snapshot(generation, [Rule]) of the live, unexpired rules, consistent with one generation."""
     return IMPL.provider_fw_snapshot(now)
 
 
 def provider_fw_changes_since(generation):
-    """Changes(since, generation, added, removed) after ``generation``."""
+    """Changes(since, generation, added [Rule], removed [Rule]) after ``generation``."""
     return IMPL.provider_fw_changes_since(generation)
 
 
@@ -100,6 +101,11 @@ def provider_fw_changes_since(generation):
 def service_update(host, binary="provfw-compute", **values):
     """Upsert a worker's Service row (heartbeat=True stamps the heartbeat)."""
     return IMPL.service_update(host, binary, **values)
+
+
+def service_update_many(reports, binary="provfw-compute"):
+    """Write {host: {field: value}} state reports in one transaction (see SERVICE_REPORT_FIELDS); return rows."""
+    return IMPL.service_update_many(reports, binary)
 
 
 def service_get(host, binary="provfw-compute"):

@@ -1,30 +1,36 @@
-"""Fanout casts over a real RabbitMQ (127.0.0.1:5672) and over the in-process memory:// bus.
+"""Casts and conductor requests over a real RabbitMQ (127.0.0.1:5672) and over the in-process memory:// bus.
 
 Every test uses its own control_exchange, so concurrent runs never see each
-other's casts, and deletes its exchange afterwards.  Workers are real
+other's messages, and deletes its exchanges afterwards.  Workers are real
 ComputeService instances (consumer, periodic loops) with the noop firewall
-driver over a real database.
+driver; they reach the database only through a real ConductorService running
+in this process.  Least-privilege bus users are tested in test_bus_permissions.py;
+here every process shares the guest user, so the conductor trusts unverified hosts.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
 
 import kombu
 import pytest
 
+from provfw import exception, rpc
 from provfw.compute import api as compute_api
 from provfw.compute import manager as compute_manager
-from provfw.compute import rpc
 from provfw.compute import service as compute_service
+from provfw.conductor import api as conductor_api
 from provfw.db import api as db
-from provfw.rules import make_spec
-from provfw.virt import firewall
+from provfw.rules import Changes, make_spec
+from provfw.virt.firewall.base import NoopFirewallDriver
 from provfw.virt.libvirt_conn import LibvirtConnection
 from tests.lib import services
+from tests.lib.bus import ConductorThread
 from tests.lib.netns import wait_until
+from tests.lib.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.functional
 
@@ -34,10 +40,20 @@ def use_bus(conf, url: str) -> str:
     prefix = f"provfw_test_{uuid.uuid4().hex[:10]}"
     conf.set_override("transport_url", url)
     conf.set_override("control_exchange", prefix)
+    conf.set_override("trust_unverified_hosts", True, group="conductor")
+    conf.set_override("report_flush_interval", 0.1, group="conductor")
+    conf.set_override("call_timeout", 3.0, group="conductor")
     # Only casts and the start-up sync may apply anything during a test.
     conf.set_override("reconcile_interval", 3600, group="compute")
     conf.set_override("heartbeat_interval", 3600, group="compute")
     return prefix
+
+
+def _delete_exchanges(conf, url: str) -> None:
+    with rpc.connection(conf, url) as conn:
+        for exchange in (rpc.fanout_exchange(conf), rpc.conductor_exchange(conf)):
+            exchange(conn.channel()).delete()
+        rpc.conductor_queue(conf)(conn.channel()).delete()
 
 
 @pytest.fixture
@@ -45,14 +61,27 @@ def rabbit(conf):
     url = services.require_rabbitmq()
     use_bus(conf, url)
     yield url
-    with kombu.Connection(rpc.kombu_url(url), connect_timeout=5) as conn:
-        rpc.fanout_exchange(conf)(conn.channel()).delete()
+    _delete_exchanges(conf, url)
 
 
 @pytest.fixture
 def memory_bus(conf):
     use_bus(conf, "memory://")
     return "memory://"
+
+
+@pytest.fixture
+def conductor(conf):
+    started = []
+
+    def start(compute=None):
+        thread = ConductorThread(conf, compute)
+        started.append(thread)
+        return thread
+
+    yield start
+    for thread in started:
+        thread.stop()
 
 
 class RecordingManager(compute_manager.ComputeManager):
@@ -62,13 +91,13 @@ class RecordingManager(compute_manager.ComputeManager):
         super().__init__(*args, **kwargs)
         self.casts: list = []
 
-    def trigger_provider_fw_rules(self, generation=None):
+    def trigger_provider_fw_rules(self, generation=None, **kwargs):
         self.casts.append(generation)
-        return super().trigger_provider_fw_rules(generation)
+        return super().trigger_provider_fw_rules(generation, **kwargs)
 
 
 def make_worker(conf, host: str) -> compute_service.ComputeService:
-    connection = LibvirtConnection(conf, firewall_driver=firewall.NoopFirewallDriver(conf))
+    connection = LibvirtConnection(conf, firewall_driver=NoopFirewallDriver(conf))
     return compute_service.ComputeService(conf, RecordingManager(conf, driver=connection, host=host))
 
 
@@ -116,42 +145,101 @@ class ConsumerThread:
 
 
 @pytest.fixture
-def consumers():
+def consumers(conf):
     started: list[ConsumerThread] = []
-    yield started
+
+    def start(handler, host):
+        # The conductor declares the fanout exchange; consumers only bind to it (a compute user may not declare).
+        with rpc.connection(conf) as conn:
+            rpc.fanout_exchange(conf)(conn.channel()).declare()
+        thread = ConsumerThread(conf, handler, host)
+        started.append(thread)
+        return thread
+
+    yield start
     for consumer in started:
         consumer.stop()
 
 
+def reported(hosts) -> list:
+    rows = {s.host: s for s in db.service_get_all()}
+    return [rows[h].applied_generation if h in rows else None for h in hosts]
+
+
 # --------------------------------------------------------------------------- RabbitMQ
 
-def test_one_cast_reaches_three_workers(conf, rabbit, pg_db, workers):
+def test_a_cast_carrying_the_change_is_applied_by_three_workers_without_asking_the_conductor(
+        conf, rabbit, pg_db, conductor, workers):
+    served = conductor()
     hosts = [f"hv-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
     started = [workers.start(host) for host in hosts]
-    _, generation = db.provider_fw_rule_create(make_spec("203.0.113.5"))
-    assert all(w.manager.applied_generation == generation - 1 for w in started)   # nothing applied it yet
+    requests_before = served.stats["requests"]
+    rule, generation = db.provider_fw_rule_create(make_spec("203.0.113.5"))
 
-    assert compute_api.ComputeAPI(conf).trigger_provider_fw_rules_refresh() is True
+    assert compute_api.ComputeAPI(conf).notify(Changes(generation - 1, generation, [db.rule_of(rule)], [])) is True
 
-    def reported():
-        return [db.service_get(w.manager.host).applied_generation for w in started]
-
-    assert wait_until(lambda: reported() == [generation] * 3, 10) is not None, reported()
+    assert wait_until(lambda: reported(hosts) == [generation] * 3, 10) is not None, reported(hosts)
     for worker in started:
         assert worker.manager.casts == [generation]
-        assert worker.manager.applied_generation == generation
+        assert make_spec("203.0.113.5") in worker.manager.reconciler.enforced()
+    assert served.stats["requests"] == requests_before, "a cast that carries the change needs no round trip"
 
 
-def test_worker_started_after_the_cast_converges_through_its_start_up_sync(conf, rabbit, sqlite_db, workers):
+def test_a_cast_without_the_change_makes_every_worker_fetch_one_cached_delta(conf, rabbit, pg_db, conductor, workers):
+    served = conductor()
+    hosts = [f"hv-bulk-{i}" for i in range(3)]
+    started = [workers.start(host) for host in hosts]
+    result = db.provider_fw_rules_create_many([make_spec(f"198.51.100.{i}") for i in range(1, 40)])
+    reads_before = served.stats["delta_reads"] + served.stats["snapshot_reads"]
+
+    # As for a bulk import: only the generations travel.
+    assert compute_api.ComputeAPI(conf).trigger_provider_fw_rules_refresh(result.generation,
+                                                                           result.generation - 1) is True
+
+    assert wait_until(lambda: reported(hosts) == [result.generation] * 3, 10) is not None, reported(hosts)
+    assert all(w.manager.reconciler.rule_count == 39 for w in started)
+    assert served.stats["delta_reads"] + served.stats["snapshot_reads"] - reads_before == 1
+
+
+def test_a_worker_that_missed_a_cast_fetches_the_gap_from_the_conductor(conf, rabbit, sqlite_db, conductor, workers):
+    conductor()
+    worker = workers.start("hv-gap")
+    missed, g1 = db.provider_fw_rule_create(make_spec("203.0.113.7"))        # its cast is lost
+    rule, g2 = db.provider_fw_rule_create(make_spec("203.0.113.8"))
+
+    compute_api.ComputeAPI(conf).notify(Changes(g2 - 1, g2, [db.rule_of(rule)], []))
+
+    assert wait_until(lambda: worker.manager.applied_generation == g2, 10) is not None
+    assert set(worker.manager.reconciler.enforced()) == {make_spec("203.0.113.7"), make_spec("203.0.113.8")}
+
+
+def test_worker_started_after_the_cast_converges_through_its_start_up_sync(conf, rabbit, sqlite_db, conductor, workers):
+    conductor()
     db.provider_fw_rule_create(make_spec("203.0.113.5"))
     _, generation = db.provider_fw_rule_create(make_spec("198.51.100.0/24", "tcp", 8080))
-    assert compute_api.ComputeAPI(conf).trigger_provider_fw_rules_refresh() is True   # nobody listens: lost
+    assert compute_api.ComputeAPI(conf).trigger_provider_fw_rules_refresh(generation) is True   # nobody listens
 
     worker = workers.start("hv-late")
     assert worker.manager.applied_generation == generation
     assert worker.manager.casts == []
-    row = db.service_get("hv-late")
-    assert (row.applied_generation, row.rule_count) == (generation, 2)
+    assert wait_until(lambda: reported(["hv-late"]) == [generation], 10) is not None
+    assert db.service_get("hv-late").rule_count == 2
+
+
+def test_without_a_conductor_a_request_fails_with_a_clear_error_in_bounded_time(conf, rabbit):
+    conf.set_override("call_timeout", 0.5, group="conductor")
+    conf.set_override("call_retries", 1, group="conductor")
+    with rpc.connection(conf) as conn:                     # the exchange exists, nobody consumes
+        rpc.conductor_exchange(conf)(conn.channel()).declare()
+    client = conductor_api.ConductorAPI(conf, "hv-alone")
+    started = time.monotonic()
+    try:
+        with pytest.raises(exception.ConductorUnavailable) as info:
+            client.get_provider_fw_rules(None)
+    finally:
+        client.close()
+    assert time.monotonic() - started < 5
+    assert rpc.conductor_exchange(conf).name in str(info.value) and "provfw-conductor" in str(info.value)
 
 
 def test_handler_that_raises_does_not_kill_the_consumer(conf, rabbit, consumers):
@@ -160,27 +248,29 @@ def test_handler_that_raises_does_not_kill_the_consumer(conf, rabbit, consumers)
     def handler(method, args):
         handled.append(args["generation"])
         if args["generation"] == 1:
-            raise RuntimeError("the database is down")
+            raise RuntimeError("the kernel refused")
 
-    consumers.append(ConsumerThread(conf, handler, "hv-flaky"))
+    consumer = consumers(handler, "hv-flaky")
     publisher = rpc.FanoutPublisher(conf)
     try:
         publisher.cast("trigger_provider_fw_rules", generation=1)
         publisher.cast("trigger_provider_fw_rules", generation=2)
         assert wait_until(lambda: handled == [1, 2], 10) is not None, handled
-        assert consumers[0].thread.is_alive()
+        assert consumer.thread.is_alive()
     finally:
         publisher.close()
 
 
 def test_malformed_casts_are_dropped_and_the_consumer_goes_on(conf, rabbit, consumers):
     handled = []
-    consumers.append(ConsumerThread(conf, lambda method, args: handled.append((method, args)), "hv-strict"))
-    with kombu.Connection(rpc.kombu_url(rabbit), connect_timeout=5) as conn:
+    consumers(lambda method, args: handled.append((method, args)), "hv-strict")
+    with rpc.connection(conf) as conn:
         producer = conn.Producer(serializer="json")
         exchange = rpc.fanout_exchange(conf)
         for body in ({"method": 42, "args": {}}, {"method": "x", "args": ["not", "a", "dict"]}, ["junk"]):
             producer.publish(body, exchange=exchange, routing_key="")
+        producer.publish(b"\xff\xfe not json", exchange=exchange, routing_key="", content_type="application/json",
+                         content_encoding="binary")
     publisher = rpc.FanoutPublisher(conf)
     try:
         publisher.cast("trigger_provider_fw_rules", generation=7)
@@ -193,7 +283,7 @@ def test_malformed_casts_are_dropped_and_the_consumer_goes_on(conf, rabbit, cons
 @pytest.mark.parametrize("how", ["close the kombu connection", "broker drops the socket"])
 def test_publisher_survives_a_dropped_connection(conf, rabbit, consumers, how):
     handled = []
-    consumers.append(ConsumerThread(conf, lambda method, args: handled.append(args["generation"]), "hv-pub"))
+    consumers(lambda method, args: handled.append(args["generation"]), "hv-pub")
     publisher = rpc.FanoutPublisher(conf)
     try:
         publisher.cast("trigger_provider_fw_rules", generation=1)
@@ -209,6 +299,25 @@ def test_publisher_survives_a_dropped_connection(conf, rabbit, consumers, how):
         publisher.close()
 
 
+def test_with_several_brokers_in_the_url_casts_arrive_although_the_first_is_down(conf, rabbit, consumers):
+    """oslo.messaging's multi-host form, as kolla-ansible writes it: the unreachable first broker is skipped."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    with TcpProxy("127.0.0.1", 5672) as proxy:
+        live = proxy.port
+        conf.set_override("transport_url", f"rabbit://guest:guest@127.0.0.1:{dead},guest:guest@127.0.0.1:{live}//")
+        handled = []
+        consumers(lambda method, args: handled.append(args["generation"]), "hv-ha")
+        publisher = rpc.FanoutPublisher(conf)
+        try:
+            publisher.cast("trigger_provider_fw_rules", generation=11)
+            assert wait_until(lambda: handled == [11], 10) is not None, handled
+        finally:
+            publisher.close()
+        assert proxy.accepted >= 2          # both sides went through the second broker
+
+
 def test_unreachable_broker_degrades_to_a_false_return(conf):
     conf.set_override("transport_url", "rabbit://guest:guest@127.0.0.1:1//")   # nothing listens on port 1
     api = compute_api.ComputeAPI(conf, publisher=rpc.FanoutPublisher(conf, max_retries=1))
@@ -216,18 +325,20 @@ def test_unreachable_broker_degrades_to_a_false_return(conf):
     assert api.trigger_provider_fw_rules_refresh(generation=5) is False
 
 
-def test_each_worker_gets_its_own_queue_that_dies_with_it(conf, rabbit):
-    a = ConsumerThread(conf, lambda *_: None, "hv-q")
-    b = ConsumerThread(conf, lambda *_: None, "hv-q")        # same host name: still two queues
+def test_each_worker_gets_its_own_queue_that_dies_with_it(conf, rabbit, consumers):
+    a = consumers(lambda *_: None, "hv-q")
+    b = consumers(lambda *_: None, "hv-q")        # same host name: still two queues
     assert a.consumer.queue_name != b.consumer.queue_name
     a.stop()
     b.stop()
-    with kombu.Connection(rpc.kombu_url(rabbit), connect_timeout=5) as conn:
+    consumers_left = []
+    with rpc.connection(conf) as conn:
         channel = conn.channel()
         for name in (a.consumer.queue_name, b.consumer.queue_name):
             with pytest.raises(conn.channel_errors):       # 404 NOT_FOUND: auto-deleted with its consumer
                 kombu.Queue(name, channel=channel).queue_declare(passive=True)
             channel = conn.channel()                        # a 404 closes the channel
+    assert not consumers_left
 
 
 # --------------------------------------------------------------------------- memory:// (provfw-all-in-one)
@@ -235,7 +346,7 @@ def test_each_worker_gets_its_own_queue_that_dies_with_it(conf, rabbit):
 def test_memory_bus_fans_out_within_the_process(conf, memory_bus, consumers):
     got: dict[str, list] = {"a": [], "b": []}
     for host in got:
-        consumers.append(ConsumerThread(conf, lambda method, args, host=host: got[host].append(args), host))
+        consumers(lambda method, args, host=host: got[host].append(args), host)
     publisher = rpc.FanoutPublisher(conf)
     try:
         publisher.cast("trigger_provider_fw_rules", generation=3)
@@ -244,18 +355,18 @@ def test_memory_bus_fans_out_within_the_process(conf, memory_bus, consumers):
         publisher.close()
 
 
-def test_all_in_one_worker_applies_casts_over_the_memory_bus(conf, memory_bus, sqlite_db, workers):
+def test_all_in_one_worker_applies_casts_over_the_memory_bus(conf, memory_bus, sqlite_db, conductor, workers):
+    conductor()
     worker = workers.start("hv-aio")
-    _, generation = db.provider_fw_rule_create(make_spec("203.0.113.5"))
-    assert compute_api.ComputeAPI(conf).trigger_provider_fw_rules_refresh() is True
+    rule, generation = db.provider_fw_rule_create(make_spec("203.0.113.5"))
+    assert compute_api.ComputeAPI(conf).notify(Changes(generation - 1, generation, [db.rule_of(rule)], []))
     assert wait_until(lambda: worker.manager.applied_generation == generation, 10) is not None
     assert worker.manager.casts == [generation]
+    assert wait_until(lambda: reported(["hv-aio"]) == [generation], 10) is not None
 
 
 def test_after_a_failed_cast_the_next_ones_fail_fast_instead_of_stalling_the_api(conf):
     """A dead broker must not cost every API mutation seconds of retries; workers converge periodically."""
-    import time
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]

@@ -131,30 +131,22 @@ class Audit:
 
 @dataclasses.dataclass(frozen=True)
 class CreateResult:
-    """``added`` holds the new rows for small creates; bulk creates only count them (``added_count``)."""
+    """``added`` holds the new rows for small creates; bulk creates only count them (``added_count``).
+
+    ``retired`` are live but expired copies of the created specs that the same
+    transaction soft-deleted to make room (hosts had already stopped enforcing them).
+    """
 
     generation: int
     added: list[ProviderFirewallRule]
     duplicates: list[rules_mod.RuleSpec]
     added_count: int = 0
+    retired: list[rules_mod.Rule] = dataclasses.field(default_factory=list)
 
 
-@dataclasses.dataclass(frozen=True)
-class Snapshot:
-    """The live rules as of one generation."""
-
-    generation: int
-    rules: list[tuple[rules_mod.RuleSpec, datetime.datetime | None]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Changes:
-    """What changed between ``since`` and ``generation``: specs added and removed."""
-
-    since: int
-    generation: int
-    added: list[tuple[rules_mod.RuleSpec, datetime.datetime | None]]
-    removed: list[rules_mod.RuleSpec]
+# The values the db layer returns are the ones the hosts use (provfw.rules).
+Snapshot = rules_mod.Snapshot
+Changes = rules_mod.Changes
 
 
 def _now() -> datetime.datetime:
@@ -163,6 +155,16 @@ def _now() -> datetime.datetime:
 
 def _spec_of(row) -> rules_mod.RuleSpec:
     return rules_mod.RuleSpec(row.cidr, row.protocol, row.from_port, row.to_port)
+
+
+def _epoch(value: datetime.datetime | None) -> float | None:
+    """Naive UTC datetime -> POSIX seconds (the hosts' clock), None stays None."""
+    return None if value is None else value.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def rule_of(row) -> rules_mod.Rule:
+    """The hosts' view of a rule row (any row with id, cidr, protocol, ports and expires_at)."""
+    return rules_mod.Rule(row.id, _spec_of(row), _epoch(row.expires_at))
 
 
 def _bump_generation(session: Session) -> int:
@@ -234,11 +236,12 @@ def provider_fw_rules_create_many(specs: Sequence[rules_mod.RuleSpec], descripti
                 existing = _existing_live(session, unique_specs)
                 # A live but expired copy is gone as far as enforcement goes:
                 # retire it so the new rule can take its place.
-                expired_ids = [rid for spec, (rid, exp) in existing.items() if exp is not None and exp <= now]
-                if expired_ids:
+                retired = [rules_mod.Rule(rid, spec, _epoch(exp)) for spec, (rid, exp) in existing.items()
+                           if exp is not None and exp <= now]
+                if retired:
+                    expired_ids = [rule.id for rule in retired]
                     _adjust_live_rules(session, -_soft_delete(session, expired_ids, generation, now, "expiry"))
-                    retired = set(expired_ids)
-                    existing = {k: v for k, v in existing.items() if v[0] not in retired}
+                    existing = {k: v for k, v in existing.items() if k not in {r.spec for r in retired}}
                 new_specs = [s for s in unique_specs if s not in existing]
                 duplicates = [s for s in unique_specs if s in existing]
                 if not new_specs:
@@ -278,7 +281,7 @@ def provider_fw_rules_create_many(specs: Sequence[rules_mod.RuleSpec], descripti
                 LOG.debug("create raced with another writer: %s", exc)
                 raise exception.DuplicateRule(unique_specs[0] if len(unique_specs) == 1 else None) from None
             raise exception.ProvfwError(f"the database refused the change: {exc.orig}") from exc
-    return CreateResult(generation, rows, duplicates, added_count)
+    return CreateResult(generation, rows, duplicates, added_count, retired)
 
 
 _BULK_COLUMNS = ("cidr", "ip_version", "protocol", "from_port", "to_port", "description", "created_by", "created_at",
@@ -390,41 +393,42 @@ def provider_fw_rule_get_all_by_cidr(cidr: str) -> list[ProviderFirewallRule]:
     return provider_fw_rule_get_all(cidr=cidr)
 
 
-def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None) -> int:
-    """Soft-delete one live rule; return the new generation.  Raise RuleNotFound if it is not live."""
+_RULE_COLUMNS = (ProviderFirewallRule.id, ProviderFirewallRule.cidr, ProviderFirewallRule.protocol,
+                 ProviderFirewallRule.from_port, ProviderFirewallRule.to_port, ProviderFirewallRule.expires_at)
+
+
+def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None) -> Changes:
+    """Soft-delete one live rule; return the change (one removed rule).  RuleNotFound if it is not live."""
     now = _now()
     with _session() as session, session.begin():
         generation = _bump_generation(session)
-        row = session.execute(select(ProviderFirewallRule.id, ProviderFirewallRule.cidr,
-                                     ProviderFirewallRule.protocol, ProviderFirewallRule.from_port,
-                                     ProviderFirewallRule.to_port)
-                              .where(ProviderFirewallRule.id == rule_id, _live())).first()
+        row = session.execute(select(*_RULE_COLUMNS).where(ProviderFirewallRule.id == rule_id, _live())).first()
         if row is None:
             raise exception.RuleNotFound(rule_id)
         _adjust_live_rules(session, -_soft_delete(session, [rule_id], generation, now, audit.actor if audit else None))
         _audit(session, audit, "rule.delete", generation, {"rules": [{"id": rule_id, **_spec_of(row).as_dict()}]})
-    return generation
+    return Changes(generation - 1, generation, [], [rule_of(row)])
 
 
-def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None) -> tuple[int, int]:
-    """Soft-delete every live rule for ``cidr``; return (count, generation).  RuleNotFound when none."""
+def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None) -> Changes:
+    """Soft-delete every live rule for ``cidr``; return the change.  NotFound when there is none."""
     now = _now()
     with _session() as session, session.begin():
         generation = _bump_generation(session)
-        ids = list(session.scalars(select(ProviderFirewallRule.id)
-                                   .where(ProviderFirewallRule.cidr == cidr, _live())
-                                   .order_by(ProviderFirewallRule.id)))
-        if not ids:
+        rows = session.execute(select(*_RULE_COLUMNS).where(ProviderFirewallRule.cidr == cidr, _live())
+                               .order_by(ProviderFirewallRule.id)).all()
+        if not rows:
             raise exception.NotFound(f"no provider firewall rules for {cidr}")
+        ids = [row.id for row in rows]
         count = _soft_delete(session, ids, generation, now, audit.actor if audit else None)
         _adjust_live_rules(session, -count)
         _audit(session, audit, "cidr.unblock", generation, {"cidr": cidr, "count": count, "ids": ids})
-    return count, generation
+    return Changes(generation - 1, generation, [], [rule_of(row) for row in rows])
 
 
 def provider_fw_rule_purge_expired(now: datetime.datetime | None = None, older_than: datetime.timedelta | None = None,
-                                   audit: Audit | None = None) -> tuple[int, int | None]:
-    """Soft-delete live rules whose expiry has passed; return (count, generation or None).
+                                   audit: Audit | None = None) -> Changes | None:
+    """Soft-delete live rules whose expiry has passed; return the change, or None when nothing expired.
 
     Hosts already stopped enforcing them at expiry; this only tidies the table
     (and tells hosts through the generation that the rows are gone).
@@ -432,15 +436,15 @@ def provider_fw_rule_purge_expired(now: datetime.datetime | None = None, older_t
     now = now or _now()
     cutoff = now - (older_than or datetime.timedelta(0))
     with _session() as session, session.begin():
-        ids = list(session.scalars(select(ProviderFirewallRule.id).where(
-            _live(), ProviderFirewallRule.expires_at.is_not(None), ProviderFirewallRule.expires_at <= cutoff)))
-        if not ids:
-            return 0, None
+        rows = session.execute(select(*_RULE_COLUMNS).where(
+            _live(), ProviderFirewallRule.expires_at.is_not(None), ProviderFirewallRule.expires_at <= cutoff)).all()
+        if not rows:
+            return None
         generation = _bump_generation(session)
-        count = _soft_delete(session, ids, generation, now, "expiry")
+        count = _soft_delete(session, [row.id for row in rows], generation, now, "expiry")
         _adjust_live_rules(session, -count)
         _audit(session, audit or Audit("expiry"), "rule.expire", generation, {"count": count})
-    return count, generation
+    return Changes(generation - 1, generation, [], [rule_of(row) for row in rows])
 
 
 def provider_fw_distinct_cidrs() -> list[tuple[str, int]]:
@@ -472,12 +476,8 @@ def provider_fw_generation_get() -> int:
     return _current_generation()
 
 
-_SPEC_COLUMNS = (ProviderFirewallRule.cidr, ProviderFirewallRule.protocol, ProviderFirewallRule.from_port,
-                 ProviderFirewallRule.to_port, ProviderFirewallRule.expires_at)
-
-
 def provider_fw_snapshot(now: datetime.datetime | None = None, attempts: int = 5) -> Snapshot:
-    """Every live, unexpired rule spec, consistent with one generation.
+    """Every live, unexpired rule, consistent with one generation.
 
     Reads the generation before and after the rules and retries if a mutation
     committed in between, so the result never mixes two generations whatever
@@ -487,32 +487,38 @@ def provider_fw_snapshot(now: datetime.datetime | None = None, attempts: int = 5
     for attempt in range(attempts):
         with _session() as session:
             before = _current_generation(session)
-            rows = session.execute(select(*_SPEC_COLUMNS).where(_live(), _not_expired(now))).all()
+            rows = session.execute(select(*_RULE_COLUMNS).where(_live(), _not_expired(now))).all()
             session.rollback()
             after = _current_generation(session)
         if before == after:
-            return Snapshot(after, [(rules_mod.RuleSpec(c, p, f, t), e) for c, p, f, t, e in rows])
+            return Snapshot(after, [rules_mod.Rule(i, rules_mod.RuleSpec(c, p, f, t), _epoch(e))
+                                    for i, c, p, f, t, e in rows])
         time.sleep(0.01 * (attempt + 1))
     raise exception.ProvfwError("rules kept changing while reading a snapshot; try again")
 
 
 def provider_fw_changes_since(generation: int, attempts: int = 5) -> Changes:
-    """The rules added and removed after ``generation`` (indexed by generation columns)."""
+    """The rules added and removed after ``generation`` (indexed by generation columns).
+
+    A rule created and deleted within the window is in neither list; a rule
+    deleted in the window is in ``removed`` only if it existed at ``generation``.
+    """
     for attempt in range(attempts):
         with _session() as session:
             before = _current_generation(session)
-            added = session.execute(select(*_SPEC_COLUMNS, ProviderFirewallRule.deleted_generation).where(
+            added = session.execute(select(*_RULE_COLUMNS, ProviderFirewallRule.deleted_generation).where(
                 ProviderFirewallRule.created_generation > generation)).all()
-            removed = session.execute(select(*_SPEC_COLUMNS, ProviderFirewallRule.created_generation).where(
+            removed = session.execute(select(*_RULE_COLUMNS, ProviderFirewallRule.created_generation).where(
                 ProviderFirewallRule.deleted_generation > generation)).all()
             session.rollback()
             after = _current_generation(session)
         if before != after:
             time.sleep(0.01 * (attempt + 1))
             continue
-        # A rule created and deleted within the window is neither.
-        add = [(rules_mod.RuleSpec(c, p, f, t), e) for c, p, f, t, e, dg in added if dg is None]
-        rem = [rules_mod.RuleSpec(c, p, f, t) for c, p, f, t, e, cg in removed if cg <= generation]
+        add = [rules_mod.Rule(i, rules_mod.RuleSpec(c, p, f, t), _epoch(e))
+               for i, c, p, f, t, e, dg in added if dg is None]
+        rem = [rules_mod.Rule(i, rules_mod.RuleSpec(c, p, f, t), _epoch(e))
+               for i, c, p, f, t, e, cg in removed if cg <= generation]
         return Changes(generation, after, add, rem)
     raise exception.ProvfwError("rules kept changing while reading a delta; try again")
 
@@ -524,7 +530,7 @@ def service_update(host: str, binary: str = "provfw-compute", **values) -> None:
     now = _now()
     if values.pop("heartbeat", False):
         values["heartbeat_at"] = now
-    allowed = {"driver", "heartbeat_at", "applied_generation", "applied_at", "rule_count", "last_error"}
+    allowed = set(SERVICE_REPORT_FIELDS)
     unknown = set(values) - allowed
     if unknown:
         raise TypeError(f"unknown service fields: {sorted(unknown)}")
@@ -542,6 +548,49 @@ def service_update(host: str, binary: str = "provfw-compute", **values) -> None:
             # Two threads of one worker created the row at once; the second updates it.
             if attempt == 2:
                 raise
+
+
+SERVICE_REPORT_FIELDS = ("driver", "heartbeat_at", "applied_generation", "applied_at", "rule_count", "last_error",
+                         "quarantine", "bus_user")
+
+
+def service_update_many(reports: dict[str, dict], binary: str = "provfw-compute") -> int:
+    """Write many hosts' state reports in ONE transaction; return the rows written.
+
+    ``reports`` maps host -> values with exactly ``SERVICE_REPORT_FIELDS``
+    (the conductor's batched reports).  Existing rows are updated with one
+    executemany, new hosts inserted; a row another conductor inserted
+    concurrently is retried as an update.
+    """
+    if not reports:
+        return 0
+    now = _now()
+    for attempt in range(3):
+        try:
+            with _session() as session, session.begin():
+                hosts = list(reports)
+                existing = set()
+                for start in range(0, len(hosts), 1000):
+                    existing.update(session.scalars(select(Service.host).where(
+                        Service.binary == binary, Service.host.in_(hosts[start:start + 1000]))))
+                updates = [{"b_host": host, **{k: reports[host][k] for k in SERVICE_REPORT_FIELDS}, "updated_at": now}
+                           for host in hosts if host in existing]
+                if updates:
+                    statement = (update(Service.__table__)
+                                 .where(Service.__table__.c.host == sa.bindparam("b_host"),
+                                        Service.__table__.c.binary == binary)
+                                 .values({k: sa.bindparam(k) for k in (*SERVICE_REPORT_FIELDS, "updated_at")}))
+                    session.connection().execute(statement, updates)
+                inserts = [{"host": host, "binary": binary, "created_at": now,
+                            **{k: reports[host][k] for k in SERVICE_REPORT_FIELDS}}
+                           for host in hosts if host not in existing]
+                if inserts:
+                    session.execute(sa.insert(Service.__table__), inserts)
+            return len(reports)
+        except sa_exc.IntegrityError:
+            if attempt == 2:
+                raise
+    return 0
 
 
 def service_get_all(binary: str = "provfw-compute") -> list[Service]:

@@ -1,0 +1,88 @@
+"""provfw-conductor's loops: the request server, report flushing, expiry purge, its own heartbeat.
+
+Plain ``threading`` (greenthreads under ``provfw-conductor``'s eventlet
+patch; real threads in tests and in ``provfw-all-in-one``'s process).
+Several conductors may run at once: they consume one shared request queue,
+their caches are independent, and a purge that finds nothing is harmless.
+
+Thread-safety: ``start``/``stop`` from one thread; see ConductorManager for
+what the loops share.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+from oslo_config import cfg
+
+from provfw import conf as provfw_conf
+from provfw import rpc
+from provfw.compute import api as compute_api_mod
+from provfw.conductor import manager as conductor_manager
+from provfw.db import api as db
+
+LOG = logging.getLogger(__name__)
+
+BINARY = "provfw-conductor"
+
+
+class ConductorService:
+    def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF,
+                 compute_api: compute_api_mod.ComputeAPI | None = None, host: str | None = None):
+        self.conf = conf
+        self.host = host or socket.gethostname()
+        self.compute_api = compute_api or compute_api_mod.ComputeAPI(conf)
+        self.manager = conductor_manager.ConductorManager(conf, self.compute_api)
+        self.server = rpc.RpcServer(self.manager.handle, conf,
+                                    request_ttl=conf.conductor.call_timeout * (conf.conductor.call_retries + 1))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def ready(self) -> threading.Event:
+        """Set while the server consumes requests."""
+        return self.server.connected
+
+    def start(self) -> None:
+        self._spawn(self.server.run, "conductor-server")
+        self._spawn(self._flush_loop, "conductor-reports")
+        self._spawn(self._every(self.conf.conductor.purge_interval, self.manager.purge_expired), "conductor-purge")
+        self._spawn(self._every(self.conf.compute.heartbeat_interval, self._heartbeat), "conductor-heartbeat")
+        LOG.info("provfw-conductor %s started", self.host)
+
+    def _flush_loop(self) -> None:
+        interval = self.conf.conductor.report_flush_interval
+        while not self._stop.is_set():
+            self.manager.flush_now.wait(interval)
+            self.manager.flush_now.clear()
+            try:
+                self.manager.flush_reports()
+            except Exception:  # noqa: BLE001 - a loop that must never die
+                LOG.exception("flushing state reports failed")
+        self.manager.flush_reports()
+
+    def _heartbeat(self) -> None:
+        db.service_update(self.host, binary=BINARY, heartbeat=True, driver=None)
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _every(self, interval: float, func):
+        def loop():
+            while not self._stop.wait(interval):
+                try:
+                    func()
+                except Exception:  # noqa: BLE001 - a periodic task must never die
+                    LOG.exception("periodic task %s failed", getattr(func, "__name__", func))
+        return loop
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.server.stop()
+        self.manager.flush_now.set()
+        for thread in self._threads:
+            thread.join(timeout)
