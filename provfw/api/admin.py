@@ -259,7 +259,9 @@ class AdminController:
         cidr = rules.normalise_cidr(body["cidr"])
         count, generation = db.provider_fw_rule_destroy_by_cidr(cidr, audit=context.audit(body.get("description")))
         self._notify(generation)
-        return wsgi.json_response({"status": "OK", "message": f"Deleted {count} rules", "generation": generation})
+        # "cidr" and "deleted" let clients report the result without parsing the seed's message text.
+        return wsgi.json_response({"status": "OK", "message": f"Deleted {count} rules", "cidr": cidr,
+                                   "deleted": count, "generation": generation})
 
     # ------------------------------------------------------------ services and audit
 
