@@ -5,20 +5,35 @@
     client.list_rules(cidr="203.0.113.0/24")
     client.unblock_ips("203.0.113.0/24")
 
-Errors from the server raise ``AdminClientError`` carrying the HTTP status
-and the server's message.  Thread-safety: one ``requests.Session`` per
-client; share a client between threads only if you accept requests' rules.
+Errors come in two types, so callers decide on the type, never on text:
+
+* ``AdminClientError``: the API answered, and refused (any status other than the
+  call's success status) or answered something that is not provfw's JSON.  It
+  carries ``status`` (int), ``message`` (the server's ``error.message``) and
+  ``body`` (the parsed JSON, or None).
+* ``APIUnreachable``: no answer at all (connection refused, DNS, TLS, timeout).
+  It carries ``url`` and ``reason``.  It subclasses
+  ``requests.RequestException``, so code written against the requests errors
+  this client used to leak keeps working.  ``timed_out`` is True when the
+  request was sent but no answer came in time: a change may or may not have
+  been made.
+
+Thread-safety: one ``requests.Session`` per client; share a client between
+threads only if you accept requests' rules.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Iterable, Iterator
 
 import requests
 
 
 class AdminClientError(Exception):
+    """The API answered with an error (or with something that is not provfw's JSON)."""
+
     def __init__(self, status: int, message: str, body: Any = None):
         self.status = status
         self.message = message
@@ -26,7 +41,50 @@ class AdminClientError(Exception):
         super().__init__(f"HTTP {status}: {message}")
 
 
+class APIUnreachable(requests.RequestException):
+    """No answer from the API at ``url``; ``reason`` says why (e.g. 'Connection refused')."""
+
+    def __init__(self, url: str, reason: str, timed_out: bool = False):
+        self.url = url
+        self.reason = reason
+        self.timed_out = timed_out
+        super().__init__(f"no answer from {url}: {reason} (a change may or may not have been made)" if timed_out
+                         else f"cannot reach {url}: {reason}")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost OS-level reason inside requests' and urllib3's wrappers ('Connection refused').
+
+    urllib3 nests the socket error several levels deep (MaxRetryError.reason ->
+    NewConnectionError.__cause__ -> ConnectionRefusedError); when the chain has
+    another shape the outermost text is still an honest answer.
+    """
+    seen: set[int] = set()
+    level: list[Any] = [exc]
+    found: str | None = None
+    while level:  # breadth first, so the last reason found is the deepest
+        following: list[Any] = []
+        for current in level:
+            if not isinstance(current, BaseException) or id(current) in seen:
+                continue
+            seen.add(id(current))
+            if isinstance(current, OSError) and current.strerror:
+                found = current.strerror
+            following += [current.__cause__, current.__context__, getattr(current, "reason", None),
+                          *(a for a in current.args if isinstance(a, BaseException))]
+        level = following
+    return found or str(exc)
+
+
 class AdminClient:
+    """A client of one provfw-api endpoint.
+
+    ``url`` is the API's base URL (``http://host:8774``), ``token`` an API token
+    (``provfw-manage token create``), ``timeout`` the seconds to wait for each
+    answer.  Every method raises ``AdminClientError`` or ``APIUnreachable`` as
+    described in the module docstring.
+    """
+
     def __init__(self, url: str, token: str, timeout: float = 30.0, session: requests.Session | None = None):
         self.url = url.rstrip("/")
         self.timeout = timeout
@@ -35,24 +93,45 @@ class AdminClient:
 
     # ------------------------------------------------------------ transport
 
-    def _request(self, method: str, path: str, expect: Iterable[int] = (200,), **kwargs) -> Any:
+    def _send(self, method: str, path: str, expect: Iterable[int] = (200,), **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
-        response = self.session.request(method, self.url + path, **kwargs)
+        try:
+            response = self.session.request(method, self.url + path, **kwargs)
+        except requests.ConnectTimeout as exc:
+            raise APIUnreachable(self.url, f"connection timed out after {kwargs['timeout']:g} s") from exc
+        except requests.ConnectionError as exc:
+            raise APIUnreachable(self.url, _root_cause(exc)) from exc
+        except requests.Timeout as exc:
+            raise APIUnreachable(self.url, f"timed out after {kwargs['timeout']:g} s", timed_out=True) from exc
         if response.status_code not in tuple(expect):
             try:
                 body = response.json()
-                message = body.get("error", {}).get("message") or body.get("message") or response.text
+                error = body.get("error") if isinstance(body, dict) else None
+                message = (error or {}).get("message") or (body.get("message") if isinstance(body, dict) else None)
             except ValueError:
-                body, message = None, response.text
-            raise AdminClientError(response.status_code, message, body)
+                body, message = None, None
+            raise AdminClientError(response.status_code, message or response.text.strip() or response.reason, body)
+        return response
+
+    def _request(self, method: str, path: str, expect: Iterable[int] = (200,), **kwargs) -> Any:
+        response = self._send(method, path, expect, **kwargs)
         if response.status_code == 204 or not response.content:
             return None
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise AdminClientError(response.status_code,
+                                   f"the answer from {self.url}{path} is not JSON; is this a provfw API?") from None
 
     # ------------------------------------------------------------ the seed's calls
 
     def block_ips(self, cidr: str, description: str | None = None, ttl: float | None = None) -> dict:
-        """Block all TCP, UDP and ICMP from ``cidr`` (creates the missing rules of the three)."""
+        """Block all TCP, UDP and ICMP from ``cidr`` (creates the missing rules of the three).
+
+        ``ttl`` is in seconds.  Returns ``{"status": "OK", "message": "Added N rules", "rules": [rule, ...],
+        "generation": int}`` where each rule is shaped as ``get_rule`` returns it.  Raises AdminClientError
+        400 (bad CIDR), 409 (all three rules exist already: "Duplicate rule. 0 rules added"; or protected).
+        """
         body: dict[str, Any] = {"cidr": cidr}
         if description is not None:
             body["description"] = description
@@ -61,10 +140,15 @@ class AdminClient:
         return self._request("POST", "/v1/block-external-addresses", json=body)
 
     def unblock_ips(self, cidr: str) -> dict:
-        """Delete every rule for ``cidr``."""
+        """Delete every rule for ``cidr``.
+
+        Returns ``{"status": "OK", "message": "Deleted N rules", "cidr": normalised cidr, "deleted": N,
+        "generation": int}``.  Raises AdminClientError 404 when no rule has that CIDR, 400 for a bad CIDR.
+        """
         return self._request("POST", "/v1/remove-external-address-block", json={"cidr": cidr})
 
     def list_blocks(self) -> list[dict]:
+        """Distinct blocked CIDRs: ``[{"cidr": str, "rules": int}, ...]``."""
         return self._request("GET", "/v1/external-address-blocks")["blocks"]
 
     # ------------------------------------------------------------ rules
@@ -72,25 +156,39 @@ class AdminClient:
     def create_rule(self, cidr: str, protocol: str = "all", from_port: int | None = None,
                     to_port: int | None = None, description: str | None = None, ttl: float | None = None,
                     expires_at: str | None = None) -> dict:
+        """Create one rule; returns it as ``get_rule`` does (its ``generation`` is the one that created it).
+
+        Raises AdminClientError 400 naming the bad field, 409 when the same rule is live, a protected network
+        overlaps, or ``max_rules`` is reached.
+        """
         body = {k: v for k, v in {"cidr": cidr, "protocol": protocol, "from_port": from_port, "to_port": to_port,
                                   "description": description, "ttl": ttl, "expires_at": expires_at}.items()
                 if v is not None}
         return self._request("POST", "/v1/provider-fw-rules", expect=(201,), json=body)["rule"]
 
     def get_rule(self, rule_id: int) -> dict:
+        """One live rule: ``{"id", "cidr", "protocol", "from_port", "to_port", "description", "created_by",
+        "created_at", "expires_at", "generation"}`` (timestamps ISO 8601 UTC with 'Z', or None).
+        Raises AdminClientError 404 when unknown."""
         return self._request("GET", f"/v1/provider-fw-rules/{int(rule_id)}")["rule"]
 
-    def delete_rule(self, rule_id: int) -> None:
-        self._request("DELETE", f"/v1/provider-fw-rules/{int(rule_id)}", expect=(204,))
+    def delete_rule(self, rule_id: int) -> int | None:
+        """Delete one rule; returns the generation of the deletion (None from a server that does not say).
+
+        Raises AdminClientError 404 when unknown."""
+        response = self._send("DELETE", f"/v1/provider-fw-rules/{int(rule_id)}", expect=(204,))
+        generation = response.headers.get("X-Provfw-Generation")
+        return int(generation) if generation and generation.isdigit() else None
 
     def list_rules_page(self, cidr: str | None = None, protocol: str | None = None, limit: int | None = None,
                         marker: int | None = None) -> dict:
+        """One page: ``{"rules": [rule, ...], "generation": int, "next_marker": int | None}``, ordered by id."""
         params = {k: v for k, v in {"cidr": cidr, "protocol": protocol, "limit": limit, "marker": marker}.items()
                   if v is not None}
         return self._request("GET", "/v1/provider-fw-rules", params=params)
 
     def iter_rules(self, cidr: str | None = None, protocol: str | None = None, page_size: int = 1000) -> Iterator[dict]:
-        """Every live rule, following the pagination markers."""
+        """Every live rule, following the pagination markers (``page_size`` rules a request)."""
         marker = None
         while True:
             page = self.list_rules_page(cidr, protocol, page_size, marker)
@@ -100,13 +198,24 @@ class AdminClient:
                 return
 
     def list_rules(self, cidr: str | None = None, protocol: str | None = None) -> list[dict]:
+        """Every live rule as a list (see ``iter_rules``)."""
         return list(self.iter_rules(cidr, protocol))
 
     def import_rules(self, lines: Iterable[str] | str, protocol: str = "all", description: str | None = None,
                      ttl: float | None = None) -> dict:
-        """Bulk import: one CIDR or address per line ('#' comments allowed)."""
+        """Bulk import: one CIDR or address per line ('#' comments allowed), one transaction and one cast.
+
+        ``ttl`` is in seconds, rounded up to a whole second.
+
+        Returns ``{"added": int, "duplicate": int, "refused": int, "refused_lines": [{"line": int (1-based,
+        counted in ``lines``), "value": str, "reason": str}, ...] (at most 1000), "generation": int}``.
+        Raises AdminClientError 400 for a bad option, 413 for a body over ``[api] max_import_body_size``,
+        409 when ``max_rules`` would be exceeded (then nothing of this call is added).
+        """
         text = lines if isinstance(lines, str) else "\n".join(lines)
-        params = {k: v for k, v in {"protocol": protocol, "description": description, "ttl": ttl}.items()
+        # The options travel in the query string, where the API takes ttl as whole seconds ("86400", not "86400.0").
+        seconds = None if ttl is None else math.ceil(ttl)
+        params = {k: v for k, v in {"protocol": protocol, "description": description, "ttl": seconds}.items()
                   if v is not None}
         return self._request("POST", "/v1/provider-fw-rules/import", expect=(200, 201), params=params,
                              data=text.encode(), headers={"Content-Type": "text/plain"})
@@ -114,17 +223,24 @@ class AdminClient:
     # ------------------------------------------------------------ operations
 
     def services(self) -> dict:
+        """``{"services": [{"host", "binary", "state" ("up" | "down"), "heartbeat_at", "applied_generation",
+        "in_sync" (bool), "applied_at", "rule_count", "driver", "last_error"}, ...], "generation": int}``."""
         return self._request("GET", "/v1/services")
 
     def generation(self) -> int:
+        """The current rule generation."""
         return self._request("GET", "/v1/provider-fw-rules", params={"limit": 1})["generation"]
 
     def audit_log(self, limit: int = 100) -> list[dict]:
+        """The newest ``limit`` audit records, newest first: ``[{"id", "at", "actor", "request_id", "action",
+        "generation", "detail" (dict or None)}, ...]``.  Raises AdminClientError 403 for a reader token."""
         return self._request("GET", "/v1/audit-log", params={"limit": limit})["audit"]
 
     def health(self) -> dict:
+        """``{"status": "ok", "generation": int}``; needs no token."""
         return self._request("GET", "/healthz")
 
 
 def dumps(value: Any) -> str:
+    """``value`` as indented JSON with sorted keys (what ``provfw -o json`` prints)."""
     return json.dumps(value, indent=2, sort_keys=True)

@@ -267,8 +267,10 @@ class AdminController:
         cidr = rules.normalise_cidr(body["cidr"])
         changes = db.provider_fw_rule_destroy_by_cidr(cidr, audit=context.audit(body.get("description")))
         self._notify(changes)
-        return wsgi.json_response({"status": "OK", "message": f"Deleted {len(changes.removed)} rules",
-                                   "generation": changes.generation})
+        count = len(changes.removed)
+        # "cidr" and "deleted" let clients report the result without parsing the seed's message text.
+        return wsgi.json_response({"status": "OK", "message": f"Deleted {count} rules", "cidr": cidr,
+                                   "deleted": count, "generation": changes.generation})
 
     # ------------------------------------------------------------ services and audit
 

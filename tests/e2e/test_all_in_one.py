@@ -68,13 +68,14 @@ def cli(aio, *args: str, check: bool = True) -> subprocess.CompletedProcess:
 def test_cli_block_and_unblock_on_the_all_in_one(aio):
     topo = aio["topo"]
     src, other = topo.ATTACKER4
-    assert "Added 3 rules" in cli(aio, "block", src, "--description", "from the CLI").stdout
+    assert cli(aio, "block", src, "--description", "from the CLI").stdout.startswith(f"blocked {src}/32: 3 rules added")
     took = netns.wait_until(lambda: deploy.kernel_has_source(topo.hv, f"{src}/32"), 1.0, 0.01)
     assert took is not None, "the in-process bus did not deliver the cast within a second"
     assert topo.blocked(src, topo.INSTANCE4)
     assert topo.reachable(other, topo.INSTANCE4)
-    assert "Duplicate rule" in cli(aio, "block", src, check=False).stderr
-    assert "Deleted 3 rules" in cli(aio, "unblock", src).stdout
+    duplicate = cli(aio, "block", src, check=False)
+    assert duplicate.returncode == 1 and "Duplicate rule" in duplicate.stderr
+    assert cli(aio, "unblock", src).stdout.startswith(f"unblocked {src}/32: 3 rules deleted")
     assert netns.wait_until(lambda: not deploy.kernel_has_source(topo.hv, f"{src}/32"), 1.0, 0.01) is not None
     assert topo.reachable(src, topo.INSTANCE4)
 
@@ -83,7 +84,7 @@ def test_cli_import_reports_counts_and_the_worker_applies_them(aio):
     feed = aio["workdir"] / "feed.txt"
     lines = ["# test feed"] + [f"100.64.{i // 250}.{i % 250 + 1}" for i in range(2000)] + ["bogus", "100.64.0.1"]
     feed.write_text("\n".join(lines) + "\n")
-    result = cli(aio, "--json", "import", str(feed), "--chunk", "1000", "--progress")
+    result = cli(aio, "import", str(feed), "--chunk", "1000", "--progress", "-o", "json")
     import json
 
     summary = json.loads(result.stdout)
@@ -93,7 +94,7 @@ def test_cli_import_reports_counts_and_the_worker_applies_them(aio):
     generation = summary["generation"]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        (svc,) = json.loads(cli(aio, "--json", "services").stdout)
+        (svc,) = json.loads(cli(aio, "services", "--json").stdout)
         if svc["applied_generation"] == generation:
             break
         time.sleep(0.1)
@@ -102,7 +103,7 @@ def test_cli_import_reports_counts_and_the_worker_applies_them(aio):
 
 
 def test_cli_without_a_token_explains_how_to_get_one(aio):
-    env = {k: v for k, v in os.environ.items() if k != "PROVFW_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVFW_")}
     env["HOME"] = str(aio["workdir"])
     result = subprocess.run([os.path.join(BIN, "provfw"), "--url", aio["url"], "rules"], capture_output=True,
                             text=True, env=env)

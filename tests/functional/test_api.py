@@ -123,6 +123,7 @@ def test_block_external_addresses_follows_the_seed(api):
     assert blocks == [{"cidr": "203.0.113.0/24", "rules": 3}]
     removed = api.call("POST", "/v1/remove-external-address-block", {"cidr": "203.0.113.0/24"})
     assert removed.json["message"] == "Deleted 3 rules"
+    assert (removed.json["cidr"], removed.json["deleted"]) == ("203.0.113.0/24", 3)
     assert api.call("POST", "/v1/remove-external-address-block", {"cidr": "203.0.113.0/24"}).status_int == 404
 
 

@@ -1,0 +1,345 @@
+"""The ``provfw`` CLI against the real provfw-api WSGI application, served over HTTP on 127.0.0.1 by a thread,
+on SQLite and the in-process bus.  Output and options are checked in-process through ``main``; standard input,
+exit statuses and ``--version`` through the installed entry point run as a subprocess (``python -m provfw.cli``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+from wsgiref import simple_server
+
+import pytest
+
+from provfw import cli
+from provfw.api import router
+from provfw.compute import api as compute_api
+from provfw.db import api as db
+from tests.lib import services
+
+pytestmark = pytest.mark.functional
+
+
+class _QuietHandler(simple_server.WSGIRequestHandler):
+    def log_message(self, *args):  # the test output is for failures, not for access logs
+        pass
+
+
+@dataclasses.dataclass
+class Api:
+    url: str
+    admin: str
+    reader: str
+
+
+@pytest.fixture
+def api(conf, sqlite_db):
+    conf.set_override("control_exchange", "cli-test-" + secrets.token_hex(4))
+    compute = compute_api.ComputeAPI(conf)
+    server = simple_server.make_server("127.0.0.1", 0, router.build_app(conf, compute), handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield Api(f"http://127.0.0.1:{server.server_port}", db.api_token_create("cli-admin", "admin"),
+                  db.api_token_create("cli-reader", "reader"))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        compute.close()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """No credentials from the environment of whoever runs the tests."""
+    for name in ("PROVFW_TOKEN", "PROVFW_URL", "PROVFW_STATE_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@dataclasses.dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+def provfw(capsys, *argv: str) -> Ran:
+    """Run ``main`` in this process (argparse's usage errors exit through SystemExit)."""
+    capsys.readouterr()
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return Ran(code, captured.out, captured.err)
+
+
+def admin(capsys, api: Api, *argv: str) -> Ran:
+    """``provfw ARGV --url URL --token ADMIN``, the connection options AFTER the command."""
+    return provfw(capsys, *argv, "--url", api.url, "--token", api.admin)
+
+
+def run(*argv: str, stdin: bytes | None = None, env: dict | None = None, wrapper: tuple[str, ...] = ()) -> Ran:
+    """``[WRAPPER] python -m provfw.cli ARGV`` as a subprocess, without the caller's PROVFW_* variables."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PROVFW_")}
+    proc = subprocess.run([*wrapper, sys.executable, "-m", "provfw.cli", *argv], input=stdin or b"",
+                          capture_output=True, env={**base, **(env or {})}, timeout=60)
+    return Ran(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+@pytest.fixture
+def refused_port():
+    """A port on 127.0.0.1 bound but not listening: connecting is refused for as long as the test holds it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the new user's failing cases
+
+def test_options_work_after_the_subcommand_as_well_as_before(api, home, capsys):
+    assert admin(capsys, api, "rule-add", "198.51.100.7").code == 0
+
+    after = admin(capsys, api, "rules", "--json")
+    assert after.code == 0, after.err
+    (rule,) = json.loads(after.out)
+    assert rule["cidr"] == "198.51.100.7/32"
+
+    before = provfw(capsys, "--url", api.url, "--token", api.admin, "-o", "json", "rules")
+    assert json.loads(before.out) == json.loads(after.out)
+    mixed = provfw(capsys, "--url", api.url, "-o", "table", "rules", "--token", api.admin, "-o", "value")
+    assert mixed.out.split("\t")[:2] == [str(rule["id"]), "198.51.100.7/32"], "the later -o wins"
+
+
+def test_a_list_prints_as_table_json_and_value_with_a_dash_for_empty_values(api, home, capsys):
+    admin(capsys, api, "rule-add", "198.51.100.0/24", "--protocol", "tcp", "--from-port", "22", "--to-port", "22",
+          "--description", "ssh\tbrute force")
+    admin(capsys, api, "rule-add", "2001:db8::/32")
+
+    table = admin(capsys, api, "rules")
+    assert table.code == 0
+    header, *lines = table.out.splitlines()
+    assert header.split() == ["id", "cidr", "protocol", "from_port", "to_port", "expires_at", "description"]
+    assert len(lines) == 2 and "None" not in table.out
+    assert lines[1].split() == [lines[1].split()[0], "2001:db8::/32", "all", "-1", "-1", "-", "-"]  # -1: any
+
+    rows = json.loads(admin(capsys, api, "rules", "-o", "json").out)
+    assert [r["cidr"] for r in rows] == ["198.51.100.0/24", "2001:db8::/32"]
+    assert rows[0]["description"] == "ssh\tbrute force" and rows[1]["expires_at"] is None  # JSON stays exact
+    assert {"created_by", "created_at", "generation"} <= set(rows[0]), "json is the API's complete answer"
+
+    value = admin(capsys, api, "rules", "-o", "value")
+    assert value.out.splitlines() == [
+        f"{rows[0]['id']}\t198.51.100.0/24\ttcp\t22\t22\t-\tssh\\tbrute force",  # a tab inside stays one field
+        f"{rows[1]['id']}\t2001:db8::/32\tall\t-1\t-1\t-\t-",
+    ]
+
+
+def test_a_mutation_answers_in_one_line_with_the_full_answer_behind_json(api, home, capsys):
+    blocked = admin(capsys, api, "block", "203.0.113.9/24", "--description", "scanner")
+    assert blocked.code == 0, blocked.err
+    generation = json.loads(admin(capsys, api, "rules", "-o", "json").out)[0]["generation"]
+    assert blocked.out == f"blocked 203.0.113.0/24: 3 rules added, generation {generation}\n"
+
+    admin(capsys, api, "unblock", "203.0.113.0/24")
+    as_json = json.loads(admin(capsys, api, "block", "203.0.113.0/24", "-o", "json").out)
+    assert as_json["message"] == "Added 3 rules" and len(as_json["rules"]) == 3
+    admin(capsys, api, "unblock", "203.0.113.0/24")
+    value = admin(capsys, api, "block", "203.0.113.0/24", "-o", "value").out
+    assert value == f"203.0.113.0/24\t3\t{as_json['generation'] + 2}\n"
+
+    unblocked = admin(capsys, api, "unblock", "203.0.113.0/24")
+    assert unblocked.out == f"unblocked 203.0.113.0/24: 3 rules deleted, generation {as_json['generation'] + 3}\n"
+
+
+def test_one_rule_is_added_shown_and_deleted_in_words(api, home, capsys):
+    added = admin(capsys, api, "rule-add", "198.51.100.0/24", "--protocol", "tcp", "--from-port", "22",
+                  "--to-port", "22", "-o", "value", "-c", "id")
+    rule_id = added.out.strip()
+    generation = admin(capsys, api, "rule-show", rule_id, "-o", "value", "-c", "generation").out.strip()
+    assert admin(capsys, api, "rule-add", "192.0.2.1", "--protocol", "icmp", "--from-port", "8").out == \
+        f"added rule {int(rule_id) + 1}: icmp type 8 from 192.0.2.1/32, generation {int(generation) + 1}\n"
+
+    shown = admin(capsys, api, "rule-show", rule_id).out.splitlines()
+    assert shown[0].split() == ["id", rule_id] and ["protocol", "tcp"] in [line.split() for line in shown]
+    assert ["description", "-"] in [line.split() for line in shown]
+
+    deleted = admin(capsys, api, "rule-delete", rule_id)
+    assert deleted.out == f"deleted rule {rule_id}, generation {int(generation) + 2}\n"
+    assert json.loads(admin(capsys, api, "rule-delete", str(int(rule_id) + 1), "--json").out) == \
+        {"deleted": int(rule_id) + 1, "generation": int(generation) + 3}
+
+
+def test_empty_listings_say_so_in_a_table_and_print_nothing_as_values(api, home, capsys):
+    assert admin(capsys, api, "blocks").out == "no blocked CIDRs\n"
+    assert admin(capsys, api, "rules").out == "no rules\n"
+    assert admin(capsys, api, "services", "-o", "value").out == ""
+    assert json.loads(admin(capsys, api, "rules", "-o", "json").out) == []
+
+
+def test_services_print_a_dash_not_none_for_what_a_worker_has_not_reported(api, home, capsys):
+    db.service_update("hv-1", heartbeat=True, driver="ipset", applied_generation=0, rule_count=0)
+    table = admin(capsys, api, "services")
+    (row,) = json.loads(admin(capsys, api, "services", "--json").out)
+    assert row["last_error"] is None
+    # The quarantined column appears once the API reports each worker's quarantine list.
+    quarantined = [["quarantined"], ["0"]] if "quarantine" in row else [[], []]
+    header, line = table.out.splitlines()
+    assert header.split() == ["host", "state", "in_sync", "applied_generation", "rule_count", *quarantined[0],
+                              "driver", "last_error"]
+    assert line.split() == ["hv-1", "up", "true", "0", "0", *quarantined[1], "ipset", "-"]
+    assert "None" not in table.out
+
+
+def test_the_audit_log_shows_who_blocked_what_and_why(api, home, capsys):
+    admin(capsys, api, "block", "203.0.113.0/24", "--description", "scanner")
+    value = admin(capsys, api, "audit", "-o", "value", "-c", "actor", "-c", "action", "-c", "cidr",
+                  "-c", "count", "-c", "reason")
+    assert value.out.splitlines()[0] == "cli-admin\tcidr.block\t203.0.113.0/24\t3\tscanner"
+
+
+def test_import_counts_and_lists_refused_lines_numbered_across_chunks(api, home, capsys, tmp_path):
+    feed = tmp_path / "blocklist.txt"
+    feed.write_text("# feed\n192.0.2.1\n192.0.2.2\nbogus\n192.0.2.1\n10.0.0.0/0\n192.0.2.3\n")
+    result = admin(capsys, api, "import", str(feed), "--chunk", "2")
+    assert result.code == 0, result.err
+    first, *refused = result.out.splitlines()
+    generation = json.loads(admin(capsys, api, "rules", "--json").out)[-1]["generation"]
+    assert first == f"imported {feed}: 3 added, 1 duplicate, 2 refused, generation {generation}"
+    assert [line.split(":")[0].strip() for line in refused] == ["line 4", "line 6"]  # numbered in the file
+    assert "'bogus'" in refused[0]
+
+    again = json.loads(admin(capsys, api, "import", str(feed), "--chunk", "4", "-o", "json").out)
+    assert (again["added"], again["duplicate"], again["refused"]) == (0, 4, 2)
+    assert [r["line"] for r in again["refused_lines"]] == [4, 6]
+
+
+def test_import_of_many_refused_lines_shows_the_first_ones_and_counts_the_rest(api, home, capsys, tmp_path):
+    feed = tmp_path / "junk.txt"
+    feed.write_text("".join(f"junk{i}\n" for i in range(25)))
+    lines = admin(capsys, api, "import", str(feed)).out.splitlines()
+    assert lines[0].endswith("0 added, 0 duplicate, 25 refused, generation 0")
+    assert len(lines) == 1 + 20 + 1 and lines[-1].startswith("  ... 5 more refused lines")
+
+
+def test_an_import_refused_part_way_says_which_lines_were_imported(api, home, capsys, conf, tmp_path):
+    conf.set_override("max_rules", 3)
+    feed = tmp_path / "big.txt"
+    feed.write_text("".join(f"192.0.2.{i}\n" for i in range(1, 6)))
+    result = admin(capsys, api, "import", str(feed), "--chunk", "2")
+    assert result.code == 1 and result.out == ""
+    assert result.err.startswith("provfw: HTTP 409: ") and "max_rules" in result.err
+    assert f"lines 1-2 of {feed} were imported (generation 1), the rest were not" in result.err
+    assert len(json.loads(admin(capsys, api, "rules", "--json").out)) == 2
+
+
+# ---------------------------------------------------------------- stdin, files, exit statuses (subprocess)
+
+def test_import_dash_reads_standard_input(api, home, capsys):
+    result = run("import", "-", "--ttl", "3600", "--url", api.url, "--token", api.admin,
+                 stdin=b"192.0.2.10\n192.0.2.11\n# comment\n192.0.2.10\n")
+    assert result.code == 0, result.err
+    assert result.out.startswith("imported stdin: 2 added, 1 duplicate, 0 refused, generation ")
+    assert "cannot reach" not in result.err
+    rows = json.loads(admin(capsys, api, "rules", "--json").out)
+    assert [r["cidr"] for r in rows] == ["192.0.2.10/32", "192.0.2.11/32"]
+    assert all(r["expires_at"] for r in rows), "--ttl reached the API"
+
+
+def test_file_errors_say_what_is_wrong_with_the_file_never_cannot_reach(api, home, tmp_path):
+    credentials = ("--url", api.url, "--token", api.admin)
+    missing = run("import", str(tmp_path / "nope.txt"), *credentials)
+    assert (missing.code, missing.err) == (1, f"provfw: cannot import {tmp_path / 'nope.txt'}: no such file\n")
+
+    directory = run("import", str(tmp_path), *credentials)
+    assert directory.code == 1 and "it is a directory" in directory.err
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("192.0.2.1\n# caf\u00e9\n".encode("latin-1"))
+    not_utf8 = run("import", str(latin1), *credentials)
+    assert not_utf8.code == 1 and "not UTF-8 text (byte 0xe9 on line 2)" in not_utf8.err
+
+    for result in (missing, directory, not_utf8):
+        assert "cannot reach" not in result.err and result.out == ""
+    assert run("rules", "-o", "value", *credentials).out == "", "a file that could not be read imports nothing"
+
+
+def test_an_unreadable_file_is_reported_as_not_readable(api, home, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("192.0.2.1\n")
+    secret.chmod(0o000)
+    wrapper: tuple[str, ...] = ()
+    if os.geteuid() == 0:  # root reads any file: run the CLI without the capabilities that let it
+        services.require_tools("setpriv")
+        wrapper = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
+    result = run("import", str(secret), "--url", api.url, "--token", api.admin, wrapper=wrapper)
+    assert (result.code, result.err) == (1, f"provfw: cannot import {secret}: not readable (permission denied)\n")
+
+
+def test_exit_status_is_0_ok_1_error_2_usage(api, home, tmp_path, refused_port):
+    credentials = ("--url", api.url, "--token", api.admin)
+    assert run("block", "203.0.113.0/24", *credentials).code == 0
+
+    duplicate = run("block", "203.0.113.0/24", *credentials)
+    assert (duplicate.code, duplicate.err) == (1, "provfw: HTTP 409: Duplicate rule. 0 rules added\n")
+    bad_cidr = run("rule-add", "not-a-cidr", *credentials)
+    assert bad_cidr.code == 1 and "HTTP 400" in bad_cidr.err
+    forbidden = run("audit", "--url", api.url, "--token", api.reader)
+    assert forbidden.code == 1 and "HTTP 403" in forbidden.err
+
+    unreachable = run("rules", "--url", f"http://127.0.0.1:{refused_port}", "--token", api.admin)
+    assert (unreachable.code, unreachable.err) == (
+        1, f"provfw: cannot reach http://127.0.0.1:{refused_port}: Connection refused\n")
+    missing = run("import", str(tmp_path / "nope.txt"), *credentials)
+    assert missing.code == 1
+
+    usage = run("rules", "--no-such-option", *credentials)
+    assert usage.code == 2 and "unrecognized arguments: --no-such-option" in usage.err
+    assert run("rules", "-o", "yaml", *credentials).code == 2
+    assert run("rules", "-c", "colour", *credentials).code == 2
+    assert run("rules", "--url", "127.0.0.1:8774", "--token", api.admin).code == 2
+    no_token = run("rules", "--url", api.url, env={"HOME": str(home)})
+    assert no_token.code == 2 and "provfw-manage token create" in no_token.err
+
+
+def test_a_wrong_token_exits_1_and_says_where_the_token_came_from(api, home):
+    result = run("rules", "--url", api.url, env={"HOME": str(home), "PROVFW_TOKEN": "not-a-token"})
+    assert result.code == 1 and "HTTP 401" in result.err and "$PROVFW_TOKEN" in result.err
+
+
+def test_credentials_come_from_the_environment_and_the_all_in_one_token_file(api, home, tmp_path):
+    state = tmp_path / "aio-state"
+    state.mkdir()
+    (state / "admin-token").write_text(api.admin + "\n")
+    env = {"HOME": str(home), "PROVFW_URL": api.url, "PROVFW_STATE_PATH": str(state)}
+    from_file = run("block", "203.0.113.0/24", env=env)
+    assert from_file.code == 0, from_file.err
+
+    (state / "admin-token").unlink()
+    assert run("blocks", env=env).code == 2, "no token anywhere is a usage error"
+    from_env = run("blocks", "-o", "value", env={**env, "PROVFW_TOKEN": api.reader})
+    assert (from_env.code, from_env.out) == (0, "203.0.113.0/24\t3\n")
+    assert run("blocks", "--token", "wrong", env={**env, "PROVFW_TOKEN": api.reader}).code == 1, \
+        "--token wins over $PROVFW_TOKEN"
+
+    home_state = home / ".local" / "state" / "provfw"
+    home_state.mkdir(parents=True)
+    (home_state / "admin-token").write_text(api.reader + "\n")
+    default = run("blocks", "-o", "value", env={"HOME": str(home), "PROVFW_URL": api.url})
+    assert (default.code, default.out) == (0, "203.0.113.0/24\t3\n"), "without PROVFW_STATE_PATH: ~/.local/state"
+
+
+def test_version_after_a_subcommand_prints_the_installed_version():
+    expected = f"provfw {importlib.metadata.version('provfw')}\n"
+    for argv in (("rules", "--version"), ("block", "--version"), ("--version",)):
+        result = run(*argv)
+        assert (result.code, result.out) == (0, expected)
