@@ -1,0 +1,220 @@
+"""The worker's reconciler with a model dataplane: no database, no bus, no kernel.
+
+``ModelKernel`` is a PlannedFirewallDriver whose "kernel" is a set of specs.
+Its plans are Call steps that change that set, so every write goes through
+``base.execute`` as a real driver's does; like the real tools it refuses a
+source with an IPv6 scope id (``%``), in applies and in checks alike, and its
+state is the count of specs it holds (what a set driver's state would track).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from provfw import exception
+from provfw.compute.reconciler import GenerationGap, Reconciler
+from provfw.rules import Changes, Rule, RuleSpec, Snapshot, make_spec
+from provfw.virt.firewall import base
+from provfw.virt.libvirt_conn import LibvirtConnection
+
+A = make_spec("203.0.113.0/24")
+B = make_spec("198.51.100.7")
+C = make_spec("198.51.100.8", "tcp", 22)
+BAD = RuleSpec("fe80::1%eth0/128", "all", -1, -1)      # bypasses validation, as a rule the API let through would
+
+
+class ModelKernel(base.PlannedFirewallDriver):
+    name = "model"
+
+    def __init__(self, conf):
+        super().__init__(conf, runner=None)
+        self.kernel: set[RuleSpec] = set()
+        self.writes: list[tuple[str, frozenset, frozenset]] = []
+        self.checks = 0
+        self.broken = False           # the whole host refuses (not a rule's fault)
+
+    def _refuse(self, specs) -> None:
+        if self.broken:
+            raise exception.DriverError("the kernel module is gone")
+        bad = [s for s in specs if "%" in s.cidr]
+        if bad:
+            raise exception.DriverError(f"host/network `{bad[0].cidr}' not found")
+
+    def _write(self, mode, add, remove):
+        def call():
+            self._refuse(add)
+            self.kernel |= set(add)
+            self.kernel -= set(remove)
+            self.writes.append((mode, frozenset(add), frozenset(remove)))
+        return call
+
+    def plan_full(self, desired):
+        desired = set(desired)
+        if desired == self.kernel:
+            return base.Plan(state=len(desired))
+        return base.Plan(state=len(desired), chains=(base.Call(self._write("full", desired - self.kernel,
+                                                                           self.kernel - desired), "rebuild"),))
+
+    def plan_delta(self, added, removed, state, desired_count):
+        return base.Plan(state=desired_count, sets=(base.Call(self._write("delta", added, removed), "members"),),
+                         mode="delta")
+
+    def plan_check(self, specs):
+        def check():
+            self.checks += 1
+            self._refuse(specs)
+            return False
+        return base.Plan(state=None, chains=(base.Call(check, "check"),))
+
+    def teardown(self):
+        self.kernel.clear()
+
+
+@pytest.fixture
+def model(conf):
+    return ModelKernel(conf)
+
+
+@pytest.fixture
+def clock():
+    class Clock:
+        now = 1_000_000.0
+
+        def __call__(self):
+            return self.now
+    return Clock()
+
+
+@pytest.fixture
+def reconciler(conf, model, clock):
+    return Reconciler(LibvirtConnection(conf, firewall_driver=model), conf, clock=clock)
+
+
+def rule(rule_id, spec, expires=None) -> Rule:
+    return Rule(rule_id, spec, expires)
+
+
+def test_a_snapshot_is_a_full_apply_and_a_following_change_a_delta(reconciler, model):
+    outcome = reconciler.apply_snapshot(Snapshot(4, [rule(1, A), rule(2, B)]))
+    assert (outcome.generation, outcome.mode, outcome.rule_count) == (4, "full", 2)
+    assert model.kernel == {A, B}
+
+    outcome = reconciler.apply_change(Changes(4, 5, [rule(3, C)], [rule(1, A)]))
+    assert (outcome.generation, outcome.mode) == (5, "delta")
+    assert model.kernel == {B, C}
+    assert model.writes[-1] == ("delta", frozenset({C}), frozenset({A}))
+    assert reconciler.driver_state == 2                      # the driver's own state came back to it
+
+
+def test_a_change_that_does_not_follow_the_applied_generation_is_a_gap(reconciler, model):
+    with pytest.raises(GenerationGap):
+        reconciler.apply_change(Changes(0, 1, [rule(1, A)], []))       # nothing applied yet
+    reconciler.apply_snapshot(Snapshot(4, []))
+    with pytest.raises(GenerationGap):
+        reconciler.apply_change(Changes(5, 6, [rule(1, A)], []))
+    assert model.kernel == set() and reconciler.generation == 4
+
+
+def test_a_spec_deleted_and_created_again_in_one_change_never_leaves_the_kernel(reconciler, model):
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A)]))
+    reconciler.apply_change(Changes(1, 3, [rule(7, A)], [rule(1, A)]))
+    assert model.kernel == {A}
+    assert all(A not in removed for _mode, _added, removed in model.writes)
+    assert reconciler.enforced()[A].id == 7
+
+
+def test_a_removal_naming_an_older_row_of_a_spec_does_not_remove_the_newer_one(reconciler, model):
+    reconciler.apply_snapshot(Snapshot(1, [rule(7, A)]))       # row 7 re-created A after row 1 was deleted
+    reconciler.apply_change(Changes(1, 2, [], [rule(1, A)]))   # a late removal of row 1
+    assert model.kernel == {A} and reconciler.enforced()[A].id == 7
+
+
+def test_a_renewal_changes_the_expiry_without_touching_the_kernel(reconciler, model, clock):
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A, clock.now + 60)]))
+    writes = len(model.writes)
+    reconciler.apply_change(Changes(1, 2, [rule(1, A, clock.now + 86400)], []))
+    assert len(model.writes) == writes
+    clock.now += 120
+    assert reconciler.expire() is None and model.kernel == {A}
+    assert reconciler.next_expiry() == pytest.approx(clock.now - 120 + 86400)
+
+
+def test_rules_expire_on_the_host_at_their_expiry_without_anyone_asking(reconciler, model, clock):
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A, clock.now + 30), rule(2, B)]))
+    assert reconciler.next_expiry() == clock.now + 30
+    clock.now += 29
+    assert reconciler.expire() is None and model.kernel == {A, B}
+    clock.now += 2
+    outcome = reconciler.expire()
+    assert outcome.mode == "expiry" and model.kernel == {B} and reconciler.generation == 1
+    assert reconciler.next_expiry() is None
+
+
+def test_a_rule_already_expired_on_arrival_is_never_applied(reconciler, model, clock):
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A, clock.now - 1)]))
+    reconciler.apply_change(Changes(1, 2, [rule(2, B, clock.now)], []))
+    assert model.kernel == set() and reconciler.rule_count == 0
+
+
+def test_a_change_larger_than_full_rebuild_delta_is_a_full_rebuild(conf, reconciler, model):
+    conf.set_override("full_rebuild_delta", 2, group="sets")
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A)]))
+    many = [rule(10 + i, make_spec(f"192.0.2.{i}")) for i in range(1, 4)]
+    outcome = reconciler.apply_change(Changes(1, 2, many, []))
+    assert outcome.mode == "full" and model.writes[-1][0] == "full"
+    assert model.kernel == {A, *(r.spec for r in many)}
+
+
+def test_a_rule_the_kernel_refuses_is_quarantined_and_every_other_rule_applies(reconciler, model):
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A)]))
+    outcome = reconciler.apply_change(Changes(1, 2, [rule(2, B), rule(3, BAD), rule(4, C)], []))
+    assert outcome.generation == 2 and outcome.newly_quarantined == (BAD,)
+    assert model.kernel == {A, B, C}
+    (held,) = reconciler.quarantine()
+    assert held["id"] == 3 and held["cidr"] == BAD.cidr and "not found" in held["reason"]
+    # The next change converges as if the bad rule were not there.
+    reconciler.apply_change(Changes(2, 3, [], [rule(2, B)]))
+    assert model.kernel == {A, C} and reconciler.generation == 3
+
+
+def test_one_bad_rule_in_a_large_snapshot_costs_a_few_checks_of_the_new_rules(reconciler, model):
+    reconciler.apply_snapshot(Snapshot(1, [rule(i, make_spec(f"100.64.{i // 250}.{i % 250 + 1}"))
+                                           for i in range(1000)]))
+    fresh = [rule(5000 + i, make_spec(f"100.65.0.{i + 1}")) for i in range(30)] + [rule(9999, BAD)]
+    old = reconciler.enforced()
+    outcome = reconciler.apply_snapshot(Snapshot(2, [*old.values(), *fresh]))
+    assert outcome.newly_quarantined == (BAD,) and reconciler.rule_count == 1030
+    assert model.checks <= 2 + 2 * 6            # the empty baseline, the old rules, a bisection of 31
+
+
+def test_a_deleted_quarantined_rule_leaves_the_quarantine(reconciler, model):
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A), rule(3, BAD)]))
+    assert [q["id"] for q in reconciler.quarantine()] == [3]
+    reconciler.apply_change(Changes(1, 2, [], [rule(3, BAD)]))
+    assert reconciler.quarantine() == [] and model.kernel == {A}
+
+
+def test_a_host_wide_refusal_is_not_blamed_on_the_rules_and_keeps_the_previous_state(reconciler, model):
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A)]))
+    model.broken = True
+    with pytest.raises(exception.DriverError):
+        reconciler.apply_change(Changes(1, 2, [rule(2, B)], []))
+    assert reconciler.generation == 1 and reconciler.quarantine() == [] and model.kernel == {A}
+    model.broken = False
+    reconciler.apply_change(Changes(1, 2, [rule(2, B)], []))
+    assert model.kernel == {A, B}
+
+
+def test_drift_repair_rewrites_what_someone_else_changed_from_the_reconcilers_own_state(reconciler, model):
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A), rule(2, B)]))
+    model.kernel.discard(A)                      # another program deleted our element
+    outcome = reconciler.repair_drift()
+    assert outcome.changed and model.kernel == {A, B}
+    assert reconciler.repair_drift().changed is False
+
+
+def test_a_compute_driver_without_a_firewall_raises_not_implemented(conf):
+    from provfw.virt.fake import FakeConnection
+
+    with pytest.raises(NotImplementedError):
+        Reconciler(FakeConnection(conf), conf).apply_snapshot(Snapshot(1, [rule(1, A)]))
