@@ -3,7 +3,7 @@
     provfw-manage [--config-file F] db sync | db version | db check
     provfw-manage token create --name NAME --role admin|reader     (prints the secret once)
     provfw-manage token list | token revoke --name NAME
-    provfw-manage config sample                                   (prints etc/provfw/provfw.conf.sample)
+    provfw-manage config sample                                   (oslo-config-generator's sample, as in etc/provfw/)
     provfw-manage rules purge-expired [--older-than SECONDS]
     provfw-manage service list | service delete --host HOST
     provfw-manage nwfilter ensure-refs                             (add the provider filterref to instance filters)
@@ -71,9 +71,6 @@ def _command_args(argv):
 
 def run(args) -> int:
     url = provfw_conf.database_url()
-    if args.category == "config":
-        sys.stdout.write(provfw_conf.sample_config())
-        return 0
     if args.category == "db":
         if args.action == "sync":
             migration.db_sync(url)
@@ -158,8 +155,12 @@ def main(argv=None) -> int:
         print(f"provfw-manage: {exc}", file=sys.stderr)
         return 2
     common.setup_logging()
-    db.configure(provfw_conf.database_url(), CONF.database.pool_size)
     try:
+        if args.category == "config":
+            # Needs no database: printing the sample must not create state_path either.
+            sys.stdout.write(provfw_conf.sample_config())
+            return 0
+        db.configure(provfw_conf.database_url(), CONF.database.pool_size)
         return run(args)
     except exception.ProvfwError as exc:
         print(f"provfw-manage: {exc.message}", file=sys.stderr)
