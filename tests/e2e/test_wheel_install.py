@@ -97,6 +97,18 @@ def test_the_venv_runs_provfw_from_the_wheel_with_its_migrations(installed):
     assert where.startswith(installed["venv"] + os.sep), f"provfw was imported from {where}, not from the venv"
 
 
+def test_the_wheel_declares_its_config_options_and_drivers_as_entry_points(installed):
+    env, root = installed["env"], installed["root"]
+    with open(os.path.join(REPO, "etc", "provfw", "provfw.conf.sample")) as handle:
+        sample = handle.read()
+    assert sh('"$VENV/bin/oslo-config-generator" --namespace provfw', env, cwd=root) == sample
+    assert sh('"$VENV/bin/provfw-manage" config sample', env, cwd=root) == sample
+    loaded = sh('"$VENV/bin/python" -c "from provfw import plugins; '
+                "print(plugins.driver_class('provfw.compute_drivers', 'libvirt').__name__, "
+                "plugins.driver_class('provfw.firewall_drivers', 'noop').__name__)\"", env, cwd=root)
+    assert loaded.split() == ["LibvirtConnection", "NoopFirewallDriver"]
+
+
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
     return ScriptDirectory(migration.MIGRATIONS_DIR).get_current_head()
