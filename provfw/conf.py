@@ -171,7 +171,7 @@ def sample_config() -> str:
     installed (a source tree that was never ``pip install``-ed), because the
     generator would otherwise print a sample without a single option.
     """
-    from oslo_config import generator
+    from oslo_config import generator  # imported here: the daemons never render samples
 
     if not importlib.metadata.entry_points(group="oslo.config.opts", name=GENERATOR_NAMESPACE):
         raise exception.ConfigError(f"the oslo.config.opts entry point {GENERATOR_NAMESPACE!r} is not installed; "
