@@ -18,8 +18,8 @@
 
     sudo .venv/bin/python benchmarks/bench_dataplane.py [IPSUM_PATH] [--generate N] [--seconds 3]
 
-IPSUM_PATH defaults to /work/shared/data/ipsum-levels1-2026-08-22.txt (one
-address per line, '#' comments).  ``--generate N`` uses N synthetic /32s
+IPSUM_PATH defaults to ../shared/data/ipsum-levels1-2026-08-22.txt beside the
+repository (one address per line, '#' comments).  ``--generate N`` uses N synthetic /32s
 from 100.64.0.0/10 instead.  Root is required (namespaces).  Packets go only
 between namespaces the benchmark creates; everything is removed at exit.
 """
@@ -45,10 +45,9 @@ from oslo_config import cfg  # noqa: E402
 from provfw import conf as provfw_conf  # noqa: E402
 from provfw.rules import make_spec  # noqa: E402
 from provfw.virt import firewall, ipset_driver, iptc_driver, nftables_driver  # noqa: E402
-from benchmarks.feed import load_specs  # noqa: E402
+from benchmarks.feed import DEFAULT_IPSUM, load_specs  # noqa: E402
 from tests.lib import netns  # noqa: E402
 
-DEFAULT_IPSUM = "/work/shared/data/ipsum-levels1-2026-08-22.txt"
 DRIVERS = {
     "linear": firewall.IptablesFirewallDriver,
     "ipset": ipset_driver.IpsetFirewallDriver,

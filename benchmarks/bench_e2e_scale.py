@@ -29,22 +29,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.feed import DEFAULT_IPSUM, load_specs  # noqa: E402
 from provfw import rules  # noqa: E402
 from provfw.db import api as db  # noqa: E402
 from provfw.virt import sets  # noqa: E402
 from tests.lib import deployment as deploy  # noqa: E402
 from tests.lib import netns  # noqa: E402
 
-DEFAULT_FEED = "/work/shared/data/ipsum-levels1-2026-08-22.txt"
 HOSTS = 3
 
 
 def load_feed(path: str | None, generate: int | None) -> list[str]:
-    if generate:
-        base = int(ipaddress.IPv4Address("100.64.0.0"))
-        return [str(ipaddress.IPv4Address(base + 7 * i + 1)) for i in range(generate)]
-    with open(path) as handle:
-        return [line.split("#", 1)[0].strip() for line in handle if line.split("#", 1)[0].strip()]
+    """The CIDRs to import: the feed at ``path`` or ``generate`` synthetic /32s (benchmarks/feed.py)."""
+    return [spec.cidr for spec in load_specs(path, generate)]
 
 
 def enforced(driver: str, ns: str, spec: rules.RuleSpec, host: str, generation: int) -> bool:
@@ -121,7 +118,8 @@ def run_driver(driver: str, feed: list[str], adds: int, linear_adds: int) -> dic
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--feed", default=DEFAULT_FEED)
+    parser.add_argument("--feed", default=DEFAULT_IPSUM,
+                        help="blocklist file (default: the IPsum snapshot in ../shared/data/ beside the repository)")
     parser.add_argument("--generate", type=int, help="use N synthetic addresses instead of the feed")
     parser.add_argument("--adds", type=int, default=50)
     parser.add_argument("--linear-adds", type=int, default=5,

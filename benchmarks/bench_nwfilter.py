@@ -26,7 +26,7 @@ Rules mode makes libvirt run ~3 iptables/ebtables processes per rule per port
 and slows down superlinearly (10k rules on ONE port took 407 s here), and
 libvirt holds its nwfilter lock meanwhile; so rules mode runs only for
 N <= --rules-mode-max unless you raise it.  IPSUM_PATH defaults to
-/work/shared/data/ipsum-levels1-2026-08-22.txt; ``--generate N`` uses
+../shared/data/ipsum-levels1-2026-08-22.txt beside the repository; ``--generate N`` uses
 synthetic /32s from 100.64.0.0/10.  Root and a running libvirtd are
 required.  Packets go only between namespaces the benchmark creates;
 filters, bindings, ipsets, veths, bridge and namespaces are removed at exit.
@@ -55,11 +55,10 @@ from provfw.db import api as db  # noqa: E402
 from provfw.db import migration  # noqa: E402
 from provfw.rules import make_spec  # noqa: E402
 from provfw.virt import nwfilter, nwfilter_xml as nwx  # noqa: E402
-from benchmarks.feed import load_specs  # noqa: E402
+from benchmarks.feed import DEFAULT_IPSUM, load_specs  # noqa: E402
 from tests.lib.bridge import BridgeTopology  # noqa: E402
 from tests.lib.netns import unique_tag  # noqa: E402
 
-DEFAULT_IPSUM = "/work/shared/data/ipsum-levels1-2026-08-22.txt"
 PING_INTERVAL = 0.01
 
 

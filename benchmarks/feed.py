@@ -1,11 +1,19 @@
-"""Blocklist input shared by the benchmarks: the IPsum feed (or synthetic addresses) as rule specs."""
+"""Blocklist input shared by the benchmarks: the IPsum feed (or synthetic addresses) as rule specs.
+
+The IPsum snapshot is not part of the repository: it lives in ``shared/data/`` BESIDE the repository
+(``<repo>/../shared/data/``), wherever the checkout is; ``DEFAULT_IPSUM`` resolves it from this file.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Iterable
 
 from provfw.rules import make_spec
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_IPSUM = os.path.abspath(os.path.join(REPO_ROOT, os.pardir, "shared", "data", "ipsum-levels1-2026-08-22.txt"))
 
 # Addresses the benchmark topologies use themselves; a feed entry inside them would block the probes.
 TOPOLOGY_NETS = [ipaddress.ip_network("198.18.0.0/15")]

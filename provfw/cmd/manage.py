@@ -3,7 +3,7 @@
     provfw-manage [--config-file F] db sync | db version | db check
     provfw-manage token create --name NAME --role admin|reader     (prints the secret once)
     provfw-manage token list | token revoke --name NAME
-    provfw-manage config sample                                   (prints etc/provfw/provfw.conf.sample)
+    provfw-manage config sample                                   (oslo-config-generator's sample, as in etc/provfw/)
     provfw-manage rules purge-expired [--older-than SECONDS]
     provfw-manage service list | service delete --host HOST
     provfw-manage nwfilter ensure-refs                             (add the provider filterref to instance filters)
@@ -90,10 +90,7 @@ def _command_args(argv):
 
 
 def run(args) -> int:
-    url = provfw_conf.database_url() if args.category not in ("bus", "config") else ""
-    if args.category == "config":
-        sys.stdout.write(provfw_conf.sample_config())
-        return 0
+    url = provfw_conf.database_url()
     if args.category == "db":
         if args.action == "sync":
             migration.db_sync(url)
@@ -122,8 +119,6 @@ def run(args) -> int:
             compute_api.ComputeAPI(CONF).notify(changes)
         print(f"purged {len(changes.removed) if changes else 0} expired rule(s)")
         return 0
-    if args.category == "bus":
-        return bus_command(args)
     if args.category == "service":
         if args.action == "list":
             for service in db.service_get_all():
@@ -231,9 +226,14 @@ def main(argv=None) -> int:
         print(f"provfw-manage: {exc}", file=sys.stderr)
         return 2
     common.setup_logging()
-    if args.category not in ("bus", "config"):
-        db.configure(provfw_conf.database_url(), CONF.database.pool_size)
     try:
+        if args.category == "config":
+            # Needs no database: printing the sample must not create state_path either.
+            sys.stdout.write(provfw_conf.sample_config())
+            return 0
+        if args.category == "bus":
+            return bus_command(args)       # talks to rabbitmqctl, never to the database
+        db.configure(provfw_conf.database_url(), CONF.database.pool_size)
         return run(args)
     except exception.ProvfwError as exc:
         print(f"provfw-manage: {exc.message}", file=sys.stderr)

@@ -59,6 +59,9 @@ class ComputeDriver:
 
 
 def load_compute_driver(conf: cfg.ConfigOpts = provfw_conf.CONF) -> ComputeDriver:
-    """Instantiate ``[compute] compute_driver`` (alias or dotted path); ConfigError if it cannot be loaded."""
-    name = conf.compute.compute_driver
-    return base.import_class(COMPUTE_DRIVER_ALIASES.get(name, name))(conf=conf)
+    """Instantiate ``[compute] compute_driver``: a ``provfw.compute_drivers`` entry point or a dotted path.
+
+    ConfigError naming the driver when it cannot be loaded (provfw.plugins.load_driver).
+    """
+    from provfw import plugins
+    return plugins.load_driver("provfw.compute_drivers", conf.compute.compute_driver, conf=conf)

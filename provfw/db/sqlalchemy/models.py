@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models.  Alembic migrations in ``migrations/`` must match them
+"""SQLAlchemy 2 models.  Alembic migrations in ``provfw/db/migrations/`` must match them
 (``alembic check`` runs in CI).
 
 Soft delete follows Nova: ``deleted`` is 0 while a row is live and becomes the

@@ -319,9 +319,12 @@ def import_class(path: str):
 
 
 def load_firewall_driver(conf: cfg.ConfigOpts = provfw_conf.CONF, **kwargs) -> FirewallDriver:
-    """Instantiate ``[compute] firewall_driver`` (alias or dotted path)."""
-    name = conf.compute.firewall_driver
-    return import_class(FIREWALL_DRIVER_ALIASES.get(name, name))(conf=conf, **kwargs)
+    """Instantiate ``[compute] firewall_driver``: a ``provfw.firewall_drivers`` entry point or a dotted path.
+
+    ConfigError naming the driver when it cannot be loaded (provfw.plugins.load_driver).
+    """
+    from provfw import plugins
+    return plugins.load_driver("provfw.firewall_drivers", conf.compute.firewall_driver, conf=conf, **kwargs)
 
 
 def specs_for_family(specs: Iterable[RuleSpec], version: int) -> list[RuleSpec]:

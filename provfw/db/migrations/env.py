@@ -1,5 +1,10 @@
-"""Alembic environment: the database URL comes from provfw's configuration
-(or from ``config.attributes['connection']`` when provfw.db.migration drives it)."""
+"""Alembic environment of provfw's schema.
+
+The database comes from, in order: an open ``config.attributes['connection']``,
+``config.attributes['url']`` (provfw.db.migration sets it), ``-x url=...`` on
+the alembic command line, ``sqlalchemy.url`` in the ini file, and last
+provfw's own default (``[database] connection`` or SQLite under state_path).
+"""
 
 from alembic import context
 
@@ -10,7 +15,8 @@ target_metadata = models.Base.metadata
 
 
 def _url() -> str:
-    url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
+    url = (config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url")
+           or config.get_main_option("sqlalchemy.url"))
     if not url:
         from provfw import conf
         url = conf.database_url()
