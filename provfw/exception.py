@@ -30,7 +30,18 @@ class InvalidInput(ProvfwError):
 
     def __init__(self, field: str, reason: str):
         self.field = field
+        self.reason = reason
         super().__init__(f"{field}: {reason}")
+
+
+class FeedFormatError(InvalidInput):
+    """A block list cannot be parsed as a whole (``provfw.feeds.formats``).
+
+    An unknown format, a CSV column missing from the header, compressed or
+    binary data.  ``field`` names the argument at fault (``format``,
+    ``column``, ``data``).  A single bad line is never raised: it is reported
+    as refused and the rest of the list still counts.
+    """
 
 
 class BodyTooLarge(ProvfwError):

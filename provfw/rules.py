@@ -19,9 +19,10 @@ Conventions (kept from Nova's security-group rules so operators recognise them):
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import ipaddress
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from provfw import exception
 
@@ -148,10 +149,23 @@ def parse_network(value: Any, field: str = "cidr") -> Network:
         network = ipaddress.ip_network(text, strict=False)
     except ValueError as exc:
         raise exception.InvalidInput(field, f"{text!r} is not a valid IPv4/IPv6 address or CIDR ({exc})") from None
+    return check_network(network, text, field)
+
+
+def check_network(network: Network, text: str | None = None, field: str = "cidr") -> Network:
+    """Return ``network`` if a rule may match it; raise ``InvalidInput`` otherwise.
+
+    The policy half of ``parse_network``, for callers that built the network
+    themselves (the feed parser, which splits ranges into networks):
+    ``/0`` is refused, and so is an IPv4-mapped IPv6 network.  ``text`` is
+    the spelling the message quotes (default: the network itself).
+    """
     if network.prefixlen == 0:
-        raise exception.InvalidInput(field, f"{text!r} has prefix length 0; blocking every address is refused")
-    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
-        raise exception.InvalidInput(field, f"{text!r} is an IPv4-mapped IPv6 network; use the IPv4 form")
+        raise exception.InvalidInput(
+            field, f"{text or network.with_prefixlen!r} has prefix length 0; blocking every address is refused")
+    if network.version == 6 and network.network_address.ipv4_mapped is not None:
+        raise exception.InvalidInput(
+            field, f"{text or network.with_prefixlen!r} is an IPv4-mapped IPv6 network; use the IPv4 form")
     return network
 
 
@@ -274,3 +288,81 @@ def check_not_protected(spec: RuleSpec, protected: Iterable[Network]) -> None:
     hit = protected_overlap(spec.cidr, protected)
     if hit is not None:
         raise exception.ProtectedNetwork(spec.cidr, str(hit))
+
+
+# --------------------------------------------------------------------------- non-global sources
+
+class NonGlobalRange(NamedTuple):
+    """A range no provider rule should block by default, and why.
+
+    ``name`` says what the range is and what breaks if it is blocked, for a
+    human; a refusal reads ``f"{cidr} overlaps {hit.network}, {hit.name}"``.
+    """
+
+    network: Network
+    name: str
+
+
+#: Source ranges a provider firewall must not block unless the admin insists.  Each of them either never
+#: comes from the internet (a rule there only hurts traffic inside the cloud) or is traffic the cloud itself
+#: depends on.  Kept sorted and disjoint per family (checked below): ``non_global_overlap`` bisects it.
+#: Deliberately absent: the documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24,
+#: 2001:db8::/32) and the benchmarking range 198.18.0.0/15, which tests and docs use as attackers.
+NON_GLOBAL_RANGES: tuple[NonGlobalRange, ...] = tuple(
+    NonGlobalRange(ipaddress.ip_network(cidr), name) for cidr, name in (
+        ("0.0.0.0/8", "'this network' (RFC 1122): instances' DHCP requests come from 0.0.0.0"),
+        ("10.0.0.0/8", "private network (RFC 1918): tenant and management traffic"),
+        ("100.64.0.0/10", "shared address space (RFC 6598): carrier-grade NAT and provider-internal networks"),
+        ("127.0.0.0/8", "loopback (RFC 1122)"),
+        ("169.254.0.0/16", "link-local (RFC 3927): the metadata service 169.254.169.254"),
+        ("172.16.0.0/12", "private network (RFC 1918): tenant and management traffic"),
+        ("192.168.0.0/16", "private network (RFC 1918): tenant and management traffic"),
+        ("224.0.0.0/4", "multicast (RFC 5771)"),
+        ("::/128", "unspecified address (RFC 4291): IPv6 duplicate address detection sends from it"),
+        ("::1/128", "loopback (RFC 4291)"),
+        ("fc00::/7", "unique local addresses (RFC 4193): tenant and management traffic"),
+        ("fe80::/10", "link-local (RFC 4291): neighbour discovery and the metadata service fe80::a9fe:a9fe"),
+        ("ff00::/8", "multicast (RFC 4291)"),
+    ))
+
+
+def _bounds(network: Network) -> tuple[int, int]:
+    # Integer arithmetic rather than broadcast_address: this runs once per entry of a 120k-line import.
+    start = int(network.network_address)
+    return start, start | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)
+
+
+def _non_global_index() -> dict[int, tuple[list[int], list[int], list[NonGlobalRange]]]:
+    index: dict[int, tuple[list[int], list[int], list[NonGlobalRange]]] = {}
+    for item in NON_GLOBAL_RANGES:
+        starts, ends, items = index.setdefault(item.network.version, ([], [], []))
+        start, end = _bounds(item.network)
+        if ends and start <= ends[-1]:
+            raise AssertionError(f"NON_GLOBAL_RANGES must be sorted and disjoint: {item.network}")
+        starts.append(start)
+        ends.append(end)
+        items.append(item)
+    return index
+
+
+_NON_GLOBAL_INDEX = _non_global_index()
+
+
+def non_global_overlap(network: Network | str) -> NonGlobalRange | None:
+    """Return the non-global range ``network`` overlaps, or ``None`` if it is global.
+
+    Overlap in either direction counts: ``10.1.2.3/32`` is inside 10.0.0.0/8 and
+    ``8.0.0.0/6`` covers it; both return the 10.0.0.0/8 entry.  When a
+    supernet covers several ranges the lowest one is returned (``0.0.0.0/1``
+    -> 0.0.0.0/8).  A string is parsed with host bits cleared and may raise
+    ``ValueError``.  O(log n) in ``NON_GLOBAL_RANGES``.
+    """
+    if isinstance(network, str):
+        network = ipaddress.ip_network(network, strict=False)
+    starts, ends, items = _NON_GLOBAL_INDEX[network.version]
+    start, end = _bounds(network)
+    # The first range ending at or after our start is the only candidate for the lowest overlap.
+    i = bisect.bisect_left(ends, start)
+    if i < len(items) and starts[i] <= end:
+        return items[i]
+    return None

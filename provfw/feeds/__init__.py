@@ -1,0 +1,1 @@
+"""Block lists from outside: their formats (``formats``); the feed fetcher will join them here."""
