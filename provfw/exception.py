@@ -115,3 +115,15 @@ class ConductorUnavailable(ProvfwError):
     """No provfw-conductor answered a request over the bus in time."""
 
     code = 503
+
+
+class DatabaseUnavailable(ProvfwError):
+    """The database could not be reached (connection refused, reset, timed out)."""
+
+    code = 503
+
+
+class DBDeadlock(ProvfwError):
+    """A transaction kept losing lock races (deadlock, serialisation failure) after every retry."""
+
+    code = 503

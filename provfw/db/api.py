@@ -13,6 +13,7 @@ CreateResult = IMPL.CreateResult
 rule_of = IMPL.rule_of
 Snapshot = IMPL.Snapshot
 Changes = IMPL.Changes
+MetricsRead = IMPL.MetricsRead
 
 
 def configure(url, pool_size=5):
@@ -94,6 +95,16 @@ def provider_fw_snapshot(now=None):
 def provider_fw_changes_since(generation):
     """Changes(since, generation, added [Rule], removed [Rule]) after ``generation``."""
     return IMPL.provider_fw_changes_since(generation)
+
+
+def provider_fw_metrics_read(binary="provfw-compute"):
+    """MetricsRead(generation, {protocol: live unexpired rules}, [(host, applied_generation, heartbeat_at)])."""
+    return IMPL.provider_fw_metrics_read(binary)
+
+
+def ping():
+    """The current generation; DatabaseUnavailable (503) when the database cannot be reached."""
+    return IMPL.ping()
 
 
 # Services ------------------------------------------------------------------

@@ -8,6 +8,16 @@ since generation N can never miss one.  The unique constraint on
 (cidr, protocol, from_port, to_port, deleted) is the final guard against two
 live copies of one rule.
 
+Every mutation runs whole inside ``_retry_on_deadlock``: a transaction that
+loses a lock race - MariaDB/Galera error 1213 (deadlock, also Galera's
+certification failure) or 1205 (lock wait timeout), PostgreSQL SQLSTATE
+40001 (serialisation failure) or 40P01 (deadlock detected) - was rolled back
+by the server, so it is run again from its first statement (oslo.db's
+``wrap_db_retry`` policy), up to ``DEADLOCK_ATTEMPTS`` times with jittered
+backoff; then ``DBDeadlock`` (503).  Errors are told by code, never by text.
+Audit lines reach the ``provfw.audit`` logger only after their transaction
+committed, so a retried or rolled-back change is never logged as made.
+
 Thread-safety: the engine and sessionmaker are process-wide and thread-safe;
 each function opens its own session.
 """
@@ -17,6 +27,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -30,11 +41,53 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc as sa_exc, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from provfw import exception, rules as rules_mod
+from provfw import exception, metrics, rules as rules_mod
 from provfw.db.sqlalchemy import models
 from provfw.db.sqlalchemy.models import ApiToken, AuditRecord, FirewallGeneration, ProviderFirewallRule, Service
+from provfw.retrying import retrying
 
 LOG = logging.getLogger(__name__)
+AUDIT_LOG = logging.getLogger("provfw.audit")
+
+DEADLOCK_ATTEMPTS = 5
+# SQLSTATEs of a transaction the server rolled back for losing a lock race (PostgreSQL, psycopg2 and psycopg 3).
+_PG_RETRY_SQLSTATES = frozenset({"40001", "40P01"})
+# MySQL/MariaDB error numbers of the same (PyMySQL and mysqlclient put the number first in ``args``):
+# 1213 ER_LOCK_DEADLOCK (Galera reports a certification failure with it too), 1205 ER_LOCK_WAIT_TIMEOUT.
+_MYSQL_RETRY_ERRNOS = frozenset({1213, 1205})
+
+
+def is_deadlock(error: BaseException) -> bool:
+    """True when ``error`` (a SQLAlchemy DBAPIError) means "lost a lock race; running it again is safe"."""
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    orig = error.orig
+    sqlstate = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in _PG_RETRY_SQLSTATES
+    args = getattr(orig, "args", ())
+    return bool(args) and isinstance(args[0], int) and args[0] in _MYSQL_RETRY_ERRNOS
+
+
+def _retry_on_deadlock(func):
+    """Run the whole of ``func`` (one transaction) again when the database rolled it back for a deadlock."""
+    operation = func.__name__
+
+    def attempt(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except sa_exc.DBAPIError as exc:
+            if not is_deadlock(exc):
+                raise
+            metrics.DB_DEADLOCKS.labels(operation).inc()
+            raise exception.DBDeadlock(f"{operation}: the database kept rolling the transaction back "
+                                       f"({type(exc.orig).__name__}); try again") from exc
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return retrying(f"database transaction {operation}", exception.DBDeadlock, attempts=DEADLOCK_ATTEMPTS,
+                        initial=0.05, maximum=1.0, log=LOG)(attempt, *args, **kwargs)
+    return wrapper
 
 _lock = threading.Lock()
 BULK_THRESHOLD = 1000  # creates larger than this skip the ORM and return only a count
@@ -118,6 +171,17 @@ def _session() -> Session:
     return _sessionmaker()
 
 
+@event.listens_for(Session, "after_commit")
+def _log_audit_lines(session: Session) -> None:
+    for line in session.info.pop("audit_lines", ()):
+        AUDIT_LOG.info(line)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_audit_lines(session: Session) -> None:
+    session.info.pop("audit_lines", None)
+
+
 # --------------------------------------------------------------------------- values
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +255,8 @@ def _audit(session: Session, audit: Audit | None, action: str, generation: int |
         detail = {**detail, "reason": audit.reason}
     session.add(AuditRecord(actor=audit.actor, request_id=audit.request_id, action=action,
                             generation=generation, detail=json.dumps(detail, default=str, sort_keys=True)))
-    logging.getLogger("provfw.audit").info(
+    # Logged by _log_audit_lines once the transaction committed.
+    session.info.setdefault("audit_lines", []).append(
         json.dumps({"actor": audit.actor, "request_id": audit.request_id, "action": action,
                     "generation": generation, **detail}, default=str, sort_keys=True))
 
@@ -216,6 +281,7 @@ def provider_fw_rule_create(spec: rules_mod.RuleSpec, description: str | None = 
     return result.added[0], result.generation
 
 
+@_retry_on_deadlock
 def provider_fw_rules_create_many(specs: Sequence[rules_mod.RuleSpec], description: str | None = None,
                                   created_by: str | None = None, expires_at: datetime.datetime | None = None,
                                   audit: Audit | None = None, max_rules: int | None = None,
@@ -397,6 +463,7 @@ _RULE_COLUMNS = (ProviderFirewallRule.id, ProviderFirewallRule.cidr, ProviderFir
                  ProviderFirewallRule.from_port, ProviderFirewallRule.to_port, ProviderFirewallRule.expires_at)
 
 
+@_retry_on_deadlock
 def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None) -> Changes:
     """Soft-delete one live rule; return the change (one removed rule).  RuleNotFound if it is not live."""
     now = _now()
@@ -410,6 +477,7 @@ def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None) -> Change
     return Changes(generation - 1, generation, [], [rule_of(row)])
 
 
+@_retry_on_deadlock
 def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None) -> Changes:
     """Soft-delete every live rule for ``cidr``; return the change.  NotFound when there is none."""
     now = _now()
@@ -426,6 +494,7 @@ def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None) -> C
     return Changes(generation - 1, generation, [], [rule_of(row) for row in rows])
 
 
+@_retry_on_deadlock
 def provider_fw_rule_purge_expired(now: datetime.datetime | None = None, older_than: datetime.timedelta | None = None,
                                    audit: Audit | None = None) -> Changes | None:
     """Soft-delete live rules whose expiry has passed; return the change, or None when nothing expired.
@@ -476,6 +545,16 @@ def provider_fw_generation_get() -> int:
     return _current_generation()
 
 
+def ping() -> int:
+    """The current generation; DatabaseUnavailable when the database cannot be reached or answer."""
+    try:
+        return _current_generation()
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+        # The type names what failed; the driver's text (host, port, user) stays in the caller's log.
+        cause = getattr(exc, "orig", None) or exc
+        raise exception.DatabaseUnavailable(f"database unreachable ({type(cause).__name__})") from exc
+
+
 def provider_fw_snapshot(now: datetime.datetime | None = None, attempts: int = 5) -> Snapshot:
     """Every live, unexpired rule, consistent with one generation.
 
@@ -523,8 +602,42 @@ def provider_fw_changes_since(generation: int, attempts: int = 5) -> Changes:
     raise exception.ProvfwError("rules kept changing while reading a delta; try again")
 
 
+@dataclasses.dataclass(frozen=True)
+class MetricsRead:
+    """What the conductor exports on a scrape: the generation, live unexpired rules by protocol, and every
+    worker's (host, applied generation or None, last heartbeat as naive UTC or None)."""
+
+    generation: int
+    active_rules: dict[str, int]
+    services: list[tuple[str, int | None, datetime.datetime | None]]
+
+
+def provider_fw_metrics_read(binary: str = "provfw-compute", now: datetime.datetime | None = None) -> MetricsRead:
+    """The generation, rule counts and service states in ONE statement (a UNION ALL), for a metrics scrape."""
+    now = now or _now()
+    at_null = sa.null().cast(sa.DateTime)
+    statement = sa.union_all(
+        select(sa.literal("g", sa.String).label("kind"), sa.null().cast(sa.String).label("key"),
+               FirewallGeneration.generation.label("n"), at_null.label("at")).where(FirewallGeneration.id == 1),
+        select(sa.literal("r", sa.String), ProviderFirewallRule.protocol, func.count(), at_null)
+        .where(_live(), _not_expired(now)).group_by(ProviderFirewallRule.protocol),
+        select(sa.literal("s", sa.String), Service.host, Service.applied_generation, Service.heartbeat_at)
+        .where(Service.binary == binary))
+    generation, active, services = 0, {}, []
+    with _session() as session:
+        for kind, key, number, at in session.execute(statement):
+            if kind == "g":
+                generation = int(number)
+            elif kind == "r":
+                active[key] = int(number)
+            else:
+                services.append((key, None if number is None else int(number), at))
+    return MetricsRead(generation, active, services)
+
+
 # --------------------------------------------------------------------------- services
 
+@_retry_on_deadlock
 def service_update(host: str, binary: str = "provfw-compute", **values) -> None:
     """Create or update the Service row of ``host``; ``heartbeat=True`` stamps the heartbeat."""
     now = _now()
@@ -554,6 +667,7 @@ SERVICE_REPORT_FIELDS = ("driver", "heartbeat_at", "applied_generation", "applie
                          "quarantine", "bus_user")
 
 
+@_retry_on_deadlock
 def service_update_many(reports: dict[str, dict], binary: str = "provfw-compute") -> int:
     """Write many hosts' state reports in ONE transaction; return the rows written.
 
@@ -603,6 +717,7 @@ def service_get(host: str, binary: str = "provfw-compute") -> Service | None:
         return session.scalars(select(Service).where(Service.host == host, Service.binary == binary)).first()
 
 
+@_retry_on_deadlock
 def service_destroy(host: str, binary: str = "provfw-compute") -> bool:
     with _session() as session, session.begin():
         return session.execute(sa.delete(Service).where(Service.host == host, Service.binary == binary)).rowcount > 0
@@ -614,6 +729,7 @@ def _hash_token(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+@_retry_on_deadlock
 def api_token_create(name: str, role: str) -> str:
     """Create a token; return its secret (shown once; only its hash is stored)."""
     if role not in ("admin", "reader"):
@@ -640,6 +756,7 @@ def api_token_get_all() -> list[ApiToken]:
         return list(session.scalars(select(ApiToken).order_by(ApiToken.name)))
 
 
+@_retry_on_deadlock
 def api_token_revoke(name: str) -> None:
     with _session() as session, session.begin():
         count = session.execute(update(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
