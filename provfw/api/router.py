@@ -1,4 +1,4 @@
-"""The provfw-api WSGI application: URL map -> AdminController."""
+"""The provfw-api WSGI application: URL map -> AdminController, inside the request-log middleware."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import routes
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw.api import admin, wsgi
+from provfw.api import admin, middleware, wsgi
 from provfw.compute import api as compute_api
 
 
@@ -33,6 +33,10 @@ def build_mapper() -> routes.Mapper:
 
 
 def build_app(conf: cfg.ConfigOpts = provfw_conf.CONF, compute: compute_api.ComputeAPI | None = None):
-    """The WSGI app; ``compute`` defaults to a ComputeAPI on ``conf.transport_url``."""
+    """The WSGI app; ``compute`` defaults to a ComputeAPI on ``conf.transport_url``.
+
+    The router sits inside ``middleware.RequestLog`` (request id and log
+    context, access log line, request metrics).
+    """
     controller = admin.AdminController(conf, compute or compute_api.ComputeAPI(conf))
-    return wsgi.Router(build_mapper(), {"admin": controller}, wsgi.token_authenticator)
+    return middleware.RequestLog(wsgi.Router(build_mapper(), {"admin": controller}, wsgi.token_authenticator))

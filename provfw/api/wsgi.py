@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from typing import Any, Callable
 
 import routes
 import webob
 import webob.dec
 import webob.exc
+from oslo_context import context as oslo_context
 
 from provfw import exception
+from provfw.api import middleware
 from provfw.db import api as db
 
 LOG = logging.getLogger(__name__)
@@ -27,17 +28,19 @@ ROLE_ADMIN = "admin"
 ROLE_READER = "reader"
 
 
-class Context:
-    """Who is calling: the token's name and role, and the request id for the audit log."""
+class Context(oslo_context.RequestContext):
+    """Who is calling: the token's name and role, and the request id for the audit log.
+
+    An oslo.context RequestContext stored for the current thread, so oslo.log
+    puts the request id and the token name (as the user) in every line logged
+    while the request is handled.
+    """
 
     def __init__(self, actor: str, role: str, request_id: str):
+        super().__init__(request_id=request_id, user_id=actor, user_name=actor, roles=[role],
+                         is_admin=role == ROLE_ADMIN, overwrite=True)
         self.actor = actor
         self.role = role
-        self.request_id = request_id
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == ROLE_ADMIN
 
     def require_admin(self) -> None:
         if not self.is_admin:
@@ -88,9 +91,9 @@ class Router:
 
     @webob.dec.wsgify
     def __call__(self, request: webob.Request) -> webob.Response:
-        request_id = request.headers.get("X-Request-Id") or f"req-{uuid.uuid4()}"
-        if len(request_id) > 64 or not request_id.isprintable():
-            request_id = f"req-{uuid.uuid4()}"
+        # middleware.RequestLog assigned it (and the thread's log context); called bare (tests), assign one here.
+        request_id = request.environ.get(middleware.REQUEST_ID_KEY) or middleware.request_id_of(
+            request.headers.get("X-Request-Id"))
         try:
             response = self._dispatch(request, request_id)
         except exception.ProvfwError as exc:
@@ -104,16 +107,18 @@ class Router:
         return response
 
     def _dispatch(self, request: webob.Request, request_id: str) -> webob.Response:
-        match = self.mapper.match(environ=request.environ)
-        if match is None:
+        found = self.mapper.routematch(environ=request.environ)
+        if found is None:
             if self.mapper.match(request.path_info) is not None:
                 raise _MethodNotAllowed(f"{request.method} is not allowed on {request.path_info}")
             raise exception.NotFound(f"no such resource: {request.path_info}")
-        match = dict(match)
+        match, route = dict(found[0]), found[1]
+        request.environ[middleware.ROUTE_KEY] = route.routepath       # the metrics' bounded route label
         controller = self.controllers[match.pop("controller")]
         action = match.pop("action")
         public = match.pop("public", False)
         context = None if public else self.authenticate(request, request_id)
+        request.environ[middleware.CONTEXT_KEY] = context              # the access line's token name
         return getattr(controller, action)(request, context, **match)
 
 

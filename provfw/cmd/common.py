@@ -13,13 +13,17 @@ systemd).  The ``[api] audit_log`` file is one more handler, on the
 from __future__ import annotations
 
 import logging
+import threading
 
 from oslo_log import log as oslo_log
 
 import provfw
 from provfw import conf as provfw_conf
+from provfw import exception, systemd
+from provfw.retrying import retrying
 
 CONF = provfw_conf.CONF
+LOG = logging.getLogger(__name__)
 
 _audit_handler: logging.Handler | None = None
 
@@ -51,3 +55,24 @@ def prepare(argv=None, database: bool = True) -> None:
     if database:
         from provfw.db import api as db
         db.configure(provfw_conf.database_url(), CONF.database.pool_size)
+
+
+def wait_for_database(what: str, stop: threading.Event | None = None) -> int:
+    """Block until the database answers; return its generation.
+
+    Retries with backoff (0.5 s to 10 s) while it is unreachable, telling
+    systemd why in ``STATUS=`` (``systemctl status`` shows it), so READY=1 is
+    only ever sent by a daemon that can reach its database.  A schema that
+    was never migrated is not retried: the error propagates.
+    """
+    from provfw.db import api as db
+
+    def probe() -> int:
+        try:
+            return db.ping()
+        except exception.DatabaseUnavailable as exc:
+            systemd.notify(f"STATUS=waiting for the database: {exc.message}")
+            raise
+
+    return retrying(f"{what}: reaching the database", exception.DatabaseUnavailable, initial=0.5, maximum=10.0,
+                    stop_event=stop, log=LOG)(probe)
