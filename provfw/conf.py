@@ -78,6 +78,9 @@ api_opts = [
                help="Largest JSON request body in bytes; bigger bodies get 413."),
     cfg.IntOpt("max_import_body_size", default=64 * 1024 * 1024, min=1024,
                help="Largest bulk import body in bytes; bigger bodies get 413."),
+    cfg.FloatOpt("token_cache_ttl", default=10.0, min=0.0,
+                 help="Seconds an API process remembers a token that authenticated, instead of reading it from the "
+                      "database on every request; a revoked token stops working within this time. 0: no cache."),
     cfg.StrOpt("audit_log", default=None,
                help="File that receives one JSON line per mutation (besides the audit table). "
                     "Empty: audit lines go to the 'provfw.audit' logger only."),

@@ -6,7 +6,7 @@ import routes
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw.api import admin, middleware, wsgi
+from provfw.api import admin, auth, middleware, wsgi
 from provfw.compute import api as compute_api
 
 
@@ -39,4 +39,5 @@ def build_app(conf: cfg.ConfigOpts = provfw_conf.CONF, compute: compute_api.Comp
     context, access log line, request metrics).
     """
     controller = admin.AdminController(conf, compute or compute_api.ComputeAPI(conf))
-    return middleware.RequestLog(wsgi.Router(build_mapper(), {"admin": controller}, wsgi.token_authenticator))
+    authenticate = auth.TokenAuthenticator(conf.api.token_cache_ttl)
+    return middleware.RequestLog(wsgi.Router(build_mapper(), {"admin": controller}, authenticate))

@@ -124,17 +124,3 @@ class Router:
 
 class _MethodNotAllowed(exception.ProvfwError):
     code = 405
-
-
-def token_authenticator(request: webob.Request, request_id: str) -> Context:
-    """Authenticate ``X-Auth-Token`` against the stored token hashes; reader tokens may only read."""
-    secret = request.headers.get("X-Auth-Token", "").strip()
-    if not secret or len(secret) > 512:
-        raise exception.NotAuthenticated()
-    token = db.api_token_get_by_secret(secret)
-    if token is None:
-        raise exception.NotAuthenticated()
-    context = Context(token.name, token.role, request_id)
-    if request.method not in ("GET", "HEAD"):
-        context.require_admin()
-    return context
