@@ -140,9 +140,14 @@ def run_load(port: int, token: str, clients: int, seconds: float, profile: str |
             "errors": len(errors), "first_errors": errors[:3]}
 
 
-def start_server(kind: str, config: str, port: int, workers: int, threads: int, log_path: str) -> subprocess.Popen:
+def start_server(kind: str, config: str, port: int, workers: int, threads: int, log_path: str,
+                 baseline: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "PROVFW_CONFIG_FILE": config}
-    if kind == "eventlet":
+    if kind == "baseline":
+        # provfw-api of another source tree (e.g. `git archive <commit> | tar -x -C DIR`), same venv.
+        argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {baseline!r}); "
+                "from provfw.cmd.api import main; sys.argv[1:] = ['--config-file', " + repr(config) + "]; main()"]
+    elif kind == "eventlet":
         argv = [os.path.join(BIN, "provfw-api"), "--config-file", config]
     else:
         argv = [os.path.join(BIN, "gunicorn"), "--workers", str(workers), "--worker-class",
@@ -158,7 +163,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=12)
     parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker (1: sync workers)")
-    parser.add_argument("--servers", default="eventlet,gunicorn")
+    parser.add_argument("--servers", default="eventlet,gunicorn",
+                        help="comma list of eventlet, gunicorn, baseline (with --baseline)")
+    parser.add_argument("--baseline", help="source tree whose eventlet provfw-api runs as 'baseline'")
     parser.add_argument("--profile", action="store_true",
                         help="record the servers with py-spy (collapsed stacks in /tmp/provfw-bench-api-*/profile.txt)")
     args = parser.parse_args()
@@ -183,7 +190,7 @@ def main() -> None:
                              f"[database]\nconnection = {database.url}\npool_size = 8\n"
                              f"[api]\nbind_port = {port}\n[metrics]\napi_port = 0\n")
             log_path = os.path.join(workdir, "server.log")
-            proc = start_server(kind, config, port, args.workers, args.threads, log_path)
+            proc = start_server(kind, config, port, args.workers, args.threads, log_path, args.baseline)
             try:
                 wait_healthy(port, proc, log_path)
                 run_load(port, token, args.clients, 2.0)                    # warm-up: connections, caches
@@ -202,7 +209,7 @@ def main() -> None:
     print(f"{'server':<24}{'ops/s':>10}{'p50':>10}{'p99':>10}{'CPU/op':>10}{'errors':>8}{'vs eventlet':>13}")
     base = results.get("eventlet", {}).get("ops")
     for kind, result in results.items():
-        name = gunicorn if kind == "gunicorn" else "eventlet (provfw-api)"
+        name = {"gunicorn": gunicorn, "baseline": "baseline (eventlet)"}.get(kind, "eventlet (provfw-api)")
         ratio = f"{result['ops'] / base:.2f}x" if base else "-"
         print(f"{name:<24}{result['ops']:>10.0f}{result['p50'] * 1000:>8.1f}ms{result['p99'] * 1000:>8.1f}ms"
               f"{result['cpu_ms_per_op']:>8.2f}ms{result['errors']:>8}{ratio:>13}")

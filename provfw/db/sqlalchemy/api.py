@@ -306,8 +306,9 @@ def _audit(session: Session, audit: Audit | None, action: str, generation: int |
         return
     if audit.reason:
         detail = {**detail, "reason": audit.reason}
-    session.add(AuditRecord(actor=audit.actor, request_id=audit.request_id, action=action,
-                            generation=generation, detail=json.dumps(detail, default=str, sort_keys=True)))
+    session.execute(sa.insert(AuditRecord.__table__).values(
+        actor=audit.actor, request_id=audit.request_id, action=action, generation=generation,
+        detail=json.dumps(detail, default=str, sort_keys=True)))
     # Logged by _log_audit_lines once the transaction committed.
     session.info.setdefault("audit_lines", []).append(
         json.dumps({"actor": audit.actor, "request_id": audit.request_id, "action": action,
@@ -378,6 +379,11 @@ def provider_fw_rules_create_many(specs: Sequence[rules_mod.RuleSpec], descripti
                 if added_count > BULK_THRESHOLD:
                     _bulk_insert(session, values)
                     rows = []
+                elif session.get_bind().dialect.insert_executemany_returning_sort_by_parameter_order:
+                    # One INSERT .. RETURNING (Core): the ORM's unit of work costs more than the INSERT,
+                    # and this runs under the generation row lock.  The rows answer like model objects.
+                    rows = list(session.execute(
+                        sa.insert(_RULES).returning(*_RULES.c, sort_by_parameter_order=True), values))
                 else:
                     rows = [ProviderFirewallRule(**v) for v in values]
                     session.add_all(rows)
