@@ -65,13 +65,14 @@ class Runner:
 def failing_input_context(stderr: str, input: str | None, around: int = 2) -> str:
     """For a failed restore, quote the input line the tool complained about, with context.
 
-    iptables-restore says "line N failed", ipset "Error in line N", nft "<stdin>:N:".
+    iptables-restore says "line N failed" (a refused commit) or "Error occurred at line: N" (a parse
+    error), ipset "Error in line N", nft "<stdin>:N:" or "/dev/stdin:N:".
     """
     if not input or not stderr:
         return ""
     import re
 
-    match = re.search(r"(?:line|<cmdline>:|/dev/stdin:|<stdin>:)\s*(\d+)", stderr)
+    match = re.search(r"(?:line:?|<cmdline>:|/dev/stdin:|<stdin>:)\s*(\d+)", stderr)
     if not match:
         return ""
     number = int(match.group(1))
