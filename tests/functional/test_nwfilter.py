@@ -239,13 +239,14 @@ def test_every_rendered_filter_is_accepted_and_stored_unchanged_by_libvirtd(libv
         ("203.0.113.0/24", "icmp", 3, 1), ("203.0.113.0/24", "icmp", 0, 0),
         ("2001:db8::/32", "all"), ("2001:db8::1", "tcp", 443), ("2001:db8::/48", "udp", 1000, 2000),
         ("2001:db8::/48", "icmp"), ("2001:db8::/48", "icmp", 128), ("2001:db8::/48", "icmp", 1, 4)]]
-    set_rules, sets = nwx.provider_rules(specs, True, lambda key: f"pn{tag}{key.version}-all")
+    set_name = lambda key: f"pn{tag}{key.version}-all"      # noqa: E731
+    set_rules, groups = nwx.provider_rules(specs, True, set_name)
     rules = list(nwx.rules_for_specs(specs)) + list(set_rules)
     definition = nwx.provider_filter(f"provfw-xmltest-{tag}", rules)
-    set_names = list(sets)
+    set_names = [set_name(key) for key in groups]
     try:
-        for name, set_spec in sets.items():
-            subprocess.run(["ipset", "create", name, "hash:net", "family", set_spec.family], check=True)
+        for key in groups:
+            subprocess.run(["ipset", "create", set_name(key), "hash:net", "family", key.family], check=True)
         defined = libvirt_conn.nwfilterDefineXML(nwx.render_filter(definition))
         stored = nwx.parse_filter(defined.XMLDesc())
         assert stored.same_content(definition)
@@ -423,6 +424,45 @@ def test_ensure_filter_refs_refuses_to_reference_a_filter_that_does_not_exist(li
         nwfilter.ensure_filter_refs(libvirt_conn, "nova-instance-*", f"nova-provider-missing-{unique_tag()}")
 
 
+# ---------------------------------------------------------------- checks (the reconciler's bisection)
+
+def _filter_names(conn) -> set[str]:
+    return {f.name() for f in conn.listAllNWFilters()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_check_defines_a_scratch_filter_and_removes_it_and_the_provider_filter_is_untouched(hypervisor_factory,
+                                                                                              mode):
+    hv = hypervisor_factory(mode)
+    hv.add("203.0.113.0/24")
+    hv.block(ATTACKER4)
+    before = hv.conn.nwfilterLookupByName(hv.provider).XMLDesc(), hv.leftover_sets(), _filter_names(hv.conn)
+    sets_before = {name: subprocess.run(["ipset", "save", name], capture_output=True, text=True).stdout
+                   for name in before[1]}
+    defined = []
+    real_check = hv.driver._check_filter
+
+    def watching(conn, desired):
+        defined.append(desired.name)
+        return real_check(conn, desired)
+
+    hv.driver._check_filter = watching          # observe, not replace: the real define and undefine run
+    hv.driver.check_provider_fw_rules([make_spec(OTHER4), make_spec(OTHER6, "tcp", 8080),
+                                       make_spec("198.51.100.0/24", "icmp", 8)])
+    assert defined == [f"{hv.provider}-check"]
+    refused_by_libvirt = RuleSpec("198.51.100.0/24", "tcp", 70000, 70000)      # bypasses validation
+    refused_by_ipset = RuleSpec("fe80::1%eth0/128", "all", -1, -1)
+    for refused in (refused_by_libvirt, refused_by_ipset) if mode == "ipset" else (refused_by_libvirt,):
+        with pytest.raises(exception.DriverError):
+            hv.driver.check_provider_fw_rules([make_spec(OTHER4), refused])
+    after = hv.conn.nwfilterLookupByName(hv.provider).XMLDesc(), hv.leftover_sets(), _filter_names(hv.conn)
+    assert after == before, "no scratch filter or set left, the provider filter as it was"
+    assert {name: subprocess.run(["ipset", "save", name], capture_output=True, text=True).stdout
+            for name in after[1]} == sets_before
+    assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)
+    assert hv.topo.reachable(OTHER4, INSTANCE4)
+
+
 # ---------------------------------------------------------------- libvirtd away
 
 class LibvirtSocketProxy:
@@ -554,6 +594,11 @@ def test_a_real_libvirtd_restart_raises_driver_error_and_the_next_refresh_applie
             subprocess.run(["libvirtd", "-d"], check=True)
         assert wait_until(_virsh_answers, 60, interval=0.5) is not None, "libvirtd did not come back"
         hv.conn = _libvirt().open(URI)        # the test's own connection died with the old daemon
+        dead, _shared_conn["conn"] = _shared_conn.get("conn"), hv.conn     # later tests get the live one
+        try:
+            dead.close()
+        except _libvirt().libvirtError:
+            pass
     # libvirtd re-instantiates its bindings at start; the driver reconnects on its own.
     assert wait_until(lambda: _refresh_ok(hv), 30, interval=0.5) is not None
     assert_blocked_now(hv.topo, OTHER4, INSTANCE4)
@@ -566,42 +611,3 @@ def _refresh_ok(hv: Hypervisor) -> bool:
     except exception.DriverError:
         return False
     return True
-
-
-# ---------------------------------------------------------------- checks (the reconciler's bisection)
-
-def _filter_names(conn) -> set[str]:
-    return {f.name() for f in conn.listAllNWFilters()}
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_a_check_defines_a_scratch_filter_and_removes_it_and_the_provider_filter_is_untouched(hypervisor_factory,
-                                                                                              mode):
-    hv = hypervisor_factory(mode)
-    hv.add("203.0.113.0/24")
-    hv.block(ATTACKER4)
-    before = hv.conn.nwfilterLookupByName(hv.provider).XMLDesc(), hv.leftover_sets(), _filter_names(hv.conn)
-    sets_before = {name: subprocess.run(["ipset", "save", name], capture_output=True, text=True).stdout
-                   for name in before[1]}
-    defined = []
-    real_check = hv.driver._check_filter
-
-    def watching(conn, desired):
-        defined.append(desired.name)
-        return real_check(conn, desired)
-
-    hv.driver._check_filter = watching          # observe, not replace: the real define and undefine run
-    hv.driver.check_provider_fw_rules([make_spec(OTHER4), make_spec(OTHER6, "tcp", 8080),
-                                       make_spec("198.51.100.0/24", "icmp", 8)])
-    assert defined == [f"{hv.provider}-check"]
-    refused_by_libvirt = RuleSpec("198.51.100.0/24", "tcp", 70000, 70000)      # bypasses validation
-    refused_by_ipset = RuleSpec("fe80::1%eth0/128", "all", -1, -1)
-    for refused in (refused_by_libvirt, refused_by_ipset) if mode == "ipset" else (refused_by_libvirt,):
-        with pytest.raises(exception.DriverError):
-            hv.driver.check_provider_fw_rules([make_spec(OTHER4), refused])
-    after = hv.conn.nwfilterLookupByName(hv.provider).XMLDesc(), hv.leftover_sets(), _filter_names(hv.conn)
-    assert after == before, "no scratch filter or set left, the provider filter as it was"
-    assert {name: subprocess.run(["ipset", "save", name], capture_output=True, text=True).stdout
-            for name in after[1]} == sets_before
-    assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)
-    assert hv.topo.reachable(OTHER4, INSTANCE4)
