@@ -127,8 +127,9 @@ def api_token_create(name, role, secret=None):
     return IMPL.api_token_create(name, role, secret)
 
 
-def api_token_get_by_secret(secret):
-    return IMPL.api_token_get_by_secret(secret)
+def api_token_get_by_secret(secret, include_revoked=False):
+    """The active token with this secret, or None; ``include_revoked`` finds revoked ones too."""
+    return IMPL.api_token_get_by_secret(secret, include_revoked)
 
 
 def api_token_get_all():

@@ -616,10 +616,13 @@ def api_token_create(name: str, role: str, secret: str | None = None) -> str:
     return secret
 
 
-def api_token_get_by_secret(secret: str) -> ApiToken | None:
+def api_token_get_by_secret(secret: str, include_revoked: bool = False) -> ApiToken | None:
+    """The active token whose secret is ``secret`` (or, with ``include_revoked``, any token it ever was)."""
+    query = select(ApiToken).where(ApiToken.token_hash == _hash_token(secret))
+    if not include_revoked:
+        query = query.where(ApiToken.revoked_at.is_(None))
     with _session() as session:
-        return session.scalars(select(ApiToken).where(ApiToken.token_hash == _hash_token(secret),
-                                                      ApiToken.revoked_at.is_(None))).first()
+        return session.scalars(query).first()
 
 
 def api_token_get_all() -> list[ApiToken]:
