@@ -71,7 +71,13 @@ def read_body(request: webob.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise exception.BodyTooLarge(f"body: {length} bytes is larger than the limit of {limit} bytes")
-    data = request.body_file.read(limit + 1) if length is None else request.body
+    if length is None:
+        # A chunked body has no Content-Length; eventlet's input decodes the chunks and ends with the last
+        # one, but does not set wsgi.input_terminated, so webob's body_file would read it as empty.
+        chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        data = (request.environ["wsgi.input"] if chunked else request.body_file).read(limit + 1)
+    else:
+        data = request.body
     if len(data) > limit:
         raise exception.BodyTooLarge(f"body: larger than the limit of {limit} bytes")
     return data
