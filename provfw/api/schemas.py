@@ -309,8 +309,8 @@ def _responses(op: Operation) -> dict[str, Any]:
             responses.setdefault(403, ("The token's role is not admin.", "Error"))
     if op.path_params:
         responses.setdefault(404, _NOT_FOUND[1])
-    if op.query:
-        responses.setdefault(400, _BAD[1])
+    # Every operation refuses query parameters it does not define, as bodies refuse unknown fields.
+    responses.setdefault(400, ("A field or parameter is invalid, or unknown; the message names it.", "Error"))
     responses.setdefault(500, ("Internal error; the message names the request id to look up in the log.",
                                "Error"))
     out: dict[str, Any] = {}
