@@ -106,6 +106,8 @@ class AdminClient:
                      ttl: float | None = None) -> dict:
         """Bulk import: one CIDR or address per line ('#' comments allowed)."""
         text = lines if isinstance(lines, str) else "\n".join(lines)
+        if isinstance(ttl, float) and ttl.is_integer():
+            ttl = int(ttl)      # a query-string integer is digits: "3600", not "3600.0"
         params = {k: v for k, v in {"protocol": protocol, "description": description, "ttl": ttl}.items()
                   if v is not None}
         return self._request("POST", "/v1/provider-fw-rules/import", expect=(200, 201), params=params,
