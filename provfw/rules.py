@@ -15,6 +15,10 @@ Conventions (kept from Nova's security-group rules so operators recognise them):
   ``-1`` (``ANY``) means any type / any code.  A code without a type is
   refused.
 * For ``all`` both ports are ``ANY``.
+* A CIDR is a plain network (``CIDR_PATTERN``); a description is text without
+  control characters (``TEXT_PATTERN``); an expiry is at most ``MAX_LIFETIME``
+  ahead.  ``provfw.api.schemas`` publishes these same constants in the API's
+  JSON Schema, so the contract and this module cannot drift.
 """
 
 from __future__ import annotations
@@ -106,10 +110,11 @@ def parse_network(value: Any, field: str = "cidr") -> Network:
     """Parse ``value`` as a network.
 
     ``value`` must be a plain address or CIDR (``CIDR_PATTERN``: no IPv6 scope id, no netmask form, no
-    zero-padded prefix; surrounding whitespace is ignored, as in a line of a text import).  A bare address becomes a /32 (IPv4) or /128 (IPv6); host bits
-    are cleared (``192.168.100.11/24`` -> ``192.168.100.0/24``); IPv6 is compressed and lower-cased so string
-    equality means network equality.  ``/0`` is refused: a provider rule that blocks the whole internet is
-    never what an admin meant.  Raises ``InvalidInput`` naming ``field``.
+    zero-padded prefix; surrounding whitespace is ignored, as in a line of a text import).  A bare address
+    becomes a /32 (IPv4) or /128 (IPv6); host bits are cleared (``192.168.100.11/24`` -> ``192.168.100.0/24``);
+    IPv6 is compressed and lower-cased so string equality means network equality.  ``/0`` is refused: a
+    provider rule that blocks the whole internet is never what an admin meant.  Raises ``InvalidInput`` naming
+    ``field``.
     """
     if not isinstance(value, str) or not value.strip():
         raise exception.InvalidInput(field, "must be a non-empty string such as 203.0.113.0/24")

@@ -519,7 +519,9 @@ def coerce_parameter(name: str, text: str, schema: dict[str, Any]) -> Any:
     kind = schema.get("type")
     if kind == "integer":
         digits = text[1:] if text.startswith("-") else text
-        if not digits.isascii() or not digits.isdigit() or len(digits) > 20:
+        # ASCII digits only (int() reads other scripts' digits too), and fewer than Python's 4300-digit
+        # conversion limit; the schema's minimum and maximum then say whether the number is in range.
+        if not digits.isascii() or not digits.isdigit() or len(digits) > 1000:
             raise exception.InvalidInput(name, f"{_show(text)} is not an integer")
         return int(text)
     return text

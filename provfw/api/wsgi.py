@@ -138,10 +138,6 @@ def decode_json(data: bytes) -> Any:
     return value
 
 
-def json_body(request: webob.Request, limit: int) -> Any:
-    return decode_json(read_body(request, limit))
-
-
 QUERY_KEY = "provfw.query"
 BODY_KEY = "provfw.body"
 MEDIA_KEY = "provfw.media_type"

@@ -432,8 +432,8 @@ def test_a_value_of_the_wrong_type_or_range_is_a_400_naming_the_field(api, body,
 
 def test_an_integer_written_with_a_zero_fraction_is_that_integer(api):
     # JSON Schema: 22.0 is the integer 22.
-    response = api.call("POST", "/v1/provider-fw-rules", raw=b'{"cidr": "198.51.100.7", "protocol": "tcp", '
-                                                              b'"from_port": 22.0, "ttl": 60.0}')
+    raw = b'{"cidr": "198.51.100.7", "protocol": "tcp", "from_port": 22.0, "ttl": 60.0}'
+    response = api.call("POST", "/v1/provider-fw-rules", raw=raw)
     assert response.status_int == 201, response.text
     assert response.json["rule"]["from_port"] == 22
 

@@ -92,8 +92,8 @@ def test_the_field_domains_are_the_ones_provfw_rules_defines():
     ({"cidr": "198.51.100.7", "from_port": 70000}, "from_port: 70000 is out of range -1..65535"),
     ({"cidr": "198.51.100.7", "description": "a\x00b"}, "description: 'a\\x00b' must not contain control"),
     ({"cidr": "198.51.100.7", "description": "a\n"}, "description: 'a\\n' must not contain control"),
-    ({"cidr": "198.51.100.7", "expires_at": "2026-12-01T00:00:00"}, "expires_at: '2026-12-01T00:00:00' is not an "
-                                                                     "RFC 3339 date-time with a UTC offset"),
+    ({"cidr": "198.51.100.7", "expires_at": "2026-12-01T00:00:00"},
+     "expires_at: '2026-12-01T00:00:00' is not an RFC 3339 date-time with a UTC offset"),
     ({"cidr": "198.51.100.7", "protocol": "TCP"}, "protocol: 'TCP' is not one of tcp, udp, icmp, all, null"),
 ])
 def test_a_refusal_names_the_field_first(body, message):

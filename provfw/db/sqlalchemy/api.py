@@ -381,8 +381,8 @@ def provider_fw_rule_get(rule_id: int) -> ProviderFirewallRule:
     if not _storable_id(rule_id):
         raise exception.RuleNotFound(rule_id)
     with _session() as session:
-        row = session.scalars(select(ProviderFirewallRule).where(ProviderFirewallRule.id == rule_id,
-                                                                  _in_force(_now()))).first()
+        row = session.scalars(select(ProviderFirewallRule)
+                              .where(ProviderFirewallRule.id == rule_id, _in_force(_now()))).first()
     if row is None:
         raise exception.RuleNotFound(rule_id)
     return row
