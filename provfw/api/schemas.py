@@ -156,8 +156,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "BlockDuplicate": _object({"status": {"const": "Failed"}, "message": {"const": "Duplicate rule. 0 rules added"}},
                               required=["status", "message"]),
     "BlockConflict": {"anyOf": [ref("BlockDuplicate"), ref("Error")]},
-    "BlockRemoved": _object({"status": {"const": "OK"}, "message": {"type": "string"}, "generation": GENERATION},
-                            required=["status", "message", "generation"]),
+    "BlockRemoved": _object({"status": {"const": "OK"}, "message": {"type": "string"},
+                             "cidr": {"type": "string", "description": "The normalised CIDR unblocked."},
+                             "deleted": {"type": "integer", "minimum": 1, "description": "Rules deleted."},
+                             "generation": GENERATION},
+                            required=["status", "message", "cidr", "deleted", "generation"]),
     "BlockList": _object({"blocks": {"type": "array", "items": _object(
         {"cidr": {"type": "string"}, "rules": {"type": "integer", "minimum": 1}}, required=["cidr", "rules"])},
         "generation": GENERATION}, required=["blocks", "generation"]),
@@ -168,8 +171,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "applied_at": {"type": ["string", "null"], "format": "date-time"},
         "rule_count": {"type": "integer"}, "driver": {"type": ["string", "null"]},
         "last_error": {"type": ["string", "null"]},
+        "quarantine": {"type": "array", "description": "Rules this host's kernel refused; every other rule is "
+                       "applied at applied_generation (in_sync ignores them).", "items": _object({
+                           "id": {"type": "integer"}, "cidr": {"type": "string"}, "reason": {"type": "string"}},
+                           required=["id", "cidr", "reason"])},
+        "bus_user": {"type": ["string", "null"],
+                     "description": "The broker-validated AMQP user of the host's latest state report."},
     }, required=["host", "binary", "state", "heartbeat_at", "applied_generation", "in_sync", "applied_at",
-                 "rule_count", "driver", "last_error"])}, "generation": GENERATION},
+                 "rule_count", "driver", "last_error", "quarantine", "bus_user"])}, "generation": GENERATION},
         required=["services", "generation"]),
     "AuditLog": _object({"audit": {"type": "array", "items": _object({
         "id": {"type": "integer"}, "at": OUT_TIMESTAMP, "actor": {"type": "string"},
