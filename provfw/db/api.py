@@ -44,27 +44,27 @@ def provider_fw_rules_create_many(specs, description=None, created_by=None, expi
 
 
 def provider_fw_rule_get(rule_id):
-    """The live rule ``rule_id``; RuleNotFound otherwise."""
+    """The live, unexpired rule ``rule_id``; RuleNotFound otherwise (also for ids no row can have)."""
     return IMPL.provider_fw_rule_get(rule_id)
 
 
 def provider_fw_rule_get_all(cidr=None, protocol=None, limit=None, marker=None):
-    """Live rules ordered by id, optionally filtered and paginated (marker = last id seen)."""
+    """Live, unexpired rules ordered by id, optionally filtered and paginated (marker = last id seen)."""
     return IMPL.provider_fw_rule_get_all(cidr, protocol, limit, marker)
 
 
 def provider_fw_rule_get_all_by_cidr(cidr):
-    """Live rules whose normalised CIDR equals ``cidr``."""
+    """Live, unexpired rules whose normalised CIDR equals ``cidr``."""
     return IMPL.provider_fw_rule_get_all_by_cidr(cidr)
 
 
 def provider_fw_rule_destroy(rule_id, audit=None):
-    """Soft-delete one live rule; return Changes (one rule removed).  RuleNotFound if it is not live."""
+    """Soft-delete one live, unexpired rule; return Changes (one rule removed).  RuleNotFound if it is not live."""
     return IMPL.provider_fw_rule_destroy(rule_id, audit)
 
 
 def provider_fw_rule_destroy_by_cidr(cidr, audit=None):
-    """Soft-delete every live rule of ``cidr``; return Changes (the rules removed).  NotFound when none."""
+    """Soft-delete every live, unexpired rule of ``cidr``; return Changes (the rules removed).  NotFound when none."""
     return IMPL.provider_fw_rule_destroy_by_cidr(cidr, audit)
 
 
@@ -74,7 +74,7 @@ def provider_fw_rule_purge_expired(now=None, older_than=None, audit=None):
 
 
 def provider_fw_distinct_cidrs():
-    """[(cidr, live rule count)] for every blocked CIDR."""
+    """[(cidr, count of live, unexpired rules)] for every CIDR that has one."""
     return IMPL.provider_fw_distinct_cidrs()
 
 
@@ -133,13 +133,20 @@ def service_destroy(host, binary="provfw-compute"):
 
 # Tokens and audit ----------------------------------------------------------
 
-def api_token_create(name, role):
-    """Create an API token; return the secret, which is not stored."""
-    return IMPL.api_token_create(name, role)
+def new_token_secret():
+    """A fresh API token secret (not stored anywhere yet)."""
+    return IMPL.new_token_secret()
 
 
-def api_token_get_by_secret(secret):
-    return IMPL.api_token_get_by_secret(secret)
+def api_token_create(name, role, secret=None):
+    """Create an API token; return the secret, which is not stored (only its hash).  With ``secret`` (from
+    ``new_token_secret``) store that one instead of a new one.  Conflict if ``name`` is taken."""
+    return IMPL.api_token_create(name, role, secret)
+
+
+def api_token_get_by_secret(secret, include_revoked=False):
+    """The active token with this secret, or None; ``include_revoked`` finds revoked ones too."""
+    return IMPL.api_token_get_by_secret(secret, include_revoked)
 
 
 def api_token_get_all():
