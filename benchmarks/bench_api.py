@@ -126,7 +126,8 @@ def run_load(port: int, token: str, clients: int, seconds: float, profile: str |
         thread.start()
     if profile:
         # py-spy samples the server (and, for gunicorn, its workers) while the load runs.
-        subprocess.run([os.path.join(BIN, "py-spy"), "record", "--pid", str(pid), "--subprocesses", "--duration", str(int(seconds)),
+        subprocess.run([os.path.join(BIN, "py-spy"), "record", "--pid", str(pid), "--subprocesses",
+                        "--duration", str(int(seconds)),
                         "--rate", "200", "--gil", "--format", "raw", "--output", profile, "--nonblocking"],
                        capture_output=True, check=False)
     else:
@@ -136,7 +137,8 @@ def run_load(port: int, token: str, clients: int, seconds: float, profile: str |
         thread.join(60)
     elapsed = time.perf_counter() - started
     cpu = server_cpu_seconds(pid) - cpu_before if pid else 0.0
-    return {"ops": len(latencies) / elapsed, "cpu_ms_per_op": 1000.0 * cpu / max(len(latencies), 1), "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+    return {"ops": len(latencies) / elapsed, "cpu_ms_per_op": 1000.0 * cpu / max(len(latencies), 1),
+            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
             "errors": len(errors), "first_errors": errors[:3]}
 
 

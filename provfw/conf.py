@@ -212,6 +212,17 @@ def parse_args(argv=None, conf: cfg.ConfigOpts = CONF, default_config_files=None
     return conf
 
 
+CONFIG_FILE_ENV = "PROVFW_CONFIG_FILE"
+
+
+def config_files_from_env(environ=os.environ) -> list[str]:
+    """The configuration files named by ``$PROVFW_CONFIG_FILE`` (comma separated), in order; [] when unset.
+
+    For processes whose command line belongs to someone else (a WSGI server).
+    """
+    return [path.strip() for path in environ.get(CONFIG_FILE_ENV, "").split(",") if path.strip()]
+
+
 def database_url(conf: cfg.ConfigOpts = CONF) -> str:
     if conf.database.connection:
         return conf.database.connection

@@ -291,4 +291,3 @@ class Router:
             return media, data.decode("utf-8")
         except UnicodeDecodeError:
             raise exception.InvalidInput("body", "is not UTF-8 text") from None
-

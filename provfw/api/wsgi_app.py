@@ -20,22 +20,13 @@ master process (see docs/operations.md).
 
 from __future__ import annotations
 
-import os
-
 from provfw import conf as provfw_conf
-
-CONFIG_ENV = "PROVFW_CONFIG_FILE"
-
-
-def config_files_from_env(environ=os.environ) -> list[str]:
-    """The configuration files named by ``$PROVFW_CONFIG_FILE`` (comma separated), in order; [] when unset."""
-    return [path.strip() for path in environ.get(CONFIG_ENV, "").split(",") if path.strip()]
 
 
 def init_application(config_files: list[str] | None = None):
     """Parse the configuration, set up logging and the database layer; return the WSGI callable.
 
-    ``config_files`` default to ``config_files_from_env()``, then to
+    ``config_files`` default to ``provfw.conf.config_files_from_env()``, then to
     /etc/provfw/provfw.conf if it exists.  Raises oslo.config errors for a
     missing or invalid file (the server then refuses to start the worker).
     """
@@ -43,7 +34,7 @@ def init_application(config_files: list[str] | None = None):
     from provfw.cmd import common
     from provfw.db import api as db
 
-    files = config_files if config_files is not None else config_files_from_env()
+    files = config_files if config_files is not None else provfw_conf.config_files_from_env()
     provfw_conf.parse_args([arg for path in files for arg in ("--config-file", path)])
     common.setup_logging()
     db.configure(provfw_conf.database_url(), provfw_conf.CONF.database.pool_size)

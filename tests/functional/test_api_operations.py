@@ -91,7 +91,7 @@ def test_an_unauthenticated_request_is_logged_without_a_token_and_gets_a_fresh_r
     request_id = response.headers["X-Request-Id"]
     assert request_id.startswith("req-") and request_id != "has spaces in it"
     (line,) = [line for line in log_lines() if "provfw.api.access" in line]
-    assert f"GET /v1/provider-fw-rules status=401" in line and f"token=- request_id={request_id}" in line
+    assert "GET /v1/provider-fw-rules status=401" in line and f"token=- request_id={request_id}" in line
 
 
 def sample(registry, name: str, labels: dict) -> float:

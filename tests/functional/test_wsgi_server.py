@@ -85,7 +85,7 @@ def test_gunicorn_serves_the_api_and_logs_each_request_with_its_request_id_and_t
         time.sleep(0.1)
     access = [line for line in api["log"]().splitlines() if "request_id=req-gunicorn-1" in line]
     assert len(access) == 1 and "provfw.api.access" in access[0], api["log"]()
-    assert f"POST /v1/block-external-addresses status=200 " in access[0] and f"token={name} " in access[0]
+    assert "POST /v1/block-external-addresses status=200 " in access[0] and f"token={name} " in access[0]
     assert f"[None req-gunicorn-1 {name} " in access[0]              # oslo.log's context prefix
 
 
@@ -104,3 +104,49 @@ def test_health_answers_503_with_the_reason_while_the_database_is_cut_and_200_on
         assert time.monotonic() < deadline, up.text
         time.sleep(0.2)
     assert up.json()["status"] == "ok"
+
+
+def test_with_provfw_gunicorn_conf_the_master_serves_the_sum_of_every_workers_request_metrics(sqlite_db, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    services.require_tools(os.path.join(BIN, "gunicorn"))
+    port, metrics_port = free_port(), free_port()
+    config = tmp_path / "provfw.conf"
+    config.write_text(f"""[DEFAULT]
+state_path = {tmp_path}/state
+[database]
+connection = {sqlite_db.url}
+[api]
+bind_port = {port}
+[metrics]
+api_port = {metrics_port}
+""")
+    token = db.api_token_create("metrics-" + secrets.token_hex(3), "reader")
+    log_path = tmp_path / "gunicorn.log"
+    env = {**os.environ, "PROVFW_CONFIG_FILE": str(config), "PROVFW_API_WORKERS": "3",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus")}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([os.path.join(BIN, "gunicorn"), "-c", "python:provfw.api.gunicorn_conf",
+                                 "provfw.api.wsgi_app:application"],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            assert wait_for(base + "/healthz", proc, log_path.read_text).status_code == 200
+            # Fresh connections, so the requests spread over the workers.
+            headers = {"X-Auth-Token": token, "Connection": "close"}
+            for _ in range(30):
+                assert requests.get(base + "/v1/provider-fw-rules", headers=headers, timeout=10).status_code == 200
+            pids = {line.split("pid: ")[1].split(")")[0] for line in log_path.read_text().splitlines()
+                    if "Booting worker with pid" in line}
+            assert len(pids) == 3, log_path.read_text()
+            text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                      for family in text_string_to_metric_families(text) for s in family.samples}
+            route = (("method", "GET"), ("route", "/v1/provider-fw-rules"), ("status", "200"))
+            assert values[("provfw_api_requests_total", route)] == 30
+            assert not any(name.startswith(("provfw_rules_applied", "provfw_conductor_")) for name, _ in values)
+            files = os.listdir(tmp_path / "prometheus")
+            assert len({f.rsplit("_", 1)[1] for f in files if f.startswith("counter_")}) >= 2   # several writers
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)

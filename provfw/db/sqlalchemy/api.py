@@ -89,6 +89,7 @@ def _retry_on_deadlock(func):
                         initial=0.05, maximum=1.0, log=LOG)(attempt, *args, **kwargs)
     return wrapper
 
+
 _lock = threading.Lock()
 BULK_THRESHOLD = 1000  # creates larger than this skip the ORM and return only a count
 _engine: sa.Engine | None = None
