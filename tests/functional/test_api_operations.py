@@ -165,3 +165,26 @@ def test_the_conductor_collector_reports_database_down_instead_of_failing_the_sc
     values = scrape(collector)
     assert values[("provfw_database_up", ())] == 0
     assert ("provfw_generation", ()) not in values
+
+
+def test_the_wsgi_application_starts_no_background_thread(sqlite_db, tmp_path, monkeypatch):
+    import importlib
+    import threading
+
+    from provfw import conf as provfw_conf
+
+    config = tmp_path / "provfw.conf"
+    config.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n[database]\nconnection = {sqlite_db.url}\n")
+    monkeypatch.setenv("PROVFW_CONFIG_FILE", str(config))        # read by the module's own application too
+    before = set(threading.enumerate())
+    try:
+        wsgi_app = importlib.import_module("provfw.api.wsgi_app")
+        application = wsgi_app.init_application()
+        token = db.api_token_create("threads-" + secrets.token_hex(2), "admin")
+        assert call(application, "POST", "/v1/block-external-addresses", token, {"cidr": "192.0.2.0/24"}).status_int == 200
+        assert call(application, "GET", "/healthz").status_int == 200
+        started = [thread.name for thread in set(threading.enumerate()) - before]
+        assert started == [], f"the request process runs background threads: {started}"
+    finally:
+        provfw_conf.CONF.reset()
+        provfw_conf.CONF.clear()
