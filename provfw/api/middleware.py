@@ -19,7 +19,8 @@ including the ones the router refuses:
   answer's last byte was handed to the server (``close()``), as
   ``METHOD PATH status=N bytes=N duration_ms=F token=NAME request_id=ID``
   (``token=-`` for unauthenticated requests); the fields are also attached to
-  the record (``extra``) for JSON output.
+  the record as ``record.extra``, the dict oslo.log's JSONFormatter publishes
+  under ``"extra"``.
 * **Metrics.** ``provfw_api_requests_total{route,method,status}`` and
   ``provfw_api_request_seconds{route,method}``; ``route`` is the routes
   template the router matched (``/v1/provider-fw-rules/{id}``) or
@@ -125,5 +126,6 @@ def _finish(environ: dict, status_line: str, size: int, started: float) -> None:
     request_id = environ.get(REQUEST_ID_KEY)
     ACCESS_LOG.info("%s %s status=%d bytes=%d duration_ms=%.1f token=%s request_id=%s", method, path, status, size,
                     seconds * 1000.0, token, request_id,
-                    extra={"http_method": method, "http_path": path, "http_status": status, "http_bytes": size,
-                           "duration_ms": round(seconds * 1000.0, 3), "token_name": token, "route": route})
+                    extra={"extra": {"http_method": method, "http_path": path, "http_status": status,
+                                     "http_bytes": size, "duration_ms": round(seconds * 1000.0, 3),
+                                     "token_name": token, "route": route}})

@@ -181,10 +181,33 @@ def test_the_wsgi_application_starts_no_background_thread(sqlite_db, tmp_path, m
         wsgi_app = importlib.import_module("provfw.api.wsgi_app")
         application = wsgi_app.init_application()
         token = db.api_token_create("threads-" + secrets.token_hex(2), "admin")
-        assert call(application, "POST", "/v1/block-external-addresses", token, {"cidr": "192.0.2.0/24"}).status_int == 200
+        blocked = call(application, "POST", "/v1/block-external-addresses", token, {"cidr": "192.0.2.0/24"})
+        assert blocked.status_int == 200
         assert call(application, "GET", "/healthz").status_int == 200
         started = [thread.name for thread in set(threading.enumerate()) - before]
         assert started == [], f"the request process runs background threads: {started}"
     finally:
         provfw_conf.CONF.reset()
         provfw_conf.CONF.clear()
+
+
+def test_with_use_json_each_line_is_a_json_object_carrying_the_request_id_and_token(app):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatters.JSONFormatter())
+    logger = logging.getLogger("provfw.api.access")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        token = db.api_token_create("json-" + secrets.token_hex(2), "reader")
+        name = db.api_token_get_by_secret(token).name
+        call(app, "GET", "/v1/provider-fw-rules", token, headers={"X-Request-Id": "req-json-1"})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    (line,) = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["context"]["request_id"] == "req-json-1" and record["context"]["user_name"] == name
+    assert record["extra"]["http_status"] == 200 and record["extra"]["route"] == "/v1/provider-fw-rules"
+    assert record["extra"]["token_name"] == name and record["levelname"] == "INFO"
