@@ -94,6 +94,12 @@ protected_cidrs = 127.0.0.0/8,::1/128,192.0.2.0/24
 bind_host = 127.0.0.1
 bind_port = {self.port}
 
+[metrics]
+# Several daemons of a test share this machine: no fixed metrics ports (a test that scrapes sets its own).
+api_port = 0
+conductor_port = 0
+compute_port = 0
+
 [conductor]
 report_flush_interval = 0.2
 {trust}
