@@ -121,7 +121,8 @@ def _port_fields(draw, protocol: str | None) -> dict[str, Any]:
         kind = draw(_ICMP_TYPES)
         return {"from_port": kind} if form == "type" else {"from_port": kind, "to_port": draw(_ICMP_CODES)}
     # all (or left out / null): ports left out, null or -1
-    return draw(st.sampled_from([{}, {"from_port": None, "to_port": None}, {"from_port": rules.ANY, "to_port": rules.ANY}]))
+    return draw(st.sampled_from([{}, {"from_port": None, "to_port": None},
+                                 {"from_port": rules.ANY, "to_port": rules.ANY}]))
 
 
 @st.composite
