@@ -135,6 +135,13 @@ class ComputeManager:
         except exception.ProvfwError as exc:
             self._record_error(f"conductor: {exc}")
             return None
+        applied = self.reconciler.generation
+        if applied is not None and reply.generation < applied:
+            # Generations only grow: an older answer (a conductor's stale cache, a database restored from a
+            # backup) must never roll the kernel back.  Keep what is enforced; the next check asks again.
+            self._record_error(f"the conductor answered generation {reply.generation}, older than the applied "
+                               f"generation {applied}; keeping generation {applied}")
+            return None
         if isinstance(reply, Snapshot):
             return self._reconcile(lambda: self.reconciler.apply_snapshot(reply), "snapshot")
         if reply.since == reply.generation == self.reconciler.generation and not reply.size:

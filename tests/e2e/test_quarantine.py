@@ -25,6 +25,7 @@ import subprocess
 import time
 
 import pytest
+import requests
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
@@ -53,6 +54,7 @@ class Host:
     def __init__(self, name: str, kind: str, topo: netns.RoutedTopology):
         self.name, self.kind, self.topo = name, kind, topo
         self.counter = InstanceCounter(topo)
+        self.metrics_port = 0
         self.flood: Flood | None = None
         self.before = 0
 
@@ -91,7 +93,9 @@ def fleet():
             dep.start_api()
             hosts = [Host(name, kind, topo) for (name, kind), topo in zip(HOSTS.items(), topologies)]
             for host in hosts:
-                dep.start_worker(host.name, host.topo.hv, firewall_driver=host.kind, wait=False)
+                host.metrics_port = deploy.free_port()
+                dep.start_worker(host.name, host.topo.hv, firewall_driver=host.kind, wait=False,
+                                 extra=f"[metrics]\ncompute_port = {host.metrics_port}\n")
             dep.wait_in_sync()
             conf = cfg.ConfigOpts()
             provfw_conf.register_opts(conf)
@@ -174,6 +178,11 @@ def test_a_rule_every_kernel_refuses_is_quarantined_by_id_and_the_fleet_keeps_co
     assert _enforced_everywhere(hosts, [f"{attacker6}/128"], 1.0) is not None
     for host in hosts:
         assert host.topo.blocked(attacker6, host.topo.INSTANCE6, timeout=0.5)
+
+    # Each worker's metrics endpoint says it holds one quarantined rule.
+    for host in hosts:
+        scrape = requests.get(f"http://127.0.0.1:{host.metrics_port}/metrics", timeout=5).text
+        assert "\nprovfw_rules_quarantined 1.0" in scrape, scrape[:2000]
 
     # The CLI shows the count in its table and the whole list in -o json.
     table = _cli(dep, "services", "-o", "value", "-c", "host", "-c", "in_sync", "-c", "quarantined")
