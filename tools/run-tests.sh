@@ -19,4 +19,12 @@ if [ "$leftover" -ne 0 ]; then
     ip netns list | grep '^pfw-' >&2
     exit 1
 fi
+# RabbitMQ vhosts and users the tests create (tests/lib/bus.py) must be gone too.
+bus_left=$( (rabbitmqctl -q list_vhosts name; rabbitmqctl -q list_users) 2>/dev/null \
+            | grep -E '^(provfw-test-|provfw-compute-|provfw-control-)' || true)
+if [ -n "$bus_left" ]; then
+    echo "run-tests: RabbitMQ vhosts/users left behind:" >&2
+    echo "$bus_left" >&2
+    exit 1
+fi
 exit "$rc"
