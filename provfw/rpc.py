@@ -45,6 +45,7 @@ server runs in one thread / greenthread.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -341,11 +342,18 @@ class _ReconnectingConsumer:
         if self._stop.is_set():
             return
         conn = connection(self.conf, self.url)
+        # Messages are received by kombu's callback and handled after drain_events
+        # returns, never inside it: a handler that publishes with confirms (the
+        # conductor's replies) reads the socket while it waits for the broker's ack,
+        # and handling the requests that read delivers from inside that wait would
+        # recurse once per request already buffered - 100 hosts asking at once
+        # exhausted the stack.
+        received: collections.deque[kombu.Message] = collections.deque()
         try:
             conn.ensure_connection(max_retries=1)
             self.setup(conn)
             consumer = kombu.Consumer(conn.default_channel, queues=self.queues(), no_ack=True,
-                                      on_message=lambda message: self._safe_message(message, conn))
+                                      on_message=received.append)
             with consumer:
                 LOG.info("%s consuming %s", self.name, ", ".join(q.name for q in consumer.queues))
                 if self.on_connect is not None:
@@ -354,10 +362,13 @@ class _ReconnectingConsumer:
                     self._safe(self.on_connect)
                 self.connected.set()
                 while not self._stop.is_set():
-                    try:
-                        conn.drain_events(timeout=0.25)
-                    except socket.timeout:
-                        conn.heartbeat_check()
+                    if not received:
+                        try:
+                            conn.drain_events(timeout=0.25)
+                        except socket.timeout:
+                            conn.heartbeat_check()
+                    while received and not self._stop.is_set():
+                        self._safe_message(received.popleft(), conn)
         except Exception as exc:
             if self._stop.is_set():
                 return

@@ -10,6 +10,7 @@ here every process shares the guest user, so the conductor trusts unverified hos
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -224,6 +225,31 @@ def test_worker_started_after_the_cast_converges_through_its_start_up_sync(conf,
     assert worker.manager.casts == []
     assert wait_until(lambda: reported(["hv-late"]) == [generation], 10) is not None
     assert db.service_get("hv-late").rule_count == 2
+
+
+def test_a_conductor_answers_two_hundred_requests_that_arrive_at_once(conf, rabbit, sqlite_db, conductor):
+    """A fleet starting together: requests pile up in the conductor's socket while it answers the first."""
+    conductor()
+    db.provider_fw_rule_create(make_spec("203.0.113.5"))
+    replies: dict = {}
+    with rpc.connection(conf) as conn:
+        reply_queue = kombu.Queue(f"provfw-test-replies-{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True)
+        with kombu.Consumer(conn, [reply_queue], no_ack=True,
+                            on_message=lambda m: replies.setdefault(m.properties["correlation_id"], m)):
+            producer = kombu.Producer(conn.channel(), exchange=rpc.conductor_exchange(conf, passive=True),
+                                      serializer="json", auto_declare=False)
+            sent = [uuid.uuid4().hex for _ in range(200)]
+            for correlation_id in sent:
+                producer.publish({"version": rpc.MESSAGE_VERSION, "method": "get_provider_fw_rules",
+                                  "args": {"host": "hv-burst", "since_generation": None}},
+                                 routing_key=rpc.CONDUCTOR_ROUTING_KEY, reply_to=reply_queue.name,
+                                 correlation_id=correlation_id)
+            deadline = time.monotonic() + 30
+            while len(replies) < len(sent) and time.monotonic() < deadline:
+                with contextlib.suppress(socket.timeout):
+                    conn.drain_events(timeout=0.5)
+    assert len(replies) == len(sent)
+    assert {rpc.decode_reply(m.body)["kind"] for m in replies.values()} == {"snapshot"}
 
 
 def test_without_a_conductor_a_request_fails_with_a_clear_error_in_bounded_time(conf, rabbit):
