@@ -3,10 +3,16 @@
 With provfw-api, the only process with database access: it answers
 ``get_provider_fw_rules`` from cached snapshots and deltas, writes the
 workers' state reports to their Service rows, and purges expired rules.
+
+``kill -USR1 <pid>`` logs one line ``conductor counters {json}`` (requests,
+cache hits, database reads and statements since start: see
+``ConductorManager.counters``), for an operator or a benchmark to compare
+before and after.
 """
 
 from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
 
+import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -22,6 +28,7 @@ def main(argv=None) -> int:
     common.prepare(argv)
     conductor = service.ConductorService(common.CONF)
     stopping = threading.Event()
+    dump = threading.Event()
 
     def _stop(signum, _frame):
         LOG.info("signal %s: stopping", signum)
@@ -29,9 +36,14 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # The handler only sets a flag: logging from inside a signal handler could
+    # deadlock on a lock the interrupted code holds.
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: dump.set())
     conductor.start()
-    while not stopping.wait(1.0):
-        pass
+    while not stopping.wait(0.1):
+        if dump.is_set():
+            dump.clear()
+            LOG.info("conductor counters %s", json.dumps(conductor.manager.counters(), sort_keys=True))
     conductor.stop()
     return 0
 

@@ -99,7 +99,9 @@ class ConductorManager:
                             incoming.user_id, args)
                 return {"error": "since_generation and min_generation must be integers or null"}
             self.stats["requests"] += 1
-            return self.get_provider_fw_rules(since, minimum)
+            reply = self.get_provider_fw_rules(since, minimum)
+            self.stats["reply_bytes"] += len(reply.body)
+            return reply
         if incoming.method == "report_provider_fw_state":
             host = self.identify(args.get("host"), incoming.user_id)
             if host is not None:
@@ -109,6 +111,20 @@ class ConductorManager:
         LOG.warning("rejected %r from bus user %r: the conductor serves only get_provider_fw_rules and "
                     "report_provider_fw_state", incoming.method, incoming.user_id)
         return {"error": f"unknown method {incoming.method!r}"} if incoming.reply_to else None
+
+    def counters(self) -> dict[str, int]:
+        """This conductor's counters since it started, for logs and benchmarks.
+
+        ``requests``, ``reply_bytes`` (compressed bytes of the answers),
+        ``snapshot_reads`` / ``delta_reads`` / ``generation_reads`` (database
+        reads), ``snapshot_hits`` / ``delta_hits`` / ``unchanged`` (answered
+        from the caches), ``reports``, ``report_flushes``, ``rejected*``; and
+        ``db_statements``, ``db_transactions``, ``db_rows_read``: everything
+        this process asked of the database (``provfw.db.api.statement_counts``).
+        """
+        counters = dict(self.stats)
+        counters.update({f"db_{key}": value for key, value in db.statement_counts().items()})
+        return counters
 
     # ------------------------------------------------------------ rules
 

@@ -81,7 +81,48 @@ def create_engine(url: str, pool_size: int = 5) -> sa.Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
+    event.listen(engine, "before_cursor_execute", _count_statement)
+    event.listen(engine, "after_cursor_execute", _count_rows)
+    event.listen(engine, "begin", _count_transaction)
     return engine
+
+
+# --------------------------------------------------------------------------- statement counters
+
+_counts_lock = threading.Lock()
+_counts = {"statements": 0, "transactions": 0, "rows_read": 0}
+
+
+def _count_statement(conn, cursor, statement, parameters, context, executemany):
+    # An executemany is one statement per parameter set on the server (psycopg2 and
+    # PyMySQL loop over them for UPDATE), so it counts as that many.
+    count = len(parameters) if executemany and isinstance(parameters, (list, tuple)) else 1
+    with _counts_lock:
+        _counts["statements"] += count
+
+
+def _count_rows(conn, cursor, statement, parameters, context, executemany):
+    # cursor.description is set only for statements that return rows; rowcount is then
+    # the rows the server sent (psycopg2, PyMySQL; -1 where the driver cannot tell).
+    if cursor.description is not None and cursor.rowcount > 0:
+        with _counts_lock:
+            _counts["rows_read"] += cursor.rowcount
+
+
+def _count_transaction(conn):
+    with _counts_lock:
+        _counts["transactions"] += 1
+
+
+def statement_counts() -> dict[str, int]:
+    """What this process asked of the database since it started (every engine it created).
+
+    ``{"statements": n, "transactions": n, "rows_read": n}``: statements the
+    server executed (an executemany counts once per parameter set), transactions
+    begun, and rows returned by SELECTs.  Counting costs one lock per statement.
+    """
+    with _counts_lock:
+        return dict(_counts)
 
 
 def configure(url: str, pool_size: int = 5) -> sa.Engine:
