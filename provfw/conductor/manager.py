@@ -12,9 +12,10 @@ user sends can create, change or delete a rule, a token or an audit record:
   the rules added and removed since the host's generation, or - when that
   delta is larger than ``[conductor] max_delta_rules`` or the generation is
   unknown - a full snapshot.  Replies are encoded once (zlib JSON) and cached:
-  a snapshot per generation, a delta per (since, generation) pair, so 1,000
-  hosts starting together cost ONE database read and 1,000 hosts asking for
-  the same change cost one.  "Nothing changed" is answered from a cached
+  a snapshot per generation, a delta per (since, generation) pair (or the
+  fact that it is too large), so 1,000 hosts starting together cost ONE
+  database read, 1,000 hosts asking for the same change cost one, and 1,000
+  hosts catching up on a bulk import cost one delta read and one snapshot read.  "Nothing changed" is answered from a cached
   generation at most ``generation_cache_ttl`` seconds old (or read again if
   the host knows of a newer one from a cast), so periodic checks of a whole
   fleet cost at most one tiny query per second.
@@ -58,6 +59,10 @@ LOG = logging.getLogger(__name__)
 MAX_ERROR = 4000
 MAX_QUARANTINE = 1000
 MAX_REASON = 500
+
+
+# Cached in place of a delta reply that would exceed max_delta_rules: answer with the snapshot.
+_TOO_LARGE = rpc.Reply(b"", {"kind": "too-large"})
 
 
 def _utc(epoch: float | None) -> datetime.datetime | None:
@@ -117,8 +122,9 @@ class ConductorManager:
 
         ``requests``, ``reply_bytes`` (compressed bytes of the answers),
         ``snapshot_reads`` / ``delta_reads`` / ``generation_reads`` (database
-        reads), ``snapshot_hits`` / ``delta_hits`` / ``unchanged`` (answered
-        from the caches), ``reports``, ``report_flushes``, ``rejected*``; and
+        reads), ``snapshot_hits`` / ``delta_hits`` / ``delta_too_large_hits``
+        / ``unchanged`` (answered from the caches), ``reports``,
+        ``report_flushes``, ``rejected*``; and
         ``db_statements``, ``db_transactions``, ``db_rows_read``: everything
         this process asked of the database (``provfw.db.api.statement_counts``).
         """
@@ -154,19 +160,28 @@ class ConductorManager:
                                  "removed": []})
         if since is not None and 0 <= since < current:
             cached = self._newest(self._deltas, lambda key: key[0] == since and key[1] >= current)
-            if cached is not None:
+            if cached is _TOO_LARGE:
+                self.stats["delta_too_large_hits"] += 1
+            elif cached is not None:
                 self.stats["delta_hits"] += 1
                 return cached
-            changes = db.provider_fw_changes_since(since)
-            self.stats["delta_reads"] += 1
-            self.note_generation(changes.generation)
-            if changes.size <= self.conf.conductor.max_delta_rules:
-                reply = self._encode({"kind": "delta", "since": since, "generation": changes.generation,
-                                      "added": [r.to_wire() for r in changes.added],
-                                      "removed": [r.to_wire() for r in changes.removed]})
-                self._remember(self._deltas, (since, changes.generation), reply,
+            else:
+                changes = db.provider_fw_changes_since(since)
+                self.stats["delta_reads"] += 1
+                self.note_generation(changes.generation)
+                if changes.size <= self.conf.conductor.max_delta_rules:
+                    reply = self._encode({"kind": "delta", "since": since, "generation": changes.generation,
+                                          "added": [r.to_wire() for r in changes.added],
+                                          "removed": [r.to_wire() for r in changes.removed]})
+                    self._remember(self._deltas, (since, changes.generation), reply,
+                                   self.conf.conductor.delta_cache_size)
+                    return reply
+                # Remember that this delta is a snapshot's job: after a bulk import every
+                # host asks for the same (since, generation), and reading 120k rows again
+                # per host only to find the delta too large again made the import cost
+                # one full read per host instead of one for the fleet.
+                self._remember(self._deltas, (since, changes.generation), _TOO_LARGE,
                                self.conf.conductor.delta_cache_size)
-                return reply
         cached = self._newest(self._snapshots, lambda generation: generation >= current)
         if cached is not None:
             self.stats["snapshot_hits"] += 1
