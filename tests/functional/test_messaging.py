@@ -325,6 +325,27 @@ def test_publisher_survives_a_dropped_connection(conf, rabbit, consumers, how):
         publisher.close()
 
 
+def test_a_cast_after_a_quiet_spell_opens_a_new_connection_instead_of_failing_on_the_old_one(
+        conf, rabbit, consumers, caplog):
+    handled = []
+    consumers(lambda method, args: handled.append(args["generation"]), "hv-quiet")
+    publisher = rpc.FanoutPublisher(conf)
+    publisher.IDLE_REOPEN = 0.2
+    try:
+        publisher.cast("trigger_provider_fw_rules", generation=1)
+        idle_connection = publisher._conn
+        # What the broker does to a connection that sent no heartbeat for two intervals.
+        idle_connection.connection.sock.shutdown(socket.SHUT_RDWR)
+        time.sleep(0.3)
+        with caplog.at_level("WARNING", logger="provfw"):
+            publisher.cast("trigger_provider_fw_rules", generation=2)
+        assert publisher._conn is not idle_connection
+        assert not [r for r in caplog.records if "failed" in r.getMessage()], "no publish on the dead connection"
+        assert wait_until(lambda: handled == [1, 2], 10) is not None, handled
+    finally:
+        publisher.close()
+
+
 def test_with_several_brokers_in_the_url_casts_arrive_although_the_first_is_down(conf, rabbit, consumers):
     """oslo.messaging's multi-host form, as kolla-ansible writes it: the unreachable first broker is skipped."""
     with socket.socket() as sock:
