@@ -15,10 +15,11 @@ user sends can create, change or delete a rule, a token or an audit record:
   a snapshot per generation, a delta per (since, generation) pair (or the
   fact that it is too large), so 1,000 hosts starting together cost ONE
   database read, 1,000 hosts asking for the same change cost one, and 1,000
-  hosts catching up on a bulk import cost one delta read and one snapshot read.  "Nothing changed" is answered from a cached
-  generation at most ``generation_cache_ttl`` seconds old (or read again if
-  the host knows of a newer one from a cast), so periodic checks of a whole
-  fleet cost at most one tiny query per second.
+  hosts catching up on a bulk import cost one delta read and one snapshot
+  read.  "Nothing changed" is answered from a cached generation at most
+  ``generation_cache_ttl`` seconds old (or read again if the host knows of a
+  newer one from a cast), so periodic checks of a whole fleet cost at most
+  one tiny query per second.
 * ``report_provider_fw_state(host, applied_generation, rule_count, driver,
   last_error, quarantine, applied_at)`` (a cast, also the heartbeat): the
   reporting host is the broker-validated AMQP ``user_id``
