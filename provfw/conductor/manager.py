@@ -25,8 +25,9 @@ user sends can create, change or delete a rule, a token or an audit record:
   reporting host is the broker-validated AMQP ``user_id``
   (``compute_user_prefix`` + host); a report claiming another host, or from a
   bus user that is not a compute user, is rejected and logged.  Reports are
-  written in batches - one transaction for all pending hosts - at once when a
-  host's generation, error or quarantine changed, else every
+  written in batches - one transaction for all pending hosts - within 50 ms
+  when a host's generation, error or quarantine changed (the rest of the
+  fleet's reports of the same change join the batch), else every
   ``report_flush_interval`` seconds.
 
 It also soft-deletes expired rules every ``purge_interval`` seconds and casts

@@ -6,12 +6,17 @@ so a test can count what one request, or a thousand, cost the database.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from provfw import rpc
 from provfw.conductor import manager as conductor_manager
+from provfw.conductor import service as conductor_service
 from provfw.db import api as db
 from provfw.rules import make_spec
+from tests.lib.netns import wait_until
 
 pytestmark = pytest.mark.functional
 
@@ -63,3 +68,27 @@ def test_counters_include_what_the_process_asked_of_the_database(conf, pg_db):
     # the current generation; then the snapshot: generation, rules, generation again
     assert second["db_statements"] - first["db_statements"] == 4
     assert second["db_rows_read"] - first["db_rows_read"] == 1 + 1 + 1 + 1
+
+
+def _report(generation: int) -> dict:
+    return {"applied_generation": generation, "rule_count": 1, "driver": "libvirt/ipset", "last_error": None}
+
+
+def test_reports_of_a_fleet_applying_one_change_are_written_together(conf, pg_db):
+    """Hosts report a new generation milliseconds apart; the conductor writes them in a transaction or two."""
+    conf.set_override("report_flush_interval", 5.0, group="conductor")
+    service = conductor_service.ConductorService(conf, host="conductor-test")
+    flusher = threading.Thread(target=service._flush_loop, daemon=True)
+    flusher.start()
+    try:
+        for index in range(30):
+            service.manager.record_report(f"hv-{index:02d}", None, _report(7))
+            time.sleep(0.001)
+        assert wait_until(lambda: len(db.service_get_all()) == 30, 10) is not None
+
+        assert service.manager.stats["report_flushes"] <= 2
+        assert {row.applied_generation for row in db.service_get_all()} == {7}
+    finally:
+        service._stop.set()
+        service.manager.flush_now.set()
+        flusher.join(10)
