@@ -735,7 +735,9 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     designs = [d for d in args.designs.split(",") if d in DESIGNS and not (args.skip_baseline and d == "baseline")]
 
-    # SIGTERM ends the run like Ctrl-C does: through every finally below.
+    # Ctrl-C and SIGTERM end the run through every finally below (a shell starts background jobs with
+    # SIGINT ignored, and Python then leaves it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     specs = load_specs(None if args.generate else args.feed, args.generate)
     workdir = tempfile.mkdtemp(prefix="provfw-bench-fleet-")
