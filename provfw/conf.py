@@ -149,7 +149,7 @@ conductor_opts = [
                help="Seconds between purges of expired rules (soft delete; hosts stop enforcing at expiry)."),
     cfg.FloatOpt("report_flush_interval", default=1.0, min=0.05,
                  help="Longest time a compute host's state report waits before the conductor writes it; "
-                      "reports that change a host's generation or error are written at once, in batches."),
+                      "reports that change a host's generation or error are written within 50 ms, in batches."),
     cfg.StrOpt("compute_user_prefix", default="provfw-compute-",
                help="A compute host's bus user is this prefix followed by its host name; the conductor takes "
                     "the reporting host from the broker-validated AMQP user_id and rejects reports that claim "

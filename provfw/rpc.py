@@ -45,6 +45,7 @@ server runs in one thread / greenthread.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -72,6 +73,7 @@ CONDUCTOR_ROUTING_KEY = "conductor"
 MESSAGE_VERSION = 2
 REPLY_CONTENT_TYPE = "application/x-provfw-json+zlib"
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+HEARTBEAT = 30          # seconds; the broker closes a connection that stays silent for two of them
 
 
 # --------------------------------------------------------------------------- names
@@ -194,7 +196,7 @@ def connection(conf: cfg.ConfigOpts = provfw_conf.CONF, url: str | None = None) 
         return kombu.Connection(first, transport_options={"polling_interval": 0.01})
     options = {"confirm_publish": True} if first.startswith(("amqp", "pyamqp")) else {}
     # heartbeat lets a consumer notice a dead broker even when no message arrives.
-    return kombu.Connection(";".join(urls), heartbeat=30, connect_timeout=2, ssl=_ssl_options(conf),
+    return kombu.Connection(";".join(urls), heartbeat=HEARTBEAT, connect_timeout=2, ssl=_ssl_options(conf),
                             transport_options=options, failover_strategy="round-robin")
 
 
@@ -235,6 +237,11 @@ class FanoutPublisher:
     # long: an API request must not spend seconds per mutation on a dead
     # broker when the workers' periodic check delivers the change anyway.
     BUS_DOWN_HOLD = 5.0
+    # Nothing sends heartbeats on a publisher's connection between casts, so once
+    # it has been idle this long the broker may have closed it: a cast then opens
+    # a new one first (a few ms) instead of failing a publish and sleeping before
+    # the retry (0.2-0.4 s added to the first change after a quiet minute).
+    IDLE_REOPEN = float(HEARTBEAT)
 
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, url: str | None = None, max_retries: int = 2):
         self.conf = conf
@@ -242,6 +249,7 @@ class FanoutPublisher:
         self.exchange = fanout_exchange(conf)
         self.max_retries = max_retries
         self._down_until = 0.0
+        self._last_used = 0.0
         self._lock = threading.Lock()
         self._conn: kombu.Connection | None = None
         self._producer: kombu.Producer | None = None
@@ -274,6 +282,8 @@ class FanoutPublisher:
             if time.monotonic() < self._down_until:
                 raise ConnectionError(f"message bus marked unreachable for another "
                                       f"{self._down_until - time.monotonic():.1f}s after failed casts")
+            if self._conn is not None and time.monotonic() - self._last_used > self.IDLE_REOPEN:
+                self._reset()
             try:
                 for attempt in retrying(f"cast {method}", self._errors, attempts=self.max_retries + 1,
                                         initial=0.2, maximum=5.0, log=LOG):
@@ -286,6 +296,7 @@ class FanoutPublisher:
             except self._errors:
                 self._down_until = time.monotonic() + self.BUS_DOWN_HOLD
                 raise
+            self._last_used = time.monotonic()
         LOG.debug("cast %s to %s", method, self.exchange.name)
         return message["msg_id"]
 
@@ -349,11 +360,18 @@ class _ReconnectingConsumer:
             return
         self._tick()
         conn = connection(self.conf, self.url)
+        # Messages are received by kombu's callback and handled after drain_events
+        # returns, never inside it: a handler that publishes with confirms (the
+        # conductor's replies) reads the socket while it waits for the broker's ack,
+        # and handling the requests that read delivers from inside that wait would
+        # recurse once per request already buffered - 100 hosts asking at once
+        # exhausted the stack.
+        received: collections.deque[kombu.Message] = collections.deque()
         try:
             conn.ensure_connection(max_retries=1)
             self.setup(conn)
             consumer = kombu.Consumer(conn.default_channel, queues=self.queues(), no_ack=self.prefetch is None,
-                                      on_message=lambda message: self._safe_message(message, conn))
+                                      on_message=received.append)
             if self.prefetch is not None:
                 consumer.qos(prefetch_count=self.prefetch)
             with consumer:
@@ -365,10 +383,13 @@ class _ReconnectingConsumer:
                 self.connected.set()
                 while not self._stop.is_set():
                     self._tick()
-                    try:
-                        conn.drain_events(timeout=0.25)
-                    except socket.timeout:
-                        conn.heartbeat_check()
+                    if not received:
+                        try:
+                            conn.drain_events(timeout=0.25)
+                        except socket.timeout:
+                            conn.heartbeat_check()
+                    while received and not self._stop.is_set():
+                        self._safe_message(received.popleft(), conn)
         except Exception as exc:
             if self._stop.is_set():
                 return

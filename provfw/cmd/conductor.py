@@ -5,10 +5,16 @@ With provfw-api, the only process with database access: it answers
 workers' state reports to their Service rows, and purges expired rules.
 It tells systemd READY=1 once the database answers, and feeds systemd's
 watchdog while its request server keeps running.
+
+``kill -USR1 <pid>`` logs one line ``conductor counters {json}`` (requests,
+cache hits, database reads and statements since start: see
+``ConductorManager.counters``), for an operator or a benchmark to compare
+before and after.
 """
 
 from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
 
+import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -25,6 +31,7 @@ def main(argv=None) -> int:
     common.prepare(argv)
     conf = common.CONF
     stopping = threading.Event()
+    dump = threading.Event()
 
     def _stop(signum, _frame):
         LOG.info("signal %s: stopping", signum)
@@ -32,6 +39,9 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # The handler only sets a flag: logging from inside a signal handler could
+    # deadlock on a lock the interrupted code holds.
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: dump.set())
     try:
         common.wait_for_database("provfw-conductor", stopping)
     except Exception:  # noqa: BLE001 - only reached when a signal interrupted the wait
@@ -44,8 +54,10 @@ def main(argv=None) -> int:
     conductor.start()
     systemd.notify("READY=1", "STATUS=serving the compute workers")
     watchdog.start()
-    while not stopping.wait(1.0):
-        pass
+    while not stopping.wait(0.1):
+        if dump.is_set():
+            dump.clear()
+            LOG.info("conductor counters %s", json.dumps(conductor.manager.counters(), sort_keys=True))
     systemd.notify("STOPPING=1")
     watchdog.stop()
     conductor.stop()

@@ -12,19 +12,22 @@ user sends can create, change or delete a rule, a token or an audit record:
   the rules added and removed since the host's generation, or - when that
   delta is larger than ``[conductor] max_delta_rules`` or the generation is
   unknown - a full snapshot.  Replies are encoded once (zlib JSON) and cached:
-  a snapshot per generation, a delta per (since, generation) pair, so 1,000
-  hosts starting together cost ONE database read and 1,000 hosts asking for
-  the same change cost one.  "Nothing changed" is answered from a cached
-  generation at most ``generation_cache_ttl`` seconds old (or read again if
-  the host knows of a newer one from a cast), so periodic checks of a whole
-  fleet cost at most one tiny query per second.
+  a snapshot per generation, a delta per (since, generation) pair (or the
+  fact that it is too large), so 1,000 hosts starting together cost ONE
+  database read, 1,000 hosts asking for the same change cost one, and 1,000
+  hosts catching up on a bulk import cost one delta read and one snapshot
+  read.  "Nothing changed" is answered from a cached generation at most
+  ``generation_cache_ttl`` seconds old (or read again if the host knows of a
+  newer one from a cast), so periodic checks of a whole fleet cost at most
+  one tiny query per second.
 * ``report_provider_fw_state(host, applied_generation, rule_count, driver,
   last_error, quarantine, applied_at)`` (a cast, also the heartbeat): the
   reporting host is the broker-validated AMQP ``user_id``
   (``compute_user_prefix`` + host); a report claiming another host, or from a
   bus user that is not a compute user, is rejected and logged.  Reports are
-  written in batches - one transaction for all pending hosts - at once when a
-  host's generation, error or quarantine changed, else every
+  written in batches - one transaction for all pending hosts - within 50 ms
+  when a host's generation, error or quarantine changed (the rest of the
+  fleet's reports of the same change join the batch), else every
   ``report_flush_interval`` seconds.
 
 It also soft-deletes expired rules every ``purge_interval`` seconds and casts
@@ -58,6 +61,10 @@ LOG = logging.getLogger(__name__)
 MAX_ERROR = 4000
 MAX_QUARANTINE = 1000
 MAX_REASON = 500
+
+
+# Cached in place of a delta reply that would exceed max_delta_rules: answer with the snapshot.
+_TOO_LARGE = rpc.Reply(b"", {"kind": "too-large"})
 
 
 def _utc(epoch: float | None) -> datetime.datetime | None:
@@ -100,10 +107,12 @@ class ConductorManager:
                 return {"error": "since_generation and min_generation must be integers or null"}
             self.stats["requests"] += 1
             try:
-                return self.get_provider_fw_rules(since, minimum)
+                reply = self.get_provider_fw_rules(since, minimum)
             except Exception as exc:  # noqa: BLE001 - answer at once rather than let the worker time out
                 LOG.exception("get_provider_fw_rules(since=%s) failed", since)
                 return {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            self.stats["reply_bytes"] += len(reply.body)
+            return reply
         if incoming.method == "report_provider_fw_state":
             host = self.identify(args.get("host"), incoming.user_id)
             if host is not None:
@@ -113,6 +122,21 @@ class ConductorManager:
         LOG.warning("rejected %r from bus user %r: the conductor serves only get_provider_fw_rules and "
                     "report_provider_fw_state", incoming.method, incoming.user_id)
         return {"error": f"unknown method {incoming.method!r}"} if incoming.reply_to else None
+
+    def counters(self) -> dict[str, int]:
+        """This conductor's counters since it started, for logs and benchmarks.
+
+        ``requests``, ``reply_bytes`` (compressed bytes of the answers),
+        ``snapshot_reads`` / ``delta_reads`` / ``generation_reads`` (database
+        reads), ``snapshot_hits`` / ``delta_hits`` / ``delta_too_large_hits``
+        / ``unchanged`` (answered from the caches), ``reports``,
+        ``report_flushes``, ``rejected*``; and
+        ``db_statements``, ``db_transactions``, ``db_rows_read``: everything
+        this process asked of the database (``provfw.db.api.statement_counts``).
+        """
+        counters = dict(self.stats)
+        counters.update({f"db_{key}": value for key, value in db.statement_counts().items()})
+        return counters
 
     # ------------------------------------------------------------ rules
 
@@ -145,23 +169,31 @@ class ConductorManager:
                                  "removed": []})
         if since is not None and 0 <= since < current:
             cached = self._newest(self._deltas, lambda key: key[0] == since and key[1] >= current)
-            if cached is not None:
+            if cached is _TOO_LARGE:
+                self.stats["delta_too_large_hits"] += 1
+            elif cached is not None:
                 self.stats["delta_hits"] += 1
                 return cached
-            # Count first: a delta too large to send is never read (a 120k import would otherwise be
-            # read twice, once as a delta thrown away and once as the snapshot).
-            changes = None
-            if db.provider_fw_changes_count_since(since) <= self.conf.conductor.max_delta_rules:
-                changes = db.provider_fw_changes_since(since)
-                self.stats["delta_reads"] += 1
-                self.note_generation(changes.generation)
-            if changes is not None and changes.size <= self.conf.conductor.max_delta_rules:
-                reply = self._encode({"kind": "delta", "since": since, "generation": changes.generation,
-                                      "added": [r.to_wire() for r in changes.added],
-                                      "removed": [r.to_wire() for r in changes.removed]})
-                self._remember(self._deltas, (since, changes.generation), reply,
+            else:
+                # Count first: a delta too large to send is never read (a 120k import would otherwise be
+                # read twice, once as a delta thrown away and once as the snapshot).
+                changes = None
+                if db.provider_fw_changes_count_since(since) <= self.conf.conductor.max_delta_rules:
+                    changes = db.provider_fw_changes_since(since)
+                    self.stats["delta_reads"] += 1
+                    self.note_generation(changes.generation)
+                    if changes.size <= self.conf.conductor.max_delta_rules:
+                        reply = self._encode({"kind": "delta", "since": since, "generation": changes.generation,
+                                              "added": [r.to_wire() for r in changes.added],
+                                              "removed": [r.to_wire() for r in changes.removed]})
+                        self._remember(self._deltas, (since, changes.generation), reply,
+                                       self.conf.conductor.delta_cache_size)
+                        return reply
+                # Remember that this delta is a snapshot's job: after a bulk import every
+                # host asks for the same (since, generation), and counting (or reading) again
+                # per host only to find the delta too large again costs the fleet N queries.
+                self._remember(self._deltas, (since, changes.generation if changes else current), _TOO_LARGE,
                                self.conf.conductor.delta_cache_size)
-                return reply
         cached = self._newest(self._snapshots, lambda generation: generation >= current)
         if cached is not None:
             self.stats["snapshot_hits"] += 1

@@ -33,6 +33,12 @@ LOG = logging.getLogger(__name__)
 
 BINARY = "provfw-conductor"
 
+# A report that must be written soon (a new generation, an error) rarely comes
+# alone: every host applies the same change within milliseconds of the others.
+# Waiting this long after the first one writes them together - a transaction or
+# two per change for the whole fleet instead of one per host.
+URGENT_GATHER = 0.05
+
 
 class ConductorService:
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF,
@@ -69,7 +75,8 @@ class ConductorService:
     def _flush_loop(self) -> None:
         interval = self.conf.conductor.report_flush_interval
         while not self._stop.is_set():
-            self.manager.flush_now.wait(interval)
+            if self.manager.flush_now.wait(interval):
+                self._stop.wait(URGENT_GATHER)
             self.manager.flush_now.clear()
             try:
                 self.manager.flush_reports()

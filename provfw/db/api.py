@@ -30,6 +30,11 @@ def dispose():
     IMPL.dispose()
 
 
+def statement_counts():
+    """{"statements", "transactions", "rows_read"} this process asked of the database since it started."""
+    return IMPL.statement_counts()
+
+
 # Provider firewall rules ---------------------------------------------------
 
 def provider_fw_rule_create(spec, description=None, created_by=None, expires_at=None, audit=None, max_rules=None):

@@ -419,6 +419,40 @@ def test_concurrent_first_heartbeats_of_one_host_make_one_row(any_db):
     assert errors == [] and len(db.service_get_all()) == 1
 
 
+def _report(generation: int, error: str | None = None, applied_at=None) -> dict:
+    return {"driver": "libvirt/ipset", "heartbeat_at": models.utcnow(), "applied_generation": generation,
+            "applied_at": applied_at, "rule_count": generation, "last_error": error, "quarantine": None,
+            "bus_user": "provfw-compute-x"}
+
+
+def test_batched_state_reports_update_old_hosts_insert_new_ones_and_keep_each_null(any_db):
+    when = datetime.datetime(2026, 11, 30, 12, 0, 0)
+    assert db.service_update_many({f"hv-{i:03d}": _report(1) for i in range(30)}) == 30
+
+    written = db.service_update_many({f"hv-{i:03d}": _report(2, "refused" if i % 2 else None,
+                                                              when if i % 3 else None) for i in range(20, 40)})
+
+    rows = {row.host: row for row in db.service_get_all()}
+    assert written == 20 and len(rows) == 40
+    assert rows["hv-000"].applied_generation == 1 and rows["hv-000"].updated_at is None
+    assert [(rows[h].applied_generation, rows[h].last_error, rows[h].applied_at) for h in ("hv-021", "hv-022", "hv-024")] \
+        == [(2, "refused", None), (2, None, when), (2, None, None)]
+    assert rows["hv-021"].updated_at is not None
+
+
+def test_state_reports_of_fifteen_hundred_hosts_cost_as_many_statements_as_ten_on_postgresql(pg_db):
+    def statements(count: int, generation: int) -> int:
+        before = db.statement_counts()["statements"]
+        db.service_update_many({f"hv-{i:04d}": _report(generation) for i in range(count)})
+        return db.statement_counts()["statements"] - before
+
+    statements(1500, 1)                               # every row exists from now on
+
+    assert statements(10, 2) == 2                     # which rows exist; one UPDATE ... FROM (VALUES ...)
+    assert statements(1500, 3) == 2 + 2               # two of each per 1,000 hosts
+    assert {row.applied_generation for row in db.service_get_all()} == {3}
+
+
 # --------------------------------------------------------------------------- tokens
 
 def test_token_is_stored_only_as_its_hash(any_db):

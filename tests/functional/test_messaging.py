@@ -10,6 +10,7 @@ here every process shares the guest user, so the conductor trusts unverified hos
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -226,6 +227,31 @@ def test_worker_started_after_the_cast_converges_through_its_start_up_sync(conf,
     assert db.service_get("hv-late").rule_count == 2
 
 
+def test_a_conductor_answers_two_hundred_requests_that_arrive_at_once(conf, rabbit, sqlite_db, conductor):
+    """A fleet starting together: requests pile up in the conductor's socket while it answers the first."""
+    conductor()
+    db.provider_fw_rule_create(make_spec("203.0.113.5"))
+    replies: dict = {}
+    with rpc.connection(conf) as conn:
+        reply_queue = kombu.Queue(f"provfw-test-replies-{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True)
+        with kombu.Consumer(conn, [reply_queue], no_ack=True,
+                            on_message=lambda m: replies.setdefault(m.properties["correlation_id"], m)):
+            producer = kombu.Producer(conn.channel(), exchange=rpc.conductor_exchange(conf, passive=True),
+                                      serializer="json", auto_declare=False)
+            sent = [uuid.uuid4().hex for _ in range(200)]
+            for correlation_id in sent:
+                producer.publish({"version": rpc.MESSAGE_VERSION, "method": "get_provider_fw_rules",
+                                  "args": {"host": "hv-burst", "since_generation": None}},
+                                 routing_key=rpc.CONDUCTOR_ROUTING_KEY, reply_to=reply_queue.name,
+                                 correlation_id=correlation_id)
+            deadline = time.monotonic() + 30
+            while len(replies) < len(sent) and time.monotonic() < deadline:
+                with contextlib.suppress(socket.timeout):
+                    conn.drain_events(timeout=0.5)
+    assert len(replies) == len(sent)
+    assert {rpc.decode_reply(m.body)["kind"] for m in replies.values()} == {"snapshot"}
+
+
 def test_without_a_conductor_a_request_fails_with_a_clear_error_in_bounded_time(conf, rabbit):
     conf.set_override("call_timeout", 0.5, group="conductor")
     conf.set_override("call_retries", 1, group="conductor")
@@ -294,6 +320,27 @@ def test_publisher_survives_a_dropped_connection(conf, rabbit, consumers, how):
             first_connection.connection.sock.shutdown(socket.SHUT_RDWR)
         publisher.cast("trigger_provider_fw_rules", generation=2)
         assert publisher._conn is not first_connection                # it really reconnected
+        assert wait_until(lambda: handled == [1, 2], 10) is not None, handled
+    finally:
+        publisher.close()
+
+
+def test_a_cast_after_a_quiet_spell_opens_a_new_connection_instead_of_failing_on_the_old_one(
+        conf, rabbit, consumers, caplog):
+    handled = []
+    consumers(lambda method, args: handled.append(args["generation"]), "hv-quiet")
+    publisher = rpc.FanoutPublisher(conf)
+    publisher.IDLE_REOPEN = 0.2
+    try:
+        publisher.cast("trigger_provider_fw_rules", generation=1)
+        idle_connection = publisher._conn
+        # What the broker does to a connection that sent no heartbeat for two intervals.
+        idle_connection.connection.sock.shutdown(socket.SHUT_RDWR)
+        time.sleep(0.3)
+        with caplog.at_level("WARNING", logger="provfw"):
+            publisher.cast("trigger_provider_fw_rules", generation=2)
+        assert publisher._conn is not idle_connection
+        assert not [r for r in caplog.records if "failed" in r.getMessage()], "no publish on the dead connection"
         assert wait_until(lambda: handled == [1, 2], 10) is not None, handled
     finally:
         publisher.close()
