@@ -83,3 +83,17 @@ def fresh_db(request):
     database = _migrated(getattr(request, "param", "sqlite"))
     yield database
     database.drop()
+
+
+def pytest_collection_finish(session):
+    """Fail at once if collecting imported a daemon entry point: it monkey-patches this process with eventlet.
+
+    Under eventlet the test process's threads, sockets and locks turn green, and tests that run real
+    threads (in-process servers, consumers) hang instead of failing.  Import what a daemon uses from its
+    own module (e.g. provfw.bootstrap), or run the daemon as a subprocess.
+    """
+    import sys
+
+    if "provfw.cmd.eventlet_patch" in sys.modules:
+        raise pytest.UsageError("a test module imported a provfw daemon entry point (provfw.cmd.api/compute/"
+                                "conductor/all_in_one), which monkey-patches the test process with eventlet")
