@@ -315,6 +315,9 @@ class _ReconnectingConsumer:
     # handling it and let the broker deliver at most that many unacknowledged ones, so requests wait in
     # the queue - where their expiration applies - rather than in a busy consumer's buffer.
     prefetch: int | None = None
+    # time.monotonic() when this process took the message being handled off the socket (after its sender
+    # sent it): a cache read later than this is newer than anything the sender knew when it sent.
+    received_at: float = 0.0
 
     def __init__(self, conf: cfg.ConfigOpts, url: str | None):
         self.conf = conf
@@ -366,12 +369,12 @@ class _ReconnectingConsumer:
         # and handling the requests that read delivers from inside that wait would
         # recurse once per request already buffered - 100 hosts asking at once
         # exhausted the stack.
-        received: collections.deque[kombu.Message] = collections.deque()
+        received: collections.deque[tuple[float, kombu.Message]] = collections.deque()
         try:
             conn.ensure_connection(max_retries=1)
             self.setup(conn)
             consumer = kombu.Consumer(conn.default_channel, queues=self.queues(), no_ack=self.prefetch is None,
-                                      on_message=received.append)
+                                      on_message=lambda message: received.append((time.monotonic(), message)))
             if self.prefetch is not None:
                 consumer.qos(prefetch_count=self.prefetch)
             with consumer:
@@ -389,7 +392,8 @@ class _ReconnectingConsumer:
                         except socket.timeout:
                             conn.heartbeat_check()
                     while received and not self._stop.is_set():
-                        self._safe_message(received.popleft(), conn)
+                        self.received_at, message = received.popleft()
+                        self._safe_message(message, conn)
         except Exception as exc:
             if self._stop.is_set():
                 return
@@ -475,6 +479,7 @@ class Incoming:
     user_id: str | None
     reply_to: str | None
     correlation_id: str | None
+    received_at: float | None = None        # time.monotonic() of this process when it was received
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,7 +523,7 @@ class RpcServer(_ReconnectingConsumer):
             LOG.error("dropping a malformed request from bus user %r: %r", props.get("user_id"), message.body[:200])
             return
         incoming = Incoming(body["method"], body.get("args") or {}, props.get("user_id"), props.get("reply_to"),
-                            props.get("correlation_id"))
+                            props.get("correlation_id"), self.received_at)
         result = self.handler(incoming)
         if incoming.reply_to is None or result is None:
             return

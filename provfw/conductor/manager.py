@@ -107,7 +107,7 @@ class ConductorManager:
                 return {"error": "since_generation and min_generation must be integers or null"}
             self.stats["requests"] += 1
             try:
-                reply = self.get_provider_fw_rules(since, minimum)
+                reply = self.get_provider_fw_rules(since, minimum, incoming.received_at)
             except Exception as exc:  # noqa: BLE001 - answer at once rather than let the worker time out
                 LOG.exception("get_provider_fw_rules(since=%s) failed", since)
                 return {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
@@ -140,11 +140,19 @@ class ConductorManager:
 
     # ------------------------------------------------------------ rules
 
-    def current_generation(self, at_least: int | None = None) -> int:
-        """The database generation, cached for ``generation_cache_ttl`` seconds unless ``at_least`` is newer."""
+    def current_generation(self, at_least: int | None = None, read_after: float | None = None) -> int:
+        """The database generation, cached for ``generation_cache_ttl`` seconds unless ``at_least`` is newer.
+
+        With ``read_after`` (a ``time.monotonic()`` value) the cache is used only if it was read at or
+        after that moment, whatever its age; otherwise the generation is read (one single-row read).
+        """
         cached = self._generation
-        if (cached is not None and time.monotonic() - cached[1] < self.conf.conductor.generation_cache_ttl
-                and (at_least is None or cached[0] >= at_least)):
+        if read_after is not None:
+            usable = cached is not None and cached[1] >= read_after
+        else:
+            usable = (cached is not None and time.monotonic() - cached[1] < self.conf.conductor.generation_cache_ttl
+                      and (at_least is None or cached[0] >= at_least))
+        if usable:
             return cached[0]
         generation = db.provider_fw_generation_get()
         self.stats["generation_reads"] += 1
@@ -157,12 +165,16 @@ class ConductorManager:
         if cached is None or generation > cached[0]:
             self._generation = (generation, time.monotonic())
 
-    def get_provider_fw_rules(self, since: int | None, min_generation: int | None = None) -> rpc.Reply:
-        """A delta since ``since`` or a snapshot, encoded (and cached) for the wire."""
+    def get_provider_fw_rules(self, since: int | None, min_generation: int | None = None,
+                              received_at: float | None = None) -> rpc.Reply:
+        """A delta since ``since`` or a snapshot, encoded (and cached) for the wire.
+
+        ``received_at``: ``time.monotonic()`` when the request reached this process (None: now).
+        """
         # A host that already applied ``since`` knows the database is at least there: a cached generation
         # older than that is stale and must be read again (answering from it would roll the host back).
         known = max((g for g in (since, min_generation) if g is not None), default=None)
-        current = self.current_generation(known)
+        current = self.current_generation(known) if since is not None else -1
         if since is not None and since == current:
             self.stats["unchanged"] += 1
             return self._encode({"kind": "delta", "since": since, "generation": current, "added": [],
@@ -194,6 +206,13 @@ class ConductorManager:
                 # per host only to find the delta too large again costs the fleet N queries.
                 self._remember(self._deltas, (since, changes.generation if changes else current), _TOO_LARGE,
                                self.conf.conductor.delta_cache_size)
+        # A snapshot replaces everything a host enforces, so it must be at least as new as anything the host
+        # could have applied before it asked (a host restarting after a change would otherwise drop rules its
+        # kernel still holds - found by the SIGKILL resilience test, where a restarted worker was served the
+        # snapshot of a generation cached 0.8 s earlier and unblocked an attacker).  Whatever a host applied,
+        # it applied before sending this request, so a generation read after the request reached this
+        # process is new enough: a burst of 1,000 starting hosts costs a handful of reads, not one each.
+        current = self.current_generation(read_after=received_at if received_at is not None else time.monotonic())
         cached = self._newest(self._snapshots, lambda generation: generation >= current)
         if cached is not None:
             self.stats["snapshot_hits"] += 1

@@ -33,8 +33,9 @@ def test_hosts_catching_up_on_a_bulk_import_cost_one_count_and_one_snapshot_read
     imported = db.provider_fw_rules_create_many([make_spec(f"198.51.100.{i}") for i in range(1, 51)])
     statements = db.statement_counts()["statements"]
 
-    # 300 hosts at the old generation, told of the new one by the import's cast.
-    replies = [manager.get_provider_fw_rules(before, imported.generation) for _ in range(300)]
+    # 300 hosts at the old generation, told of the new one by the import's cast, asking at once.
+    received = time.monotonic()
+    replies = [manager.get_provider_fw_rules(before, imported.generation, received) for _ in range(300)]
 
     assert {kind_and_generation(reply) for reply in replies} == {("snapshot", imported.generation)}
     assert len({id(reply) for reply in replies}) == 1, "one encoded snapshot, sent to every host"

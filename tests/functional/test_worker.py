@@ -128,6 +128,17 @@ def test_a_conductor_with_a_stale_cached_generation_never_rolls_a_host_back(conf
     assert manager.last_error is None
 
 
+def test_a_host_starting_after_a_change_gets_the_snapshot_of_that_change_whatever_the_cache_says(conf, bus):
+    """Found by the SIGKILL resilience test: a restarted worker got a snapshot cached before the last change."""
+    conf.set_override("generation_cache_ttl", 3600.0, group="conductor")
+    first = noop_manager(conf, "hv1")
+    first.init_host()                                    # the conductor caches generation and snapshot now
+    _, generation = db.provider_fw_rule_create(A)
+    restarted = noop_manager(conf, "hv2")
+    outcome = restarted.init_host()
+    assert outcome.generation == generation and A in restarted.reconciler.enforced()
+
+
 def test_the_periodic_check_applies_a_generation_whose_cast_was_lost(conf, bus):
     manager = noop_manager(conf)
     manager.init_host()
