@@ -80,7 +80,10 @@ def test_create_list_show_delete_round_trip_casts_each_generation(api):
     assert created.status_int == 201, created.text
     rule = created.json["rule"]
     assert rule["cidr"] == "192.168.100.0/24" and rule["from_port"] == rule["to_port"] == 22
-    assert api.drain_casts() == [("trigger_provider_fw_rules", {"generation": created.json["generation"]})]
+    ((method, args),) = api.drain_casts()
+    assert (method, args["generation"], args["previous_generation"]) == (
+        "trigger_provider_fw_rules", created.json["generation"], created.json["generation"] - 1)
+    assert [item[:2] for item in args["added"]] == [[rule["id"], "192.168.100.0/24"]] and args["removed"] == []
 
     listing = api.call("GET", "/v1/provider-fw-rules?cidr=192.168.100.99/24", token="reader")
     assert listing.status_int == 200 and [r["id"] for r in listing.json["rules"]] == [rule["id"]]
@@ -228,7 +231,8 @@ def test_bulk_import_counts_added_duplicate_and_refused_in_one_generation(api):
     assert (body["added"], body["duplicate"], body["refused"]) == (3, 1, 3)
     assert {r["line"] for r in body["refused_lines"]} == {5, 6, 7}
     assert body["generation"] == before + 1
-    assert api.drain_casts() == [("trigger_provider_fw_rules", {"generation": before + 1})]
+    assert [(method, args["generation"], len(args["added"])) for method, args in api.drain_casts()] == [
+        ("trigger_provider_fw_rules", before + 1, 3)]
     again = api.call("POST", "/v1/provider-fw-rules/import", raw=json.dumps(
         {"cidrs": ["198.51.100.1"], "protocol": "tcp", "from_port": 22}).encode())
     assert again.status_int == 200 and again.json["added"] == 0 and again.json["duplicate"] == 1

@@ -114,8 +114,8 @@ def test_destroy_by_cidr_removes_every_rule_of_that_cidr(any_db):
                  B):
         db.provider_fw_rule_create(spec)
     assert db.provider_fw_distinct_cidrs() == [("198.51.100.0/24", 1), ("203.0.113.5/32", 3)]
-    count, gen = db.provider_fw_rule_destroy_by_cidr("203.0.113.5/32")
-    assert count == 3 and gen == generation()
+    changes = db.provider_fw_rule_destroy_by_cidr("203.0.113.5/32")
+    assert len(changes.removed) == 3 and changes.generation == generation()
     assert [r.cidr for r in db.provider_fw_rule_get_all()] == ["198.51.100.0/24"]
     with pytest.raises(exception.NotFound):
         db.provider_fw_rule_destroy_by_cidr("203.0.113.5/32")
@@ -123,14 +123,14 @@ def test_destroy_by_cidr_removes_every_rule_of_that_cidr(any_db):
 
 def test_soft_delete_keeps_the_row_and_allows_the_same_rule_again(any_db):
     rule, created = db.provider_fw_rule_create(A)
-    deleted_gen = db.provider_fw_rule_destroy(rule.id, audit=WHO)
+    deleted_gen = db.provider_fw_rule_destroy(rule.id, audit=WHO).generation
     (row,) = raw_rules()
     assert row["id"] == rule.id and row["deleted"] == rule.id
     assert row["deleted_at"] is not None and row["deleted_generation"] == deleted_gen == created + 1
     assert row["deleted_by"] == "admin-token"
     again, _ = db.provider_fw_rule_create(A)
     assert again.id != rule.id
-    again_gen = db.provider_fw_rule_destroy(again.id)
+    again_gen = db.provider_fw_rule_destroy(again.id).generation
     third, _ = db.provider_fw_rule_create(A)               # any number of deleted copies may exist
     rows = raw_rules()
     assert [(r["id"], r["deleted"]) for r in rows] == [(rule.id, rule.id), (again.id, again.id), (third.id, 0)]
@@ -210,13 +210,13 @@ def test_changes_since_returns_what_was_added_and_removed(any_db):
     g0 = generation()
     rule_a, g1 = db.provider_fw_rule_create(A)
     _, g2 = db.provider_fw_rule_create(B)
-    g3 = db.provider_fw_rule_destroy(rule_a.id)
+    g3 = db.provider_fw_rule_destroy(rule_a.id).generation
     rule_c, g4 = db.provider_fw_rule_create(C)
-    g5 = db.provider_fw_rule_destroy(rule_c.id)              # created and deleted after g3
+    g5 = db.provider_fw_rule_destroy(rule_c.id).generation   # created and deleted after g3
 
     def summary(since):
         changes = db.provider_fw_changes_since(since)
-        return changes.generation, sorted(s for s, _ in changes.added), sorted(changes.removed)
+        return changes.generation, sorted(r.spec for r in changes.added), sorted(r.spec for r in changes.removed)
 
     assert summary(g0) == (g5, [B], [])                      # A and C came and went: neither
     assert summary(g1) == (g5, [B], [A])
@@ -230,7 +230,7 @@ def test_changes_since_carries_expiry(any_db):
     expires = (now() + datetime.timedelta(hours=1)).replace(microsecond=0)
     db.provider_fw_rule_create(A, expires_at=expires)
     (added,) = db.provider_fw_changes_since(0).added
-    assert added == (A, expires)
+    assert (added.spec, added.expires_at) == (A, expires.replace(tzinfo=datetime.timezone.utc).timestamp())
 
 
 def test_snapshot_has_live_unexpired_rules_at_one_generation(any_db):
@@ -240,7 +240,7 @@ def test_snapshot_has_live_unexpired_rules_at_one_generation(any_db):
     db.provider_fw_rule_destroy(rule_c.id)
     snapshot = db.provider_fw_snapshot()
     assert snapshot.generation == generation()
-    assert [spec for spec, _ in snapshot.rules] == [A]
+    assert [rule.spec for rule in snapshot.rules] == [A]
 
 
 def test_purge_soft_deletes_expired_rules_in_one_generation(any_db):
@@ -249,9 +249,9 @@ def test_purge_soft_deletes_expired_rules_in_one_generation(any_db):
     db.provider_fw_rule_create(B, expires_at=past)
     db.provider_fw_rule_create(C, expires_at=now() + datetime.timedelta(hours=1))
     before = generation()
-    count, gen = db.provider_fw_rule_purge_expired()
-    assert (count, gen) == (2, before + 1)
-    assert sorted(s for s in db.provider_fw_changes_since(before).removed) == sorted([A, B])
+    changes = db.provider_fw_rule_purge_expired()
+    assert (len(changes.removed), changes.generation) == (2, before + 1)
+    assert sorted(r.spec for r in db.provider_fw_changes_since(before).removed) == sorted([A, B])
     assert [r.cidr for r in db.provider_fw_rule_get_all()] == [C.cidr]
 
 
@@ -260,7 +260,7 @@ def test_expired_live_copy_is_replaced_by_a_new_create(any_db):
     new, gen = db.provider_fw_rule_create(A)
     assert new.id != old.id
     assert [r.id for r in db.provider_fw_rule_get_all()] == [new.id]
-    assert db.provider_fw_changes_since(gen - 1).removed == [A]
+    assert [r.spec for r in db.provider_fw_changes_since(gen - 1).removed] == [A]
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -417,7 +417,7 @@ def test_token_is_stored_only_as_its_hash(any_db):
 
 def test_each_mutation_writes_one_audit_row_with_its_generation(any_db):
     rule, gen_create = db.provider_fw_rule_create(A, audit=WHO)
-    gen_delete = db.provider_fw_rule_destroy(rule.id, audit=db.Audit("second", reason="expired ticket"))
+    gen_delete = db.provider_fw_rule_destroy(rule.id, audit=db.Audit("second", reason="expired ticket")).generation
     with pytest.raises(exception.RuleNotFound):
         db.provider_fw_rule_destroy(rule.id, audit=WHO)                 # failed: no audit row
     db.provider_fw_rule_create(B, audit=WHO)
