@@ -52,7 +52,7 @@ class APIUnreachable(requests.RequestException):
                          else f"cannot reach {url}: {reason}")
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     """The innermost OS-level reason inside requests' and urllib3's wrappers ('Connection refused').
 
     urllib3 nests the socket error several levels deep (MaxRetryError.reason ->
@@ -100,7 +100,7 @@ class AdminClient:
         except requests.ConnectTimeout as exc:
             raise APIUnreachable(self.url, f"connection timed out after {kwargs['timeout']:g} s") from exc
         except requests.ConnectionError as exc:
-            raise APIUnreachable(self.url, _root_cause(exc)) from exc
+            raise APIUnreachable(self.url, root_cause(exc)) from exc
         except requests.Timeout as exc:
             raise APIUnreachable(self.url, f"timed out after {kwargs['timeout']:g} s", timed_out=True) from exc
         if response.status_code not in tuple(expect):

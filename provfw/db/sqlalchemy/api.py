@@ -316,7 +316,7 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                            action: str = "rule.import", guard: sources_mod.Guard | None = None, force: bool = False,
                            dry_run: bool = False, renew_slack: float = 0.0, audit_detail: dict | None = None,
                            _before: Callable[[Session, datetime.datetime], None] | None = None,
-                           _after: Callable[[Session, int, bool], None] | None = None) -> SyncResult:
+                           _after: Callable[[Session, int, sources_mod.Plan], None] | None = None) -> SyncResult:
     """Add ``specs`` to ``source`` (``mode="add"``) or make them its exact list (``mode="replace"``).
 
     ONE transaction, ONE generation, whatever the size: rules created,
@@ -332,7 +332,7 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
     what would happen.  When nothing would change the transaction is rolled
     back and the generation stays.
 
-    ``_before(session, now)`` and ``_after(session, generation, changed)``
+    ``_before(session, now)`` and ``_after(session, generation, plan)``
     run inside the same transaction (the feeds' claim check and state); with
     ``_after`` an unchanged sync still commits what it wrote, the generation
     left as it was.
@@ -374,7 +374,7 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                     generation -= 1
                     created, changes = {}, Changes(generation, generation, [], [])
                 if _after is not None:
-                    _after(session, generation, plan.changes_anything)
+                    _after(session, generation, plan)
         except _Unchanged as unchanged:
             ids = {} if dry_run else {s: held[s].rule_id for s in wanted if s in held}
             return _sync_result(source, mode, generation - 1, False, dry_run, unchanged.plan,
@@ -1119,9 +1119,9 @@ def feed_destroy(name: str, audit: Audit | None = None) -> SyncResult:
             raise exception.NotFound(f"no feed named {name!r}")
         state["id"] = row.id
 
-    def after(session: Session, generation: int, changed: bool) -> None:
+    def after(session: Session, generation: int, plan: sources_mod.Plan) -> None:
         session.execute(sa.delete(Feed).where(Feed.id == state["id"]))
-        if not changed:
+        if not plan.changes_anything:
             _audit(session, audit, "feed.delete", None, {"feed": name, "removed": 0})
 
     return provider_fw_rules_sync(feed_source(name), [], mode="replace", audit=audit, action="feed.delete",
@@ -1196,22 +1196,28 @@ def feed_record(claim: FeedClaim, state: dict) -> bool:
 
 def feed_sync(claim: FeedClaim, specs: Sequence[rules_mod.RuleSpec], state: dict, *,
               expires_at: datetime.datetime | None, guard: sources_mod.Guard | None, force: bool,
-              renew_slack: float, max_rules: int | None = None, audit_detail: dict | None = None) -> SyncResult:
+              renew_slack: float, max_rules: int | None = None, audit_detail: dict | None = None,
+              counts: dict | None = None) -> SyncResult:
     """Replace-sync the feed's source with ``specs`` and record ``state``, in ONE transaction.
 
     Only while ``claim`` still holds the feed (FeedClaimLost otherwise, and
     nothing changes); the claim is released with the state written.
-    ``state['last_generation']`` is filled in.  Other errors (the guard,
-    max_rules) change nothing and keep the claim: record them with
-    ``feed_record``.
+    ``last_generation`` is filled in, and ``last_counts`` is ``counts`` with
+    the sync's own (added, renewed, duplicate, removed, deleted), as JSON.
+    Other errors (the guard, max_rules) change nothing and keep the claim:
+    record them with ``feed_record``.
     """
     feed = claim.feed
 
     def before(session: Session, now: datetime.datetime) -> None:
         _hold_claim(session, feed.id, claim.token, now)
 
-    def after(session: Session, generation: int, changed: bool) -> None:
-        _release_claim(session, feed.id, claim.token, {**state, "last_generation": generation})
+    def after(session: Session, generation: int, plan: sources_mod.Plan) -> None:
+        done = {"added": len(plan.create), "renewed": len(plan.renewed), "duplicate": len(plan.duplicate),
+                "removed": len(plan.removed), "deleted": len(plan.delete) + len(plan.retire)}
+        _release_claim(session, feed.id, claim.token, {
+            **state, "last_generation": generation,
+            "last_counts": json.dumps({**(counts or {}), **done}, sort_keys=True)})
 
     return provider_fw_rules_sync(
         feed_source(feed.name), specs, mode="replace", expires_at=expires_at, created_by=feed_source(feed.name),
