@@ -7,11 +7,13 @@
    over N blocks.  Printed beside the worker's own apply time so the ratio
    shows what the bus, database and polling add.
 2. Time to apply 1k / 10k / 100k rules with the linear ``nova-provider``
-   chain (IptablesFirewallDriver, full apply from the database), beside the
-   floor: one bare ``iptables-restore`` of the same rules with no database,
-   no diff and no comments.
+   chain (IptablesFirewallDriver, a full apply of the rules handed over as a
+   ``RuleUpdate``), beside the floor: one bare ``iptables-restore`` of the
+   same rules with no diff and no comments.
 
     sudo .venv/bin/python benchmarks/bench_core.py [--blocks 100] [--sizes 1000,10000,100000]
+
+``--blocks 0`` skips part 1 (it needs the whole service: API, worker, bus, database).
 
 Must run as root (namespaces); sends packets nowhere; cleans up after itself.
 """
@@ -31,11 +33,10 @@ from oslo_config import cfg  # noqa: E402
 
 from provfw import conf as provfw_conf  # noqa: E402
 from provfw import rules  # noqa: E402
-from provfw.db import api as db  # noqa: E402
-from provfw.db import migration  # noqa: E402
-from provfw.virt import firewall  # noqa: E402
+from provfw.virt.firewall import RuleUpdate  # noqa: E402
+from provfw.virt.firewall.iptables import IptablesFirewallDriver  # noqa: E402
 from tests.lib import deployment as deploy  # noqa: E402
-from tests.lib import netns, services  # noqa: E402
+from tests.lib import netns  # noqa: E402
 
 
 def percentile(values, q):
@@ -86,21 +87,18 @@ def _conf(netns_name: str, state: str) -> cfg.ConfigOpts:
 
 
 def bench_apply(size: int) -> dict:
-    database = services.TestDatabase("postgresql")
     ns = f"pfw-bench-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        migration.db_sync(database.url)
-        db.configure(database.url)
         specs = [rules.make_spec(c) for c in synthetic_cidrs(size)]
-        db.provider_fw_rules_create_many(specs, max_rules=None)
         conf = _conf(ns, f"/tmp/{ns}")
-        driver = firewall.IptablesFirewallDriver(conf)
+        driver = IptablesFirewallDriver(conf)
+        update = RuleUpdate.rebuild(frozenset(specs))
         started = time.perf_counter()
-        driver.refresh_provider_fw_rules(full=True)
+        driver.refresh_provider_fw_rules(update)
         full = time.perf_counter() - started
         started = time.perf_counter()
-        result = driver.refresh_provider_fw_rules(full=True)
+        result = driver.refresh_provider_fw_rules(update)
         noop = time.perf_counter() - started
         assert not result.changed
         # Floor: the same DROP rules, one bare iptables-restore, fresh namespace state.
@@ -114,7 +112,6 @@ def bench_apply(size: int) -> dict:
         return {"full": full, "noop": noop, "floor": floor}
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
-        database.drop()
 
 
 def main() -> int:
@@ -126,12 +123,13 @@ def main() -> int:
         print("bench_core: run as root (network namespaces)", file=sys.stderr)
         return 2
 
-    print(f"End-to-end: block_ips returned -> DROP in the hypervisor kernel ({args.blocks} blocks, 1 host, "
-          "RabbitMQ + PostgreSQL, iptables linear chain)")
-    latency = bench_latency(args.blocks)
-    print(f"  {'p50':>8} {'p99':>8} {'max':>8}")
-    print(f"  {latency['p50'] * 1000:7.1f}ms {latency['p99'] * 1000:7.1f}ms {latency['max'] * 1000:7.1f}ms")
-    print()
+    if args.blocks:
+        print(f"End-to-end: block_ips returned -> DROP in the hypervisor kernel ({args.blocks} blocks, 1 host, "
+              "RabbitMQ + PostgreSQL, iptables linear chain)")
+        latency = bench_latency(args.blocks)
+        print(f"  {'p50':>8} {'p99':>8} {'max':>8}")
+        print(f"  {latency['p50'] * 1000:7.1f}ms {latency['p99'] * 1000:7.1f}ms {latency['max'] * 1000:7.1f}ms")
+        print()
     print("Full apply of N rules, linear chain (IptablesFirewallDriver) vs one bare iptables-restore (floor)")
     print(f"  {'rules':>8} {'provfw':>10} {'floor':>10} {'ratio':>7} {'re-apply (no change)':>22}")
     for size in (int(s) for s in args.sizes.split(",")):

@@ -13,8 +13,9 @@
    server in the instance namespace, client in the attacker namespace), as a
    ratio of the same path with no firewall, measured in alternation in the
    same topology (the machine is shared; see bench_forwarding).
-4. Worker memory: RSS of a fresh Python process that reads the N rules from
-   a SQLite database and runs a full refresh with each driver.
+4. Worker memory: RSS of a fresh Python process that holds the N rules (read
+   from a SQLite database, as the conductor's snapshot would arrive) and runs
+   a full apply (``RuleUpdate.rebuild``) with each driver.
 
     sudo .venv/bin/python benchmarks/bench_dataplane.py [IPSUM_PATH] [--generate N] [--seconds 3]
 
@@ -44,15 +45,20 @@ from oslo_config import cfg  # noqa: E402
 
 from provfw import conf as provfw_conf  # noqa: E402
 from provfw.rules import make_spec  # noqa: E402
-from provfw.virt import firewall, ipset_driver, iptc_driver, nftables_driver  # noqa: E402
+from provfw.virt.firewall import ipset  # noqa: E402
+from provfw.virt.firewall.ipset import IpsetFirewallDriver  # noqa: E402
+from provfw.virt.firewall.iptables import IptablesFirewallDriver  # noqa: E402
+from provfw.virt.firewall.iptc import IptcFirewallDriver  # noqa: E402
+from provfw.virt.firewall.nftables import NftablesFirewallDriver  # noqa: E402
 from benchmarks.feed import DEFAULT_IPSUM, load_specs  # noqa: E402
 from tests.lib import netns  # noqa: E402
+from tests.lib.applied import AppliedRules  # noqa: E402
 
 DRIVERS = {
-    "linear": firewall.IptablesFirewallDriver,
-    "ipset": ipset_driver.IpsetFirewallDriver,
-    "nftables": nftables_driver.NftablesFirewallDriver,
-    "iptc": iptc_driver.IptcFirewallDriver,
+    "linear": IptablesFirewallDriver,
+    "ipset": IpsetFirewallDriver,
+    "nftables": NftablesFirewallDriver,
+    "iptc": IptcFirewallDriver,
 }
 # The topology's own networks must never be in the blocked list (the probe source is 198.18.1.3).
 
@@ -94,21 +100,17 @@ def timed(fn, *args, **kwargs) -> float:
 def bench_apply(kind: str, specs: list, deltas: int) -> dict:
     ns = Namespace(f"pfwb-{netns.unique_tag()}")
     try:
-        driver = DRIVERS[kind](conf=make_conf(ns.name))
-        full = timed(driver.apply_full, specs)
-        noop = timed(driver.apply_full, specs)
-        driver._rules = dict.fromkeys(specs)      # what the base class holds after the full apply
+        # AppliedRules keeps what the worker's reconciler keeps: the rules and the driver's state.
+        rules = AppliedRules(DRIVERS[kind](conf=make_conf(ns.name)))
+        full = timed(rules.rebuild, specs)
+        noop = timed(rules.repair)                 # a full plan that finds nothing to write: the drift check
         base = int(ipaddress.ip_address("192.0.2.0"))
         samples = []
         for i in range(deltas):
             new = make_spec(str(ipaddress.ip_address(base + 1 + i)))
-            if driver.supports_delta:
-                samples.append(timed(driver.apply_delta, [new], []))
-            else:
-                samples.append(timed(driver.apply_full, list(driver._rules) + [new]))
-            driver._rules[new] = None
-            if not driver.supports_delta and i >= 2:
-                break                              # seconds each: three samples are enough
+            samples.append(timed(rules.block, new))
+            if rules.last.mode != "delta" and i >= 2:
+                break                              # the linear chain has no delta: seconds each, three samples
         return {"full": full, "noop": noop, "delta": statistics.median(samples), "delta_max": max(samples)}
     finally:
         ns.close()
@@ -118,9 +120,9 @@ def bench_ipset_floor(specs: list) -> float:
     """The floor under the ipset drivers' full apply: one bare ``ipset restore`` of the same members."""
     ns = Namespace(f"pfwb-{netns.unique_tag()}")
     try:
-        members = {ipset_driver.sets.ipset_member(s.cidr) for s in specs if s.version == 4}
-        capacity = ipset_driver.sets.set_capacity(len(members), make_conf(ns.name))
-        script = "\n".join([f"create floor hash:net family inet hashsize {ipset_driver.sets.hash_size(capacity)} "
+        members = {ipset.member(s.cidr) for s in specs if s.version == 4}
+        capacity = ipset.capacity(len(members), make_conf(ns.name))
+        script = "\n".join([f"create floor hash:net family inet hashsize {ipset.hash_size(capacity)} "
                             f"maxelem {capacity}"] + [f"add floor {m}" for m in members]) + "\n"
         return timed(netns.netns_exec, ns.name, "ipset", "restore", input=script)
     finally:
@@ -190,7 +192,7 @@ def bench_forwarding(specs: list, seconds: float, kinds: list[str], rounds: int)
             for round_number in range(1 if kind == "linear" else rounds):
                 for label in ("none", kind):
                     if label == kind:
-                        driver.apply_full(specs)
+                        AppliedRules(driver).rebuild(specs)
                     samples[label]["pps"].append(iperf(topo, udp=True, seconds=seconds))
                     samples[label]["bps"].append(iperf(topo, udp=False, seconds=seconds))
                     if label == kind and kind != "linear":
@@ -210,6 +212,7 @@ import os, sys, json
 sys.path.insert(0, sys.argv[4])
 from benchmarks.bench_dataplane import make_conf, DRIVERS
 from provfw.db import api as db
+from provfw.virt.firewall import RuleUpdate
 def rss():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
@@ -217,9 +220,10 @@ db.configure(sys.argv[2])
 conf = make_conf(sys.argv[3])
 driver = DRIVERS[sys.argv[1]](conf=conf)
 before, _ = rss()
-driver.refresh_provider_fw_rules()
+desired = frozenset(spec for spec, _ in db.provider_fw_snapshot().rules)   # what the reconciler holds
+applied = driver.refresh_provider_fw_rules(RuleUpdate.rebuild(desired))
 after, peak = rss()
-print(json.dumps({"before": before, "after": after, "peak": peak, "rules": driver.rule_count}))
+print(json.dumps({"before": before, "after": after, "peak": peak, "rules": len(desired)}))
 """
 
 
@@ -299,8 +303,8 @@ def main(argv=None) -> int:
 
     if "memory" not in skip:
         memory = bench_memory(specs, [k for k in kinds])
-        print(f"\n## 4. Worker memory after a full refresh of {len(specs)} rules from SQLite (MB)")
-        print(f"{'driver':<10} {'RSS before':>11} {'RSS after':>10} {'peak':>8} {'bookkeeping':>12}")
+        print(f"\n## 4. Worker memory after a full apply of {len(specs)} rules read from SQLite (MB)")
+        print(f"{'driver':<10} {'RSS before':>11} {'RSS after':>10} {'peak':>8} {'rules+state':>12}")
         for kind, row in memory.items():
             print(f"{kind:<10} {row['before'] / 2**20:11.1f} {row['after'] / 2**20:10.1f} "
                   f"{row['peak'] / 2**20:8.1f} {(row['after'] - row['before']) / 2**20:12.1f}")

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.feed import DEFAULT_IPSUM, load_specs  # noqa: E402
 from provfw import rules  # noqa: E402
 from provfw.db import api as db  # noqa: E402
-from provfw.virt import sets  # noqa: E402
+from provfw.virt.firewall import ipset, sets  # noqa: E402
 from tests.lib import deployment as deploy  # noqa: E402
 from tests.lib import netns  # noqa: E402
 
@@ -54,8 +54,8 @@ def enforced(driver: str, ns: str, spec: rules.RuleSpec, host: str, generation: 
     to its Service row only after the kernel accepted the change.
     """
     if driver == "ipset":
-        name = sets.ipset_name(sets.match_key(spec))
-        cmd = ["ip", "netns", "exec", ns, "ipset", "test", name, sets.ipset_member(spec.cidr)]
+        name = ipset.DRIVER_SETS.name(sets.match_key(spec))
+        cmd = ["ip", "netns", "exec", ns, "ipset", "test", name, ipset.member(spec.cidr)]
         return subprocess.run(cmd, capture_output=True).returncode == 0
     service = db.service_get(host)
     return service is not None and service.applied_generation >= generation

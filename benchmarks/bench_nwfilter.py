@@ -5,10 +5,12 @@ For each size N and each match mode, on a real libvirtd with the instance
 filter bound to --ports ports (the instance's veth port on a host bridge plus
 extra veth ports, as on a hypervisor running several instances):
 
-1. full apply: N rules from the database to a provider filter in force on
-   every bound port (nwfilterDefineXML returns after libvirt re-instantiated
-   all ports, so this is also "until enforced everywhere");
-2. no-change refresh: what every periodic check costs;
+1. full apply: N rules (handed over as a ``RuleUpdate``, as the worker's
+   reconciler does) to a provider filter in force on every bound port
+   (nwfilterDefineXML returns after libvirt re-instantiated all ports, so
+   this is also "until enforced everywhere");
+2. no-change drift check: a full plan that re-reads the filter (and, in
+   ipset mode, the sets) and finds nothing to write;
 3. +1 rule (the attacker address) with N present: time until refresh
    returned, and time until the attacker's pings stopped getting answers
    (ping every 10 ms, timestamps from ``ping -D``) - "time until enforced";
@@ -51,11 +53,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from oslo_config import cfg  # noqa: E402
 
 from provfw import conf as provfw_conf  # noqa: E402
-from provfw.db import api as db  # noqa: E402
-from provfw.db import migration  # noqa: E402
 from provfw.rules import make_spec  # noqa: E402
-from provfw.virt import nwfilter, nwfilter_xml as nwx  # noqa: E402
+from provfw.virt.firewall import ipset, nwfilter  # noqa: E402
+from provfw.virt.firewall import nwfilter_xml as nwx  # noqa: E402
 from benchmarks.feed import DEFAULT_IPSUM, load_specs  # noqa: E402
+from tests.lib.applied import AppliedRules  # noqa: E402
 from tests.lib.bridge import BridgeTopology  # noqa: E402
 from tests.lib.netns import unique_tag  # noqa: E402
 
@@ -63,7 +65,7 @@ PING_INTERVAL = 0.01
 
 
 class Host:
-    """A bridge topology plus extra ports, one libvirt connection, a SQLite database."""
+    """A bridge topology plus extra ports, one libvirt connection."""
 
     def __init__(self, ports: int, seconds: float):
         self.topo = BridgeTopology(listener=False)
@@ -128,7 +130,7 @@ class Host:
 
 
 class Scenario:
-    """One provider filter + instance filter bound to every port, driven from the database."""
+    """One provider filter + instance filter bound to every port, driven with RuleUpdate values."""
 
     def __init__(self, host: Host, mode: str):
         self.host = host
@@ -141,14 +143,12 @@ class Scenario:
         self.conf.set_override("ipset_prefix", f"pn{self.tag}", group="libvirt")
         self.conf.set_override("match_mode", mode, group="libvirt")
         self.instance_filter = f"nova-instance-bench-{self.tag}"
-        db_path = os.path.join(host.dir, f"db-{self.tag}.sqlite")
-        migration.db_sync(f"sqlite:///{db_path}")
-        db.configure(f"sqlite:///{db_path}")
         self.driver = nwfilter.NWFilterFirewall(self.conf)
+        self.rules = AppliedRules(self.driver)               # what the worker's reconciler keeps
         self.bindings = []
 
     def __enter__(self):
-        self.driver.refresh_provider_fw_rules()              # the (empty) provider filter must exist first
+        self.rules.rebuild([])                               # the (empty) provider filter must exist first
         accept_all = tuple(nwx.FilterRule(e, (), "accept", "in", nwx.DEFAULT_RULE_PRIORITY)
                            for e in ("all", "all-ipv6"))
         self.host.conn.nwfilterDefineXML(nwx.render_filter(nwx.FilterDef(
@@ -163,11 +163,11 @@ class Scenario:
             binding.delete()
         self.host.conn.nwfilterLookupByName(self.instance_filter).undefine()
         self.driver.teardown()
-        db.dispose()
 
-    def refresh(self) -> float:
+    @staticmethod
+    def timed(func, *args) -> float:
         started = time.monotonic()
-        self.driver.refresh_provider_fw_rules()
+        func(*args)
         return time.monotonic() - started
 
     def add_one_and_time_enforcement(self) -> tuple[float, float]:
@@ -180,8 +180,7 @@ class Scenario:
                                       stdout=log, stderr=subprocess.DEVNULL, text=True)
             time.sleep(0.5)
             asked = time.time()
-            db.provider_fw_rule_create(make_spec(topo.ATTACKER4[0]))
-            took = self.refresh()
+            took = self.timed(self.rules.block, make_spec(topo.ATTACKER4[0]))
             time.sleep(0.5)
             pinger.send_signal(signal.SIGINT)
             pinger.wait(10)
@@ -200,14 +199,13 @@ def run(host: Host, mode: str, specs: list) -> dict:
     with Scenario(host, mode) as scenario:
         if not specs:
             return {"pps": host.udp_pps(), "rtt": host.min_rtt_us()}
-        db.provider_fw_rules_create_many(specs)
-        full = scenario.refresh()
-        noop = scenario.refresh()
+        full = scenario.timed(scenario.rules.rebuild, specs)
+        noop = scenario.timed(scenario.rules.repair)
         pps, rtt = host.udp_pps(), host.min_rtt_us()
         plus_one, enforced = scenario.add_one_and_time_enforcement()
-        sets = sorted(scenario.driver.ipsets.existing())
+        sets = ipset.read_sets(scenario.driver.runner, scenario.driver.naming.owns)
         return {"full": full, "noop": noop, "plus_one": plus_one, "enforced": enforced, "pps": pps, "rtt": rtt,
-                "applied_mode": scenario.driver.match_mode, "sets": len(sets)}
+                "applied_mode": scenario.rules.state.mode, "sets": len(sets)}
 
 
 def main(argv=None) -> int:
@@ -247,7 +245,7 @@ def main(argv=None) -> int:
     base_pps = (before["pps"] + after["pps"]) / 2
     base_rtt = min(before["rtt"], after["rtt"])
 
-    print(f"\n{'mode':<6} {'rules':>6} {'ports':>5} {'full apply':>11} {'no-change':>10} {'+1 returned':>12} "
+    print(f"\n{'mode':<6} {'rules':>6} {'ports':>5} {'full apply':>11} {'drift chk':>10} {'+1 returned':>12} "
           f"{'+1 enforced':>12} {'UDP 64B pps':>12} {'vs empty':>9} {'min RTT':>9} {'+us/RTT':>8} {'sets':>5}")
     print(f"{'empty':<6} {0:6d} {args.ports:5d} {'':>11} {'':>10} {'':>12} {'':>12} {base_pps:12.0f} {1:9.1%} "
           f"{base_rtt:7.0f}us {'':>8} {'':>5}   (pps before {before['pps']:.0f}, after {after['pps']:.0f})")

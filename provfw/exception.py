@@ -48,6 +48,22 @@ class BodyTooLarge(ProvfwError):
     code = 413
 
 
+class UnsupportedMediaType(ProvfwError):
+    """The request's Content-Type is not one the operation takes."""
+
+    code = 415
+
+
+class MethodNotAllowed(ProvfwError):
+    """The path exists but not with this method; ``allowed`` goes out in the Allow header."""
+
+    code = 405
+
+    def __init__(self, message: str, allowed: list[str]):
+        self.allowed = list(allowed)
+        super().__init__(message)
+
+
 class NotAuthenticated(ProvfwError):
     code = 401
     message = "X-Auth-Token: missing or invalid token"

@@ -17,6 +17,13 @@ NFT_NAME_MAX = 255
 COMMENT_PREFIX = "provfw:"
 JUMP_COMMENT = COMMENT_PREFIX + "jump"
 NFT_TABLE = "provfw"
+# Scratch objects of check plans (``check_provider_fw_rules``).  The chain and
+# the table are only ever written in test/check mode (``iptables-restore
+# --test``, ``nft -c``), which commits nothing; a scratch ipset is created,
+# filled and destroyed by the same check.
+CHECK_CHAIN = "provfw-check"
+NFT_CHECK_TABLE = "provfw_check"
+SCRATCH_SET_TAG = "check"
 
 
 def check_chain_name(name: str) -> str:
@@ -51,6 +58,19 @@ def set_name(prefix: str, family: int, protocol: str, from_port: int, to_port: i
     ports = "any" if from_port < 0 else (f"{from_port}" if from_port == to_port else f"{from_port}-{to_port}")
     name = f"{prefix}{family}-{protocol}-{ports}{suffix}"
     if len(name) > IPSET_NAME_MAX:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:10]
-        name = f"{prefix}{family}-{protocol}-{digest}{suffix}"
+        digest = hashlib.sha256(name.encode()).hexdigest()
+        head = f"{prefix}{family}-{protocol}-"
+        # Ten hex digits when they fit; a long prefix gets fewer, never a name past the limit.
+        room = max(6, min(10, IPSET_NAME_MAX - len(head) - len(suffix)))
+        name = f"{head}{digest[:room]}{suffix}"
     return check_set_name(name)
+
+
+def scratch_set_name(prefix: str, family: int) -> str:
+    """The scratch set of a check plan: ``pfw4-check``.
+
+    It carries the owner's prefix and family marker, so whoever owns
+    ``prefix`` destroys it if a check ever left it behind; ``check`` is no
+    protocol, so it never collides with a group's set.
+    """
+    return check_set_name(f"{prefix}{family}-{SCRATCH_SET_TAG}")

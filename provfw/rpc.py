@@ -591,6 +591,7 @@ class RpcClient:
     def _call_once(self, method: str, args: dict) -> tuple[Any, dict]:
         correlation_id = uuid.uuid4().hex
         try:
+            self._ensure()                 # the reply queue must exist before it is named in reply_to
             self._publish(method, args, reply_to=self._reply_queue, correlation_id=correlation_id,
                           expiration=self.timeout)
             deadline = time.monotonic() + self.timeout
@@ -603,6 +604,8 @@ class RpcClient:
                     self._conn.drain_events(timeout=min(remaining, 1.0))
                 except socket.timeout:
                     pass
+        except TimeoutError:
+            raise                          # the connection is fine; a late reply is dropped by correlation id
         except self._errors:
             self._reset()
             raise

@@ -15,13 +15,19 @@ Conventions (kept from Nova's security-group rules so operators recognise them):
   ``-1`` (``ANY``) means any type / any code.  A code without a type is
   refused.
 * For ``all`` both ports are ``ANY``.
+* A CIDR is a plain network (``CIDR_PATTERN``); a description is text without
+  control characters (``TEXT_PATTERN``); an expiry is at most ``MAX_LIFETIME``
+  ahead.  ``provfw.api.schemas`` publishes these same constants in the API's
+  JSON Schema, so the contract and this module cannot drift.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import datetime
 import ipaddress
+import re
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from provfw import exception
@@ -32,6 +38,37 @@ MIN_PORT = 1
 MAX_PORT = 65535
 MAX_ICMP = 255
 MAX_DESCRIPTION = 255
+MAX_LIFETIME = 10 * 365 * 24 * 3600   # seconds: the furthest a rule may expire, by ttl or by expires_at
+
+# A plain network as the kernel tools write it: hex digits, dots and colons, then at most one decimal prefix
+# length without leading zeros.  Python's ipaddress accepts more (IPv6 scope ids such as fe80::1%eth0,
+# netmask and hostmask forms, zero-padded prefixes) and a scope id would even survive normalisation into
+# the stored CIDR, which every ip6tables-restore then refuses.  The grammar is checked before ipaddress
+# parses, and the API's JSON Schema publishes the same pattern: the two cannot drift.  [0-9], never \d,
+# which matches every Unicode digit in Python.
+CIDR_PATTERN = r"^[0-9A-Fa-f.:]+(/(0|[1-9][0-9]{0,2}))?$"
+CIDR_MAX_LENGTH = 49   # ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255/128
+# Text that is stored and shown (descriptions): no C0 or C1 control character and no DEL.  PostgreSQL
+# refuses NUL in text columns, terminals interpret the rest.  Lone surrogates never get this far: the API
+# refuses them while decoding the request (they are not Unicode text).
+TEXT_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+# RFC 3339 date-time (the JSON Schema / OpenAPI "date-time" format): the offset is required.
+TIMESTAMP_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+MAX_TIMESTAMP_LENGTH = 64
+
+
+def python_pattern(pattern: str) -> re.Pattern:
+    """Compile a JSON Schema (ECMA-262) pattern anchored with ``^...$`` so that it means what ECMA says.
+
+    Python's ``$`` also matches before a final newline: ``"x\\n"`` would pass ``^[^\\u0000-\\u001f]*$``.
+    ``\\Z`` does not; the patterns used here use nothing else that differs between the two dialects.
+    """
+    return re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern)
+
+
+_CIDR_RE = python_pattern(CIDR_PATTERN)
+_TEXT_RE = python_pattern(TEXT_PATTERN)
+_TIMESTAMP_RE = python_pattern(TIMESTAMP_PATTERN)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -137,19 +174,25 @@ def normalise_cidr(value: Any, field: str = "cidr") -> str:
 def parse_network(value: Any, field: str = "cidr") -> Network:
     """Parse ``value`` as a network.
 
-    A bare address becomes a /32 (IPv4) or /128 (IPv6); host bits are cleared
-    (``192.168.100.11/24`` -> ``192.168.100.0/24``); IPv6 is compressed and
-    lower-cased so string equality means network equality.  ``/0`` is refused:
-    a provider rule that blocks the whole internet is never what an admin meant.
+    ``value`` must be a plain address or CIDR (``CIDR_PATTERN``: no IPv6 scope id, no netmask form, no
+    zero-padded prefix; surrounding whitespace is ignored, as in a line of a text import).  A bare address
+    becomes a /32 (IPv4) or /128 (IPv6); host bits are cleared (``192.168.100.11/24`` -> ``192.168.100.0/24``);
+    IPv6 is compressed and lower-cased so string equality means network equality.  ``/0`` is refused: a
+    provider rule that blocks the whole internet is never what an admin meant.  Raises ``InvalidInput`` naming
+    ``field``.
     """
     if not isinstance(value, str) or not value.strip():
         raise exception.InvalidInput(field, "must be a non-empty string such as 203.0.113.0/24")
-    text = value.strip()
+    value = value.strip()
+    shown = value if len(value) <= CIDR_MAX_LENGTH else value[:CIDR_MAX_LENGTH] + "..."
+    if len(value) > CIDR_MAX_LENGTH or not _CIDR_RE.match(value):
+        raise exception.InvalidInput(field, f"{shown!r} is not a valid IPv4/IPv6 address or CIDR: only digits, "
+                                            "hex letters, '.' and ':' and one '/prefix' (no scope id, no netmask)")
     try:
-        network = ipaddress.ip_network(text, strict=False)
+        network = ipaddress.ip_network(value, strict=False)
     except ValueError as exc:
-        raise exception.InvalidInput(field, f"{text!r} is not a valid IPv4/IPv6 address or CIDR ({exc})") from None
-    return check_network(network, text, field)
+        raise exception.InvalidInput(field, f"{value!r} is not a valid IPv4/IPv6 address or CIDR ({exc})") from None
+    return check_network(network, value, field)
 
 
 def check_network(network: Network, text: str | None = None, field: str = "cidr") -> Network:
@@ -170,13 +213,21 @@ def check_network(network: Network, text: str | None = None, field: str = "cidr"
 
 
 def _as_int(value: Any, field: str) -> int:
+    """An int, a number with a zero fractional part (``22.0``, an integer as JSON Schema means it) or a
+    string of ASCII digits (Python callers; the API's schema takes only JSON integers)."""
     # bool is an int subclass; True as a port is always a client bug.
     if isinstance(value, bool):
         raise exception.InvalidInput(field, "must be an integer")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        digits = text[1:] if text.startswith("-") else text
+        # ASCII only: int() also reads Arabic-Indic and other Unicode digits.
+        if digits.isascii() and digits.isdigit() and len(digits) <= 20:
+            return int(text)
     raise exception.InvalidInput(field, "must be an integer")
 
 
@@ -204,7 +255,7 @@ def make_spec(cidr: Any, protocol: Any = "all", from_port: Any = None, to_port: 
     if protocol is None:
         protocol = "all"
     if not isinstance(protocol, str) or protocol.strip().lower() not in PROTOCOLS:
-        raise exception.InvalidInput("protocol", f"{protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        raise exception.InvalidInput("protocol", f"{str(protocol)[:20]!r} is not one of {', '.join(PROTOCOLS)}")
     proto = protocol.strip().lower()
     start = None if from_port is None else _as_int(from_port, "from_port")
     end = None if to_port is None else _as_int(to_port, "to_port")
@@ -245,13 +296,63 @@ def spec_from_body(body: Mapping[str, Any], protected: Iterable[Network] = ()) -
                      protected)
 
 
-def validate_description(value: Any) -> str | None:
+def validate_description(value: Any, field: str = "description") -> str | None:
+    """A description: ``None`` or ``""`` (none), else at most ``MAX_DESCRIPTION`` characters of text
+    without control characters (``TEXT_PATTERN``).  Raises ``InvalidInput`` naming ``field``."""
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise exception.InvalidInput("description", "must be a string")
+        raise exception.InvalidInput(field, "must be a string")
     if len(value) > MAX_DESCRIPTION:
-        raise exception.InvalidInput("description", f"is longer than {MAX_DESCRIPTION} characters")
+        raise exception.InvalidInput(field, f"is longer than {MAX_DESCRIPTION} characters")
+    if not _TEXT_RE.match(value):
+        raise exception.InvalidInput(field, "must not contain control characters (U+0000-U+001F, U+007F-U+009F)")
+    return value
+
+
+def parse_timestamp(value: Any, field: str = "expires_at") -> datetime.datetime:
+    """Parse an RFC 3339 date-time (``2026-12-01T00:00:00Z``, ``2026-12-01T01:00:00+01:00``) to naive UTC.
+
+    The offset is required: a zone-less time means a different instant on every machine that reads it.
+    Fractions beyond microseconds are truncated.  Raises ``InvalidInput`` naming ``field``.
+    """
+    if not isinstance(value, str) or len(value) > MAX_TIMESTAMP_LENGTH or not _TIMESTAMP_RE.match(value):
+        shown = str(value)[:MAX_TIMESTAMP_LENGTH]
+        raise exception.InvalidInput(field, f"{shown!r} is not an RFC 3339 date-time with a UTC offset, "
+                                            "e.g. 2026-12-01T00:00:00Z")
+    text = value.upper()
+    if "." in text:   # fromisoformat takes at most 6 fraction digits
+        head, rest = text.split(".", 1)
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[:digits][:6].ljust(6, '0')}{rest[digits:]}"
+    try:
+        parsed = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parsed.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError) as exc:
+        raise exception.InvalidInput(field, f"{value!r} is not a valid date-time ({exc})") from None
+
+
+def expiry(ttl: Any = None, expires_at: Any = None, now: datetime.datetime | None = None) -> datetime.datetime | None:
+    """When a rule given ``ttl`` (integer seconds) or ``expires_at`` (RFC 3339) expires, as naive UTC.
+
+    Never both; never in the past; never more than ``MAX_LIFETIME`` seconds ahead, whichever way it is
+    given.  ``None`` for a permanent rule.  Raises ``InvalidInput`` naming the field.
+    """
+    now = now or datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    if expires_at is not None and ttl is not None:
+        raise exception.InvalidInput("ttl", "give either ttl or expires_at, not both")
+    if ttl is not None:
+        seconds = _as_int(ttl, "ttl")
+        if not 0 < seconds <= MAX_LIFETIME:
+            raise exception.InvalidInput("ttl", f"must be between 1 and {MAX_LIFETIME} seconds (ten years)")
+        return now + datetime.timedelta(seconds=seconds)
+    if expires_at is None:
+        return None
+    value = parse_timestamp(expires_at, "expires_at")
+    if value <= now:
+        raise exception.InvalidInput("expires_at", "is in the past")
+    if value > now + datetime.timedelta(seconds=MAX_LIFETIME):
+        raise exception.InvalidInput("expires_at", f"is more than ten years ({MAX_LIFETIME} seconds) ahead")
     return value
 
 

@@ -9,6 +9,7 @@ that namespace.  Thread-safety: a Runner holds no mutable state.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import time
 from typing import Sequence
@@ -34,7 +35,16 @@ class Runner:
         return self.execute(cmd, input=input, check=check)
 
     def execute(self, cmd: Sequence[str], input: str | None = None, check: bool = True) -> str:
-        """Run ``cmd``; return stdout.  Raise ProcessExecutionError on a non-zero exit when ``check``."""
+        """Run ``cmd``; return stdout.
+
+        Raises ``ToolMissing`` when ``cmd[0]`` is not installed - whatever
+        ``check`` says, and also inside a namespace, where ``ip netns exec``
+        would report it only as exit status 1 and a message - and
+        ``ProcessExecutionError`` on a non-zero exit when ``check``.
+        """
+        if shutil.which(cmd[0]) is None:
+            # Namespaces share the file system: the host's PATH lookup is the namespace's.
+            raise exception.ToolMissing(list(cmd), 127, stderr=f"{cmd[0]}: command not found")
         full = self.wrap(cmd)
         started = time.monotonic()
         try:
@@ -44,6 +54,8 @@ class Runner:
         except subprocess.TimeoutExpired as exc:
             raise exception.ProcessExecutionError(full, -1, stderr=f"timed out after {exc.timeout}s") from None
         LOG.debug("ran %s in %.3fs -> %s", " ".join(full[:6]), time.monotonic() - started, proc.returncode)
+        if proc.returncode == 127:
+            raise exception.ToolMissing(full, 127, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
             raise exception.ProcessExecutionError(
                 full, proc.returncode, proc.stdout, proc.stderr, detail=failing_input_context(proc.stderr, input))
@@ -53,13 +65,14 @@ class Runner:
 def failing_input_context(stderr: str, input: str | None, around: int = 2) -> str:
     """For a failed restore, quote the input line the tool complained about, with context.
 
-    iptables-restore says "line N failed", ipset "Error in line N", nft "<stdin>:N:".
+    iptables-restore says "line N failed" (a refused commit) or "Error occurred at line: N" (a parse
+    error), ipset "Error in line N", nft "<stdin>:N:" or "/dev/stdin:N:".
     """
     if not input or not stderr:
         return ""
     import re
 
-    match = re.search(r"(?:line|<cmdline>:|/dev/stdin:|<stdin>:)\s*(\d+)", stderr)
+    match = re.search(r"(?:line:?|<cmdline>:|/dev/stdin:|<stdin>:)\s*(\d+)", stderr)
     if not match:
         return ""
     number = int(match.group(1))

@@ -1,10 +1,15 @@
 """AdminController: the admin REST API for provider firewall rules.
 
-Every mutation validates all its input before touching the database (bad
-input changes nothing), writes through ``provfw.db.api`` in one transaction
-(which bumps the generation and writes the audit record), and then calls
-``ComputeAPI.trigger_provider_fw_rules_refresh`` so every compute worker
-reloads.  Reads never cast.
+The Router has already checked every request against the contract
+(``provfw.api.schemas``: types, ranges, patterns, unknown fields); the
+controller applies what JSON Schema cannot say through ``provfw.rules``
+(the CIDR parses, ports agree with the protocol, the expiry lies ahead,
+protected networks).  Every mutation validates all its input before touching
+the database (bad input changes nothing), writes through ``provfw.db.api`` in
+one transaction (which bumps the generation and writes the audit record), and
+then calls ``ComputeAPI.trigger_provider_fw_rules_refresh`` so every compute
+worker reloads.  Reads never cast.  Status codes per route are in
+``schemas.OPERATIONS`` and the published document (``GET /v1/openapi.json``).
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ from typing import Any
 import webob
 
 from provfw import exception, rules
-from provfw.api import wsgi
+from provfw.api import schemas, wsgi
 from provfw.db import api as db
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_PAGE = 1000
-MAX_PAGE = 10000
-MAX_TTL = 10 * 365 * 24 * 3600
+DEFAULT_PAGE = schemas.DEFAULT_PAGE
+MAX_PAGE = schemas.MAX_PAGE
+MAX_TTL = rules.MAX_LIFETIME
 MAX_REFUSED_REPORTED = 1000
 
 
@@ -46,31 +51,9 @@ def rule_view(rule) -> dict[str, Any]:
 
 
 def parse_expiry(body: dict[str, Any], now: datetime.datetime | None = None) -> datetime.datetime | None:
-    """``expires_at`` (ISO 8601, UTC if no zone) or ``ttl`` (seconds); never both; never in the past."""
-    now = now or utcnow()
-    expires_at, ttl = body.get("expires_at"), body.get("ttl")
-    if expires_at is not None and ttl is not None:
-        raise exception.InvalidInput("ttl", "give either ttl or expires_at, not both")
-    if ttl is not None:
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) and not (isinstance(ttl, str) and ttl.isdigit()):
-            raise exception.InvalidInput("ttl", "must be a number of seconds")
-        seconds = float(ttl)
-        if not 0 < seconds <= MAX_TTL:
-            raise exception.InvalidInput("ttl", f"must be between 1 and {MAX_TTL} seconds")
-        return now + datetime.timedelta(seconds=seconds)
-    if expires_at is None:
-        return None
-    if not isinstance(expires_at, str):
-        raise exception.InvalidInput("expires_at", "must be an ISO 8601 timestamp")
-    try:
-        value = datetime.datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
-    except ValueError:
-        raise exception.InvalidInput("expires_at", f"{expires_at!r} is not an ISO 8601 timestamp") from None
-    if value.tzinfo is not None:
-        value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-    if value <= now:
-        raise exception.InvalidInput("expires_at", "is in the past")
-    return value
+    """``expires_at`` (RFC 3339 with an offset) or ``ttl`` (integer seconds); never both; never in the past;
+    at most ten years ahead.  See ``rules.expiry``."""
+    return rules.expiry(body.get("ttl"), body.get("expires_at"), now or utcnow())
 
 
 class AdminController:
@@ -81,11 +64,10 @@ class AdminController:
 
     # ------------------------------------------------------------ helpers
 
-    def _body(self, request: webob.Request) -> dict[str, Any]:
-        body = wsgi.json_body(request, self.conf.api.max_request_body_size)
-        if not isinstance(body, dict):
-            raise exception.InvalidInput("body", "must be a JSON object")
-        return body
+    @staticmethod
+    def _body(request: webob.Request) -> dict[str, Any]:
+        """The JSON object the Router checked against the operation's schema."""
+        return wsgi.body(request)
 
     def _spec(self, body: dict[str, Any]) -> rules.RuleSpec:
         return rules.spec_from_body(body, self.protected)
@@ -101,18 +83,6 @@ class AdminController:
         return self._notify(rules.Changes(result.generation - 1, result.generation,
                                           [db.rule_of(row) for row in result.added], list(result.retired)))
 
-    @staticmethod
-    def _int_param(request: webob.Request, name: str, low: int, high: int) -> int | None:
-        value = request.GET.get(name)
-        if value is None or value == "":
-            return None
-        if not value.isdigit():
-            raise exception.InvalidInput(name, "must be a non-negative integer")
-        number = int(value)
-        if not low <= number <= high:
-            raise exception.InvalidInput(name, f"must be between {low} and {high}")
-        return number
-
     # ------------------------------------------------------------ meta
 
     def versions(self, request, context):
@@ -121,6 +91,10 @@ class AdminController:
     def health(self, request, context):
         generation = db.provider_fw_generation_get()
         return wsgi.json_response({"status": "ok", "generation": generation})
+
+    def openapi(self, request, context):
+        """The published contract (OpenAPI 3.1), public like the version list."""
+        return wsgi.json_response(schemas.openapi_document())
 
     # ------------------------------------------------------------ rules
 
@@ -136,14 +110,13 @@ class AdminController:
         return wsgi.json_response({"rule": rule_view(rule), "generation": generation, "notified": notified}, 201)
 
     def index(self, request, context):
-        cidr = request.GET.get("cidr")
+        params = wsgi.query(request)
+        cidr = params.get("cidr")
         if cidr is not None:
             cidr = rules.normalise_cidr(cidr)
-        protocol = request.GET.get("protocol")
-        if protocol is not None and protocol not in rules.PROTOCOLS:
-            raise exception.InvalidInput("protocol", f"{protocol!r} is not one of {', '.join(rules.PROTOCOLS)}")
-        limit = self._int_param(request, "limit", 1, MAX_PAGE) or DEFAULT_PAGE
-        marker = self._int_param(request, "marker", 0, 2**63 - 1)
+        protocol = params.get("protocol")
+        limit = params.get("limit", DEFAULT_PAGE)
+        marker = params.get("marker")
         generation = db.provider_fw_generation_get()
         found = db.provider_fw_rule_get_all(cidr=cidr, protocol=protocol, limit=limit + 1, marker=marker)
         page = found[:limit]
@@ -152,8 +125,9 @@ class AdminController:
                                    "next_marker": next_marker})
 
     @staticmethod
-    def _rule_id(value: str) -> int:
-        if not value.isdigit():
+    def _rule_id(value: int | str) -> int:
+        # The Router typed the path id against its schema (1 .. 2**63-1); this only guards direct calls.
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()) or int(value) > schemas.MAX_ID:
             raise exception.RuleNotFound(value)
         return int(value)
 
@@ -175,32 +149,21 @@ class AdminController:
         Options (query string, or JSON keys): protocol (default all), from_port, to_port, description, ttl /
         expires_at.  One transaction and one cast; the answer counts added / duplicate / refused.
         """
-        data = wsgi.read_body(request, self.conf.api.max_import_body_size)
-        options: dict[str, Any] = {k: v for k, v in request.GET.items()}
-        is_json = (request.content_type or "").endswith("json")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise exception.InvalidInput("body", "is not UTF-8 text") from None
-        entries: list[tuple[int, str]]
-        if is_json:
-            try:
-                payload = json.loads(text)
-            except ValueError as exc:
-                raise exception.InvalidInput("body", f"is not valid JSON ({exc})") from None
+        payload = wsgi.body(request)
+        options: dict[str, Any] = dict(wsgi.query(request))
+        entries: list[tuple[int, Any]]
+        if wsgi.media_type(request) == schemas.JSON:
             if isinstance(payload, dict):
                 options.update({k: v for k, v in payload.items() if k != "cidrs"})
-                payload = payload.get("cidrs")
-            if not isinstance(payload, list):
-                raise exception.InvalidInput("cidrs", "must be a JSON list of CIDR strings")
+                payload = payload["cidrs"]
             entries = [(i + 1, item) for i, item in enumerate(payload)]
         else:
             entries = []
-            for number, line in enumerate(text.splitlines(), start=1):
+            for number, line in enumerate(payload.splitlines(), start=1):
                 value = line.split("#", 1)[0].strip()
                 if value:
                     entries.append((number, value))
-        protocol = options.get("protocol", "all")
+        protocol = options.get("protocol") or "all"
         template = rules.make_spec("192.0.2.0/24", protocol, options.get("from_port"), options.get("to_port"))
         description = rules.validate_description(options.get("description"))
         expires_at = parse_expiry(options)
@@ -238,8 +201,6 @@ class AdminController:
     def block_external_addresses(self, request, context):
         """Seed semantics: block every tcp and udp port and all ICMP from ``cidr``."""
         body = self._body(request)
-        if "cidr" not in body:
-            raise exception.InvalidInput("cidr", "is required")
         cidr = rules.normalise_cidr(body["cidr"])
         specs = rules.external_block_specs(cidr)
         rules.check_not_protected(specs[0], self.protected)
@@ -262,10 +223,9 @@ class AdminController:
 
     def remove_block(self, request, context):
         body = self._body(request)
-        if "cidr" not in body:
-            raise exception.InvalidInput("cidr", "is required")
         cidr = rules.normalise_cidr(body["cidr"])
-        changes = db.provider_fw_rule_destroy_by_cidr(cidr, audit=context.audit(body.get("description")))
+        reason = rules.validate_description(body.get("description"))
+        changes = db.provider_fw_rule_destroy_by_cidr(cidr, audit=context.audit(reason))
         self._notify(changes)
         count = len(changes.removed)
         # "cidr" and "deleted" let clients report the result without parsing the seed's message text.
@@ -293,7 +253,7 @@ class AdminController:
 
     def audit_log(self, request, context):
         context.require_admin()
-        limit = self._int_param(request, "limit", 1, 1000) or 100
+        limit = wsgi.query(request).get("limit", 100)
         records = db.audit_get_all(limit)
         return wsgi.json_response({"audit": [{
             "id": r.id, "at": _iso(r.created_at), "actor": r.actor, "request_id": r.request_id, "action": r.action,

@@ -1,4 +1,9 @@
-"""The provfw-api WSGI application: URL map -> AdminController."""
+"""The provfw-api WSGI application: URL map -> AdminController.
+
+Every route here has an ``Operation`` in ``provfw/api/schemas.py`` (what it takes and answers, and whether it
+is public); the Router refuses to start otherwise, and a test keeps this map and the published OpenAPI
+document in step.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,12 @@ from provfw.compute import api as compute_api
 def build_mapper() -> routes.Mapper:
     mapper = routes.Mapper()
 
-    def connect(path: str, action: str, method: str, public: bool = False) -> None:
-        mapper.connect(path, controller="admin", action=action, conditions={"method": [method]},
-                       **({"public": True} if public else {}))
+    def connect(path: str, action: str, method: str) -> None:
+        mapper.connect(path, controller="admin", action=action, conditions={"method": [method]})
 
-    connect("/", "versions", "GET", public=True)
-    connect("/healthz", "health", "GET", public=True)
+    connect("/", "versions", "GET")
+    connect("/healthz", "health", "GET")
+    connect("/v1/openapi.json", "openapi", "GET")
     connect("/v1/provider-fw-rules", "index", "GET")
     connect("/v1/provider-fw-rules", "create", "POST")
     connect("/v1/provider-fw-rules/import", "import_rules", "POST")
@@ -35,4 +40,5 @@ def build_mapper() -> routes.Mapper:
 def build_app(conf: cfg.ConfigOpts = provfw_conf.CONF, compute: compute_api.ComputeAPI | None = None):
     """The WSGI app; ``compute`` defaults to a ComputeAPI on ``conf.transport_url``."""
     controller = admin.AdminController(conf, compute or compute_api.ComputeAPI(conf))
-    return wsgi.Router(build_mapper(), {"admin": controller}, wsgi.token_authenticator)
+    return wsgi.Router(build_mapper(), {"admin": controller}, wsgi.token_authenticator,
+                       body_limits=lambda option: getattr(conf.api, option))

@@ -1,15 +1,23 @@
-"""WSGI plumbing for provfw-api (webob + routes): routing, JSON bodies,
-request ids, body limits, token authentication and error mapping.
+"""WSGI plumbing for provfw-api (webob + routes): routing, request validation
+against the contract (``provfw.api.schemas``), request ids, body limits, token
+authentication and error mapping.
 
 Every error leaves as ``{"error": {"code": N, "message": "..."}}``; a
 ``ProvfwError`` keeps its status and message, anything else becomes a 500
 that names the request id (the traceback goes to the log, never the client).
+
+Before a controller runs, the Router has authenticated the caller and checked
+the path parameters (404), the query string (400), the Content-Type (415), the
+body's size (413), encoding and schema (400); the controller reads the checked
+values with ``query()`` and ``body()``.  Nothing the client sends reaches a
+controller, and so the database, unchecked.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 import uuid
 from typing import Any, Callable
 
@@ -19,6 +27,7 @@ import webob.dec
 import webob.exc
 
 from provfw import exception
+from provfw.api import schemas
 from provfw.db import api as db
 
 LOG = logging.getLogger(__name__)
@@ -62,29 +71,124 @@ def read_body(request: webob.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise exception.BodyTooLarge(f"body: {length} bytes is larger than the limit of {limit} bytes")
-    data = request.body_file.read(limit + 1) if length is None else request.body
+    if length is None:
+        # A chunked body has no Content-Length; eventlet's input decodes the chunks and ends with the last
+        # one, but does not set wsgi.input_terminated, so webob's body_file would read it as empty.
+        chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        data = (request.environ["wsgi.input"] if chunked else request.body_file).read(limit + 1)
+    else:
+        data = request.body
     if len(data) > limit:
         raise exception.BodyTooLarge(f"body: larger than the limit of {limit} bytes")
     return data
 
 
-def json_body(request: webob.Request, limit: int) -> Any:
-    data = read_body(request, limit)
-    if not data.strip():
-        raise exception.InvalidInput("body", "a JSON object is required")
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise exception.InvalidInput(key, "is given more than once")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise exception.InvalidInput("body", f"is not valid JSON ({name} is not a JSON number)")
+
+
+def _check_unicode(value: Any) -> None:
+    """Refuse strings holding lone surrogates ("\\ud800" is valid JSON syntax but not Unicode text: no
+    database can store it, PostgreSQL and MariaDB refuse it at the driver)."""
+    stack: list[tuple[Any, str]] = [(value, "body")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise exception.InvalidInput(where, "contains a lone UTF-16 surrogate; text must be valid "
+                                                    "Unicode") from None
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                name = key if where == "body" else f"{where}.{key}"
+                stack.append((key, name))
+                stack.append((child, name))
+        elif isinstance(item, list):
+            stack.extend((child, f"{'' if where == 'body' else where}[{i}]") for i, child in enumerate(item))
+
+
+def decode_json(data: bytes) -> Any:
+    """Decode a request body as strict JSON: UTF-8, no NaN/Infinity, no duplicate fields, no lone surrogates.
+
+    Raises ``InvalidInput`` ("body: ..." or naming the field).
+    """
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise exception.InvalidInput("body", f"is not valid JSON ({exc})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise exception.InvalidInput("body", "is not UTF-8") from None
+    if not text.strip():
+        raise exception.InvalidInput("body", "is empty; a JSON value is required")
+    try:
+        value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_fields)
+    except RecursionError:
+        raise exception.InvalidInput("body", "is nested too deeply") from None
+    except ValueError as exc:   # also integers longer than Python's 4300-digit conversion limit
+        raise exception.InvalidInput("body", f"is not valid JSON ({str(exc)[:200]})") from None
+    _check_unicode(value)
+    return value
+
+
+QUERY_KEY = "provfw.query"
+BODY_KEY = "provfw.body"
+MEDIA_KEY = "provfw.media_type"
+MAX_QUERY_FIELDS = 64
+
+
+def query(request: webob.Request) -> dict[str, Any]:
+    """The query parameters the Router checked against the operation's schema, typed (integers as int)."""
+    return request.environ[QUERY_KEY]
+
+
+def body(request: webob.Request) -> Any:
+    """The body the Router decoded and checked: the JSON value, or the text of a text/plain body."""
+    return request.environ[BODY_KEY]
+
+
+def media_type(request: webob.Request) -> str | None:
+    """The media type of the body the Router accepted (``application/json`` or ``text/plain``)."""
+    return request.environ.get(MEDIA_KEY)
+
+
+def _path_text(request: webob.Request) -> str:
+    """The request path for messages and logs, whatever bytes it holds (PEP 3333 gives them as latin-1)."""
+    raw = request.environ.get("PATH_INFO", "")
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return repr(raw)
 
 
 class Router:
-    """Dispatches to ``controller.<action>(request, context, **url_args)`` through a routes.Mapper."""
+    """Dispatches to ``controller.<action>(request, context, **url_args)`` through a routes.Mapper.
 
-    def __init__(self, mapper: routes.Mapper, controllers: dict[str, Any], authenticate: Callable):
+    Every action the mapper routes to must have an ``Operation`` in ``operations`` (the contract); the
+    Router refuses to start otherwise.  ``body_limits(name)`` returns the byte limit an operation's
+    ``body_limit`` names (default: every body is limited to 64 KiB).
+    """
+
+    METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+    def __init__(self, mapper: routes.Mapper, controllers: dict[str, Any], authenticate: Callable,
+                 operations: dict[str, schemas.Operation] | None = None,
+                 body_limits: Callable[[str], int] | None = None):
         self.mapper = mapper
         self.controllers = controllers
         self.authenticate = authenticate
+        self.operations = schemas.OPERATIONS if operations is None else operations
+        self.body_limits = body_limits or (lambda name: 64 * 1024)
+        missing = sorted({route.defaults.get("action") for route in mapper.matchlist} - set(self.operations))
+        if missing:
+            raise exception.ConfigError(f"routes without an operation in the API contract: {missing}")
 
     @webob.dec.wsgify
     def __call__(self, request: webob.Request) -> webob.Response:
@@ -95,30 +199,94 @@ class Router:
             response = self._dispatch(request, request_id)
         except exception.ProvfwError as exc:
             if exc.code >= 500:
-                LOG.error("%s %s %s: %s", request_id, request.method, request.path, exc.message)
+                LOG.error("%s %s %s: %s", request_id, request.method, _path_text(request), exc.message)
             response = error_response(exc.code, exc.message)
+            if isinstance(exc, exception.MethodNotAllowed):
+                response.headers["Allow"] = ", ".join(exc.allowed)
         except Exception:  # noqa: BLE001 - never leak a traceback to the client
-            LOG.exception("%s %s %s failed", request_id, request.method, request.path)
+            LOG.exception("%s %s %s failed", request_id, request.method, _path_text(request))
             response = error_response(500, f"internal error; see the server log for request {request_id}")
         response.headers["X-Request-Id"] = request_id
         return response
 
+    def _allowed(self, environ: dict) -> list[str]:
+        return [method for method in self.METHODS
+                if self.mapper.match(environ={**environ, "REQUEST_METHOD": method}) is not None]
+
     def _dispatch(self, request: webob.Request, request_id: str) -> webob.Response:
         match = self.mapper.match(environ=request.environ)
         if match is None:
-            if self.mapper.match(request.path_info) is not None:
-                raise _MethodNotAllowed(f"{request.method} is not allowed on {request.path_info}")
-            raise exception.NotFound(f"no such resource: {request.path_info}")
+            allowed = self._allowed(request.environ)
+            if allowed:
+                raise exception.MethodNotAllowed(f"{request.method} is not allowed on {_path_text(request)}", allowed)
+            raise exception.NotFound(f"no such resource: {_path_text(request)}")
         match = dict(match)
         controller = self.controllers[match.pop("controller")]
         action = match.pop("action")
-        public = match.pop("public", False)
-        context = None if public else self.authenticate(request, request_id)
+        operation = self.operations[action]
+        context = None if operation.public else self.authenticate(request, request_id)
+        match.update(self._path_parameters(operation, match))
+        request.environ[QUERY_KEY] = self._query(operation, request)
+        if operation.body is not None:
+            media, value = self._body(operation, request)
+            request.environ[MEDIA_KEY] = media
+            request.environ[BODY_KEY] = value
         return getattr(controller, action)(request, context, **match)
 
+    @staticmethod
+    def _path_parameters(operation: schemas.Operation, match: dict[str, Any]) -> dict[str, Any]:
+        """Path parameters typed by their schema; one outside its schema names no resource: 404."""
+        values: dict[str, Any] = {}
+        for name, schema in operation.path_params.items():
+            raw = match.get(name, "")
+            try:
+                text = raw.encode("latin-1").decode("utf-8")
+                value = schemas.coerce_parameter(name, text, schema)
+                schemas.validate_parameters(operation.action, "path", {name: value})
+            except (UnicodeEncodeError, UnicodeDecodeError, exception.InvalidInput):
+                raise exception.NotFound(f"{name}: {raw[:40]!r} names no resource here") from None
+            values[name] = value
+        return values
 
-class _MethodNotAllowed(exception.ProvfwError):
-    code = 405
+    @staticmethod
+    def _query(operation: schemas.Operation, request: webob.Request) -> dict[str, Any]:
+        """The query string as the operation's parameters, typed and checked (400 naming the parameter)."""
+        raw = request.environ.get("QUERY_STRING", "")
+        try:
+            pairs = urllib.parse.parse_qsl(raw.encode("latin-1").decode("utf-8"), keep_blank_values=True,
+                                           encoding="utf-8", errors="strict", max_num_fields=MAX_QUERY_FIELDS)
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            raise exception.InvalidInput("query", "is not percent-encoded UTF-8") from None
+        except ValueError:
+            raise exception.InvalidInput("query", f"has more than {MAX_QUERY_FIELDS} parameters") from None
+        values: dict[str, Any] = {}
+        for name, text in pairs:
+            if name in values:
+                raise exception.InvalidInput(name[:40], "is given more than once")
+            schema = operation.query.get(name)
+            values[name] = text if schema is None else schemas.coerce_parameter(name, text, schema)
+        return schemas.validate_parameters(operation.action, "query", values)
+
+    def _body(self, operation: schemas.Operation, request: webob.Request) -> tuple[str, Any]:
+        """The body, checked: 415 for a media type the operation does not take, 413 past the limit, 400 for
+        bytes that are not UTF-8 (or JSON) or a value outside the schema."""
+        assert operation.body is not None
+        media = (request.content_type or "").lower()
+        charset = (request.headers.get("Content-Type", "").lower().partition("charset=")[2].split(";")[0]
+                   .strip().strip('"'))
+        accepted = ", ".join(operation.body)
+        if media not in operation.body:
+            shown = media[:60] or "missing"
+            raise exception.UnsupportedMediaType(f"Content-Type: {shown}; this operation takes {accepted}")
+        if charset not in ("", "utf-8", "utf8"):
+            raise exception.UnsupportedMediaType(f"Content-Type: charset {charset[:20]!r}; only utf-8 is accepted")
+        data = read_body(request, self.body_limits(operation.body_limit))
+        if media == schemas.JSON:
+            return media, schemas.validate(operation.body[media], decode_json(data))
+        try:
+            return media, data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise exception.InvalidInput("body", "is not UTF-8 text") from None
 
 
 def token_authenticator(request: webob.Request, request_id: str) -> Context:

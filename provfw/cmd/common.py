@@ -31,5 +31,10 @@ def prepare(argv=None, database: bool = True) -> None:
     provfw_conf.parse_args(argv)
     setup_logging()
     if database:
+        import eventlet.patcher
+
+        if eventlet.patcher.is_monkey_patched("socket"):
+            from provfw.cmd import eventlet_patch
+            eventlet_patch.green_database()
         from provfw.db import api as db
         db.configure(provfw_conf.database_url(), CONF.database.pool_size)

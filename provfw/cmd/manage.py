@@ -132,7 +132,7 @@ def run(args) -> int:
     if args.category == "nwfilter":
         import libvirt
 
-        from provfw.virt import nwfilter
+        from provfw.virt.firewall import nwfilter
         conn = libvirt.open(CONF.libvirt.uri)
         try:
             changed = nwfilter.ensure_filter_refs(conn, CONF.libvirt.instance_filter_pattern,
@@ -145,10 +145,16 @@ def run(args) -> int:
         return 0
     if args.category == "dataplane":
         from provfw.virt import driver as virt_driver
+        from provfw.virt.firewall import RuleUpdate
         compute = virt_driver.load_compute_driver(CONF)
         try:
             if args.action == "apply":
-                print(compute.refresh_provider_fw_rules(full=True))
+                # provfw-manage has database access (a worker has not): read the live rules directly.
+                snapshot = db.provider_fw_snapshot()
+                applied = compute.refresh_provider_fw_rules(RuleUpdate.rebuild([s for s, _ in snapshot.rules]))
+                print(json.dumps({"generation": snapshot.generation, "rules": len(snapshot.rules),
+                                  "changed": applied.changed, "mode": applied.mode,
+                                  "seconds": round(applied.seconds, 3)}))
             else:
                 compute.firewall_driver.teardown()
                 print("removed")

@@ -41,6 +41,8 @@ def parse_rules_reply(payload: Any) -> Snapshot | Changes:
     ``{"kind": "delta", "since": M, "generation": N, "added": [rule...], "removed": [rule...]}``
     with rules in ``Rule``'s wire form.
     """
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        raise exception.ProvfwError(f"the conductor could not answer: {payload['error']}")
     if not isinstance(payload, dict) or not isinstance(payload.get("generation"), int):
         raise exception.ProvfwError(f"conductor reply without a generation: {str(payload)[:200]}")
     kind = payload.get("kind")

@@ -99,7 +99,11 @@ class ConductorManager:
                             incoming.user_id, args)
                 return {"error": "since_generation and min_generation must be integers or null"}
             self.stats["requests"] += 1
-            return self.get_provider_fw_rules(since, minimum)
+            try:
+                return self.get_provider_fw_rules(since, minimum)
+            except Exception as exc:  # noqa: BLE001 - answer at once rather than let the worker time out
+                LOG.exception("get_provider_fw_rules(since=%s) failed", since)
+                return {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         if incoming.method == "report_provider_fw_state":
             host = self.identify(args.get("host"), incoming.user_id)
             if host is not None:

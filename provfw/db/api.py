@@ -61,7 +61,7 @@ def provider_fw_rules_sync(source, specs, **options):
 
 
 def provider_fw_rule_get(rule_id):
-    """The live rule ``rule_id``; RuleNotFound otherwise."""
+    """The live, unexpired rule ``rule_id``; RuleNotFound otherwise (also for ids no row can have)."""
     return IMPL.provider_fw_rule_get(rule_id)
 
 
@@ -71,7 +71,7 @@ def provider_fw_rule_get_many(rule_ids):
 
 
 def provider_fw_rule_get_all(cidr=None, protocol=None, limit=None, marker=None, source=None):
-    """Live rules ordered by id, optionally filtered (``source``: rules that source wants) and paginated
+    """Live, unexpired rules ordered by id, optionally filtered (``source``: rules that source wants) and paginated
     (marker = last id seen)."""
     return IMPL.provider_fw_rule_get_all(cidr, protocol, limit, marker, source)
 
@@ -93,18 +93,18 @@ def provider_fw_source_counts():
 
 
 def provider_fw_rule_get_all_by_cidr(cidr):
-    """Live rules whose normalised CIDR equals ``cidr``."""
+    """Live, unexpired rules whose normalised CIDR equals ``cidr``."""
     return IMPL.provider_fw_rule_get_all_by_cidr(cidr)
 
 
 def provider_fw_rule_destroy(rule_id, audit=None, source=None):
-    """Delete one live rule (with ``source``: only that source's wish; the rule stays while another source
+    """Delete one live, unexpired rule (with ``source``: only that source's wish; the rule stays while another source
     wants it); return Changes.  RuleNotFound if it is not live, NotFound if it lacks ``source``."""
     return IMPL.provider_fw_rule_destroy(rule_id, audit, source)
 
 
 def provider_fw_rule_destroy_by_cidr(cidr, audit=None, source=None):
-    """Delete every live rule of ``cidr`` (with ``source``: that source's wishes); return Changes.
+    """Delete every live, unexpired rule of ``cidr`` (with ``source``: that source's wishes); return Changes.
     NotFound when none."""
     return IMPL.provider_fw_rule_destroy_by_cidr(cidr, audit, source)
 
@@ -116,7 +116,7 @@ def provider_fw_rule_purge_expired(now=None, older_than=None, audit=None):
 
 
 def provider_fw_distinct_cidrs():
-    """[(cidr, live rule count)] for every blocked CIDR."""
+    """[(cidr, count of live, unexpired rules)] for every CIDR that has one."""
     return IMPL.provider_fw_distinct_cidrs()
 
 
@@ -216,13 +216,20 @@ def service_destroy(host, binary="provfw-compute"):
 
 # Tokens and audit ----------------------------------------------------------
 
-def api_token_create(name, role):
-    """Create an API token; return the secret, which is not stored."""
-    return IMPL.api_token_create(name, role)
+def new_token_secret():
+    """A fresh API token secret (not stored anywhere yet)."""
+    return IMPL.new_token_secret()
 
 
-def api_token_get_by_secret(secret):
-    return IMPL.api_token_get_by_secret(secret)
+def api_token_create(name, role, secret=None):
+    """Create an API token; return the secret, which is not stored (only its hash).  With ``secret`` (from
+    ``new_token_secret``) store that one instead of a new one.  Conflict if ``name`` is taken."""
+    return IMPL.api_token_create(name, role, secret)
+
+
+def api_token_get_by_secret(secret, include_revoked=False):
+    """The active token with this secret, or None; ``include_revoked`` finds revoked ones too."""
+    return IMPL.api_token_get_by_secret(secret, include_revoked)
 
 
 def api_token_get_all():

@@ -22,14 +22,6 @@ from provfw import conf as provfw_conf
 from provfw.rules import RuleSpec
 from provfw.virt.firewall import base
 
-COMPUTE_DRIVER_ALIASES = {
-    "libvirt": "provfw.virt.libvirt_conn.LibvirtConnection",
-    "LibvirtConnection": "provfw.virt.libvirt_conn.LibvirtConnection",
-    "fake": "provfw.virt.fake.FakeConnection",
-    "FakeConnection": "provfw.virt.fake.FakeConnection",
-}
-
-
 class ComputeDriver:
     """Interface of compute drivers; every provider-firewall call raises NotImplementedError here."""
 

@@ -92,9 +92,9 @@ class LibvirtConnection(driver.ComputeDriver):
         self.firewall_driver = firewall_driver or firewall.load_firewall_driver(conf, **self._firewall_kwargs())
 
     def _firewall_kwargs(self) -> dict:
-        name = self.conf.compute.firewall_driver
-        path = firewall.FIREWALL_DRIVER_ALIASES.get(name, name)
-        if path.endswith("NWFilterFirewall"):
+        cls = firewall.driver_class(self.conf.compute.firewall_driver)
+        if getattr(cls, "uses_libvirt", False):
+            # One connection per host: the firewall driver borrows ours.
             return {"get_connection": self.get_connection}
         return {}
 

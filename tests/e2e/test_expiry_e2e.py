@@ -11,7 +11,7 @@ import time
 import pytest
 
 from provfw import rules
-from provfw.virt import sets
+from provfw.virt.firewall import ipset, sets
 from tests.lib import deployment as deploy
 from tests.lib import netns, services
 
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.e2e
 
 
 def ipset_holds(ns: str, spec: rules.RuleSpec) -> bool:
-    name = sets.ipset_name(sets.match_key(spec))
-    return subprocess.run(["ip", "netns", "exec", ns, "ipset", "test", name, sets.ipset_member(spec.cidr)],
+    name = ipset.DRIVER_SETS.name(sets.match_key(spec))
+    return subprocess.run(["ip", "netns", "exec", ns, "ipset", "test", name, ipset.member(spec.cidr)],
                           capture_output=True).returncode == 0
 
 

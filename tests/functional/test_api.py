@@ -3,15 +3,18 @@ with casts going over kombu's in-process transport to a real consumer."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import queue
 import secrets
 import threading
+import urllib.parse
 
 import pytest
 import webob
 
-from provfw.api import router
+from provfw import rules
+from provfw.api import router, schemas
 from provfw.compute import api as compute_api
 from provfw.compute import rpc
 from provfw.db import api as db
@@ -265,3 +268,238 @@ def test_an_unexpected_error_is_a_json_500_without_traceback(api, monkeypatch):
     assert response.status_int == 500
     assert "secret internals" not in response.text and "Traceback" not in response.text
     assert response.headers["X-Request-Id"] in response.json["error"]["message"]
+
+
+# --------------------------------------------------------------------------- the contract's edges (issue 8)
+# Each kind of input a new user found crashing or fooling the API, on SQLite, PostgreSQL and MariaDB alike.
+
+NOT_PLAIN_NETWORKS = [
+    "fe80::1%eth0",             # an IPv6 scope id: ipaddress keeps it in the CIDR, ip6tables-restore refuses it
+    "fe80::1%eth0/64",
+    "fe80::1%25eth0",
+    "198.51.100.0/255.255.255.0",   # netmask and hostmask forms
+    "198.51.100.0/0.0.0.255",
+    "198.51.100.0/024",         # a zero-padded prefix
+    " 198.51.100.7",            # whitespace in a JSON field
+    "198.51.100.7\n",
+    "١٩٨.51.100.7",             # Arabic-Indic digits: Python's \d and int() accept them
+    "198.51.100.7/32/32",
+    "x" * 5000,
+]
+
+
+@pytest.mark.parametrize("cidr", NOT_PLAIN_NETWORKS, ids=range(len(NOT_PLAIN_NETWORKS)))
+def test_anything_but_a_plain_network_is_refused_naming_cidr_everywhere_a_cidr_is_taken(api, cidr):
+    before = _table_state()
+    for path in ("/v1/provider-fw-rules", "/v1/block-external-addresses", "/v1/remove-external-address-block"):
+        response = api.call("POST", path, {"cidr": cidr})
+        assert response.status_int == 400, (path, response.text)
+        assert response.json["error"]["message"].startswith("cidr: ")
+    listing = api.call("GET", "/v1/provider-fw-rules?" + urllib.parse.urlencode({"cidr": cidr}))
+    assert listing.status_int == 400 and listing.json["error"]["message"].startswith("cidr: ")
+    if cidr.strip() == cidr:    # an import entry, like a line of text, may carry surrounding whitespace
+        imported = api.call("POST", "/v1/provider-fw-rules/import", {"cidrs": [cidr]})
+        assert imported.status_int == 200 and imported.json["refused"] == 1, imported.text
+    assert _table_state() == before
+
+
+def test_a_text_import_refuses_a_scope_id_line_and_adds_the_rest(api):
+    response = api.call("POST", "/v1/provider-fw-rules/import", raw=b"fe80::1%eth0\n2001:db8::1\n",
+                        content_type="text/plain")
+    assert response.status_int == 201
+    assert (response.json["added"], response.json["refused"]) == (1, 1)
+    assert response.json["refused_lines"][0]["line"] == 1
+    assert [r.cidr for r in db.provider_fw_rule_get_all()] == ["2001:db8::1/128"]
+
+
+TEXT_THAT_IS_NOT_STORABLE = [
+    ("NUL", b'"a\\u0000b"'),
+    ("lone high surrogate", b'"\\ud800"'),
+    ("lone low surrogate", b'"x\\udfffy"'),
+    ("escape", b'"\\u001b[2J"'),
+    ("newline", b'"two\\nlines"'),
+    ("C1 control", b'"\\u009b31m"'),
+    ("DEL", b'"\\u007f"'),
+]
+
+
+@pytest.mark.parametrize("name,literal", TEXT_THAT_IS_NOT_STORABLE, ids=[t[0] for t in TEXT_THAT_IS_NOT_STORABLE])
+def test_a_description_no_database_can_store_or_no_terminal_should_print_is_refused(api, name, literal):
+    before = _table_state()
+    for path in ("/v1/provider-fw-rules", "/v1/block-external-addresses"):
+        response = api.call("POST", path, raw=b'{"cidr": "198.51.100.7", "description": ' + literal + b"}")
+        assert response.status_int == 400, response.text
+        assert response.json["error"]["message"].startswith("description: ")
+    assert _table_state() == before
+
+
+def test_a_description_of_any_printable_unicode_up_to_the_limit_is_stored_as_given(api):
+    description = ("é€😀" * 100)[:255]
+    response = api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.7", "description": description})
+    assert response.status_int == 201, response.text
+    assert api.call("GET", f"/v1/provider-fw-rules/{response.json['rule']['id']}").json["rule"]["description"] \
+        == description
+
+
+@pytest.mark.parametrize("query", ["description=x%00y", "description=%ED%A0%80", "description=%FF",
+                                   "description=" + "x" * 256, "protocol=tcp&protocol=udp", "colour=red",
+                                   "from_port=99999999999999999999999", "ttl=1.5", "ttl=", "from_port=%D9%A1"])
+def test_a_bad_import_query_string_is_a_400_naming_the_parameter(api, query):
+    before = _table_state()
+    response = api.call("POST", "/v1/provider-fw-rules/import?" + query, raw=b"198.51.100.7\n",
+                        content_type="text/plain")
+    assert response.status_int == 400, response.text
+    name = query.split("=", 1)[0].split("&")[0]
+    assert response.json["error"]["message"].startswith((name + ":", "query:")), response.text
+    assert _table_state() == before
+
+
+@pytest.mark.parametrize("rule_id", ["99999999999999999999999", str(2**63), "0", "-1", "1.0", "1e3", "%D9%A1",
+                                     "%FF", "%00", "abc"])
+def test_an_id_no_rule_can_have_is_a_404_on_every_database(api, rule_id):
+    assert api.call("GET", f"/v1/provider-fw-rules/{rule_id}").status_int == 404
+    assert api.call("DELETE", f"/v1/provider-fw-rules/{rule_id}").status_int == 404
+
+
+@pytest.mark.parametrize("query", ["marker=99999999999999999999999", f"marker={2**63}", "marker=-1", "limit=0",
+                                   "limit=10001", "limit=1.0", "limit=", "marker=", "limit=1&limit=2", "page=2",
+                                   "protocol=TCP", "cidr=%FF"])
+def test_a_bad_list_query_is_a_400_naming_the_parameter(api, query):
+    response = api.call("GET", "/v1/provider-fw-rules?" + query)
+    assert response.status_int == 400, response.text
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"cidr": "198.51.100.7", "expires": "2026-12-01T00:00:00Z"}, "expires"),     # a misspelt expires_at
+    ({"cidr": "198.51.100.7", "port": 22}, "port"),
+    ({"cidr": "198.51.100.7", "Protocol": "tcp"}, "Protocol"),
+])
+def test_an_unknown_field_is_refused_naming_it_rather_than_ignored(api, body, field):
+    before = _table_state()
+    response = api.call("POST", "/v1/provider-fw-rules", body)
+    assert response.status_int == 400
+    assert response.json["error"]["message"].startswith(f"{field}: unknown field")
+    assert _table_state() == before
+
+
+def _in(seconds: float) -> str:
+    return (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)).isoformat()
+
+
+@pytest.mark.parametrize("expires_at,fragment", [
+    ("9999-12-31T23:59:59Z", "ten years"),
+    (_in(rules.MAX_LIFETIME + 3600), "ten years"),
+    ("2026-12-01T00:00:00", "offset"),                 # zone-less: RFC 3339 requires the offset
+    ("2026-12-01 00:00:00Z", "RFC 3339"),
+    ("20261201T000000Z", "RFC 3339"),
+    ("0001-01-01T00:00:00+14:00", "not a valid date-time"),   # before year 1 in UTC: no OverflowError
+    ("9999-12-31T23:59:59-14:00", "not a valid date-time"),   # after year 9999 in UTC
+    ("2026-02-30T00:00:00Z", "not a valid date-time"),
+    ("2026-12-01T00:00:60Z", "not a valid date-time"),        # leap seconds are not representable
+])
+def test_expires_at_is_an_rfc3339_time_at_most_ten_years_ahead_like_ttl(api, expires_at, fragment):
+    response = api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.7", "expires_at": expires_at})
+    assert response.status_int == 400, response.text
+    assert response.json["error"]["message"].startswith("expires_at: ")
+    assert fragment in response.json["error"]["message"]
+
+
+def test_expires_at_in_any_offset_is_stored_as_the_same_instant_in_utc(api):
+    response = api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.7",
+                                                          "expires_at": "2031-06-01T02:30:00.123456789+02:30"})
+    assert response.status_int == 201, response.text
+    assert response.json["rule"]["expires_at"] == "2031-06-01T00:00:00.123456Z"
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"cidr": "198.51.100.7", "ttl": 1.5}, "ttl"),
+    ({"cidr": "198.51.100.7", "ttl": "60"}, "ttl"),
+    ({"cidr": "198.51.100.7", "ttl": rules.MAX_LIFETIME + 1}, "ttl"),
+    ({"cidr": "198.51.100.7", "ttl": 1e400}, "ttl"),
+    ({"cidr": "198.51.100.7", "protocol": "tcp", "from_port": 22.5}, "from_port"),
+    ({"cidr": "198.51.100.7", "protocol": "tcp", "from_port": "22"}, "from_port"),
+    ({"cidr": "198.51.100.7", "protocol": "tcp", "from_port": 2**64}, "from_port"),
+    ({"cidr": "198.51.100.7", "protocol": "tcp", "to_port": -2**63 - 1}, "to_port"),
+    ({"cidr": "198.51.100.7", "protocol": "tcp", "from_port": True}, "from_port"),
+    ({"cidr": "198.51.100.7", "protocol": ["tcp"]}, "protocol"),
+    ({"cidr": "198.51.100.7", "description": 42}, "description"),
+    ({"cidr": ["198.51.100.7"]}, "cidr"),
+    ({"cidr": None}, "cidr"),
+    ({"cidr": "198.51.100.7", "ttl": 60, "expires_at": _in(3600)}, "ttl"),
+])
+def test_a_value_of_the_wrong_type_or_range_is_a_400_naming_the_field(api, body, field):
+    before = _table_state()
+    response = api.call("POST", "/v1/provider-fw-rules", raw=json.dumps(body).replace("Infinity", "1e400").encode())
+    assert response.status_int == 400, response.text
+    assert response.json["error"]["message"].startswith(f"{field}: "), response.text
+    assert _table_state() == before
+
+
+def test_an_integer_written_with_a_zero_fraction_is_that_integer(api):
+    # JSON Schema: 22.0 is the integer 22.
+    raw = b'{"cidr": "198.51.100.7", "protocol": "tcp", "from_port": 22.0, "ttl": 60.0}'
+    response = api.call("POST", "/v1/provider-fw-rules", raw=raw)
+    assert response.status_int == 201, response.text
+    assert response.json["rule"]["from_port"] == 22
+
+
+@pytest.mark.parametrize("raw,content_type,status", [
+    (b"", "application/json", 400),
+    (b"   ", "application/json", 400),
+    (b"", None, 415),
+    (b'{"cidr": "198.51.100.7"}', None, 415),
+    (b'{"cidr": "198.51.100.7"}', "text/plain", 415),
+    (b'{"cidr": "198.51.100.7"}', "application/x-www-form-urlencoded", 415),
+    (b'{"cidr": "198.51.100.7"}', "application/json; charset=latin-1", 415),
+    (b'{"cidr": "198.51.100.7", "ttl": NaN}', "application/json", 400),
+    (b'{"cidr": "198.51.100.7", "ttl": Infinity}', "application/json", 400),
+    (b'{"cidr": "198.51.100.7", "cidr": "203.0.113.9"}', "application/json", 400),
+    (b"[" * 30000 + b"]" * 30000, "application/json", 400),
+    (b'{"cidr": "198.51.100.7", "from_port": ' + b"9" * 5000 + b"}", "application/json", 400),
+    (b'{"cidr": "198.51.100.7"', "application/json", 400),
+    (b'\xff{"cidr": "198.51.100.7"}', "application/json", 400),
+    (b'"198.51.100.7"', "application/json", 400),
+    (b"null", "application/json", 400),
+])
+def test_an_empty_malformed_or_mistyped_body_is_a_4xx_and_changes_nothing(api, raw, content_type, status):
+    before = _table_state()
+    request = webob.Request.blank("/v1/provider-fw-rules", method="POST")
+    request.headers["X-Auth-Token"] = api.admin
+    request.body = raw
+    if content_type is None:
+        request.environ.pop("CONTENT_TYPE", None)
+    else:
+        request.headers["Content-Type"] = content_type
+    response = request.get_response(api.app)
+    assert response.status_int == status, response.text
+    assert response.json["error"]["code"] == status
+    assert _table_state() == before
+
+
+def test_a_wrong_method_is_a_405_that_says_which_methods_are_allowed(api):
+    response = api.call("PUT", "/v1/provider-fw-rules/1")
+    assert response.status_int == 405
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "DELETE"}
+
+
+def test_an_expired_rule_leaves_every_listing_at_its_expiry_before_any_purge(api):
+    past = db.provider_fw_rule_create(rules.make_spec("198.51.100.7"), expires_at=_naive(-1))[0]
+    live = db.provider_fw_rule_create(rules.make_spec("198.51.100.8"), expires_at=_naive(3600))[0]
+    assert [r["id"] for r in api.call("GET", "/v1/provider-fw-rules").json["rules"]] == [live.id]
+    assert api.call("GET", "/v1/provider-fw-rules?cidr=198.51.100.7/32").json["rules"] == []
+    assert api.call("GET", f"/v1/provider-fw-rules/{past.id}").status_int == 404
+    assert api.call("DELETE", f"/v1/provider-fw-rules/{past.id}").status_int == 404
+    assert api.call("GET", "/v1/external-address-blocks").json["blocks"] == [{"cidr": "198.51.100.8/32", "rules": 1}]
+    assert api.call("POST", "/v1/remove-external-address-block", {"cidr": "198.51.100.7"}).status_int == 404
+    # The same rule can be created again at once (the expired row is retired in the same transaction).
+    assert api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.7"}).status_int == 201
+
+
+def _naive(seconds: float) -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) + datetime.timedelta(seconds=seconds)
+
+
+def test_the_openapi_document_is_public_and_is_the_contract_the_router_enforces(api):
+    response = api.call("GET", "/v1/openapi.json", token=None)
+    assert response.status_int == 200 and response.content_type == "application/json"
+    assert response.json == schemas.openapi_document()

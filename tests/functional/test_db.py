@@ -263,6 +263,34 @@ def test_expired_live_copy_is_replaced_by_a_new_create(any_db):
     assert [r.spec for r in db.provider_fw_changes_since(gen - 1).removed] == [A]
 
 
+def test_an_expired_rule_is_out_of_every_read_and_delete_before_the_purge_retires_it(any_db):
+    expired, _ = db.provider_fw_rule_create(A, expires_at=now() - datetime.timedelta(seconds=1))
+    db.provider_fw_rule_create(make_spec("203.0.113.5", "tcp"), expires_at=now() - datetime.timedelta(seconds=1))
+    live, _ = db.provider_fw_rule_create(B, expires_at=now() + datetime.timedelta(hours=1))
+    assert [r.id for r in db.provider_fw_rule_get_all()] == [live.id]
+    assert db.provider_fw_rule_get_all_by_cidr(A.cidr) == []
+    assert db.provider_fw_distinct_cidrs() == [(B.cidr, 1)]
+    with pytest.raises(exception.RuleNotFound):
+        db.provider_fw_rule_get(expired.id)
+    before = generation()
+    with pytest.raises(exception.RuleNotFound):
+        db.provider_fw_rule_destroy(expired.id)
+    with pytest.raises(exception.NotFound):
+        db.provider_fw_rule_destroy_by_cidr(A.cidr)
+    assert generation() == before                        # nothing changed
+    assert len(db.provider_fw_rule_purge_expired().removed) == 2   # the purge still retires both rows
+
+
+@pytest.mark.parametrize("rule_id", [0, -1, 2**63, 10**23, True])
+def test_an_id_no_row_can_have_is_not_found_on_every_database(any_db, rule_id):
+    # SQLite raised OverflowError binding 10**23; PostgreSQL and MariaDB found nothing.
+    with pytest.raises(exception.RuleNotFound):
+        db.provider_fw_rule_get(rule_id)
+    with pytest.raises(exception.RuleNotFound):
+        db.provider_fw_rule_destroy(rule_id)
+    assert db.provider_fw_rule_get_all(marker=10**23) == []
+
+
 # --------------------------------------------------------------------------- concurrency
 
 def test_twenty_concurrent_identical_creates_make_exactly_one_rule(any_db):

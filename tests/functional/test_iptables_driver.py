@@ -3,7 +3,9 @@
 One RoutedTopology (attacker -- hypervisor -- instance) serves the module; the
 driver manages the hypervisor namespace's FORWARD chain through a real Runner,
 with both iptables flavours: the host default (nft) and ``backend = legacy``.
-Each test starts from an empty filter table and leaves one behind.
+Rules are handed over as RuleUpdate values (``tests.lib.applied.AppliedRules``
+keeps what the worker's reconciler would keep); no database.  Each test
+starts from an empty filter table and leaves one behind.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import pytest
 
 from provfw import exception, runner as runner_mod
-from provfw.db import api as db
-from provfw.rules import make_spec
-from provfw.virt import firewall, iptables
+from provfw.rules import RuleSpec, make_spec
+from provfw.virt.firewall import iptables
+from provfw.virt.firewall.iptables import IptablesFirewallDriver
 from tests.lib import services
+from tests.lib.applied import AppliedRules
 from tests.lib.fake_iptables import FakeIptables
 from tests.lib.netns import RoutedTopology, netns_exec
 
@@ -67,7 +70,8 @@ class Dataplane:
         conf.set_override("dataplane_netns", topo.hv, group="compute")
         conf.set_override("backend", backend, group="iptables")
         self.runner = RecordingRunner(topo.hv)
-        self.driver = firewall.IptablesFirewallDriver(conf, runner=self.runner)
+        self.driver = IptablesFirewallDriver(conf, runner=self.runner)
+        self.rules = AppliedRules(self.driver)
 
     def other_process(self, version: int, *args: str) -> None:
         """Run an iptables command in the hypervisor, as some other program would."""
@@ -93,7 +97,7 @@ class Dataplane:
 
 
 @pytest.fixture(params=BACKENDS)
-def dataplane(request, topology, conf, sqlite_db):
+def dataplane(request, topology, conf):
     plane = Dataplane(topology, conf, request.param)
     plane.reset()
     assert plane.reachable(ATTACKER4, INSTANCE4) and plane.reachable(ATTACKER6, INSTANCE6)
@@ -102,7 +106,7 @@ def dataplane(request, topology, conf, sqlite_db):
 
 
 @pytest.fixture
-def default_dataplane(topology, conf, sqlite_db):
+def default_dataplane(topology, conf):
     plane = Dataplane(topology, conf, "auto")
     plane.reset()
     yield plane
@@ -114,21 +118,18 @@ def default_dataplane(topology, conf, sqlite_db):
 @pytest.mark.parametrize("attacker, other, instance", [(ATTACKER4, OTHER4, INSTANCE4),
                                                        (ATTACKER6, OTHER6, INSTANCE6)], ids=["ipv4", "ipv6"])
 def test_block_stops_one_address_and_unblock_lets_it_through_again(dataplane, attacker, other, instance):
-    rule, _ = db.provider_fw_rule_create(make_spec(attacker))
-    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.rules.block(make_spec(attacker))
     assert dataplane.blocked(attacker, instance)
     assert dataplane.reachable(other, instance)
 
-    db.provider_fw_rule_destroy(rule.id)
-    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.rules.unblock(make_spec(attacker))
     assert dataplane.reachable(attacker, instance)
 
 
 @pytest.mark.parametrize("attacker, instance", [(ATTACKER4, INSTANCE4), (ATTACKER6, INSTANCE6)],
                          ids=["ipv4", "ipv6"])
 def test_tcp_rule_for_8080_blocks_tcp_but_not_ping(default_dataplane, attacker, instance):
-    db.provider_fw_rule_create(make_spec(attacker, "tcp", 8080))
-    default_dataplane.driver.refresh_provider_fw_rules()
+    default_dataplane.rules.block(make_spec(attacker, "tcp", 8080))
     assert not default_dataplane.topo.can_connect(attacker, instance, timeout=PROBE_TIMEOUT)
     assert default_dataplane.topo.can_ping(attacker, instance)
 
@@ -136,15 +137,13 @@ def test_tcp_rule_for_8080_blocks_tcp_but_not_ping(default_dataplane, attacker, 
 @pytest.mark.parametrize("attacker, instance, echo_request", [(ATTACKER4, INSTANCE4, 8), (ATTACKER6, INSTANCE6, 128)],
                          ids=["icmp", "icmpv6"])
 def test_icmp_type_rule_blocks_ping_but_not_tcp(default_dataplane, attacker, instance, echo_request):
-    db.provider_fw_rule_create(make_spec(attacker, "icmp", echo_request))
-    default_dataplane.driver.refresh_provider_fw_rules()
+    default_dataplane.rules.block(make_spec(attacker, "icmp", echo_request))
     assert not default_dataplane.topo.can_ping(attacker, instance, timeout=PROBE_TIMEOUT)
     assert default_dataplane.topo.can_connect(attacker, instance)
 
 
 def test_rule_for_a_network_blocks_every_address_in_it(default_dataplane):
-    db.provider_fw_rule_create(make_spec("198.18.1.0/30"))      # .2 and .3 (host bits cleared)
-    default_dataplane.driver.refresh_provider_fw_rules()
+    default_dataplane.rules.block(make_spec("198.18.1.0/30"))      # .2 and .3 (host bits cleared)
     assert not default_dataplane.topo.can_connect(ATTACKER4, INSTANCE4, timeout=PROBE_TIMEOUT)
     assert not default_dataplane.topo.can_connect(OTHER4, INSTANCE4, timeout=PROBE_TIMEOUT)
     assert default_dataplane.reachable(ATTACKER6, INSTANCE6)    # another family is another rule
@@ -153,35 +152,32 @@ def test_rule_for_a_network_blocks_every_address_in_it(default_dataplane):
 # --------------------------------------------------------------------------- cost and drift
 
 def test_second_apply_with_no_change_runs_no_restore(dataplane):
-    db.provider_fw_rule_create(make_spec(ATTACKER4))
-    db.provider_fw_rule_create(make_spec(ATTACKER6, "tcp", 8080))
-    first = dataplane.driver.refresh_provider_fw_rules()
+    first = dataplane.rules.block(make_spec(ATTACKER4), make_spec(ATTACKER6, "tcp", 8080))
     assert first.changed and len(dataplane.runner.restores()) == 2
     dataplane.runner.commands.clear()
+    assert dataplane.rules.apply().mode == "none" and dataplane.runner.commands == []
 
-    second = dataplane.driver.refresh_provider_fw_rules()
-    assert second.changed is False and dataplane.driver.repair_drift() is False
+    second = dataplane.rules.repair()
+    assert second.changed is False
     assert dataplane.runner.restores() == []
     assert {c[0] for c in dataplane.runner.commands} == {f"{t}-save" for t in tools(dataplane.backend)}
 
 
 def test_after_another_process_flushes_the_provider_chain_repair_restores_it(dataplane):
-    db.provider_fw_rule_create(make_spec(ATTACKER4))
-    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.rules.block(make_spec(ATTACKER4))
     dataplane.other_process(4, "-F", "nova-provider")
     assert dataplane.reachable(ATTACKER4, INSTANCE4)              # the drift really opened a hole
-    assert dataplane.driver.repair_drift() is True
+    assert dataplane.rules.repair().changed is True
     assert dataplane.blocked(ATTACKER4, INSTANCE4)
-    assert dataplane.driver.repair_drift() is False
+    assert dataplane.rules.repair().changed is False
 
 
 def test_after_another_process_deletes_the_forward_jump_repair_restores_it(dataplane):
-    db.provider_fw_rule_create(make_spec(ATTACKER6))
-    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.rules.block(make_spec(ATTACKER6))
     dataplane.other_process(6, "-D", "FORWARD", "1")
     dataplane.other_process(6, "-I", "FORWARD", "1", "-p", "udp", "-j", "ACCEPT")
     assert dataplane.reachable(ATTACKER6, INSTANCE6)
-    assert dataplane.driver.repair_drift() is True
+    assert dataplane.rules.repair().changed is True
     assert dataplane.blocked(ATTACKER6, INSTANCE6)
     forward = dataplane.state(6).rules["FORWARD"]
     assert iptables.comment_of(forward[0]) == "provfw:jump" and len(forward) == 2
@@ -193,14 +189,11 @@ def test_nova_local_contents_survive_applies(dataplane):
     dataplane.other_process(4, "-A", "nova-local", "-s", OTHER4, "-p", "tcp", "--dport", "8080",
                             "-j", "REJECT", "--reject-with", "tcp-reset")
     before = dataplane.state(4).rules["nova-local"]
-    rule, _ = db.provider_fw_rule_create(make_spec(ATTACKER4))
-    dataplane.driver.refresh_provider_fw_rules()
-    db.provider_fw_rule_create(make_spec("192.0.2.0/24", "udp", 53))
-    dataplane.driver.refresh_provider_fw_rules()
-    db.provider_fw_rule_destroy(rule.id)
-    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.rules.block(make_spec(ATTACKER4))
+    dataplane.rules.block(make_spec("192.0.2.0/24", "udp", 53))
+    dataplane.rules.unblock(make_spec(ATTACKER4))
     dataplane.other_process(4, "-F", "nova-provider")
-    dataplane.driver.repair_drift()
+    dataplane.rules.repair()
 
     assert dataplane.state(4).rules["nova-local"] == before
     assert not dataplane.topo.can_connect(OTHER4, INSTANCE4, timeout=PROBE_TIMEOUT)   # nova-local still decides
@@ -208,22 +201,21 @@ def test_nova_local_contents_survive_applies(dataplane):
     assert dataplane.reachable(ATTACKER4, INSTANCE4)
 
 
+def without_comments(text):      # iptables-save stamps the time in its comment lines
+    return [line for line in text.splitlines() if not line.startswith("#")]
+
+
 def test_refused_transaction_changes_nothing_and_the_old_block_holds(dataplane):
-    db.provider_fw_rule_create(make_spec(ATTACKER4))
-    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.rules.block(make_spec(ATTACKER4))
     saved = dataplane.save(4)
 
     # A second writer whose transaction is refused by the kernel at its last line
     # (its forward chain does not exist) after re-declaring and refilling the chain.
-    db.provider_fw_rule_create(make_spec(OTHER4))
     dataplane.conf.set_override("forward_chain", "nova-missing", group="iptables")
-    broken = firewall.IptablesFirewallDriver(dataplane.conf, runner=runner_mod.Runner(dataplane.topo.hv))
+    broken = AppliedRules(IptablesFirewallDriver(dataplane.conf, runner=runner_mod.Runner(dataplane.topo.hv)))
     with pytest.raises(exception.ProcessExecutionError) as info:
-        broken.refresh_provider_fw_rules()
+        broken.block(make_spec(ATTACKER4), make_spec(OTHER4))
     assert "failing input" in str(info.value) and "nova-missing" in str(info.value)
-
-    def without_comments(text):      # iptables-save stamps the time in its comment lines
-        return [line for line in text.splitlines() if not line.startswith("#")]
 
     assert without_comments(dataplane.save(4)) == without_comments(saved)
     assert dataplane.blocked(ATTACKER4, INSTANCE4)
@@ -231,9 +223,7 @@ def test_refused_transaction_changes_nothing_and_the_old_block_holds(dataplane):
 
 
 def test_teardown_removes_what_the_driver_added(dataplane):
-    db.provider_fw_rule_create(make_spec(ATTACKER4))
-    db.provider_fw_rule_create(make_spec(ATTACKER6))
-    dataplane.driver.refresh_provider_fw_rules()
+    dataplane.rules.block(make_spec(ATTACKER4), make_spec(ATTACKER6))
     dataplane.driver.teardown()
     for version in (4, 6):
         state = dataplane.state(version)
@@ -241,12 +231,37 @@ def test_teardown_removes_what_the_driver_added(dataplane):
     assert dataplane.reachable(ATTACKER4, INSTANCE4) and dataplane.reachable(ATTACKER6, INSTANCE6)
 
 
+# --------------------------------------------------------------------------- checks (the reconciler's bisection)
+
+def test_a_check_of_rules_the_kernel_takes_passes_and_changes_nothing(dataplane):
+    dataplane.rules.block(make_spec(ATTACKER4))
+    saved = without_comments(dataplane.save(4)), without_comments(dataplane.save(6))
+    dataplane.runner.commands.clear()
+    dataplane.driver.check_provider_fw_rules([make_spec(OTHER4), make_spec(ATTACKER6, "icmp", 128, 0),
+                                              make_spec("192.0.2.0/24", "tcp", 1000, 2000)])
+    assert [c for c in dataplane.runner.restores() if "--test" not in c] == []
+    assert (without_comments(dataplane.save(4)), without_comments(dataplane.save(6))) == saved
+    assert dataplane.blocked(ATTACKER4, INSTANCE4) and dataplane.reachable(OTHER4, INSTANCE4)
+
+
+def test_a_check_of_a_rule_the_kernel_refuses_raises_and_leaves_everything_as_it_was(dataplane):
+    dataplane.rules.block(make_spec(ATTACKER4), make_spec(ATTACKER6))
+    saved = without_comments(dataplane.save(4)), without_comments(dataplane.save(6))
+    refused = RuleSpec("fe80::1%eth0/128", "all", -1, -1)         # bypasses validation
+    for _ in range(2):
+        with pytest.raises(exception.DriverError, match="fe80::1%eth0"):
+            dataplane.driver.check_provider_fw_rules([make_spec(OTHER6), refused])
+    assert (without_comments(dataplane.save(4)), without_comments(dataplane.save(6))) == saved
+    assert "provfw-check" not in dataplane.save(6)
+    assert dataplane.blocked(ATTACKER6, INSTANCE6) and dataplane.reachable(OTHER6, INSTANCE6)
+
+
 # --------------------------------------------------------------------------- the fake tells the truth
 
 def test_fake_dataplane_reaches_the_same_tables_as_the_real_tools(dataplane, conf):
     """Replay one story on FakeIptables and on the kernel; the saved tables must agree at every step."""
     fake = FakeIptables()
-    fake_driver = firewall.IptablesFirewallDriver(conf, runner=fake)
+    fake_rules = AppliedRules(IptablesFirewallDriver(conf, runner=fake))
     flavour = "legacy" if dataplane.backend == "legacy" else "nft"
 
     def both(version: int, *args: str) -> None:
@@ -263,22 +278,19 @@ def test_fake_dataplane_reaches_the_same_tables_as_the_real_tools(dataplane, con
     both(4, "-N", "nova-local")
     both(4, "-A", "nova-local", "-s", "10.9.0.0/16", "-j", "ACCEPT")
     both(4, "-A", "FORWARD", "-i", dataplane.topo.hv_attacker_if, "-j", "ACCEPT")
-    rule, _ = db.provider_fw_rule_create(make_spec(ATTACKER4, "tcp", 1000, 2000))
-    db.provider_fw_rule_create(make_spec(ATTACKER6, "icmp", 128, 0))
-    db.provider_fw_rule_create(make_spec("192.0.2.0/24", "udp", 53))
-    for driver in (dataplane.driver, fake_driver):
-        driver.refresh_provider_fw_rules()
+    first = make_spec(ATTACKER4, "tcp", 1000, 2000)
+    for rules in (dataplane.rules, fake_rules):
+        rules.block(first, make_spec(ATTACKER6, "icmp", 128, 0), make_spec("192.0.2.0/24", "udp", 53))
     agree("first apply")
     both(4, "-F", "nova-provider")
     both(6, "-D", "FORWARD", "1")
     both(4, "-A", "FORWARD", "-j", "nova-provider")
-    for driver in (dataplane.driver, fake_driver):
-        assert driver.repair_drift() is True
+    for rules in (dataplane.rules, fake_rules):
+        assert rules.repair().changed is True
     agree("repair")
-    db.provider_fw_rule_destroy(rule.id)
-    for driver in (dataplane.driver, fake_driver):
-        driver.refresh_provider_fw_rules()
+    for rules in (dataplane.rules, fake_rules):
+        rules.unblock(first)
     agree("second apply")
-    for driver in (dataplane.driver, fake_driver):
-        driver.teardown()
+    for rules in (dataplane.rules, fake_rules):
+        rules.driver.teardown()
     agree("teardown")

@@ -4,9 +4,10 @@ One BridgeTopology (attacker ns -- host bridge -- instance ns) serves the
 module.  Each test binds its own instance filter ``nova-instance-test-<tag>``
 (which references a per-test provider filter ``nova-provider-<tag>`` and then
 accepts everything, like a permissive security group) to the instance's
-host-side port with libvirt's binding API, drives the driver from a real
-SQLite database, and removes the binding, its filters and its ipsets in a
-finally block.  The provider filter name is global in libvirtd, hence the
+host-side port with libvirt's binding API, drives the driver with RuleUpdate
+values (``Hypervisor`` keeps what the worker's reconciler would keep: the
+rules, the driver's state, and changes not applied yet), and removes the
+binding, its filters and its ipsets in a finally block.  The provider filter name is global in libvirtd, hence the
 tag; so are ipset names, hence ``ipset_prefix = pn<tag>``.
 
 The libvirtd outage test goes through a private Unix socket proxy in front
@@ -31,10 +32,11 @@ import uuid as uuidlib
 import pytest
 
 from provfw import exception
-from provfw.db import api as db
-from provfw.rules import make_spec
-from provfw.virt import nwfilter, nwfilter_xml as nwx
+from provfw.rules import RuleSpec, make_spec
+from provfw.virt.firewall import RuleUpdate, nwfilter
+from provfw.virt.firewall import nwfilter_xml as nwx
 from tests.lib import services
+from tests.lib.applied import AppliedRules
 from tests.lib.bridge import BridgeTopology
 from tests.lib.netns import unique_tag, wait_until
 
@@ -113,9 +115,13 @@ class Hypervisor:
         conf.set_override("match_mode", mode, group="libvirt")
         conf.set_override("uri", uri, group="libvirt")
         self.driver = nwfilter.NWFilterFirewall(conf)
+        self.rules = AppliedRules(self.driver)
         self.bound_ports: list[str] = []
         self.filters: list[str] = []
-        self.rule_ids: dict[tuple, int] = {}
+        # Changes asked for but not applied yet: a failed refresh keeps them, as the
+        # reconciler keeps the database's truth until a refresh succeeds.
+        self.pending_added: list = []
+        self.pending_removed: list = []
 
     # ------------------------------------------------------------ set-up / clean-up
 
@@ -132,7 +138,7 @@ class Hypervisor:
 
     def start(self, reference_provider: bool = True) -> "Hypervisor":
         """Define the (empty) provider filter, the instance filter, and bind it to the instance's port."""
-        self.driver.refresh_provider_fw_rules()
+        self.rules.rebuild([])
         self.define_instance_filter(self.instance_filter, reference_provider)
         self.bind(self.instance_filter)
         return self
@@ -160,15 +166,14 @@ class Hypervisor:
         names = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, check=True).stdout.split()
         return {n for n in names if n.startswith(self.set_prefix)}
 
-    # ------------------------------------------------------------ rules through the database
+    # ------------------------------------------------------------ rules, as the reconciler hands them over
 
     def add(self, cidr: str, protocol: str = "all", from_port=None, to_port=None) -> None:
-        """Create the rule in the database only (several adds, then one refresh, save libvirt work)."""
-        rule, _ = db.provider_fw_rule_create(make_spec(cidr, protocol, from_port, to_port))
-        self.rule_ids[(cidr, protocol, from_port, to_port)] = rule.id
+        """Ask for the rule without applying it (several adds, then one refresh, save libvirt work)."""
+        self.pending_added.append(make_spec(cidr, protocol, from_port, to_port))
 
     def remove(self, cidr: str, protocol: str = "all", from_port=None, to_port=None) -> None:
-        db.provider_fw_rule_destroy(self.rule_ids.pop((cidr, protocol, from_port, to_port)))
+        self.pending_removed.append(make_spec(cidr, protocol, from_port, to_port))
 
     def block(self, cidr: str, protocol: str = "all", from_port=None, to_port=None) -> float:
         """Create the rule and refresh; return the refresh's seconds."""
@@ -180,16 +185,23 @@ class Hypervisor:
         return self.refresh()
 
     def refresh(self) -> float:
+        """Apply what is pending (a delta where the driver can); return the seconds it took."""
         started = time.monotonic()
-        self.driver.refresh_provider_fw_rules()
+        self.rules.apply(added=self.pending_added, removed=self.pending_removed)
+        self.pending_added, self.pending_removed = [], []
         return time.monotonic() - started
+
+    @property
+    def mode(self) -> str:
+        """The match mode of the filter the driver defined last (from its state)."""
+        return self.rules.state.mode
 
     def provider_uuid(self) -> str:
         return self.conn.nwfilterLookupByName(self.provider).UUIDString()
 
 
 @pytest.fixture
-def hypervisor_factory(libvirt_conn, topo, conf, sqlite_db):
+def hypervisor_factory(libvirt_conn, topo, conf):
     made = []
 
     def make(mode: str = "rules", reference_provider: bool = True, uri: str = URI, start: bool = True):
@@ -227,13 +239,14 @@ def test_every_rendered_filter_is_accepted_and_stored_unchanged_by_libvirtd(libv
         ("203.0.113.0/24", "icmp", 3, 1), ("203.0.113.0/24", "icmp", 0, 0),
         ("2001:db8::/32", "all"), ("2001:db8::1", "tcp", 443), ("2001:db8::/48", "udp", 1000, 2000),
         ("2001:db8::/48", "icmp"), ("2001:db8::/48", "icmp", 128), ("2001:db8::/48", "icmp", 1, 4)]]
-    set_rules, sets = nwx.provider_rules(specs, True, lambda key: f"pn{tag}{key.version}-all")
+    set_name = lambda key: f"pn{tag}{key.version}-all"      # noqa: E731
+    set_rules, groups = nwx.provider_rules(specs, True, set_name)
     rules = list(nwx.rules_for_specs(specs)) + list(set_rules)
     definition = nwx.provider_filter(f"provfw-xmltest-{tag}", rules)
-    set_names = list(sets)
+    set_names = [set_name(key) for key in groups]
     try:
-        for name, set_spec in sets.items():
-            subprocess.run(["ipset", "create", name, "hash:net", "family", set_spec.family], check=True)
+        for key in groups:
+            subprocess.run(["ipset", "create", set_name(key), "hash:net", "family", key.family], check=True)
         defined = libvirt_conn.nwfilterDefineXML(nwx.render_filter(definition))
         stored = nwx.parse_filter(defined.XMLDesc())
         assert stored.same_content(definition)
@@ -290,9 +303,10 @@ def test_blocking_one_address_drops_its_packets_at_once_and_unblocking_lets_them
 
     # The filter was redefined in place: same UUID, so every port that references it follows.
     assert hv.provider_uuid() == uuid
-    # A second refresh with nothing new writes nothing.
-    assert hv.driver.refresh_provider_fw_rules().changed is False
-    assert hv.driver.match_mode == mode
+    # A second refresh with nothing new writes nothing; neither does a drift check that finds no drift.
+    assert hv.rules.apply().changed is False
+    assert hv.rules.repair().changed is False
+    assert hv.mode == mode
 
     hv.remove(ATTACKER4)
     hv.unblock(f"{ATTACKER6}/128")
@@ -334,13 +348,13 @@ def test_auto_mode_switches_to_ipsets_past_the_threshold_without_letting_anyone_
     hv.conf.set_override("ipset_threshold", 2, group="libvirt")
     hv.add(ATTACKER4)
     hv.block(ATTACKER6)
-    assert hv.driver.match_mode == "rules" and hv.leftover_sets() == set()
+    assert hv.mode == "rules" and hv.leftover_sets() == set()
     hv.block("203.0.113.0/24")
-    assert hv.driver.match_mode == "ipset" and len(hv.leftover_sets()) == 2
+    assert hv.mode == "ipset" and len(hv.leftover_sets()) == 2
     assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)
     assert_blocked_now(hv.topo, ATTACKER6, INSTANCE6)
     hv.unblock("203.0.113.0/24")
-    assert hv.driver.match_mode == "rules"
+    assert hv.mode == "rules"
     assert hv.leftover_sets() == set()                    # destroyed once the filter stopped using them
     assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)
     assert hv.topo.reachable(OTHER4, INSTANCE4)
@@ -352,13 +366,13 @@ def test_a_provider_filter_changed_behind_our_back_is_repaired(hypervisor_factor
     uuid = hv.provider_uuid()
     hv.conn.nwfilterDefineXML(nwx.render_filter(nwx.provider_filter(hv.provider, [], uuid)))   # someone empties it
     assert_reachable_soon(hv.topo, ATTACKER4, INSTANCE4)
-    assert hv.driver.repair_drift() is True
+    assert hv.rules.repair().changed is True
     assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)
-    assert hv.driver.repair_drift() is False
+    assert hv.rules.repair().changed is False
     assert hv.provider_uuid() == uuid
 
 
-def test_the_libvirt_compute_driver_runs_the_nwfilter_driver_on_its_own_connection(libvirt_conn, conf, sqlite_db):
+def test_the_libvirt_compute_driver_runs_the_nwfilter_driver_on_its_own_connection(libvirt_conn, conf):
     from provfw.virt import libvirt_conn as libvirt_compute
 
     provider = f"nova-provider-{unique_tag()}"
@@ -367,12 +381,12 @@ def test_the_libvirt_compute_driver_runs_the_nwfilter_driver_on_its_own_connecti
     compute = libvirt_compute.LibvirtConnection(conf)
     try:
         assert isinstance(compute.firewall_driver, nwfilter.NWFilterFirewall)
-        db.provider_fw_rule_create(make_spec("203.0.113.0/24", "tcp", 22))
-        result = compute.refresh_provider_fw_rules()
-        assert result.changed and result.rule_count == 1
+        desired = frozenset({make_spec("203.0.113.0/24", "tcp", 22)})
+        result = compute.refresh_provider_fw_rules(RuleUpdate.rebuild(desired))
+        assert result.changed and result.state == nwfilter.NWFilterState("rules", {})
         stored = nwx.parse_filter(libvirt_conn.nwfilterLookupByName(provider).XMLDesc())
         assert stored.rules == (nwx.spec_rule(make_spec("203.0.113.0/24", "tcp", 22)),)
-        assert compute.repair_provider_fw_drift() is False
+        assert compute.repair_provider_fw_drift(desired, result.state).changed is False
     finally:
         compute.firewall_driver.teardown()
         compute.close()
@@ -393,13 +407,14 @@ def test_ensure_filter_refs_makes_existing_instance_filters_enforce_provider_rul
     assert hv.conn.nwfilterLookupByName(hv.instance_filter).UUIDString() == instance_uuid
     assert nwfilter.ensure_filter_refs(hv.conn, f"nova-instance-test-{hv.tag}*", hv.provider) == []
 
-    # With [libvirt] ensure_filter_refs the driver does it on every refresh.
+    # With [libvirt] ensure_filter_refs every full plan does it - the periodic drift check too, which is
+    # how instances that appear without any rule change get the reference.
     late = f"nova-instance-test-{hv.tag}-late"
     hv.define_instance_filter(late, reference_provider=False)
     hv.conf.set_override("ensure_filter_refs", True, group="libvirt")
-    assert hv.driver.refresh_provider_fw_rules().changed is True
+    assert hv.rules.repair().changed is True
     assert hv.provider in nwx.parse_filter(hv.conn.nwfilterLookupByName(late).XMLDesc()).filterrefs
-    assert hv.driver.refresh_provider_fw_rules().changed is False
+    assert hv.rules.repair().changed is False
     # Filters outside the pattern are never touched.
     assert hv.provider not in nwx.parse_filter(hv.conn.nwfilterLookupByName("clean-traffic").XMLDesc()).filterrefs
 
@@ -407,6 +422,45 @@ def test_ensure_filter_refs_makes_existing_instance_filters_enforce_provider_rul
 def test_ensure_filter_refs_refuses_to_reference_a_filter_that_does_not_exist(libvirt_conn):
     with pytest.raises(exception.DriverError, match="not defined"):
         nwfilter.ensure_filter_refs(libvirt_conn, "nova-instance-*", f"nova-provider-missing-{unique_tag()}")
+
+
+# ---------------------------------------------------------------- checks (the reconciler's bisection)
+
+def _filter_names(conn) -> set[str]:
+    return {f.name() for f in conn.listAllNWFilters()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_check_defines_a_scratch_filter_and_removes_it_and_the_provider_filter_is_untouched(hypervisor_factory,
+                                                                                              mode):
+    hv = hypervisor_factory(mode)
+    hv.add("203.0.113.0/24")
+    hv.block(ATTACKER4)
+    before = hv.conn.nwfilterLookupByName(hv.provider).XMLDesc(), hv.leftover_sets(), _filter_names(hv.conn)
+    sets_before = {name: subprocess.run(["ipset", "save", name], capture_output=True, text=True).stdout
+                   for name in before[1]}
+    defined = []
+    real_check = hv.driver._check_filter
+
+    def watching(conn, desired):
+        defined.append(desired.name)
+        return real_check(conn, desired)
+
+    hv.driver._check_filter = watching          # observe, not replace: the real define and undefine run
+    hv.driver.check_provider_fw_rules([make_spec(OTHER4), make_spec(OTHER6, "tcp", 8080),
+                                       make_spec("198.51.100.0/24", "icmp", 8)])
+    assert defined == [f"{hv.provider}-check"]
+    refused_by_libvirt = RuleSpec("198.51.100.0/24", "tcp", 70000, 70000)      # bypasses validation
+    refused_by_ipset = RuleSpec("fe80::1%eth0/128", "all", -1, -1)
+    for refused in (refused_by_libvirt, refused_by_ipset) if mode == "ipset" else (refused_by_libvirt,):
+        with pytest.raises(exception.DriverError):
+            hv.driver.check_provider_fw_rules([make_spec(OTHER4), refused])
+    after = hv.conn.nwfilterLookupByName(hv.provider).XMLDesc(), hv.leftover_sets(), _filter_names(hv.conn)
+    assert after == before, "no scratch filter or set left, the provider filter as it was"
+    assert {name: subprocess.run(["ipset", "save", name], capture_output=True, text=True).stdout
+            for name in after[1]} == sets_before
+    assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)
+    assert hv.topo.reachable(OTHER4, INSTANCE4)
 
 
 # ---------------------------------------------------------------- libvirtd away
@@ -486,29 +540,30 @@ def test_libvirtd_away_raises_driver_error_keeps_the_previous_filter_and_applies
 
         proxy.stop()                                              # libvirtd "goes away"
         if mode == "rules":
-            applied = hv.driver.applied_generation
+            applied = hv.rules.desired, hv.rules.state
             with pytest.raises(exception.DriverError):
                 hv.block(OTHER4)                                  # a new rule needs the filter redefined
             assert hv.topo.reachable(OTHER4, INSTANCE4)
             pending = (OTHER4, INSTANCE4, lambda src, dst: hv.topo.blocked(src, dst, timeout=BLOCKED_PROBE_TIMEOUT))
         else:
-            hv.block(OTHER4)                                      # a new member of an existing set: no libvirt
+            assert hv.block(OTHER4) < ENFORCE_WITHIN              # a new member of an existing set: no libvirt
+            assert hv.rules.last.mode == "delta"
             assert_blocked_now(hv.topo, OTHER4, INSTANCE4)
-            applied = hv.driver.applied_generation
+            applied = hv.rules.desired, hv.rules.state
             with pytest.raises(exception.DriverError):
-                hv.driver.repair_drift()                          # the periodic check does notice libvirtd is away
+                hv.driver.repair_drift(*applied)                  # the periodic check does notice libvirtd is away
             with pytest.raises(exception.DriverError):
                 hv.block(OTHER6, "tcp", 8080)                     # not set-matchable: the filter must change
             assert hv.topo.can_connect(OTHER6, INSTANCE6)
             pending = (OTHER6, INSTANCE6, lambda src, dst: not hv.topo.can_connect(src, dst, timeout=0.5))
-        assert hv.driver.applied_generation == applied            # the failed change is not recorded as applied
+        assert (hv.rules.desired, hv.rules.state) == applied     # the failed change is not recorded as applied
         assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)         # the previous filter stays in force
         with pytest.raises(exception.DriverError):                # still away: still an error, no hang
             hv.refresh()
 
         proxy.start()                                             # libvirtd is back
         hv.refresh()
-        assert hv.driver.applied_generation > applied
+        assert hv.rules.desired > applied[0]
         source, target, is_blocked = pending
         assert is_blocked(source, target)
         assert_blocked_now(hv.topo, ATTACKER4, INSTANCE4)
@@ -539,6 +594,11 @@ def test_a_real_libvirtd_restart_raises_driver_error_and_the_next_refresh_applie
             subprocess.run(["libvirtd", "-d"], check=True)
         assert wait_until(_virsh_answers, 60, interval=0.5) is not None, "libvirtd did not come back"
         hv.conn = _libvirt().open(URI)        # the test's own connection died with the old daemon
+        dead, _shared_conn["conn"] = _shared_conn.get("conn"), hv.conn     # later tests get the live one
+        try:
+            dead.close()
+        except _libvirt().libvirtError:
+            pass
     # libvirtd re-instantiates its bindings at start; the driver reconnects on its own.
     assert wait_until(lambda: _refresh_ok(hv), 30, interval=0.5) is not None
     assert_blocked_now(hv.topo, OTHER4, INSTANCE4)

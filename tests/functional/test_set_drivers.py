@@ -1,15 +1,16 @@
 """Set-based drivers on a real kernel: namespaces, real sets, real packets.
 
 The hypervisor namespace of ``RoutedTopology`` is the dataplane
-(``[compute] dataplane_netns``); rules come from a real SQLite database
-through the db layer.  A ``RecordingRunner`` runs every command for real
+(``[compute] dataplane_netns``); rules are handed over as RuleUpdate values
+(``tests.lib.applied.AppliedRules`` keeps what the worker's reconciler
+would keep) - no database.  A ``RecordingRunner`` runs every command for real
 and remembers it, so a test can say what kind of apply happened.
 """
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
+import re
 import subprocess
 import sys
 import time
@@ -17,18 +18,20 @@ import time
 import pytest
 
 from provfw import exception, runner as runner_mod
-from provfw.db import api as db
-from provfw.rules import make_spec
-from provfw.virt import ipset_driver, iptc_driver, nftables_driver, sets
-from provfw.virt.firewall import utcnow
+from provfw.rules import RuleSpec, make_spec
+from provfw.virt.firewall import ipset as ipset_mod
+from provfw.virt.firewall.ipset import IpsetFirewallDriver
+from provfw.virt.firewall.iptc import IptcFirewallDriver
+from provfw.virt.firewall.nftables import NftablesFirewallDriver
 from tests.lib import services
+from tests.lib.applied import AppliedRules
 from tests.lib.netns import RoutedTopology, netns_exec, wait_until
 from tests.lib.traffic import Flood, InstanceCounter
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(240)]
 
-DRIVERS = {"ipset": ipset_driver.IpsetFirewallDriver, "nftables": nftables_driver.NftablesFirewallDriver,
-           "iptc": iptc_driver.IptcFirewallDriver}
+DRIVERS = {"ipset": IpsetFirewallDriver, "nftables": NftablesFirewallDriver, "iptc": IptcFirewallDriver}
+REFUSED = RuleSpec("fe80::1%eth0/128", "all", -1, -1)       # bypasses validation; no kernel tool parses it
 
 
 class RecordingRunner(runner_mod.Runner):
@@ -56,14 +59,34 @@ def topo():
 
 
 def make_driver(kind: str, conf, topo) -> tuple:
+    """(AppliedRules around a fresh driver of ``kind`` in the hypervisor namespace, its recording runner)."""
     conf.set_override("dataplane_netns", topo.hv, "compute")
     runner = RecordingRunner(topo.hv)
-    return DRIVERS[kind](conf=conf, runner=runner), runner
+    return AppliedRules(DRIVERS[kind](conf=conf, runner=runner)), runner
 
 
 def hosts(count: int, base: str = "100.64.0.0") -> list:
     start = int(ipaddress.ip_address(base))
     return [make_spec(str(ipaddress.ip_address(start + i))) for i in range(count)]
+
+
+def kernel_matches(rules: AppliedRules) -> bool:
+    """A full plan of what was applied finds nothing to write (it reads the kernel, writes nothing)."""
+    return rules.driver.plan_full(rules.desired).empty
+
+
+def dataplane_snapshot(topo) -> tuple:
+    """Everything provfw could have touched in the namespace, as text."""
+    def out(*cmd):
+        return netns_exec(topo.hv, *cmd).stdout
+
+    def without_comments(text):
+        # iptables-save stamps the time in comment lines and counts packets in chain headers.
+        return [re.sub(r"\[\d+:\d+\]$", "", line) for line in text.splitlines() if not line.startswith("#")]
+
+    return (out("ipset", "save"), out("nft", "list", "ruleset"),
+            *(without_comments(out(tool, "-t", "filter")) for tool in
+              ("iptables-save", "ip6tables-save", "iptables-legacy-save", "ip6tables-legacy-save")))
 
 
 ATTACKER, BYSTANDER = RoutedTopology.ATTACKER4
@@ -73,17 +96,18 @@ ATTACKER6, BYSTANDER6 = RoutedTopology.ATTACKER6
 # ----------------------------------------------------------------------------- scale
 
 @pytest.mark.parametrize("kind", ["ipset", "nftables"])
-def test_a_100k_entry_set_blocks_an_address_inside_and_passes_one_outside(kind, conf, topo, sqlite_db):
+def test_a_100k_entry_set_blocks_an_address_inside_and_passes_one_outside(kind, conf, topo):
     specs = hosts(99_990) + [make_spec(f"100.{96 + i}.0.0/16") for i in range(8)]
     specs += [make_spec(ATTACKER), make_spec(ATTACKER6)]
-    db.provider_fw_rules_create_many(specs)
-    driver, runner = make_driver(kind, conf, topo)
-    result = driver.refresh_provider_fw_rules()
-    assert result.mode == "full" and result.rule_count == 100_000
+    rules, runner = make_driver(kind, conf, topo)
+    result = rules.block(*specs)
+    held = (sum(size.members for size in result.state.sizes.values()) if kind == "ipset"
+            else sum(result.state.counts.values()))
+    assert result.mode == "full" and held == 100_000
     assert topo.blocked(ATTACKER, topo.INSTANCE4) and topo.blocked(ATTACKER6, topo.INSTANCE6)
     assert topo.reachable(BYSTANDER, topo.INSTANCE4) and topo.reachable(BYSTANDER6, topo.INSTANCE6)
     runner.commands.clear()
-    assert driver.repair_drift() is False and runner.writes() == [], "a second apply writes nothing"
+    assert rules.repair().changed is False and runner.writes() == [], "a second apply writes nothing"
 
 
 # ----------------------------------------------------------------------------- no window during rebuilds
@@ -111,13 +135,13 @@ def test_ten_full_rebuilds_of_10k_entries_let_no_packet_of_a_flooding_blocked_so
     counter = InstanceCounter(topo)
     sent, arrived = _flood_counts(topo, counter, lambda: time.sleep(0.3))
     assert arrived > 100, f"the flood must reach the instance before blocking (sent {sent}, arrived {arrived})"
-    driver, runner = make_driver(kind, conf, topo)
-    driver.apply_full(_rebuild_specs(0))
+    rules, runner = make_driver(kind, conf, topo)
+    rules.rebuild(_rebuild_specs(0))
 
     def ten_rebuilds():
         for round_number in range(1, 11):
             runner.commands.clear()
-            assert driver.apply_full(_rebuild_specs(round_number)) is True
+            assert rules.rebuild(_rebuild_specs(round_number)).changed is True
             written = "\n".join(i or "" for _, i in runner.commands)
             # Each round really replaced the set's contents through the atomic path.
             assert ("swap pfw4-all-any-t pfw4-all-any" in written if kind == "ipset"
@@ -131,12 +155,12 @@ def test_ten_full_rebuilds_of_10k_entries_let_no_packet_of_a_flooding_blocked_so
 def test_the_flood_counter_does_see_leaks_of_a_flush_then_restore_rebuild(conf, topo):
     """Control for the test above: the naive rebuild the design forbids is caught leaking."""
     counter = InstanceCounter(topo)
-    driver, runner = make_driver("ipset", conf, topo)
-    driver.apply_full(_rebuild_specs(0))
+    rules, runner = make_driver("ipset", conf, topo)
+    rules.rebuild(_rebuild_specs(0))
 
     def naive_rebuilds():
         for round_number in range(1, 4):
-            lines = ["flush pfw4-all-any"] + [f"add pfw4-all-any {sets.ipset_member(s.cidr)}"
+            lines = ["flush pfw4-all-any"] + [f"add pfw4-all-any {ipset_mod.member(s.cidr)}"
                                               for s in _rebuild_specs(round_number)]
             runner(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
 
@@ -144,47 +168,42 @@ def test_the_flood_counter_does_see_leaks_of_a_flush_then_restore_rebuild(conf, 
     assert arrived > 0, f"flush-then-restore leaked nothing out of {sent}: the counter cannot see leaks"
 
 
-# ----------------------------------------------------------------------------- deltas and expiry
+# ----------------------------------------------------------------------------- deltas
 
 @pytest.mark.parametrize("kind", ["ipset", "nftables"])
-def test_add_delete_and_expiry_are_deltas_and_the_kernel_matches_the_database_after_each(kind, conf, topo,
-                                                                                        sqlite_db):
-    db.provider_fw_rules_create_many(hosts(2000))
-    driver, runner = make_driver(kind, conf, topo)
-    assert driver.refresh_provider_fw_rules().mode == "full"
+def test_add_delete_and_expiry_are_deltas_and_the_kernel_matches_the_rules_after_each(kind, conf, topo):
+    rules, runner = make_driver(kind, conf, topo)
+    assert rules.rebuild(hosts(2000)).mode == "full"
 
-    def assert_delta_only(result, mode):
-        assert result.mode == mode
+    def assert_delta_only(result):
+        assert result.mode == "delta"
         assert len(runner.commands) == 1, runner.commands          # no kernel read, one write
         runner.commands.clear()
-        assert driver.apply_full([s for s, _ in db.provider_fw_snapshot().rules]) is False, \
-            "kernel differs from the database"
+        assert kernel_matches(rules), "kernel differs from the rules handed over"
         runner.commands.clear()
 
     runner.commands.clear()
-    rule, _ = db.provider_fw_rule_create(make_spec(ATTACKER))
-    assert_delta_only(driver.refresh_provider_fw_rules(), "delta")
+    assert_delta_only(rules.block(make_spec(ATTACKER)))
     assert topo.blocked(ATTACKER, topo.INSTANCE4) and topo.reachable(BYSTANDER, topo.INSTANCE4)
 
-    db.provider_fw_rule_destroy(rule.id)
-    assert_delta_only(driver.refresh_provider_fw_rules(), "delta")
+    assert_delta_only(rules.unblock(make_spec(ATTACKER)))
     assert wait_until(lambda: topo.reachable(ATTACKER, topo.INSTANCE4), 5)
 
-    db.provider_fw_rules_create_many([make_spec(ATTACKER)], expires_at=utcnow() + datetime.timedelta(seconds=2))
-    assert_delta_only(driver.refresh_provider_fw_rules(), "delta")
+    # A rule with an expiry: the reconciler sends it as an addition, and at its expiry as a removal.
+    assert_delta_only(rules.block(make_spec(ATTACKER)))
     assert topo.blocked(ATTACKER, topo.INSTANCE4)
-    time.sleep(2.1)
-    result = driver.expire_rules()
-    assert result is not None and result.mode == "expiry" and len(runner.commands) == 1
-    runner.commands.clear()
+    assert_delta_only(rules.unblock(make_spec(ATTACKER)))
     assert wait_until(lambda: topo.reachable(ATTACKER, topo.INSTANCE4), 5)
-    assert driver.apply_full([s for s, _ in db.provider_fw_snapshot().rules]) is False
 
 
 # ----------------------------------------------------------------------------- set sizes
 
+def _kernel_sets(runner) -> dict:
+    return ipset_mod.read_sets(runner, ipset_mod.DRIVER_SETS.owns)
+
+
 def _kernel_members(runner, name: str) -> set[str]:
-    return ipset_driver.parse_ipset_save(runner(["ipset", "save"]))[name].members
+    return _kernel_sets(runner)[name].members
 
 
 def test_a_restore_past_the_set_size_never_leaves_a_partly_filled_set_and_a_bigger_set_is_swapped_in(
@@ -192,42 +211,40 @@ def test_a_restore_past_the_set_size_never_leaves_a_partly_filled_set_and_a_bigg
     conf.set_override("min_set_size", 1024, "sets")
     conf.set_override("headroom", 1.1, "sets")
     conf.set_override("full_rebuild_delta", 100, "sets")
-    driver, runner = make_driver("ipset", conf, topo)
+    rules, runner = make_driver("ipset", conf, topo)
     first = [make_spec(ATTACKER)] + hosts(999)
-    driver.apply_full(first)
+    rules.rebuild(first)
     before = _kernel_members(runner, "pfw4-all-any")
     assert len(before) == 1000
 
     # The kernel refuses the fill half way ("Hash is full"): nothing may be swapped in.
     bigger = [make_spec(ATTACKER)] + hosts(2999, "100.70.0.0")
-    monkeypatch.setattr(sets, "set_capacity", lambda entries, conf: 1500)
+    monkeypatch.setattr(ipset_mod, "capacity", lambda entries, conf: 1500)
     with pytest.raises(exception.DriverError, match="Hash is full"):
-        driver.apply_full(bigger)
+        rules.rebuild(bigger)
     monkeypatch.undo()
     assert _kernel_members(runner, "pfw4-all-any") == before
-    assert set(ipset_driver.parse_ipset_save(runner(["ipset", "save"]))) == {"pfw4-all-any"}
+    assert set(_kernel_sets(runner)) == {"pfw4-all-any"}
     assert topo.blocked(ATTACKER, topo.INSTANCE4)
 
     # Sized right, the same rebuild goes into a bigger temporary set, swapped with the 1100-entry one.
-    driver.apply_full(bigger)
-    live = ipset_driver.parse_ipset_save(runner(["ipset", "save"]))["pfw4-all-any"]
+    rules.rebuild(bigger)
+    live = _kernel_sets(runner)["pfw4-all-any"]
     assert live.maxelem >= 3300 and len(live.members) == 3000
 
     # A delta past maxelem becomes a rebuild into a bigger set, not a half-applied restore.
-    driver._rules = dict.fromkeys(bigger)
-    driver.apply_delta(hosts(400, "100.80.0.0"), [])
+    assert rules.block(*hosts(400, "100.80.0.0")).mode == "full"
     assert len(_kernel_members(runner, "pfw4-all-any")) == 3400
     assert topo.blocked(ATTACKER, topo.INSTANCE4) and topo.reachable(BYSTANDER, topo.INSTANCE4)
 
 
 # ----------------------------------------------------------------------------- iptc on legacy iptables
 
-def test_iptc_commits_the_chain_to_legacy_iptables_and_repairs_a_deleted_jump(conf, topo, sqlite_db):
+def test_iptc_commits_the_chain_to_legacy_iptables_and_repairs_a_deleted_jump(conf, topo):
     services.require(_iptc_importable(), "python-iptables (import iptc)")
-    db.provider_fw_rules_create_many(hosts(1000) + [make_spec(ATTACKER), make_spec(ATTACKER6),
-                                                     make_spec("198.18.9.0/24", "tcp", 8080)])
-    driver, runner = make_driver("iptc", conf, topo)
-    assert driver.refresh_provider_fw_rules().mode == "full"
+    rules, runner = make_driver("iptc", conf, topo)
+    assert rules.block(*hosts(1000), make_spec(ATTACKER), make_spec(ATTACKER6),
+                       make_spec("198.18.9.0/24", "tcp", 8080)).mode == "full"
     legacy = netns_exec(topo.hv, "iptables-legacy-save", "-t", "filter").stdout
     assert "-A FORWARD -m comment --comment \"provfw:jump\" -j nova-provider" in legacy
     assert "--match-set pfw4-all-any src" in legacy and "--match-set pfw4-tcp-8080 src" in legacy
@@ -236,12 +253,16 @@ def test_iptc_commits_the_chain_to_legacy_iptables_and_repairs_a_deleted_jump(co
 
     netns_exec(topo.hv, "iptables-legacy", "-D", "FORWARD", "1")
     assert topo.reachable(ATTACKER, topo.INSTANCE4)
-    assert driver.repair_drift() is True
+    assert rules.repair().changed is True
     assert topo.blocked(ATTACKER, topo.INSTANCE4)
     runner.commands.clear()
-    assert driver.repair_drift() is False and runner.writes() == []
+    assert rules.repair().changed is False and runner.writes() == []
+    # One more CIDR of an existing group: one ipset restore, no helper.
+    runner.commands.clear()
+    assert rules.block(make_spec(BYSTANDER)).mode == "delta" and len(runner.commands) == 1
+    assert topo.blocked(BYSTANDER, topo.INSTANCE4)
 
-    driver.teardown()
+    rules.driver.teardown()
     assert "nova-provider" not in netns_exec(topo.hv, "iptables-legacy-save", "-t", "filter").stdout
     assert topo.reachable(ATTACKER, topo.INSTANCE4)
 
@@ -252,11 +273,47 @@ def _iptc_importable() -> bool:
 
 @pytest.mark.parametrize("kind", ["ipset", "nftables"])
 def test_teardown_removes_everything_the_driver_put_in_the_namespace(kind, conf, topo):
-    driver, runner = make_driver(kind, conf, topo)
-    driver.apply_full([make_spec(ATTACKER), make_spec("198.18.9.0/24", "udp", 53)])
+    rules, runner = make_driver(kind, conf, topo)
+    rules.rebuild([make_spec(ATTACKER), make_spec("198.18.9.0/24", "udp", 53)])
     assert topo.blocked(ATTACKER, topo.INSTANCE4)
-    driver.teardown()
+    rules.driver.teardown()
     assert topo.reachable(ATTACKER, topo.INSTANCE4)
     assert runner(["ipset", "list", "-n"]).strip() == ""
     assert "provfw" not in runner(["nft", "list", "tables"])
     assert "nova-provider" not in runner(["iptables-save", "-t", "filter"])
+
+
+# ----------------------------------------------------------------------------- checks (the reconciler's bisection)
+
+CHECK_KINDS = ["ipset", "nftables", "iptc"]
+
+
+def _require(kind: str) -> None:
+    if kind == "iptc":
+        services.require(_iptc_importable(), "python-iptables (import iptc)")
+
+
+@pytest.mark.parametrize("kind", CHECK_KINDS)
+def test_a_check_of_rules_the_kernel_takes_passes_and_changes_nothing(kind, conf, topo):
+    _require(kind)
+    rules, runner = make_driver(kind, conf, topo)
+    rules.rebuild([make_spec(ATTACKER), make_spec(ATTACKER6), make_spec("198.18.9.0/24", "tcp", 8080)])
+    before = dataplane_snapshot(topo)
+    rules.driver.check_provider_fw_rules(hosts(500) + [make_spec(BYSTANDER6), make_spec("192.0.2.0/24", "udp", 53),
+                                                        make_spec("2001:db8::/32", "icmp", 128, 0)])
+    assert dataplane_snapshot(topo) == before
+    assert topo.blocked(ATTACKER, topo.INSTANCE4) and topo.reachable(BYSTANDER, topo.INSTANCE4)
+
+
+@pytest.mark.parametrize("kind", CHECK_KINDS)
+def test_a_check_of_a_rule_the_kernel_refuses_raises_and_leaves_the_namespace_as_it_was(kind, conf, topo):
+    _require(kind)
+    rules, runner = make_driver(kind, conf, topo)
+    rules.rebuild([make_spec(ATTACKER), make_spec(ATTACKER6)])
+    before = dataplane_snapshot(topo)
+    for _ in range(2):                                             # safe to repeat, nothing left behind
+        with pytest.raises(exception.DriverError):
+            rules.driver.check_provider_fw_rules([make_spec(BYSTANDER6), REFUSED])
+        assert dataplane_snapshot(topo) == before
+    rules.driver.check_provider_fw_rules([make_spec(BYSTANDER6)])  # without it the rest passes
+    assert topo.blocked(ATTACKER6, topo.INSTANCE6) and topo.reachable(BYSTANDER6, topo.INSTANCE6)

@@ -1,10 +1,15 @@
 """A real provfw deployment for end-to-end tests and benchmarks.
 
-Starts ``provfw-api`` and one or more ``provfw-compute`` processes (the
-installed console scripts) on a real database and RabbitMQ, each worker
-managing the firewall of its own hypervisor namespace.  Configuration is a
-real config file; tokens and schema come from ``provfw-manage``.  Every
-process is stopped and the database dropped on ``close()``.
+Starts ``provfw-api``, ``provfw-conductor`` and one or more ``provfw-compute``
+processes (the installed console scripts) on a real database and RabbitMQ,
+each worker managing the firewall of its own hypervisor namespace.  As in
+production, the workers' configuration has no ``[database]`` section and
+each worker connects to the bus as its own least-privilege user (created
+with ``provfw-manage bus create-user`` in a RabbitMQ vhost of the
+deployment's own); the API and the conductor share the control user.
+Configuration is a real config file; tokens and schema come from
+``provfw-manage``.  Every process is stopped, the vhost and its users
+deleted and the database dropped on ``close()``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import requests
 
 from provfw.adminclient import AdminClient
 from tests.lib import services
+from tests.lib.bus import RabbitVhost
 
 BIN = os.path.dirname(sys.executable)
 
@@ -37,14 +43,22 @@ class Deployment:
     def __init__(self, db_kind: str = "postgresql", transport_url: str | None = None,
                  firewall_driver: str = "iptables", extra_conf: str = "", reconcile_interval: int = 2):
         self.database = services.TestDatabase(db_kind)
-        self.transport_url = transport_url or services.require_rabbitmq()
+        services.require_rabbitmq()
+        self.vhost = RabbitVhost() if transport_url is None else None
+        self._compute_urls: dict[str, str] = {}
+        try:
+            self.transport_url = transport_url or self.vhost.create_user("control")[1]
+        except Exception:
+            self._drop_bus()
+            self.database.drop()
+            raise
         self.firewall_driver = firewall_driver
         self.extra_conf = extra_conf
         self.reconcile_interval = reconcile_interval
         self.dir = tempfile.mkdtemp(prefix="provfw-e2e-")
         self.port = free_port()
-        self.exchange = f"provfw-e2e-{secrets.token_hex(4)}"
         self.api: subprocess.Popen | None = None
+        self.conductors: list[subprocess.Popen] = []
         self.workers: dict[str, subprocess.Popen] = {}
         self.logs: list[str] = []
         self.config = self._write_config("api", "")
@@ -56,23 +70,34 @@ class Deployment:
 
     # ------------------------------------------------------------ config and tools
 
+    def compute_url(self, host: str) -> str:
+        """The bus URL of ``host``'s own compute user (created on first use), or the shared URL."""
+        if self.vhost is None:
+            return self.transport_url
+        if host not in self._compute_urls:
+            self._compute_urls[host] = self.vhost.create_user("compute", host=host)[1]
+        return self._compute_urls[host]
+
     def _write_config(self, name: str, compute_section: str, transport_url: str | None = None,
-                      database_url: str | None = None) -> str:
+                      database_url: str | None = None, with_database: bool = True) -> str:
         path = os.path.join(self.dir, f"{name}.conf")
+        database = f"[database]\nconnection = {database_url or self.database.url}\n" if with_database else ""
+        trust = "" if self.vhost is not None else "trust_unverified_hosts = true\n"
         with open(path, "w") as handle:
             handle.write(f"""[DEFAULT]
 state_path = {self.dir}/state-{name}
 transport_url = {transport_url or self.transport_url}
-control_exchange = {self.exchange}
 protected_cidrs = 127.0.0.0/8,::1/128,192.0.2.0/24
 
-[database]
-connection = {database_url or self.database.url}
-
+{database}
 [api]
 bind_host = 127.0.0.1
 bind_port = {self.port}
 
+[conductor]
+report_flush_interval = 0.2
+call_timeout = 5
+{trust}
 [compute]
 heartbeat_interval = 1
 reconcile_interval = {self.reconcile_interval}
@@ -98,7 +123,10 @@ service_down_time = 5
 
     # ------------------------------------------------------------ processes
 
-    def start_api(self, timeout: float = 20.0) -> None:
+    def start_api(self, timeout: float = 20.0, conductor: bool = True) -> None:
+        """Start provfw-api (and, unless told otherwise, one provfw-conductor) and wait until it answers."""
+        if conductor and not self.conductors:
+            self.start_conductor()
         self.api = self._spawn("provfw-api", self.config, "api")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -111,13 +139,31 @@ service_down_time = 5
                 time.sleep(0.1)
         raise RuntimeError(f"provfw-api did not answer: {self.tail('api')}")
 
+    def start_conductor(self, database_url: str | None = None, timeout: float = 20.0) -> subprocess.Popen:
+        """Start one more provfw-conductor (optionally on another database URL, e.g. through a proxy)."""
+        name = f"conductor-{len(self.conductors)}"
+        config = self._write_config(name, "", database_url=database_url)
+        proc = self._spawn("provfw-conductor", config, name)
+        self.conductors.append(proc)
+        if netns_wait(lambda: "consuming" in self.tail(name) or proc.poll() is not None, timeout) is None \
+                or proc.poll() is not None:
+            raise RuntimeError(f"provfw-conductor did not start: {self.tail(name)}")
+        return proc
+
+    def stop_conductors(self, sig: int = signal.SIGTERM) -> None:
+        while self.conductors:
+            _stop(self.conductors.pop(), sig)
+
     def start_worker(self, host: str, netns: str, extra: str = "", wait: bool = True,
-                     transport_url: str | None = None, database_url: str | None = None) -> None:
-        """Start ``provfw-compute`` for ``host``; ``transport_url``/``database_url`` override the
-        deployment's own for this worker only (e.g. to reach them through a proxy a test can cut)."""
+                     transport_url: str | None = None) -> None:
+        """Start ``provfw-compute`` for ``host`` (no database credentials; its own bus user).
+
+        ``transport_url`` overrides its bus URL (e.g. to reach the broker
+        through a proxy a test can cut; build it from ``compute_url(host)``).
+        """
         config = self._write_config(f"compute-{host}", f"host = {host}\ndataplane_netns = {netns}\n"
                                     f"firewall_driver = {self.firewall_driver}\ncompute_driver = libvirt\n{extra}",
-                                    transport_url=transport_url, database_url=database_url)
+                                    transport_url=transport_url or self.compute_url(host), with_database=False)
         self.workers[host] = self._spawn("provfw-compute", config, f"compute-{host}")
         if wait:
             self.wait_in_sync(host)
@@ -156,13 +202,28 @@ service_down_time = 5
         if self.api is not None:
             _stop(self.api, signal.SIGTERM)
             self.api = None
+        self.stop_conductors()
+        self._drop_bus()
         self.database.drop()
+
+    def _drop_bus(self) -> None:
+        if self.vhost is not None:
+            self.vhost.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def netns_wait(predicate, timeout: float, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return None
 
 
 def _stop(proc: subprocess.Popen, sig: int) -> None:

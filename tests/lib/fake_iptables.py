@@ -144,8 +144,8 @@ class FakeIptables:
         cmd = tuple(cmd)
         match = _TOOL_RE.match(cmd[0]) if cmd else None
         if not match:
-            raise exception.ProcessExecutionError(cmd, 127, stderr=f"{cmd[0] if cmd else ''}: command not found "
-                                                                   "(FakeIptables only knows iptables tools)")
+            raise exception.ToolMissing(cmd, 127, stderr=f"{cmd[0] if cmd else ''}: command not found "
+                                                         "(FakeIptables only knows iptables tools)")
         version = 6 if match.group(1) == "ip6tables" else 4
         flavour = match.group(2) or "nft"
         action = match.group(3) or "command"
@@ -499,6 +499,8 @@ def _check_chain_name(name: str) -> None:
 
 def _network(text: str, version: int) -> str:
     try:
+        if "%" in text:          # Python takes an IPv6 scope; iptables does not resolve one
+            raise ValueError(text)
         network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise RestoreFailed(f"host/network '{text}' not found") from None

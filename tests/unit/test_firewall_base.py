@@ -1,391 +1,295 @@
-"""Firewall drivers over a real SQLite database: ProviderFirewallBase's bookkeeping, deltas and expiry, and
-IptablesFirewallDriver end to end against FakeIptables (which interprets the restore input).
+"""The driver seam (provfw.virt.firewall.base): one apply order, delta or full, values in and out.
+
+A small model driver whose "kernel" is a Python set written by ``Call``
+steps shows what the base class decides; ``execute`` is shown with a runner
+that interprets nothing but records the order of what ran.  No database.
 """
 
 from __future__ import annotations
 
-import datetime
+import logging
 import threading
 
 import pytest
 
 from provfw import exception
-from provfw.db import api as db
 from provfw.rules import make_spec
-from provfw.virt import firewall, iptables
+from provfw.virt import firewall
+from provfw.virt.firewall import base
+from tests.lib.applied import AppliedRules
 from tests.lib.fake_iptables import FakeIptables
 
 BLOCK4 = make_spec("203.0.113.5")
 WEB4 = make_spec("198.51.100.0/24", "tcp", 8080)
 BLOCK6 = make_spec("2001:db8::/32", "icmp", 128)
-LAYOUT = iptables.ChainLayout()
-JUMP = '-A FORWARD -m comment --comment "provfw:jump" -j nova-provider'
 
 
-@pytest.fixture
-def fake():
-    return FakeIptables()
+class OrderRunner:
+    """Runner stand-in that runs nothing and remembers argv; commands named in ``refuse`` fail."""
+
+    def __init__(self, refuse=()):
+        self.ran: list[tuple[str, ...]] = []
+        self.refuse = set(refuse)
+
+    def __call__(self, cmd, input=None, check=True):
+        self.ran.append(tuple(cmd))
+        if tuple(cmd) in self.refuse and check:
+            raise exception.ProcessExecutionError(cmd, 1, stderr="refused")
+        return ""
 
 
-@pytest.fixture
-def driver(conf, sqlite_db, fake):
-    return firewall.IptablesFirewallDriver(conf, runner=fake)
+def cmd(*argv, cleanup=()):
+    return base.Command(tuple(argv), cleanup=tuple(cleanup))
 
 
-def provider_comments(fake, version=4, flavour="nft"):
-    return [iptables.comment_of(r) for r in fake.rules("nova-provider", version, flavour=flavour)]
+# --------------------------------------------------------------------------- execute
+
+def test_execute_writes_sets_then_chains_then_deletions():
+    runner = OrderRunner()
+    plan = base.Plan(None, sets=(cmd("fill"),), chains=(cmd("chain4"), cmd("chain6")), deletions=(cmd("destroy"),))
+    assert base.execute(plan, runner) is True
+    assert runner.ran == [("fill",), ("chain4",), ("chain6",), ("destroy",)]
 
 
-def enforced(fake, version=4, flavour="nft") -> set:
-    """The specs whose DROP rule is in the fake kernel's provider chain."""
-    by_hash = {iptables.rule_hash(s): s for s in (BLOCK4, WEB4, BLOCK6, *EXTRA)}
-    return {by_hash[c] for c in provider_comments(fake, version, flavour) if c in by_hash}
-
-
-EXTRA = [make_spec(f"192.0.2.{i}") for i in range(1, 6)]
-
-
-# --------------------------------------------------------------------------- the seed's base class
-
-def test_base_driver_does_nothing_itself():
-    base = firewall.FirewallDriver()
-    for call in (base.refresh_provider_fw_rules, base.repair_drift, base.teardown):
-        with pytest.raises(NotImplementedError):
-            call()
-    assert base.expire_rules() is None and base.applied_generation is None
-
-
-# --------------------------------------------------------------------------- IptablesFirewallDriver end to end
-
-def test_refresh_enforces_the_database_rules_in_both_families(driver, fake):
-    db.provider_fw_rule_create(BLOCK4)
-    db.provider_fw_rule_create(WEB4)
-    _, generation = db.provider_fw_rule_create(BLOCK6)
-    result = driver.refresh_provider_fw_rules()
-    assert (result.generation, result.rule_count, result.changed, result.mode) == (generation, 3, True, "full")
-    assert driver.applied_generation == generation
-    assert enforced(fake, 4) == {BLOCK4, WEB4} and enforced(fake, 6) == {BLOCK6}
-    for version in (4, 6):
-        assert fake.rules("FORWARD", version) == [JUMP]
-        assert fake.has_chain("nova-local", version)
-    assert len(fake.restores(4)) == 1 and len(fake.restores(6)) == 1
-
-
-def test_second_refresh_with_no_change_writes_nothing(driver, fake):
-    db.provider_fw_rule_create(BLOCK4)
-    driver.refresh_provider_fw_rules()
-    writes = len(fake.writes())
-    result = driver.refresh_provider_fw_rules()
-    assert result.changed is False
-    assert len(fake.writes()) == writes
-
-
-def test_a_change_in_one_family_writes_only_that_family(driver, fake):
-    db.provider_fw_rule_create(BLOCK4)
-    driver.refresh_provider_fw_rules()
-    db.provider_fw_rule_create(BLOCK6)
-    before4, before6 = len(fake.restores(4)), len(fake.restores(6))
-    driver.refresh_provider_fw_rules()
-    assert len(fake.restores(4)) == before4
-    assert len(fake.restores(6)) == before6 + 1
-    assert enforced(fake, 6) == {BLOCK6}
-
-
-def test_deleted_rule_stops_being_enforced(driver, fake):
-    rule, _ = db.provider_fw_rule_create(BLOCK4)
-    db.provider_fw_rule_create(WEB4)
-    driver.refresh_provider_fw_rules()
-    generation = db.provider_fw_rule_destroy(rule.id)
-    result = driver.refresh_provider_fw_rules()
-    assert result.generation == generation
-    assert enforced(fake) == {WEB4}
-    assert driver.applied_specs() == [WEB4]
-
-
-def test_failed_restore_keeps_kernel_and_bookkeeping_on_the_previous_state(driver, fake):
-    db.provider_fw_rule_create(BLOCK4)
-    first = driver.refresh_provider_fw_rules()
-    kernel_before = fake.save(4)
-    db.provider_fw_rule_create(WEB4)
-    fake.fail_next_restore("Another app is currently holding the xtables lock.")
-    with pytest.raises(exception.DriverError) as info:
-        driver.refresh_provider_fw_rules()
-    assert "xtables lock" in str(info.value)
-    assert fake.save(4) == kernel_before
-    assert driver.applied_generation == first.generation
-    assert driver.applied_specs() == [BLOCK4]
-    retry = driver.refresh_provider_fw_rules()
-    assert retry.generation == first.generation + 1 and enforced(fake) == {BLOCK4, WEB4}
-
-
-def test_failure_in_the_second_family_is_retried_and_converges(driver, fake):
-    db.provider_fw_rule_create(BLOCK4)
-    db.provider_fw_rule_create(BLOCK6)
-    fake.fail_next_restore("refused", version=6)
+def test_a_failed_set_step_runs_its_cleanup_and_stops_before_the_chains():
+    runner = OrderRunner(refuse={("fill",)})
+    plan = base.Plan(None, sets=(cmd("fill", cleanup=[("destroy", "scratch")]),), chains=(cmd("chain"),),
+                     deletions=(cmd("destroy", "old"),))
     with pytest.raises(exception.DriverError):
-        driver.refresh_provider_fw_rules()
-    assert driver.applied_generation is None          # not recorded as applied: IPv6 is missing
-    assert enforced(fake, 4) == {BLOCK4} and enforced(fake, 6) == set()
-    driver.refresh_provider_fw_rules()
-    assert enforced(fake, 6) == {BLOCK6}
+        base.execute(plan, runner)
+    assert runner.ran == [("fill",), ("destroy", "scratch")]
 
 
-def test_after_someone_flushes_the_provider_chain_repair_restores_it(driver, fake):
-    db.provider_fw_rule_create(BLOCK4)
-    db.provider_fw_rule_create(WEB4)
-    driver.refresh_provider_fw_rules()
-    fake.run(4, "-F nova-provider")
-    assert enforced(fake) == set()
-    assert driver.repair_drift() is True
-    assert enforced(fake) == {BLOCK4, WEB4}
-    assert driver.repair_drift() is False
+def test_a_failed_call_runs_its_cleanup_and_raises_its_own_error():
+    runner = OrderRunner(refuse={("destroy", "scratch")})
+
+    def define():
+        raise exception.DriverError("libvirt refused the filter")
+
+    plan = base.Plan(None, chains=(base.Call(define, "define", cleanup=(("destroy", "scratch"),)),))
+    with pytest.raises(exception.DriverError, match="libvirt refused"):
+        base.execute(plan, runner)
+    assert runner.ran == [("destroy", "scratch")]
 
 
-def test_after_someone_deletes_the_jump_repair_puts_it_back_first(driver, fake):
-    db.provider_fw_rule_create(BLOCK4)
-    driver.refresh_provider_fw_rules()
-    fake.run(4, "-D FORWARD 1")
-    fake.run(4, "-A FORWARD -i eth0 -j ACCEPT")
-    fake.run(4, "-A FORWARD -j nova-provider")
-    assert driver.repair_drift() is True
-    assert fake.rules("FORWARD") == [JUMP, "-A FORWARD -i eth0 -j ACCEPT"]
+def test_a_failed_deletion_is_logged_and_left_for_the_next_apply(caplog):
+    runner = OrderRunner(refuse={("destroy", "a")})
+    plan = base.Plan(None, chains=(cmd("chain"),), deletions=(cmd("destroy", "a"), cmd("destroy", "b")))
+    with caplog.at_level(logging.WARNING, logger="provfw.virt.firewall.base"):
+        assert base.execute(plan, runner) is True
+    assert runner.ran[-1] == ("destroy", "b")
+    assert "deferred to the next apply" in caplog.text
 
 
-def test_repair_before_the_first_apply_does_nothing(driver, fake):
-    assert driver.repair_drift() is False
-    assert fake.calls == []
+def test_a_call_that_changed_nothing_makes_an_unchanged_apply():
+    plan = base.Plan(None, chains=(base.Call(lambda: False, "nothing to define"),))
+    assert base.execute(plan, OrderRunner()) is False
+    assert base.execute(base.Plan(None, chains=(base.Call(lambda: None, "define"),)), OrderRunner()) is True
 
 
-def test_repair_uses_what_was_applied_not_the_database(driver, fake):
-    db.provider_fw_rule_create(BLOCK4)
-    driver.refresh_provider_fw_rules()
-    db.provider_fw_rule_create(WEB4)            # not applied yet: no cast arrived
-    fake.run(4, "-F nova-provider")
-    driver.repair_drift()
-    assert enforced(fake) == {BLOCK4}
+# --------------------------------------------------------------------------- the base class's decisions
+
+class SetModel(base.PlannedFirewallDriver):
+    """A driver whose kernel is a Python set; its state is the frozenset it applied.
+
+    A delta is refused (None) when it would empty the kernel, as a set driver
+    refuses a group that empties; ``refuse_delta`` makes the kernel refuse
+    delta writes.
+    """
+
+    name = "set-model"
+
+    def __init__(self, conf):
+        super().__init__(conf, runner=OrderRunner())
+        self.kernel: set = set()
+        self.fulls = self.deltas = 0
+        self.refuse_delta = False
+        self.states_seen: list = []
+
+    def plan_full(self, desired):
+        self.fulls += 1
+        wanted = frozenset(desired)
+
+        def write():
+            changed = self.kernel != wanted
+            self.kernel = set(wanted)
+            return changed
+        return base.Plan(wanted, chains=(base.Call(write, "replace"),))
+
+    def plan_delta(self, added, removed, state, desired_count):
+        self.states_seen.append(state)
+        after = (state | set(added)) - set(removed)
+        if not after:
+            return None
+
+        def write():
+            if self.refuse_delta:
+                raise exception.DriverError("kernel refused the delta")
+            self.deltas += 1
+            self.kernel |= set(added)
+            self.kernel -= set(removed)
+        return base.Plan(frozenset(after), sets=(base.Call(write, "delta"),), mode="delta")
+
+    def plan_check(self, specs):
+        return base.Plan(None)
+
+    def teardown(self):
+        self.kernel.clear()
 
 
-def test_nova_local_contents_survive_every_apply(driver, fake):
-    fake.run(4, "-N nova-local")
-    fake.run(4, "-A nova-local -s 10.9.0.0/16 -j ACCEPT")
-    rule, _ = db.provider_fw_rule_create(BLOCK4)
-    driver.refresh_provider_fw_rules()
-    db.provider_fw_rule_create(WEB4)
-    driver.refresh_provider_fw_rules()
-    db.provider_fw_rule_destroy(rule.id)
-    driver.refresh_provider_fw_rules()
-    fake.run(4, "-F nova-provider")
-    driver.repair_drift()
-    assert fake.rules("nova-local") == ["-A nova-local -s 10.9.0.0/16 -j ACCEPT"]
-    assert all(":nova-local" not in call.input for call in fake.restores(4))
+@pytest.fixture
+def model(conf):
+    return SetModel(conf)
 
 
-def test_teardown_removes_provider_chain_and_jump_in_both_families(driver, fake):
-    fake.run(4, "-A FORWARD -i eth0 -j ACCEPT")
-    db.provider_fw_rule_create(BLOCK4)
-    db.provider_fw_rule_create(BLOCK6)
-    driver.refresh_provider_fw_rules()
-    driver.teardown()
-    for version in (4, 6):
-        assert not fake.has_chain("nova-provider", version)
-    assert fake.rules("FORWARD", 4) == ["-A FORWARD -i eth0 -j ACCEPT"] and fake.rules("FORWARD", 6) == []
-    assert driver.applied_generation is None and driver.rule_count == 0
+def test_first_call_is_a_full_plan_then_changes_are_deltas_and_the_state_comes_back(model):
+    rules = AppliedRules(model)
+    first = rules.block(BLOCK4)
+    assert (first.mode, first.changed, first.state) == ("full", True, frozenset({BLOCK4}))
+    second = rules.apply(added=[WEB4], removed=[BLOCK4])
+    assert second.mode == "delta" and second.state == frozenset({WEB4})
+    assert model.states_seen == [frozenset({BLOCK4})], "plan_delta got the state the full plan returned"
+    assert model.kernel == {WEB4} and model.fulls == 1
 
 
-@pytest.mark.parametrize("backend, tools", [
-    ("auto", {"iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"}),
-    ("legacy", {"iptables-legacy-save", "iptables-legacy-restore", "ip6tables-legacy-save",
-                "ip6tables-legacy-restore"}),
-    ("nft", {"iptables-nft-save", "iptables-nft-restore", "ip6tables-nft-save", "ip6tables-nft-restore"}),
-])
-def test_backend_option_selects_the_iptables_flavour(conf, sqlite_db, fake, backend, tools):
-    conf.set_override("backend", backend, group="iptables")
-    conf.set_override("wait_seconds", 3, group="iptables")
-    db.provider_fw_rule_create(BLOCK4)
-    firewall.IptablesFirewallDriver(conf, runner=fake).refresh_provider_fw_rules()
-    assert {c.cmd[0] for c in fake.calls} == tools
-    restore = fake.restores(4)[0].cmd
-    assert "--noflush" in restore and restore[restore.index("--wait") + 1] == "3"
-    flavour = "legacy" if backend == "legacy" else "nft"
-    assert enforced(fake, 4, flavour) == {BLOCK4}
+def test_nothing_changed_is_mode_none_without_planning(model):
+    rules = AppliedRules(model)
+    rules.block(BLOCK4)
+    applied = model.refresh_provider_fw_rules(firewall.RuleUpdate(frozenset({BLOCK4})), rules.state)
+    assert (applied.mode, applied.changed, applied.state) == ("none", False, rules.state)
+    assert model.fulls == 1 and model.states_seen == []
 
 
-def test_configured_chain_names_are_used(conf, sqlite_db, fake):
-    conf.set_override("provider_chain", "pfw-provider", group="iptables")
-    conf.set_override("local_chain", "pfw-local", group="iptables")
-    db.provider_fw_rule_create(BLOCK4)
-    firewall.IptablesFirewallDriver(conf, runner=fake).refresh_provider_fw_rules()
-    assert len(fake.rules("pfw-provider")) == 2 and fake.has_chain("pfw-local")
-    assert not fake.has_chain("nova-provider")
+def test_without_a_state_or_with_full_the_driver_plans_a_full_rebuild(model):
+    model.refresh_provider_fw_rules(firewall.RuleUpdate(frozenset({BLOCK4}), added=(BLOCK4,)), None)
+    applied = model.refresh_provider_fw_rules(
+        firewall.RuleUpdate(frozenset({BLOCK4, WEB4}), added=(WEB4,), full=True), frozenset({BLOCK4}))
+    assert applied.mode == "full" and model.fulls == 2 and model.states_seen == []
+    assert model.kernel == {BLOCK4, WEB4}
 
 
-def test_concurrent_refreshes_leave_one_consistent_chain(driver, fake):
-    for spec in EXTRA:
-        db.provider_fw_rule_create(spec)
-    errors = []
+def test_a_structural_change_the_driver_cannot_delta_becomes_a_full_plan(model):
+    rules = AppliedRules(model)
+    rules.block(BLOCK4)
+    applied = rules.unblock(BLOCK4)                     # the model refuses a delta that empties it
+    assert applied.mode == "full" and model.kernel == set() and model.fulls == 2
 
-    def refresh():
-        try:
-            driver.refresh_provider_fw_rules(full=True)
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
 
-    threads = [threading.Thread(target=refresh) for _ in range(4)]
+def test_a_delta_the_kernel_refuses_is_retried_once_as_a_full_plan(model, caplog):
+    rules = AppliedRules(model)
+    rules.block(BLOCK4)
+    model.refuse_delta = True
+    with caplog.at_level(logging.WARNING):
+        applied = rules.block(WEB4)
+    assert applied.mode == "full" and model.kernel == {BLOCK4, WEB4}
+    assert "delta refused" in caplog.text
+
+
+def test_a_failed_full_plan_raises_and_returns_no_state(model):
+    rules = AppliedRules(model)
+    rules.block(BLOCK4)
+
+    def refuse(desired):
+        raise exception.DriverError("kernel refused")
+
+    model.refuse_delta = True
+    model.plan_full = refuse
+    with pytest.raises(exception.DriverError):
+        rules.block(WEB4)
+    assert rules.desired == {BLOCK4} and rules.state == frozenset({BLOCK4})
+
+
+def test_repair_rebuilds_from_the_rules_it_is_given(model):
+    rules = AppliedRules(model)
+    rules.block(BLOCK4, WEB4)
+    model.kernel.discard(WEB4)                          # someone else changed the kernel
+    assert rules.repair().changed is True and model.kernel == {BLOCK4, WEB4}
+    assert rules.repair().changed is False
+
+
+def test_a_check_executes_the_check_plan_under_the_lock(conf):
+    ran = []
+
+    class Checked(SetModel):
+        def plan_check(self, specs):
+            return base.Plan(None, chains=(base.Call(lambda: ran.append(sorted(specs)), "check"),))
+
+    Checked(conf).check_provider_fw_rules([BLOCK4])
+    assert ran == [[BLOCK4]]
+
+
+def test_concurrent_refreshes_of_one_driver_are_serialised(conf):
+    inside, overlaps = [], []
+
+    class Slow(SetModel):
+        def plan_full(self, desired):
+            if inside:
+                overlaps.append(True)
+            inside.append(True)
+            try:
+                threading.Event().wait(0.02)
+                return super().plan_full(desired)
+            finally:
+                inside.pop()
+
+    driver = Slow(conf)
+    threads = [threading.Thread(target=driver.refresh_provider_fw_rules,
+                                args=(firewall.RuleUpdate.rebuild(frozenset({BLOCK4})),)) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    assert errors == []
-    assert enforced(fake) == set(EXTRA) and fake.rules("FORWARD") == [JUMP]
-    assert len(fake.restores(4)) == 1          # serialised: later applies found nothing to change
+        t.join(10)
+    assert overlaps == [] and driver.kernel == {BLOCK4}
 
 
-# --------------------------------------------------------------------------- expiry (controlled clock)
+# --------------------------------------------------------------------------- the seed's base and noop
 
-class Clock:
-    def __init__(self):
-        self.now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    clock = Clock()
-    monkeypatch.setattr(firewall, "utcnow", clock)
-    return clock
+def test_base_driver_does_nothing_itself():
+    driver = firewall.FirewallDriver()
+    with pytest.raises(NotImplementedError):
+        driver.refresh_provider_fw_rules(firewall.RuleUpdate(frozenset()))
+    with pytest.raises(NotImplementedError):
+        driver.check_provider_fw_rules([])
+    with pytest.raises(NotImplementedError):
+        driver.repair_drift(frozenset())
+    with pytest.raises(NotImplementedError):
+        driver.teardown()
 
 
-def test_rule_expires_on_the_host_without_the_database(driver, fake, clock, tmp_path):
-    expires = clock.now + datetime.timedelta(minutes=5)
-    db.provider_fw_rule_create(BLOCK4, expires_at=expires)
-    db.provider_fw_rule_create(WEB4)
-    driver.refresh_provider_fw_rules()
-    assert driver.next_expiry() == expires
-    assert driver.expire_rules() is None              # not yet
-    assert enforced(fake) == {BLOCK4, WEB4}
-
-    db.configure(f"sqlite:///{tmp_path}/missing-dir/none.sqlite")   # the database is gone
-    clock.now = expires + datetime.timedelta(seconds=1)
-    result = driver.expire_rules()
-    assert result is not None and result.mode == "expiry" and result.rule_count == 1
-    assert enforced(fake) == {WEB4}
-    assert driver.next_expiry() is None
-
-
-def test_already_expired_rule_is_never_applied(driver, fake, clock):
-    db.provider_fw_rule_create(BLOCK4, expires_at=clock.now - datetime.timedelta(seconds=1))
-    db.provider_fw_rule_create(WEB4)
-    result = driver.refresh_provider_fw_rules()
-    assert result.rule_count == 1 and enforced(fake) == {WEB4}
-
-
-# --------------------------------------------------------------------------- deltas (drivers with supports_delta)
-
-class SetModelDriver(firewall.ProviderFirewallBase):
-    """A delta-capable driver whose 'kernel' is a set, applying a delta as an ipset batch would:
-    every add line, then every del line."""
-
-    name = "set-model"
-    supports_delta = True
-
-    def __init__(self, conf):
-        super().__init__(conf, runner=FakeIptables())
-        self.kernel: set = set()
-        self.deltas: list[tuple[list, list]] = []
-        self.fulls = 0
-
-    def apply_full(self, specs):
-        self.fulls += 1
-        changed = self.kernel != set(specs)
-        self.kernel = set(specs)
-        return changed
-
-    def apply_delta(self, added, removed):
-        self.deltas.append((list(added), list(removed)))
-        self.kernel |= set(added)
-        self.kernel -= set(removed)
-        return True
-
-
-def test_delta_driver_reads_only_the_changes_after_the_first_full(conf, sqlite_db):
-    driver = SetModelDriver(conf)
-    rule, _ = db.provider_fw_rule_create(BLOCK4)
-    assert driver.refresh_provider_fw_rules().mode == "full"
-    db.provider_fw_rule_create(WEB4)
-    db.provider_fw_rule_destroy(rule.id)
-    result = driver.refresh_provider_fw_rules()
-    assert result.mode == "delta" and result.generation == db.provider_fw_generation_get()
-    assert driver.deltas == [([WEB4], [BLOCK4])]
-    assert driver.kernel == {WEB4} and driver.fulls == 1
-    assert driver.refresh_provider_fw_rules().mode == "none"
-
-
-def test_rule_deleted_and_created_again_between_refreshes_stays_enforced(conf, sqlite_db):
-    driver = SetModelDriver(conf)
-    rule, _ = db.provider_fw_rule_create(BLOCK4)
-    driver.refresh_provider_fw_rules()
-    db.provider_fw_rule_destroy(rule.id)
-    db.provider_fw_rule_create(BLOCK4, description="blocked again")
-    driver.refresh_provider_fw_rules()
-    for added, removed in driver.deltas:
-        assert not set(added) & set(removed), "a spec both added and removed in one delta"
-    assert driver.kernel == {BLOCK4}
-    assert driver.applied_specs() == [BLOCK4]
-
-
-def test_large_delta_becomes_a_full_rebuild(conf, sqlite_db):
-    conf.set_override("full_rebuild_delta", 2, group="sets")
-    driver = SetModelDriver(conf)
-    driver.refresh_provider_fw_rules()
-    db.provider_fw_rules_create_many(EXTRA)
-    result = driver.refresh_provider_fw_rules()
-    assert result.mode == "full" and driver.fulls == 2 and driver.deltas == []
-    assert driver.kernel == set(EXTRA)
-
-
-def test_failed_delta_keeps_bookkeeping_and_is_retried(conf, sqlite_db):
-    driver = SetModelDriver(conf)
-    driver.refresh_provider_fw_rules()
-    start = driver.applied_generation
-    db.provider_fw_rule_create(BLOCK4)
-
-    def refuse(added, removed):
-        raise exception.DriverError("kernel refused the batch")
-
-    driver.apply_delta, real = refuse, driver.apply_delta
-    with pytest.raises(exception.DriverError):
-        driver.refresh_provider_fw_rules()
-    assert driver.applied_generation == start and driver.applied_specs() == []
-    driver.apply_delta = real
-    driver.refresh_provider_fw_rules()
-    assert driver.kernel == {BLOCK4}
-
-
-def test_noop_driver_tracks_generations_without_a_kernel(conf, sqlite_db):
-    driver = firewall.NoopFirewallDriver(conf)
-    _, generation = db.provider_fw_rule_create(BLOCK4)
-    result = driver.refresh_provider_fw_rules()
-    assert result.generation == generation and result.rule_count == 1 and result.changed is False
-    assert driver.repair_drift() is False
+def test_noop_driver_counts_rules_and_touches_nothing(conf):
+    fake = FakeIptables()
+    rules = AppliedRules(firewall.NoopFirewallDriver(conf, runner=fake))
+    assert rules.block(BLOCK4, BLOCK6).state == 2
+    assert rules.unblock(BLOCK4).state == 1
+    assert rules.repair().changed is False and fake.calls == []
 
 
 # --------------------------------------------------------------------------- loading drivers
 
-@pytest.mark.parametrize("name, cls", [
-    ("iptables", firewall.IptablesFirewallDriver),
-    ("IptablesFirewallDriver", firewall.IptablesFirewallDriver),
-    ("noop", firewall.NoopFirewallDriver),
-    ("provfw.virt.firewall.NoopFirewallDriver", firewall.NoopFirewallDriver),
+@pytest.mark.parametrize("name, path", [
+    ("iptables", "provfw.virt.firewall.iptables.IptablesFirewallDriver"),
+    ("IptablesFirewallDriver", "provfw.virt.firewall.iptables.IptablesFirewallDriver"),
+    ("noop", "provfw.virt.firewall.base.NoopFirewallDriver"),
+    ("ipset", "provfw.virt.firewall.ipset.IpsetFirewallDriver"),
+    ("nftables", "provfw.virt.firewall.nftables.NftablesFirewallDriver"),
+    ("iptc", "provfw.virt.firewall.iptc.IptcFirewallDriver"),
+    ("provfw.virt.firewall.base.NoopFirewallDriver", "provfw.virt.firewall.base.NoopFirewallDriver"),
 ])
-def test_firewall_driver_is_loaded_by_alias_or_dotted_path(conf, name, cls):
+def test_firewall_driver_is_loaded_by_alias_or_dotted_path(conf, name, path):
     conf.set_override("firewall_driver", name, group="compute")
-    assert type(firewall.load_firewall_driver(conf)) is cls
+    driver = firewall.load_firewall_driver(conf)
+    assert f"{type(driver).__module__}.{type(driver).__name__}" == path
 
 
-@pytest.mark.parametrize("name", ["nosuch", "provfw.virt.firewall.NoSuchDriver", "provfw.nosuch.Driver"])
-def test_unknown_firewall_driver_is_a_config_error(conf, name):
+def test_the_nwfilter_entry_points_name_the_nwfilter_driver():
+    from provfw.virt.firewall.nwfilter import NWFilterFirewall
+
+    assert firewall.driver_class("nwfilter") is firewall.driver_class("NWFilterFirewall") is NWFilterFirewall
+
+
+@pytest.mark.parametrize("name", ["nosuch", "provfw.virt.firewall.base.NoSuchDriver", "provfw.nosuch.Driver",
+                                  "provfw.virt.firewall.base.RuleUpdate"])
+def test_unknown_firewall_driver_is_a_config_error_naming_it(conf, name):
     conf.set_override("firewall_driver", name, group="compute")
     with pytest.raises(exception.ConfigError) as info:
         firewall.load_firewall_driver(conf)

@@ -1,4 +1,5 @@
-"""Pure iptables functions: rule rendering, iptables-save parsing, and the restore transaction (provfw.virt.iptables).
+"""Pure iptables functions: rule rendering, iptables-save parsing, and the restore transaction
+(provfw.virt.firewall.iptables).
 
 The restore tests apply what ``build_restore`` returns to ``FakeIptables``,
 which interprets it the way iptables-restore --noflush does, and then look at
@@ -13,7 +14,7 @@ import pytest
 
 from provfw import names
 from provfw.rules import make_spec
-from provfw.virt import iptables
+from provfw.virt.firewall import iptables
 from tests.lib.fake_iptables import FakeIptables
 
 LAYOUT = iptables.ChainLayout()

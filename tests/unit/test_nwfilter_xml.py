@@ -1,4 +1,4 @@
-"""nwfilter XML rendering, parsing and the ipset-mode restore script, as tables."""
+"""nwfilter XML rendering and parsing, as tables (the host sets of ipset mode: tests/unit/test_ipset.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 
 from provfw import exception
 from provfw.rules import make_spec
-from provfw.virt import nwfilter_xml as nwx
-from provfw.virt.nwfilter import HostIpsets, parse_ipset_save
+from provfw.virt.firewall import nwfilter_xml as nwx
 
 # (cidr, protocol, from_port, to_port) -> (element, attributes) libvirt must receive
 RULE_TABLE = [
@@ -144,8 +143,8 @@ def test_ipset_mode_puts_protocol_all_cidrs_in_one_set_per_family_and_keeps_the_
     specs = [make_spec("10.0.0.0/8"), make_spec("192.0.2.1"), make_spec("2001:db8::/32"),
              make_spec("198.51.100.0/24", "tcp", 22), make_spec("2001:db8:1::/48", "icmp", 128)]
     rules, sets = nwx.provider_rules(specs, True, lambda key: f"pfn{key.version}-{key.protocol}")
-    assert sets == {"pfn4-all": nwx.SetSpec("inet", ("10.0.0.0/8", "192.0.2.1/32")),
-                    "pfn6-all": nwx.SetSpec("inet6", ("2001:db8::/32",))}
+    assert sets == {nwx.GroupKey(4, "all", -1, -1): ["10.0.0.0/8", "192.0.2.1/32"],
+                    nwx.GroupKey(6, "all", -1, -1): ["2001:db8::/32"]}
     assert rules == (nwx.group_rule(nwx.GroupKey(4, "all", -1, -1), "pfn4-all"),
                      nwx.group_rule(nwx.GroupKey(6, "all", -1, -1), "pfn6-all"),
                      nwx.spec_rule(specs[3]), nwx.spec_rule(specs[4]))
@@ -198,118 +197,3 @@ def test_binding_document_has_what_libvirt_requires():
     assert root.find("mac").get("address") == "52:54:00:00:00:01"
     assert root.find("filterref").get("filter") == "nova-instance-42"
     assert root.find("filterref/parameter").attrib == {"name": "IP", "value": "192.0.2.5"}
-
-
-# ---------------------------------------------------------------- host ipsets (ipset mode)
-
-class _SetsConf:
-    min_set_size = 1024
-    headroom = 2.0
-    full_rebuild_delta = 3
-
-
-def _ipsets() -> HostIpsets:
-    return HostIpsets(runner=None, prefix="pfn", sets_conf=_SetsConf())
-
-
-def _info(*members, maxelem=1024, family="inet", type="hash:net"):
-    return parse_ipset_save(
-        f"create S {type} family {family} hashsize 1024 maxelem {maxelem} bucketsize 12 initval 0x1\n"
-        + "".join(f"add S {m}\n" for m in members))
-
-
-def test_ipset_save_parsing_gives_every_member_a_prefix():
-    info = _info("192.0.2.1", "10.0.0.0/8")
-    assert (info.type, info.family, info.maxelem) == ("hash:net", "inet", 1024)
-    assert info.members == {"192.0.2.1/32", "10.0.0.0/8"}
-
-
-def test_a_new_set_is_created_with_headroom_and_filled():
-    lines = _ipsets().build_restore({"pfn4-all-any": nwx.SetSpec("inet", ("10.0.0.0/8",))}, set(), {})
-    assert lines == ["create pfn4-all-any hash:net family inet maxelem 1024", "add pfn4-all-any 10.0.0.0/8"]
-
-
-def test_an_unchanged_set_writes_nothing():
-    desired = {"S": nwx.SetSpec("inet", ("192.0.2.1/32",))}
-    assert _ipsets().build_restore(desired, {"S"}, {"S": _info("192.0.2.1")}) == []
-
-
-def test_a_small_change_adds_before_it_deletes():
-    lines = _ipsets().build_restore({"S": nwx.SetSpec("inet", ("192.0.2.1/32", "192.0.2.3/32"))}, {"S"},
-                                    {"S": _info("192.0.2.1", "192.0.2.2")})
-    assert lines == ["add S 192.0.2.3/32", "del S 192.0.2.2/32"]
-
-
-def test_a_large_change_rebuilds_through_a_temporary_set_and_swap_never_a_flush():
-    want = [f"192.0.2.{i}/32" for i in range(10, 20)]
-    lines = _ipsets().build_restore({"S": nwx.SetSpec("inet", tuple(want))}, {"S"}, {"S": _info("192.0.2.1")})
-    assert lines[0] == "create S-t hash:net family inet maxelem 1024"
-    assert lines[-2:] == ["swap S-t S", "destroy S-t"]
-    assert sorted(lines[1:-2]) == sorted(f"add S-t {c}" for c in want)
-    assert not any(line.startswith(("flush", "destroy S\n")) or line == "destroy S" for line in lines)
-
-
-def test_a_set_that_would_overflow_is_rebuilt_bigger():
-    want = ["192.0.2.1/32", "192.0.2.2/32"]
-    lines = _ipsets().build_restore({"S": nwx.SetSpec("inet", tuple(want))}, {"S"},
-                                    {"S": _info("192.0.2.1", maxelem=1)})
-    assert lines[0] == "create S-t hash:net family inet maxelem 1024" and "swap S-t S" in lines
-
-
-def test_a_temporary_set_left_by_an_interrupted_rebuild_is_destroyed_first():
-    lines = _ipsets().build_restore({}, {"pfn4-tcp-1-65535-t"}, {})
-    assert lines == ["destroy pfn4-tcp-1-65535-t"]
-
-
-def test_set_ownership_is_by_prefix_and_family_marker():
-    sets = _ipsets()
-    assert sets.owns("pfn4-tcp-1-65535") and sets.owns("pfn6-all-any-t")
-    assert not sets.owns("pfw4-tcp-1-65535") and not sets.owns("pfnx4-all-any") and not sets.owns("pfn")
-
-
-def test_too_long_prefix_is_a_config_error():
-    with pytest.raises(exception.ConfigError):
-        HostIpsets(runner=None, prefix="x" * 17, sets_conf=_SetsConf())
-
-
-# ---------------------------------------------------------------- the driver's delta decision
-
-@pytest.fixture
-def ipset_driver(conf):
-    from provfw.virt.nwfilter import NWFilterFirewall
-
-    conf.set_override("match_mode", "ipset", group="libvirt")
-    driver = NWFilterFirewall(conf, runner=None, get_connection=lambda: None)
-    # As after a full apply that put 2 IPv4 and 1 IPv6 protocol-all CIDRs in sets and one tcp rule per CIDR.
-    driver._rules = {make_spec("192.0.2.1"): None, make_spec("192.0.2.2"): None,
-                     make_spec("2001:db8::1"): None, make_spec("198.51.100.0/24", "tcp", 22): None}
-    driver.match_mode = "ipset"
-    driver._referenced_sets = frozenset({"pfn4-all-any", "pfn6-all-any"})
-    driver._set_sizes = {"pfn4-all-any": 2, "pfn6-all-any": 1}
-    return driver
-
-
-def test_a_new_member_of_an_existing_set_is_a_set_update_only(ipset_driver):
-    plan = ipset_driver._set_member_plan(5, [make_spec("203.0.113.9")], [make_spec("192.0.2.1")])
-    assert plan == ({"pfn4-all-any": ["203.0.113.9/32"]}, {"pfn4-all-any": ["192.0.2.1/32"]},
-                    {"pfn4-all-any": 2, "pfn6-all-any": 1})
-
-
-@pytest.mark.parametrize("added,removed", [
-    ([make_spec("203.0.113.0/24", "tcp", 80)], []),           # not set-matchable: the filter changes
-    ([], [make_spec("2001:db8::1")]),                          # the IPv6 set would empty: its rule goes
-])
-def test_changes_that_alter_the_filter_take_the_full_path(ipset_driver, added, removed):
-    assert ipset_driver._set_member_plan(4, added, removed) is None
-
-
-def test_a_group_the_filter_does_not_reference_yet_takes_the_full_path(ipset_driver):
-    ipset_driver._referenced_sets = frozenset({"pfn4-all-any"})
-    assert ipset_driver._set_member_plan(5, [make_spec("2001:db8::2")], []) is None
-
-
-def test_rules_mode_or_a_switch_of_mode_takes_the_full_path(ipset_driver, conf):
-    conf.set_override("match_mode", "auto", group="libvirt")
-    conf.set_override("ipset_threshold", 4, group="libvirt")
-    assert ipset_driver._set_member_plan(4, [], [make_spec("192.0.2.1")]) is None     # 4 rules: back to rules
-    assert ipset_driver._set_member_plan(5, [make_spec("203.0.113.9")], []) is not None

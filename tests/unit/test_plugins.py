@@ -17,7 +17,7 @@ SETUP_CFG = os.path.join(os.path.dirname(__file__), "..", "..", "setup.cfg")
 NAMESPACES = ("provfw.compute_drivers", "provfw.firewall_drivers")
 
 
-class RecordingDriver:
+class RecordingDriver(firewall.FirewallDriver):
     """A driver no entry point declares: reachable only by its dotted path."""
 
     def __init__(self, **kwargs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 
 import pytest
@@ -58,6 +59,17 @@ REFUSED_CIDRS = [
     (None, "non-empty string"),
     (167772161, "non-empty string"),                         # an int is not an address here
     (["10.0.0.0/8"], "non-empty string"),
+    # Only a plain network: ipaddress accepts these, the kernel tools (or our canonical form) do not.
+    ("fe80::1%eth0", "no scope id"),                         # the scope id survived into the stored CIDR
+    ("fe80::1%eth0/64", "no scope id"),
+    ("192.0.2.0/255.255.255.0", "no netmask"),               # netmask and hostmask forms
+    ("192.0.2.0/0.0.0.255", "no netmask"),
+    ("192.0.2.0/024", "not a valid"),                        # zero-padded prefix
+    ("::/0128", "not a valid"),                              # ipaddress reads this as ::/128
+    ("١٩٢.0.2.1", "not a valid"),                            # Unicode digits
+    ("192.0.2.1/٢٤", "not a valid"),
+    ("192.0.2.1 /24", "not a valid"),
+    ("f" * 50, "not a valid"),                               # longer than any address
 ]
 
 
@@ -170,8 +182,9 @@ def test_spec_from_body_defaults_to_all_protocols():
     assert rules.spec_from_body({"cidr": "203.0.113.9"}) == RuleSpec("203.0.113.9/32", "all", ANY, ANY)
 
 
-@pytest.mark.parametrize("value, ok", [(None, True), ("spam source", True), ("x" * 255, True),
-                                       ("x" * 256, False), (42, False)])
+@pytest.mark.parametrize("value, ok", [(None, True), ("spam source", True), ("x" * 255, True), ("😀" * 255, True),
+                                       ("x" * 256, False), (42, False), ("a\x00b", False), ("two\nlines", False),
+                                       ("\x1b[2J", False), ("\x9b31m", False), ("tab\there", False)])
 def test_description_is_an_optional_short_string(value, ok):
     if ok:
         assert rules.validate_description(value) == value
@@ -234,3 +247,64 @@ def test_bad_protected_network_config_fails_loudly():
     with pytest.raises(exception.ConfigError) as info:
         rules.parse_protected_networks(["10.0.0.0/8", "mgmt-net"])
     assert "mgmt-net" in str(info.value)
+
+
+# --------------------------------------------------------------------------- expiry
+
+NOW = datetime.datetime(2026, 6, 1, 12, 0, 0)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2026-12-01T00:00:00Z", datetime.datetime(2026, 12, 1)),
+    ("2026-12-01t00:00:00z", datetime.datetime(2026, 12, 1)),
+    ("2026-12-01T02:30:00+02:30", datetime.datetime(2026, 12, 1)),
+    ("2026-11-30T19:00:00-05:00", datetime.datetime(2026, 12, 1)),
+    ("2026-12-01T00:00:00.5Z", datetime.datetime(2026, 12, 1, 0, 0, 0, 500000)),
+    ("2026-12-01T00:00:00.123456789Z", datetime.datetime(2026, 12, 1, 0, 0, 0, 123456)),   # truncated to us
+])
+def test_an_rfc3339_time_in_any_offset_becomes_naive_utc(text, expected):
+    assert rules.parse_timestamp(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "2026-12-01T00:00:00",            # no offset: a different instant on every machine
+    "2026-12-01 00:00:00Z",           # RFC 3339 ABNF needs the T
+    "2026-12-01",
+    "20261201T000000Z",               # ISO 8601 basic format, not RFC 3339
+    "2026-12-01T00:00Z",
+    "2026-13-01T00:00:00Z",
+    "2026-02-30T00:00:00Z",
+    "2026-12-01T00:00:60Z",           # leap second: not representable
+    "2026-12-01T00:00:00+24:00",
+    "0001-01-01T00:00:00+14:00",      # before year 1 in UTC (OverflowError inside)
+    "9999-12-31T23:59:59-14:00",      # after year 9999 in UTC
+    "٢٠٢٦-12-01T00:00:00Z",
+    "2026-12-01T00:00:00Z\n",
+    42,
+])
+def test_anything_but_an_rfc3339_time_with_an_offset_is_refused_naming_the_field(text):
+    with pytest.raises(exception.InvalidInput) as info:
+        rules.parse_timestamp(text)
+    assert info.value.field == "expires_at"
+
+
+def test_expiry_is_ttl_or_expires_at_ahead_and_within_ten_years():
+    assert rules.expiry(now=NOW) is None
+    assert rules.expiry(ttl=60, now=NOW) == NOW + datetime.timedelta(seconds=60)
+    assert rules.expiry(ttl=60.0, now=NOW) == NOW + datetime.timedelta(seconds=60)
+    assert rules.expiry(expires_at="2026-06-01T12:00:01Z", now=NOW) == NOW + datetime.timedelta(seconds=1)
+    assert rules.expiry(ttl=rules.MAX_LIFETIME, now=NOW) == NOW + datetime.timedelta(seconds=rules.MAX_LIFETIME)
+    far = (NOW + datetime.timedelta(seconds=rules.MAX_LIFETIME + 1)).isoformat() + "Z"
+    for kwargs, field, fragment in [
+        ({"ttl": 0}, "ttl", "between 1 and"),
+        ({"ttl": rules.MAX_LIFETIME + 1}, "ttl", "between 1 and"),
+        ({"ttl": 1.5}, "ttl", "integer"),
+        ({"ttl": True}, "ttl", "integer"),
+        ({"expires_at": "2026-06-01T12:00:00Z"}, "expires_at", "in the past"),
+        ({"expires_at": far}, "expires_at", "ten years"),
+        ({"expires_at": "9999-12-31T23:59:59Z"}, "expires_at", "ten years"),
+        ({"ttl": 60, "expires_at": "2027-01-01T00:00:00Z"}, "ttl", "not both"),
+    ]:
+        with pytest.raises(exception.InvalidInput) as info:
+            rules.expiry(now=NOW, **kwargs)
+        assert info.value.field == field and fragment in str(info.value), kwargs

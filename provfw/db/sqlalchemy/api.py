@@ -216,6 +216,21 @@ def _not_expired(now: datetime.datetime):
     return sa.or_(ProviderFirewallRule.expires_at.is_(None), ProviderFirewallRule.expires_at > now)
 
 
+def _in_force(now: datetime.datetime):
+    """Live and not yet expired: what the API shows.  An expired row stays live (deleted = 0) until the purge
+    retires it, but no host enforces it from its expiry on, so from then on no listing shows it either."""
+    return sa.and_(_live(), _not_expired(now))
+
+
+MAX_ID = 2**63 - 1
+
+
+def _storable_id(value) -> bool:
+    # SQLite raises OverflowError binding an integer past 64 bits (PostgreSQL and MariaDB find nothing):
+    # an id no row can have is simply not found, the same on every database.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
+
+
 # --------------------------------------------------------------------------- rules
 
 @dataclasses.dataclass(frozen=True)
@@ -630,9 +645,12 @@ def _soft_delete(session: Session, ids: Iterable[int], generation: int, now: dat
 
 
 def provider_fw_rule_get(rule_id: int) -> ProviderFirewallRule:
-    """Return the live rule ``rule_id`` or raise RuleNotFound."""
+    """Return the live, unexpired rule ``rule_id`` or raise RuleNotFound."""
+    if not _storable_id(rule_id):
+        raise exception.RuleNotFound(rule_id)
     with _session() as session:
-        row = session.scalars(select(ProviderFirewallRule).where(ProviderFirewallRule.id == rule_id, _live())).first()
+        row = session.scalars(select(ProviderFirewallRule)
+                              .where(ProviderFirewallRule.id == rule_id, _in_force(_now()))).first()
     if row is None:
         raise exception.RuleNotFound(rule_id)
     return row
@@ -659,8 +677,8 @@ def _has_source(source: str):
 
 def provider_fw_rule_get_all(cidr: str | None = None, protocol: str | None = None, limit: int | None = None,
                              marker: int | None = None, source: str | None = None) -> list[ProviderFirewallRule]:
-    """Live rules ordered by id; ``marker`` is the last id of the previous page; ``source`` filters."""
-    query = select(ProviderFirewallRule).where(_live()).order_by(ProviderFirewallRule.id)
+    """Live, unexpired rules ordered by id; ``marker`` is the last id of the previous page; ``source`` filters."""
+    query = select(ProviderFirewallRule).where(_in_force(_now())).order_by(ProviderFirewallRule.id)
     if cidr is not None:
         query = query.where(ProviderFirewallRule.cidr == cidr)
     if protocol is not None:
@@ -668,7 +686,7 @@ def provider_fw_rule_get_all(cidr: str | None = None, protocol: str | None = Non
     if source is not None:
         query = query.where(_has_source(source))
     if marker is not None:
-        query = query.where(ProviderFirewallRule.id > marker)
+        query = query.where(ProviderFirewallRule.id > min(marker, MAX_ID))
     if limit is not None:
         query = query.limit(limit)
     with _session() as session:
@@ -771,18 +789,21 @@ def _release(session: Session, rows: Sequence, source: str | None, generation: i
 
 
 def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None, source: str | None = None) -> Changes:
-    """Delete one live rule, or with ``source`` only that source's wish for it; return the change.
+    """Delete one live, unexpired rule, or with ``source`` only that source's wish for it; return the change.
 
     Without ``source`` the rule goes whoever wants it (a feed that still
     lists it adds it again on its next sync).  With ``source`` the rule
     stays while another source wants it (its expiry may become earlier: the
-    latest remaining wish).  RuleNotFound if it is not live; NotFound if it
-    does not have ``source``.
+    latest remaining wish).  RuleNotFound if it is not live or has expired
+    (already out of force; the purge retires its row); NotFound if it does
+    not have ``source``.
     """
     now = _now()
+    if not _storable_id(rule_id):
+        raise exception.RuleNotFound(rule_id)
     with _session() as session, session.begin():
         generation = _bump_generation(session)
-        row = session.execute(select(*_RULE_COLUMNS).where(ProviderFirewallRule.id == rule_id, _live())).first()
+        row = session.execute(select(*_RULE_COLUMNS).where(ProviderFirewallRule.id == rule_id, _in_force(now))).first()
         if row is None:
             raise exception.RuleNotFound(rule_id)
         changes, items = _release(session, [row], source, generation, now, audit.actor if audit else None)
@@ -792,14 +813,14 @@ def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None, source: s
 
 
 def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None, source: str | None = None) -> Changes:
-    """Delete every live rule of ``cidr`` (with ``source``: that source's wish for each); return the change.
+    """Delete every live, unexpired rule of ``cidr`` (with ``source``: that source's wish for each); return the change.
 
     NotFound when there is none (with ``source``: none that ``source`` wants).
     """
     now = _now()
     with _session() as session, session.begin():
         generation = _bump_generation(session)
-        query = select(*_RULE_COLUMNS).where(ProviderFirewallRule.cidr == cidr, _live())
+        query = select(*_RULE_COLUMNS).where(ProviderFirewallRule.cidr == cidr, _in_force(now))
         if source is not None:
             query = query.where(_has_source(source))
         rows = session.execute(query.order_by(ProviderFirewallRule.id)).all()
@@ -844,10 +865,10 @@ def provider_fw_rule_purge_expired(now: datetime.datetime | None = None, older_t
 
 
 def provider_fw_distinct_cidrs() -> list[tuple[str, int]]:
-    """Every CIDR with at least one live rule, with its rule count."""
+    """Every CIDR with at least one live, unexpired rule, with its count of such rules."""
     with _session() as session:
         rows = session.execute(select(ProviderFirewallRule.cidr, func.count())
-                               .where(_live()).group_by(ProviderFirewallRule.cidr)
+                               .where(_in_force(_now())).group_by(ProviderFirewallRule.cidr)
                                .order_by(ProviderFirewallRule.cidr))
         return [(cidr, count) for cidr, count in rows]
 
@@ -1238,13 +1259,28 @@ def _hash_token(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def api_token_create(name: str, role: str) -> str:
-    """Create a token; return its secret (shown once; only its hash is stored)."""
+TOKEN_PREFIX = "pfw_"
+
+
+def new_token_secret() -> str:
+    """A fresh token secret: ``pfw_`` and 256 random bits, URL-safe base64."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def api_token_create(name: str, role: str, secret: str | None = None) -> str:
+    """Create a token; return its secret (shown once; only its hash is stored).
+
+    ``secret`` (from ``new_token_secret``) stores a secret the caller already holds, e.g. one written to a
+    file first so that a crash between the two steps loses nothing.  Raises Conflict if ``name`` is taken.
+    """
     if role not in ("admin", "reader"):
         raise exception.InvalidInput("role", "must be 'admin' or 'reader'")
     if not name or len(name) > 255:
         raise exception.InvalidInput("name", "must be 1-255 characters")
-    secret = "pfw_" + secrets.token_urlsafe(32)
+    if secret is not None and (not secret.startswith(TOKEN_PREFIX) or not 36 <= len(secret) <= 512
+                               or not secret.isascii() or not secret.isprintable() or " " in secret):
+        raise exception.InvalidInput("secret", "must be a secret made by new_token_secret()")
+    secret = secret or new_token_secret()
     try:
         with _session() as session, session.begin():
             session.add(ApiToken(name=name, role=role, token_hash=_hash_token(secret)))
@@ -1253,10 +1289,13 @@ def api_token_create(name: str, role: str) -> str:
     return secret
 
 
-def api_token_get_by_secret(secret: str) -> ApiToken | None:
+def api_token_get_by_secret(secret: str, include_revoked: bool = False) -> ApiToken | None:
+    """The active token whose secret is ``secret`` (or, with ``include_revoked``, any token it ever was)."""
+    query = select(ApiToken).where(ApiToken.token_hash == _hash_token(secret))
+    if not include_revoked:
+        query = query.where(ApiToken.revoked_at.is_(None))
     with _session() as session:
-        return session.scalars(select(ApiToken).where(ApiToken.token_hash == _hash_token(secret),
-                                                      ApiToken.revoked_at.is_(None))).first()
+        return session.scalars(query).first()
 
 
 def api_token_get_all() -> list[ApiToken]:

@@ -49,7 +49,8 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Collection, Iterable, Sequence, Union
+import types
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence, Union
 
 from oslo_config import cfg
 
@@ -119,14 +120,16 @@ class Command:
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-    """Run ``func()`` (a libvirt define, a libiptc helper...).
+    """Run ``func()`` (a libvirt define, a filterref update...).
 
     ``func`` returns whether it changed anything (``None`` counts as a
-    change); it raises ``DriverError`` on failure.
+    change); it raises ``DriverError`` on failure.  ``cleanup`` commands run
+    (unchecked, through the runner) when it fails, as for ``Command``.
     """
 
     func: Callable[[], Any]
     what: str
+    cleanup: tuple[tuple[str, ...], ...] = ()
 
     def describe(self) -> str:
         return self.what
@@ -174,16 +177,26 @@ def execute(plan: Plan, runner: runner_mod.Runner) -> bool:
 
 
 def _run(step: Step, runner: runner_mod.Runner) -> bool:
-    if isinstance(step, Call):
-        result = step.func()
-        return True if result is None else bool(result)
     try:
+        if isinstance(step, Call):
+            result = step.func()
+            return True if result is None else bool(result)
         runner(list(step.argv), input=step.input)
-    except exception.ProcessExecutionError:
+        return True
+    except Exception:
+        # Scratch objects the failed step left (a half-filled set) must not outlive it;
+        # a cleanup that fails too must not hide the step's own error.
         for cleanup in step.cleanup:
-            runner(list(cleanup), check=False)
+            try:
+                runner(list(cleanup), check=False)
+            except exception.DriverError as exc:
+                LOG.warning("cleanup %s failed: %s", " ".join(cleanup[:4]), exc)
         raise
-    return True
+
+
+def frozen_mapping(mapping: Mapping) -> Mapping:
+    """A read-only view of a private copy, for driver states: a state handed out never changes under its holder."""
+    return types.MappingProxyType(dict(mapping))
 
 
 # --------------------------------------------------------------------------- drivers

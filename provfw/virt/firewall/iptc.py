@@ -4,26 +4,33 @@ Design
 ------
 For hosts that run LEGACY iptables (x_tables, ``iptables-legacy``) and want
 the chains written through libiptc rather than by ``iptables-restore``.  The
-sets are exactly the ``IpsetFirewallDriver``'s (hash:net per match key,
-temp-set swap for rebuilds, one ``ipset restore -exist`` per delta); only the
-chain step differs: the ``nova-provider`` chain (one ``-m set`` rule per group
-and the jump to nova-local) and FORWARD's first-rule jump are computed as
-data, compared with what libiptc reads by hash comment, and - when they
-differ - written as ONE table commit (``table.autocommit = False`` ...
+sets are exactly the ``IpsetFirewallDriver``'s (``firewall.ipset``: hash:net
+per match key, temp set + swap for rebuilds, one ``ipset restore -exist``
+per delta, ``SetsState`` between calls); only the chain step differs: the
+``nova-provider`` chain (one ``-m set`` rule per group and the jump to
+nova-local) and FORWARD's first-rule jump are computed as data, compared
+with ``iptables-legacy-save`` by hash comment, and - when they differ -
+written as ONE table commit (``table.autocommit = False`` ...
 ``table.commit()``): libiptc builds the whole filter table and replaces it
 with one ``IPT_SO_SET_REPLACE``, atomically, never rule by rule.
 
 *Namespaces.*  python-iptables has no network-namespace support and keeps
 process-global state (libiptc handles, loaded xtables extensions).  The
-chain step therefore runs in a short-lived helper process, this module run
-as ``python -m provfw.virt.iptc_driver``, started through the driver's
-``Runner``: with ``[compute] dataplane_netns`` set that is ``ip netns exec NS
-python -m ...``, so the helper lives in the namespace from its first
-instruction and the worker process itself never changes namespace.  The
-helper reads a JSON request on stdin and prints a JSON answer.  A helper
-costs ~0.1 s of start-up per chain write; chain writes happen only when the
-set of groups changes or the chain drifted, never for a CIDR added to an
-existing group.
+chain step is therefore a plan ``Command`` that runs a short-lived helper,
+this module run as ``python -m provfw.virt.firewall.iptc``, through the
+driver's ``Runner``: with ``[compute] dataplane_netns`` set that is ``ip
+netns exec NS python -m ...``, so the helper lives in the namespace from its
+first instruction and the worker process itself never changes namespace.
+The helper reads a JSON request on stdin and prints a JSON answer; a failed
+commit exits non-zero, which the runner turns into ``DriverError``.  A
+helper costs ~0.1-1 s of start-up per chain write; chain writes happen only
+when the set of groups changes or the chain drifted, never for a CIDR added
+to an existing group.
+
+*Checks.*  ``plan_check`` fills the ipset driver's scratch sets and asks the
+helper to build the group rules into a scratch chain WITHOUT committing
+(``action: check``): libiptc and the xtables extensions parse every rule,
+the table is never replaced, and the scratch sets are destroyed after.
 
 *Legacy only.*  libiptc speaks the x_tables socket API, so the rules land in
 the legacy tables (``iptables-legacy-save`` shows them); on a host whose
@@ -31,7 +38,7 @@ the legacy tables (``iptables-legacy-save`` shows them); on a host whose
 ``iptables-save`` and to whoever manages FORWARD there - use the ipset or
 nftables driver on such hosts.
 
-Thread-safety: as ``IpsetFirewallDriver``; the helper process is per apply.
+Thread-safety: as ``IpsetFirewallDriver``; the helper process is per step.
 """
 
 from __future__ import annotations
@@ -39,25 +46,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from typing import Iterable
+from typing import Iterable, Mapping
 
-from provfw import exception, names
+from provfw import names
 from provfw.rules import ANY
-from provfw.virt import iptables, sets
-from provfw.virt.ipset_driver import IpsetFirewallDriver, desired_chain
+from provfw.virt.firewall import base, iptables
+from provfw.virt.firewall.ipset import IpsetFirewallDriver
+from provfw.virt.firewall.sets import MatchKey
+
+LEGACY = iptables.Tools("legacy")
 
 
-def desired_rules(keys: Iterable[sets.MatchKey], version: int, layout: iptables.ChainLayout) -> list[dict]:
+def desired_rules(keys: Iterable[MatchKey], version: int, layout: iptables.ChainLayout, set_name,
+                  tail: bool = True) -> list[dict]:
     """The provider chain of one family as plain data the helper turns into libiptc rules.
 
-    Comments are the ipset driver's, so switching between the two drivers on
-    one host rewrites nothing.
+    ``set_name(key)`` names each group's set.  Comments are the ipset
+    driver's (``iptables.set_rule_comment``), so switching between the two
+    drivers on one host rewrites nothing.
     """
     rules = []
     for key in sorted(k for k in keys if k.version == version):
-        name = sets.ipset_name(key)
-        rule = {"set": name, "target": "DROP",
-                "comment": names.rule_comment("set-drop", name, *dataclasses.astuple(key))}
+        name = set_name(key)
+        rule = {"set": name, "target": "DROP", "comment": iptables.set_rule_comment(key, name)}
         if key.protocol in ("tcp", "udp"):
             rule["protocol"] = key.protocol
             rule["dport"] = (str(key.from_port) if key.from_port == key.to_port
@@ -68,12 +79,13 @@ def desired_rules(keys: Iterable[sets.MatchKey], version: int, layout: iptables.
             if key.from_port != ANY:
                 rule["icmp_type"] = str(key.from_port) + (f"/{key.to_port}" if key.to_port != ANY else "")
         rules.append(rule)
-    rules.append({"target": layout.local, "comment": iptables.tail_comment(layout)})
+    if tail:
+        rules.append({"target": layout.local, "comment": iptables.tail_comment(layout)})
     return rules
 
 
-def helper_command() -> list[str]:
-    return [sys.executable, "-m", "provfw.virt.iptc_driver"]
+def helper_command() -> tuple[str, ...]:
+    return (sys.executable, "-m", "provfw.virt.firewall.iptc")
 
 
 class IptcFirewallDriver(IpsetFirewallDriver):
@@ -81,36 +93,37 @@ class IptcFirewallDriver(IpsetFirewallDriver):
 
     name = "iptc"
 
-    def _helper(self, request: dict) -> dict:
-        out = self.runner(helper_command(), input=json.dumps(request))
-        try:
-            return json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise exception.DriverError(f"iptc helper answered {out[:500]!r}") from None
+    def _helper_step(self, request: dict, what: str, cleanup: tuple = ()) -> base.Command:
+        return base.Command(helper_command(), json.dumps(request), cleanup=cleanup, what=what)
 
     def _layout_dict(self) -> dict:
         return dataclasses.asdict(self.layout)
 
-    def legacy_chains(self, version: int) -> iptables.TableState:
-        """The legacy filter table as ``ip[6]tables-legacy-save`` prints it (what libiptc writes)."""
-        tool = "iptables-legacy-save" if version == 4 else "ip6tables-legacy-save"
-        return iptables.parse_save(self.runner([tool, "-t", "filter"]))
-
-    def write_chains(self, keys: Iterable[sets.MatchKey]) -> bool:
+    def chain_steps(self, keys: Iterable[MatchKey]) -> tuple[base.Step, ...]:
         keys = list(keys)
         # Reading is cheap with iptables-legacy-save; the helper (python start-up,
         # libiptc) runs only when something must be written.
-        if all(iptables.build_restore(self.legacy_chains(v), desired_chain(keys, v, self.layout), self.layout)
-               is None for v in (4, 6)):
-            return False
+        tables = iptables.read_tables(self.runner, LEGACY)
+        if all(iptables.build_restore(tables[v], iptables.desired_set_chain(keys, v, self.layout, self.naming.name),
+                                      self.layout) is None for v in (4, 6)):
+            return ()
         request = {"action": "apply", "layout": self._layout_dict(),
-                   "families": {str(v): desired_rules(keys, v, self.layout) for v in (4, 6)}}
-        return bool(self._helper(request)["changed"])
+                   "families": {str(v): desired_rules(keys, v, self.layout, self.naming.name) for v in (4, 6)}}
+        return (self._helper_step(request, "iptc helper: commit nova-provider"),)
 
-    def teardown(self) -> None:
-        with self._lock:
-            self._helper({"action": "teardown", "layout": self._layout_dict(), "families": {"4": [], "6": []}})
-            self._destroy_sets_and_forget()
+    def check_chain_steps(self, keys: Iterable[MatchKey], scratch: Mapping[int, str],
+                          cleanup: tuple[tuple[str, ...], ...]) -> tuple[base.Step, ...]:
+        if not scratch:
+            return ()
+        keys = list(keys)
+        families = {str(v): desired_rules(keys, v, self.layout, lambda key: scratch[key.version], tail=False)
+                    for v in scratch}
+        request = {"action": "check", "layout": self._layout_dict(), "families": families}
+        return (self._helper_step(request, "iptc helper: check rules (no commit)", cleanup),)
+
+    def removal_steps(self) -> tuple[base.Step, ...]:
+        request = {"action": "teardown", "layout": self._layout_dict(), "families": {"4": [], "6": []}}
+        return (self._helper_step(request, "iptc helper: remove nova-provider"),)
 
 
 # --------------------------------------------------------------------------- helper process
@@ -145,6 +158,20 @@ def _build_rule(iptc, version: int, spec: dict):
     rule.create_match("comment").comment = spec["comment"]
     rule.target = iptc.Target(rule, spec["target"])
     return rule
+
+
+def _check_family(iptc, version: int, desired: list[dict]) -> None:
+    """Build ``desired`` into a scratch chain of a private handle and never commit it."""
+    table_cls = iptc.Table if version == 4 else iptc.Table6
+    table = table_cls(table_cls.FILTER)
+    table.autocommit = False
+    table.refresh()
+    chains = {chain.name: chain for chain in table.chains}
+    chain = chains.get(names.CHECK_CHAIN) or table.create_chain(names.CHECK_CHAIN)
+    for spec in desired:
+        chain.append_rule(_build_rule(iptc, version, spec))
+    # No commit: refresh() drops the handle's changes; the kernel's table was never replaced.
+    table.refresh()
 
 
 def _apply_family(iptc, version: int, layout: dict, desired: list[dict], teardown: bool) -> bool:
@@ -201,12 +228,16 @@ def helper_main() -> int:
     except Exception as exc:                   # ImportError, or libiptc failing to load
         print(f"python-iptables unavailable: {exc}", file=sys.stderr)
         return 2
-    teardown = request["action"] == "teardown"
+    action = request["action"]
     changed = False
     try:
         for version in (4, 6):
             desired = request["families"].get(str(version), [])
-            changed = _apply_family(iptc, version, request["layout"], desired, teardown) or changed
+            if action == "check":
+                if desired:
+                    _check_family(iptc, version, desired)
+                continue
+            changed = _apply_family(iptc, version, request["layout"], desired, action == "teardown") or changed
     except Exception as exc:                   # iptc.IPTCError and friends: the commit did not happen
         print(f"iptc helper failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

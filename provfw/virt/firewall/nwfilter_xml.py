@@ -1,7 +1,7 @@
 """Pure functions for libvirt nwfilter XML: render provider rules, parse filters back, compare.
 
-Nothing here talks to libvirtd; ``provfw.virt.nwfilter`` feeds these functions
-the XML libvirt holds and defines what they return.  Every document is built
+Nothing here talks to libvirtd; ``provfw.virt.firewall.nwfilter`` feeds these
+functions the XML libvirt holds and defines what they return.  Every document is built
 with ``xml.etree.ElementTree`` (never by string concatenation), so it is well
 formed by construction and attribute values are escaped.
 
@@ -55,7 +55,7 @@ from typing import Callable, Iterable, Sequence
 
 from provfw import exception
 from provfw.rules import ANY, RuleSpec
-from provfw.virt.sets import MatchKey, match_key
+from provfw.virt.firewall.sets import MatchKey, match_key
 
 PROVIDER_RULE_PRIORITY = -1000      # libvirt's lowest: evaluated before every other rule of the instance
 DEFAULT_RULE_PRIORITY = 500         # what libvirt assumes when a rule has no priority
@@ -104,16 +104,6 @@ class FilterDef:
 # Specs that differ only in their CIDR share one ipset and one nwfilter rule:
 # the same grouping the set-based iptables/nft drivers use.
 GroupKey = MatchKey
-
-
-@dataclasses.dataclass(frozen=True)
-class SetSpec:
-    """Desired content of one host ipset."""
-
-    family: str                 # inet | inet6
-    cidrs: tuple[str, ...]
-
-
 group_key = match_key
 
 
@@ -161,23 +151,24 @@ def rules_for_specs(specs: Iterable[RuleSpec], priority: int = PROVIDER_RULE_PRI
 
 
 def provider_rules(specs: Iterable[RuleSpec], use_sets: bool, set_name: Callable[[GroupKey], str],
-                   priority: int = PROVIDER_RULE_PRIORITY) -> tuple[tuple[FilterRule, ...], dict[str, SetSpec]]:
-    """The provider filter's rules and, with ``use_sets``, the host sets they need.
+                   priority: int = PROVIDER_RULE_PRIORITY
+                   ) -> tuple[tuple[FilterRule, ...], dict[GroupKey, list[str]]]:
+    """The provider filter's rules and, with ``use_sets``, the groups matched through host sets.
 
-    Set-matchable groups (protocol ``all``) become one set rule each; every
-    other spec stays one rule per CIDR.  Returns (rules, {set name: SetSpec}).
+    Set-matchable groups (protocol ``all``) become one rule each, naming the
+    set ``set_name(key)``; every other spec stays one rule per CIDR.  Returns
+    (rules, {group key: its CIDRs, sorted}) - the caller keeps the sets.
     """
     specs = sorted(set(specs))
     if not use_sets:
         return rules_for_specs(specs, priority), {}
-    rules, sets = [], {}
+    rules, groups = [], {}
     for key, cidrs in group_specs(specs).items():
         if set_matchable(key):
-            name = set_name(key)
-            sets[name] = SetSpec(key.family, tuple(cidrs))
-            rules.append(group_rule(key, name, priority))
+            groups[key] = cidrs
+            rules.append(group_rule(key, set_name(key), priority))
     per_cidr = [spec for spec in specs if not set_matchable(group_key(spec))]
-    return tuple(rules) + rules_for_specs(per_cidr, priority), sets
+    return tuple(rules) + rules_for_specs(per_cidr, priority), groups
 
 
 def group_specs(specs: Iterable[RuleSpec]) -> dict[GroupKey, list[str]]:

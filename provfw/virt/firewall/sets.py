@@ -1,0 +1,97 @@
+"""Grouping of provider rules by what a packet must match besides its source.
+
+Design
+------
+A set-based driver does not write one kernel rule per provider rule.  It
+groups the rules by their *match key* - address family, protocol, port range
+/ ICMP type and code - and keeps the source networks of each group in a
+kernel set.  One firewall rule per group (ipset, iptc, nwfilter's ipset
+mode) or per group and prefix length (nftables) then drops every packet
+whose source is in the set: the cost per packet no longer grows with the
+number of blocked networks, and adding a network is adding a set element.
+
+Everything here is a pure function of ``RuleSpec`` values and configuration:
+no command is run, nothing is cached.  The kernel-specific parts live with
+their tool: set names, member spelling and sizing in
+``provfw.virt.firewall.ipset``, per-prefix sets in ``...firewall.nftables``.
+
+Thread-safety: stateless; safe from any thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+from oslo_config import cfg
+
+from provfw import exception
+from provfw.rules import ANY, RuleSpec
+
+
+@dataclasses.dataclass(frozen=True, order=True, slots=True)
+class MatchKey:
+    """What a packet must match besides its source: one kernel set per key."""
+
+    version: int
+    protocol: str
+    from_port: int
+    to_port: int
+
+    @property
+    def family(self) -> str:
+        """ipset's family name: ``inet`` or ``inet6``."""
+        return "inet" if self.version == 4 else "inet6"
+
+    def label(self) -> str:
+        """A readable, identifier-safe name part: ``4_tcp_1_65535``, ``6_icmp_128_any``, ``4_all``."""
+        if self.protocol == "all":
+            return f"{self.version}_all"
+        ports = [("any" if p == ANY else str(p)) for p in (self.from_port, self.to_port)]
+        return f"{self.version}_{self.protocol}_{ports[0]}_{ports[1]}"
+
+
+def match_key(spec: RuleSpec) -> MatchKey:
+    return MatchKey(spec.version, spec.protocol, spec.from_port, spec.to_port)
+
+
+def group_specs(specs: Iterable[RuleSpec]) -> dict[MatchKey, list[RuleSpec]]:
+    """Specs grouped by match key; each group's order follows the input."""
+    groups: dict[MatchKey, list[RuleSpec]] = {}
+    for spec in specs:
+        groups.setdefault(match_key(spec), []).append(spec)
+    return groups
+
+
+def group_members(specs: Iterable[RuleSpec], member: Callable[[str], str]) -> dict[MatchKey, set[str]]:
+    """``member(cidr)`` of every spec, grouped by match key.
+
+    The hot path of a 120k-rule full apply: keys are looked up by a plain
+    tuple so that only one ``MatchKey`` is built per group, not per rule.
+    """
+    buckets: dict[tuple, set[str]] = {}
+    for spec in specs:
+        cidr = spec.cidr
+        raw = (6 if ":" in cidr else 4, spec.protocol, spec.from_port, spec.to_port)
+        bucket = buckets.get(raw)
+        if bucket is None:
+            bucket = buckets[raw] = set()
+        bucket.add(member(cidr))
+    return {MatchKey(*raw): members for raw, members in buckets.items()}
+
+
+def diff_members(kernel: set[str], desired: set[str]) -> tuple[set[str], set[str]]:
+    """(to_add, to_remove) turning ``kernel`` into ``desired``."""
+    return desired - kernel, kernel - desired
+
+
+def check_capacity(count: int, conf: cfg.ConfigOpts, driver: str) -> None:
+    """Refuse, loudly, to hold more rules than the deployment is configured for.
+
+    The API refuses rules past ``max_rules``; a driver asked to hold more
+    anyway (a raised limit, a bug) raises ``DriverError`` while planning,
+    before anything is written, and the previous state stays in force.
+    """
+    if count > conf.max_rules:
+        raise exception.DriverError(
+            f"{driver}: asked to hold {count} rules, more than max_rules={conf.max_rules}; nothing was changed")

@@ -1,0 +1,167 @@
+"""The compute worker's manager and service against a real conductor (in-process, memory:// bus, SQLite).
+
+What the worker does with what it is told, and what it reports: the firewall
+driver is the noop driver or FakeConnection (the seed's NotImplementedError),
+the conductor is the real ConductorService with its database.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from provfw import exception
+from provfw.compute import manager as compute_manager
+from provfw.compute import service as compute_service
+from provfw.db import api as db
+from provfw.rules import Changes, make_spec
+from provfw.virt.fake import FakeConnection
+from provfw.virt.firewall.base import NoopFirewallDriver
+from provfw.virt.libvirt_conn import LibvirtConnection
+from tests.lib.bus import ConductorThread
+from tests.lib.netns import wait_until
+
+pytestmark = pytest.mark.functional
+
+A = make_spec("203.0.113.0/24")
+B = make_spec("198.51.100.7")
+
+
+@pytest.fixture
+def bus(conf, sqlite_db):
+    conf.set_override("transport_url", "memory://")
+    conf.set_override("control_exchange", f"provfw_worker_{time.monotonic_ns()}")
+    conf.set_override("report_flush_interval", 0.05, group="conductor")
+    conf.set_override("generation_cache_ttl", 0.0, group="conductor")
+    conf.set_override("call_timeout", 1.0, group="conductor")
+    conf.set_override("reconcile_interval", 3600, group="compute")
+    conf.set_override("heartbeat_interval", 3600, group="compute")
+    conductor = ConductorThread(conf)
+    yield conductor
+    conductor.stop()
+
+
+def noop_manager(conf, host="hv1") -> compute_manager.ComputeManager:
+    return compute_manager.ComputeManager(conf, LibvirtConnection(conf, firewall_driver=NoopFirewallDriver(conf)),
+                                          host=host)
+
+
+def row(host="hv1"):
+    return db.service_get(host)
+
+
+def reported(host, field, value, timeout=5.0) -> bool:
+    return wait_until(lambda: row(host) is not None and getattr(row(host), field) == value, timeout) is not None
+
+
+def test_start_up_applies_what_the_conductor_serves_and_reports_it(conf, bus):
+    db.provider_fw_rule_create(A)
+    _, generation = db.provider_fw_rule_create(B)
+    manager = noop_manager(conf)
+    outcome = manager.init_host()
+    assert (outcome.generation, outcome.rule_count, outcome.mode) == (generation, 2, "full")
+    assert reported("hv1", "applied_generation", generation)
+    assert (row().rule_count, row().driver, row().last_error) == (2, "libvirt/noop", None)
+
+
+def test_fake_connection_not_implemented_is_reported_and_the_worker_keeps_heartbeating(conf, bus):
+    conf.set_override("heartbeat_interval", 1, group="compute")
+    worker = compute_service.ComputeService(conf, compute_manager.ComputeManager(conf, FakeConnection(conf),
+                                                                                 host="hv-fake"))
+    worker.start()
+    try:
+        assert worker.started.wait(10), "a driver that cannot enforce must not keep the worker from serving"
+        assert worker.manager.not_implemented
+        assert wait_until(lambda: "does not implement" in (getattr(row("hv-fake"), "last_error", None) or ""),
+                          5) is not None
+        assert row("hv-fake").driver == "fake"
+        first = row("hv-fake").heartbeat_at
+        assert wait_until(lambda: row("hv-fake").heartbeat_at > first, 5) is not None
+    finally:
+        worker.stop()
+
+
+def test_a_cast_for_a_generation_already_applied_does_nothing(conf, bus):
+    rule, generation = db.provider_fw_rule_create(A)
+    manager = noop_manager(conf)
+    manager.init_host()
+    assert manager.trigger_provider_fw_rules(generation=generation, previous_generation=generation - 1,
+                                             added=[db.rule_of(rule).to_wire()], removed=[]) is None
+
+
+def test_a_cast_with_a_malformed_change_falls_back_to_asking_the_conductor(conf, bus):
+    manager = noop_manager(conf)
+    manager.init_host()
+    _, generation = db.provider_fw_rule_create(A)
+    outcome = manager.trigger_provider_fw_rules(generation=generation, previous_generation=generation - 1,
+                                                added=[["not", "a", "rule"]], removed=[])
+    assert outcome.generation == generation and A in manager.reconciler.enforced()
+
+
+def test_a_cast_that_skips_a_generation_fetches_the_gap(conf, bus):
+    manager = noop_manager(conf)
+    manager.init_host()
+    db.provider_fw_rule_create(A)                          # its cast is lost
+    rule, generation = db.provider_fw_rule_create(B)
+    change = Changes(generation - 1, generation, [db.rule_of(rule)], [])
+    outcome = manager.trigger_provider_fw_rules(generation=generation, previous_generation=change.since,
+                                                added=[r.to_wire() for r in change.added], removed=[])
+    assert outcome.generation == generation
+    assert set(manager.reconciler.enforced()) == {A, B}
+    assert bus.stats["delta_reads"] >= 1
+
+
+def test_the_periodic_check_applies_a_generation_whose_cast_was_lost(conf, bus):
+    manager = noop_manager(conf)
+    manager.init_host()
+    _, generation = db.provider_fw_rule_create(A)
+    manager.periodic_check()
+    assert manager.applied_generation == generation and A in manager.reconciler.enforced()
+
+
+def test_the_periodic_check_repairs_drift_when_nothing_changed(conf, bus):
+    class Drifting(NoopFirewallDriver):
+        repaired = 0
+
+        def repair_drift(self, desired, state=None):
+            self.repaired += 1
+            return super().repair_drift(desired, state)
+
+    firewall = Drifting(conf)
+    manager = compute_manager.ComputeManager(conf, LibvirtConnection(conf, firewall_driver=firewall), host="hv1")
+    manager.init_host()
+    manager.periodic_check()
+    assert firewall.repaired == 1
+
+
+def test_without_a_conductor_the_worker_keeps_its_rules_and_reports_the_error(conf, bus):
+    db.provider_fw_rule_create(A)
+    manager = noop_manager(conf)
+    manager.init_host()
+    bus.stop()                                                  # no conductor answers any more
+    manager.periodic_check()
+    assert A in manager.reconciler.enforced()
+    assert "ConductorUnavailable" in manager.last_error
+    with pytest.raises(exception.ProvfwError):
+        manager.init_host()
+
+
+def test_provfw_compute_refuses_to_start_with_database_credentials(tmp_path):
+    config = tmp_path / "compute.conf"
+    config.write_text("[DEFAULT]\ntransport_url = memory://\n[database]\nconnection = sqlite:////tmp/x.sqlite\n")
+    result = subprocess.run([sys.executable, "-m", "provfw.cmd.compute", "--config-file", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "[database] connection" in result.stderr and "conductor" in result.stderr
+
+
+def test_the_worker_never_loads_the_database_layer_or_a_database_driver():
+    code = ("import sys; import provfw.cmd.compute, provfw.compute.service, provfw.compute.manager, "
+            "provfw.virt.libvirt_conn; "
+            "bad = sorted(m for m in sys.modules if m.startswith(('provfw.db', 'sqlalchemy', 'psycopg2', "
+            "'pymysql', 'alembic'))); print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"the worker imported {result.stdout.strip()}"
