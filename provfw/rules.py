@@ -200,9 +200,15 @@ def check_network(network: Network, text: str | None = None, field: str = "cidr"
 
     The policy half of ``parse_network``, for callers that built the network
     themselves (the feed parser, which splits ranges into networks):
-    ``/0`` is refused, and so is an IPv4-mapped IPv6 network.  ``text`` is
-    the spelling the message quotes (default: the network itself).
+    ``/0`` is refused, and so are an IPv4-mapped IPv6 network and an IPv6
+    scope id (``fe80::1%eth0``: ``ipaddress`` keeps the zone in the network,
+    and no kernel tool takes it).  ``text`` is the spelling the message
+    quotes (default: the network itself).
     """
+    if network.version == 6 and (network.network_address.scope_id is not None or "%" in (text or "")):
+        raise exception.InvalidInput(
+            field, f"{text or str(network)!r} has an IPv6 scope id (%zone): a zone names one host's interface; "
+                   "give the address without it")
     if network.prefixlen == 0:
         raise exception.InvalidInput(
             field, f"{text or network.with_prefixlen!r} has prefix length 0; blocking every address is refused")

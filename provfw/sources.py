@@ -32,6 +32,8 @@ KINDS = ("manual", "import", "feed")
 MANUAL = "manual"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _NAME_RE = re.compile(NAME_PATTERN)
+#: A source as clients spell it (JSON Schema pattern): ``manual``, ``KIND:NAME`` or a bare ``NAME``.
+SOURCE_PATTERN = rf"^((manual|import|feed):)?{NAME_PATTERN}$"
 MAX_SOURCE_LENGTH = len("import:") + 64
 
 

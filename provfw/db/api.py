@@ -141,9 +141,10 @@ def provider_fw_changes_since(generation):
 
 # Feeds ---------------------------------------------------------------------
 
-def feed_create(name, settings, audit=None):
-    """Create a feed (``settings``: FEED_SETTINGS); Conflict if the name is taken."""
-    return IMPL.feed_create(name, settings, audit)
+def feed_create(name, settings, audit=None, shown=None):
+    """Create a feed (``settings``: FEED_SETTINGS; ``shown``: what the audit records); Conflict if the name
+    is taken."""
+    return IMPL.feed_create(name, settings, audit, shown)
 
 
 def feed_get(name):
@@ -155,9 +156,9 @@ def feed_get_all():
     return IMPL.feed_get_all()
 
 
-def feed_update(name, settings, audit=None):
+def feed_update(name, settings, audit=None, shown=None):
     """Change some of a feed's settings; NotFound when there is no such feed."""
-    return IMPL.feed_update(name, settings, audit)
+    return IMPL.feed_update(name, settings, audit, shown)
 
 
 def feed_request_sync(name, force=False, audit=None):

@@ -1046,11 +1046,12 @@ def feed_source(name: str) -> str:
     return f"feed:{name}"
 
 
-def feed_create(name: str, settings: dict, audit: Audit | None = None) -> Feed:
+def feed_create(name: str, settings: dict, audit: Audit | None = None, shown: dict | None = None) -> Feed:
     """Create feed ``name`` (due at once when enabled); Conflict if the name is taken.
 
     ``settings`` holds FEED_SETTINGS (validated by the caller).  The audit
-    record carries the settings, ``allow_non_global`` included.
+    record carries ``shown`` (default: the settings; the API passes them
+    with the URL's password hidden), ``allow_non_global`` included.
     """
     unknown = set(settings) - set(FEED_SETTINGS)
     if unknown:
@@ -1062,7 +1063,7 @@ def feed_create(name: str, settings: dict, audit: Audit | None = None) -> Feed:
         with _session() as session, session.begin():
             session.add(row)
             session.flush()
-            _audit(session, audit, "feed.create", None, {"feed": name, **settings})
+            _audit(session, audit, "feed.create", None, {"feed": name, **(shown or settings)})
     except sa_exc.IntegrityError:
         raise exception.Conflict(f"name: a feed named {name!r} already exists") from None
     return row
@@ -1082,7 +1083,7 @@ def feed_get_all() -> list[Feed]:
         return list(session.scalars(select(Feed).order_by(Feed.name)))
 
 
-def feed_update(name: str, settings: dict, audit: Audit | None = None) -> Feed:
+def feed_update(name: str, settings: dict, audit: Audit | None = None, shown: dict | None = None) -> Feed:
     """Change some of a feed's settings; return the feed.  Enabling makes it due at once, disabling unschedules
     it (its rules stay).  NotFound when there is no such feed."""
     unknown = set(settings) - set(FEED_SETTINGS)
@@ -1102,7 +1103,7 @@ def feed_update(name: str, settings: dict, audit: Audit | None = None) -> Feed:
         elif not was_enabled or any(key != "description" for key in settings):
             row.next_sync_at = now           # what it fetches or how it reads it changed: sync soon
             row.etag = row.last_modified = row.content_sha256 = None
-        _audit(session, audit, "feed.update", None, {"feed": name, **settings})
+        _audit(session, audit, "feed.update", None, {"feed": name, **(shown or settings)})
     return row
 
 
