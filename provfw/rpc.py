@@ -300,6 +300,10 @@ class _ReconnectingConsumer:
     """Consume ``queues()`` until ``stop()``, reconnecting with backoff whenever the bus goes away."""
 
     name = "consumer"
+    # None: no_ack (casts: at most once, nothing to hold back).  A number: acknowledge each message after
+    # handling it and let the broker deliver at most that many unacknowledged ones, so requests wait in
+    # the queue - where their expiration applies - rather than in a busy consumer's buffer.
+    prefetch: int | None = None
 
     def __init__(self, conf: cfg.ConfigOpts, url: str | None):
         self.conf = conf
@@ -344,8 +348,10 @@ class _ReconnectingConsumer:
         try:
             conn.ensure_connection(max_retries=1)
             self.setup(conn)
-            consumer = kombu.Consumer(conn.default_channel, queues=self.queues(), no_ack=True,
+            consumer = kombu.Consumer(conn.default_channel, queues=self.queues(), no_ack=self.prefetch is None,
                                       on_message=lambda message: self._safe_message(message, conn))
+            if self.prefetch is not None:
+                consumer.qos(prefetch_count=self.prefetch)
             with consumer:
                 LOG.info("%s consuming %s", self.name, ", ".join(q.name for q in consumer.queues))
                 if self.on_connect is not None:
@@ -378,6 +384,8 @@ class _ReconnectingConsumer:
             raise                      # the connection is gone: reconnect
         except Exception:  # noqa: BLE001 - a handler error must never kill the consumer
             LOG.exception("%s: handling a message failed", self.name)
+        if self.prefetch is not None:
+            message.ack()
 
     @staticmethod
     def _safe(func: Callable[[], None]) -> None:
@@ -455,6 +463,7 @@ class RpcServer(_ReconnectingConsumer):
     """
 
     name = "conductor server"
+    prefetch = 4
 
     def __init__(self, handler: Callable[[Incoming], Any], conf: cfg.ConfigOpts = provfw_conf.CONF,
                  url: str | None = None, request_ttl: float = 60.0):

@@ -134,6 +134,11 @@ def provider_fw_snapshot(now=None):
     return IMPL.provider_fw_snapshot(now)
 
 
+def provider_fw_changes_count_since(generation):
+    """How many rule rows were created or deleted after ``generation`` (an upper bound of the delta's size)."""
+    return IMPL.provider_fw_changes_count_since(generation)
+
+
 def provider_fw_changes_since(generation):
     """Changes(since, generation, added [Rule], removed [Rule]) after ``generation``."""
     return IMPL.provider_fw_changes_since(generation)

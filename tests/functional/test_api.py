@@ -13,10 +13,9 @@ import urllib.parse
 import pytest
 import webob
 
-from provfw import rules
+from provfw import rpc, rules
 from provfw.api import router, schemas
 from provfw.compute import api as compute_api
-from provfw.compute import rpc
 from provfw.db import api as db
 
 pytestmark = pytest.mark.functional
@@ -29,6 +28,8 @@ class Api:
         self.conf = conf
         self.app = router.build_app(conf, compute_api.ComputeAPI(conf))
         self.casts: queue.Queue = queue.Queue()
+        with rpc.connection(conf) as conn:      # the conductor's job in a deployment: workers bind passively
+            rpc.fanout_exchange(conf)(conn.channel()).declare()
         self.consumer = rpc.FanoutConsumer(lambda method, args: self.casts.put((method, args)), "api-test", conf)
         self.thread = threading.Thread(target=self.consumer.run, daemon=True)
         self.thread.start()

@@ -96,7 +96,6 @@ bind_port = {self.port}
 
 [conductor]
 report_flush_interval = 0.2
-call_timeout = 5
 {trust}
 [compute]
 heartbeat_interval = 1
