@@ -12,8 +12,8 @@ import threading
 import pytest
 import sqlalchemy as sa
 
+from provfw import rpc
 from provfw.compute import api as compute_api
-from provfw.compute import rpc
 from provfw.conductor import feeds as conductor_feeds
 from provfw.db import api as db
 from provfw.db.sqlalchemy import models
@@ -35,6 +35,8 @@ class Rig:
         self.server = FeedServer()
         self.compute = compute_api.ComputeAPI(conf)
         self.casts: queue.Queue = queue.Queue()
+        with rpc.connection(conf) as conn:      # the conductor's job in a deployment: workers bind passively
+            rpc.fanout_exchange(conf)(conn.channel()).declare()
         self.consumer = rpc.FanoutConsumer(lambda method, args: self.casts.put(args), "feed-test", conf)
         self.thread = threading.Thread(target=self.consumer.run, daemon=True)
         self.thread.start()
