@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 from provfw import exception
 from provfw.rules import RuleSpec
@@ -115,14 +115,15 @@ def alive(expiry: Expiry, now: datetime.datetime) -> bool:
 
 # --------------------------------------------------------------------------- the planner
 
-@dataclasses.dataclass(frozen=True)
-class Held:
+class Held(NamedTuple):
     """A live rule as the planner sees it.
 
     ``expires_at``: the rule's effective expiry.  ``sources``: every source
     row of the rule (source -> its expiry), or None when the rule has no
     source rows at all (written by a release before sources existed; it is
-    taken as ``manual`` with the rule's expiry).
+    taken as ``manual`` with the rule's expiry).  ``spec`` may be the plain
+    tuple of a RuleSpec (equal to it) for rules only looked up; every spec the
+    plan names (retire, delete, removed) is a RuleSpec.
     """
 
     rule_id: int
@@ -202,25 +203,34 @@ def plan_sync(source: str, wanted: Sequence[RuleSpec], expires_at: Expiry, held:
     ``slack`` seconds) is a duplicate; a later expiry renews it.  The guard
     report is filled in for a replace (the caller decides what to do with a
     tripped one); ``guard`` None means ``Guard()``.
+
+    Linear in ``wanted`` plus ``held``; the loops are written for a 120k-entry
+    list whose entries mostly change nothing (about 0.1 s for such a list).
     """
     plan = Plan()
-    wanted_set = set(wanted)
+    # A wish later than the current one by more than slack (None is latest) moves it: the bound to beat.
+    beat = None if expires_at is None else expires_at - datetime.timedelta(seconds=slack)
+    absent = _ABSENT
     for spec in wanted:
         rule = held.get(spec)
-        if rule is not None and not alive(rule.expires_at, now):
-            plan.retire.append(rule)     # hosts stopped enforcing it at its expiry; a new rule takes its place
-            rule = None
         if rule is None:
             plan.create.append(spec)
             continue
-        sources = dict(rule.sources) if rule.sources is not None else None
+        rule_expires = rule.expires_at
+        if rule_expires is not None and rule_expires <= now:
+            # Hosts stopped enforcing it at its expiry; a new rule takes its place.
+            plan.retire.append(rule._replace(spec=spec))
+            plan.create.append(spec)
+            continue
+        sources = rule.sources
         if sources is None:
             # A rule from before sources existed: it was somebody's manual block until now.
-            sources = {MANUAL: rule.expires_at}
-            plan.source_insert.append((rule.rule_id, MANUAL, rule.expires_at))
-        if source not in sources:
+            sources = {MANUAL: rule_expires}
+            plan.source_insert.append((rule.rule_id, MANUAL, rule_expires))
+        mine = sources.get(source, absent)
+        if mine is absent:
             plan.source_insert.append((rule.rule_id, source, expires_at))
-        elif extends(sources[source], expires_at, slack) or not alive(sources[source], now):
+        elif mine is not None and (beat is None or mine < beat or mine <= now):
             # Later than this source's wish (or that wish had lapsed while others kept the rule): renew it.
             plan.source_update.append((rule.rule_id, source, expires_at))
         else:
@@ -228,35 +238,42 @@ def plan_sync(source: str, wanted: Sequence[RuleSpec], expires_at: Expiry, held:
             plan.unchanged.append(spec)
             continue
         # The rule lives as long as its latest source: it grows only if this wish outlives the others.
-        if extends(rule.expires_at, expires_at):
+        if rule_expires is not None and (expires_at is None or expires_at > rule_expires):
             plan.rule_expiry[rule.rule_id] = expires_at
             plan.renewed.append(spec)
         else:
             plan.duplicate.append(spec)
-    if not replace:
-        return plan
+    if replace:
+        _plan_release(plan, source, set(wanted), held, now, guard or Guard())
+    return plan
+
+
+def _plan_release(plan: Plan, source: str, wanted: set, held: Mapping[RuleSpec, Held], now: datetime.datetime,
+                  guard: Guard) -> None:
+    """The replace half of ``plan_sync``: release what ``source`` holds and no longer wants."""
     in_force = removing = 0
+    absent = _ABSENT
     for spec, rule in held.items():
-        mine = rule.sources.get(source, _ABSENT) if rule.sources is not None else _ABSENT
-        if mine is _ABSENT:
+        sources = rule.sources
+        mine = absent if sources is None else sources.get(source, absent)
+        if mine is absent:
             continue
-        counts = alive(mine, now) and alive(rule.expires_at, now)
+        rule_expires = rule.expires_at
+        counts = (mine is None or mine > now) and (rule_expires is None or rule_expires > now)
         in_force += counts
-        if spec in wanted_set:
+        if spec in wanted:
             continue
         removing += counts
-        plan.removed.append(spec)
+        plan.removed.append(rule.spec)
         plan.source_delete.append((rule.rule_id, source))
-        remaining = [exp for name, exp in rule.sources.items() if name != source and alive(exp, now)]
-        if not remaining or not alive(rule.expires_at, now):
+        remaining = [exp for name, exp in sources.items() if name != source and alive(exp, now)]
+        if not remaining or not alive(rule_expires, now):
             plan.delete.append(rule)
             continue
         effective = latest(remaining)
-        if effective != rule.expires_at:
+        if effective != rule_expires:
             plan.rule_expiry[rule.rule_id] = effective      # shortened: the latest wish left is earlier
-    guard = guard or Guard()
     plan.guard = GuardReport(in_force, removing, guard.max_fraction, guard.min_rules)
-    return plan
 
 
 _ABSENT = object()
