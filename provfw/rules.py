@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import ipaddress
 import re
+import socket
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from provfw import exception
@@ -388,11 +389,19 @@ def parse_protected_networks(values: Iterable[str]) -> list[Network]:
 
 
 def protected_overlap(cidr: str | Network, protected: Iterable[Network]) -> Network | None:
-    """Return the first protected network that ``cidr`` overlaps, if any."""
+    """Return the first protected network that ``cidr`` overlaps, if any.
+
+    Compares integer bounds (``ipaddress``' own ``overlaps`` builds each network's broadcast address and
+    hostmask: three quarters of the policy check of a 120k-entry list).
+    """
     network = ipaddress.ip_network(cidr) if isinstance(cidr, str) else cidr
+    version = network.version
+    start, end = _bounds(network)
     for candidate in protected:
-        if candidate.version == network.version and candidate.overlaps(network):
-            return candidate
+        if candidate.version == version:
+            low, high = _bounds(candidate)
+            if low <= end and start <= high:
+                return candidate
     return None
 
 
@@ -471,10 +480,25 @@ def non_global_overlap(network: Network | str) -> NonGlobalRange | None:
     """
     if isinstance(network, str):
         network = ipaddress.ip_network(network, strict=False)
-    starts, ends, items = _NON_GLOBAL_INDEX[network.version]
-    start, end = _bounds(network)
+    return non_global_between(network.version, *_bounds(network))
+
+
+def non_global_between(version: int, start: int, end: int) -> NonGlobalRange | None:
+    """``non_global_overlap`` of the addresses ``start``..``end`` (integers, inclusive) of IP ``version``."""
+    starts, ends, items = _NON_GLOBAL_INDEX[version]
     # The first range ending at or after our start is the only candidate for the lowest overlap.
     i = bisect.bisect_left(ends, start)
     if i < len(items) and starts[i] <= end:
         return items[i]
     return None
+
+
+_ntoa = socket.inet_ntoa
+
+
+def cidr_text(network: Network) -> str:
+    """``network.with_prefixlen``, a dozen times faster for IPv4 (``inet_ntoa`` in C instead of
+    ``ipaddress``' Python formatting; the same text: dotted quad, no leading zeros)."""
+    if network.version == 4:
+        return f"{_ntoa(network.network_address.packed)}/{network.prefixlen}"
+    return network.with_prefixlen
