@@ -19,6 +19,7 @@ import os
 import socket
 
 from oslo_config import cfg
+from oslo_log import log as oslo_log
 
 from provfw import exception
 
@@ -51,7 +52,23 @@ default_opts = [
                help="A trigger_provider_fw_rules cast carries the rules added and removed when there are at "
                     "most this many; a bigger change (a bulk import) carries only the generations and every "
                     "host fetches it from the conductor."),
-    cfg.BoolOpt("debug", default=False, help="Log at DEBUG level."),
+    cfg.IntOpt("hung_loop_timeout", default=300, min=10,
+               help="Seconds a daemon's essential loop (a worker's periodic check and cast consumer, the "
+                    "conductor's request server) may go without finishing a round before the daemon stops "
+                    "answering systemd's watchdog (WATCHDOG=1), so that systemd restarts it. Longer than the "
+                    "slowest full apply of this host. Only used under a unit with WatchdogSec=."),
+]
+
+metrics_opts = [
+    cfg.HostAddressOpt("bind_host", default="127.0.0.1",
+                       help="Address every provfw daemon's Prometheus endpoint (GET /metrics) listens on. The "
+                            "loopback default exposes nothing off the host; use the management address (or "
+                            "0.0.0.0) for a Prometheus server elsewhere."),
+    cfg.PortOpt("api_port", default=9181,
+                help="Metrics port of provfw-api (and of provfw-all-in-one, which serves the API's, the "
+                     "conductor's and the worker's metrics together here). 0: no metrics endpoint."),
+    cfg.PortOpt("conductor_port", default=9182, help="Metrics port of provfw-conductor. 0: no metrics endpoint."),
+    cfg.PortOpt("compute_port", default=9183, help="Metrics port of provfw-compute. 0: no metrics endpoint."),
 ]
 
 database_opts = [
@@ -68,6 +85,9 @@ api_opts = [
                help="Largest JSON request body in bytes; bigger bodies get 413."),
     cfg.IntOpt("max_import_body_size", default=64 * 1024 * 1024, min=1024,
                help="Largest bulk import body in bytes; bigger bodies get 413."),
+    cfg.FloatOpt("token_cache_ttl", default=10.0, min=0.0,
+                 help="Seconds an API process remembers a token that authenticated, instead of reading it from the "
+                      "database on every request; a revoked token stops working within this time. 0: no cache."),
     cfg.StrOpt("audit_log", default=None,
                help="File that receives one JSON line per mutation (besides the audit table). "
                     "Empty: audit lines go to the 'provfw.audit' logger only."),
@@ -204,12 +224,15 @@ def list_opts():
         ("conductor", conductor_opts),
         ("feeds", feeds_opts),
         ("oslo_messaging_rabbit", rabbit_opts),
+        ("metrics", metrics_opts),
     ]
 
 
 def register_opts(conf: cfg.ConfigOpts = CONF) -> None:
+    """provfw's options and oslo.log's (``debug``, ``log_file``, ``use_json``, ``use_journal``...)."""
     for group, opts in list_opts():
         conf.register_opts(opts, group=None if group == "DEFAULT" else group)
+    oslo_log.register_options(conf)
 
 
 register_opts()
@@ -221,6 +244,17 @@ def parse_args(argv=None, conf: cfg.ConfigOpts = CONF, default_config_files=None
         default_config_files = [p for p in ("/etc/provfw/provfw.conf",) if os.path.exists(p)]
     conf(argv, project="provfw", default_config_files=default_config_files)
     return conf
+
+
+CONFIG_FILE_ENV = "PROVFW_CONFIG_FILE"
+
+
+def config_files_from_env(environ=os.environ) -> list[str]:
+    """The configuration files named by ``$PROVFW_CONFIG_FILE`` (comma separated), in order; [] when unset.
+
+    For processes whose command line belongs to someone else (a WSGI server).
+    """
+    return [path.strip() for path in environ.get(CONFIG_FILE_ENV, "").split(",") if path.strip()]
 
 
 def database_url(conf: cfg.ConfigOpts = CONF) -> str:
@@ -237,11 +271,12 @@ def lock_dir(conf: cfg.ConfigOpts = CONF) -> str:
 
 
 # The generator's settings; etc/provfw/provfw-config-generator.conf holds the same (a unit test compares).
-GENERATOR_NAMESPACE = "provfw"
+# oslo.log's options (log file, journald, syslog, JSON) are provfw's too, so the sample shows them.
+GENERATOR_NAMESPACES = ("provfw", "oslo.log")
 
 
 def sample_config() -> str:
-    """The sample configuration file, as ``oslo-config-generator --namespace provfw`` renders it.
+    """The sample configuration file, as ``oslo-config-generator --namespace provfw --namespace oslo.log``.
 
     Goes through the installed ``oslo.config.opts`` entry point, exactly as
     the standard tool does.  Raises ConfigError when that entry point is not
@@ -250,12 +285,14 @@ def sample_config() -> str:
     """
     from oslo_config import generator  # imported here: the daemons never render samples
 
-    if not importlib.metadata.entry_points(group="oslo.config.opts", name=GENERATOR_NAMESPACE):
-        raise exception.ConfigError(f"the oslo.config.opts entry point {GENERATOR_NAMESPACE!r} is not installed; "
-                                    "install provfw (pip install .) to render the sample")
+    for namespace in GENERATOR_NAMESPACES:
+        if not importlib.metadata.entry_points(group="oslo.config.opts", name=namespace):
+            raise exception.ConfigError(f"the oslo.config.opts entry point {namespace!r} is not installed; "
+                                        "install provfw (pip install .) to render the sample")
     gen_conf = cfg.ConfigOpts()
     generator.register_cli_opts(gen_conf)
-    gen_conf(["--namespace", GENERATOR_NAMESPACE], project="provfw-config-generator", default_config_files=[])
+    gen_conf([arg for namespace in GENERATOR_NAMESPACES for arg in ("--namespace", namespace)],
+             project="provfw-config-generator", default_config_files=[])
     out = io.StringIO()
     generator.generate(gen_conf, output_file=out)
     return out.getvalue()

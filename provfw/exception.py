@@ -194,3 +194,15 @@ class FeedSuspicious(FeedError):
 
 class FeedClaimLost(Conflict):
     """Another conductor took over the feed while this one was syncing it (its lease ran out)."""
+
+
+class DatabaseUnavailable(ProvfwError):
+    """The database could not be reached (connection refused, reset, timed out)."""
+
+    code = 503
+
+
+class DBDeadlock(ProvfwError):
+    """A transaction kept losing lock races (deadlock, serialisation failure) after every retry."""
+
+    code = 503

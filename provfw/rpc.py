@@ -311,6 +311,9 @@ class _ReconnectingConsumer:
         self.connected = threading.Event()
         self._stop = threading.Event()
         self.on_connect: Callable[[], None] | None = None
+        # Called on every round of the consume loop (at least every 0.25 s while connected) and on every
+        # connection attempt: the systemd watchdog's proof that this loop is alive (provfw.systemd.Watchdog).
+        self.on_tick: Callable[[], None] | None = None
         self._errors = bus_errors(conf, self.url)
 
     def queues(self) -> list[kombu.Queue]:
@@ -344,6 +347,7 @@ class _ReconnectingConsumer:
         """One connection's life: returns when stopped or when a consuming connection dropped."""
         if self._stop.is_set():
             return
+        self._tick()
         conn = connection(self.conf, self.url)
         try:
             conn.ensure_connection(max_retries=1)
@@ -360,6 +364,7 @@ class _ReconnectingConsumer:
                     self._safe(self.on_connect)
                 self.connected.set()
                 while not self._stop.is_set():
+                    self._tick()
                     try:
                         conn.drain_events(timeout=0.25)
                     except socket.timeout:
@@ -376,6 +381,10 @@ class _ReconnectingConsumer:
         finally:
             self.connected.clear()
             _release(conn)
+
+    def _tick(self) -> None:
+        if self.on_tick is not None:
+            self.on_tick()
 
     def _safe_message(self, message: kombu.Message, conn: kombu.Connection) -> None:
         try:

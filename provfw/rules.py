@@ -11,9 +11,9 @@ Conventions (kept from Nova's security-group rules so operators recognise them):
   CIDR, ``icmp`` means ICMPv6.
 * For ``tcp``/``udp`` the ports are a destination port range ``from_port`` ..
   ``to_port`` (1-65535).  Omitting both means every port (1-65535).
-* For ``icmp`` ``from_port`` is the ICMP type and ``to_port`` the code;
-  ``-1`` (``ANY``) means any type / any code.  A code without a type is
-  refused.
+* For ``icmp`` ``from_port`` is the ICMP type (0-254) and ``to_port`` the
+  code (0-255); ``-1`` (``ANY``) means any type / any code.  A code without a
+  type is refused, and so is type 255 (``MAX_ICMP_TYPE``).
 * For ``all`` both ports are ``ANY``.
 * A CIDR is a plain network (``CIDR_PATTERN``); a description is text without
   control characters (``TEXT_PATTERN``); an expiry is at most ``MAX_LIFETIME``
@@ -37,7 +37,11 @@ ANY = -1
 PROTOCOLS = ("tcp", "udp", "icmp", "all")
 MIN_PORT = 1
 MAX_PORT = 65535
-MAX_ICMP = 255
+MAX_ICMP = 255         # the highest ICMP code
+# The highest ICMP type a rule may name.  Type 255 is reserved in ICMP and ICMPv6, and iptables' icmp match
+# (so the iptables, ipset, iptc and nwfilter drivers alike) reads type 255 as "any type": a rule for it would
+# drop every ICMP packet from the network while nftables dropped none.  No driver can enforce it as asked.
+MAX_ICMP_TYPE = 254
 MAX_DESCRIPTION = 255
 MAX_LIFETIME = 10 * 365 * 24 * 3600   # seconds: the furthest a rule may expire, by ttl or by expires_at
 
@@ -286,7 +290,10 @@ def make_spec(cidr: Any, protocol: Any = "all", from_port: Any = None, to_port: 
     elif proto == "icmp":
         start = ANY if start is None else start
         end = ANY if end is None else end
-        _check_range(start, 0, MAX_ICMP, "from_port", allow_any=True)
+        if start == MAX_ICMP_TYPE + 1:
+            raise exception.InvalidInput("from_port", f"ICMP type {start} is reserved, and iptables matches it as "
+                                                      "any type; use -1 to block every ICMP type")
+        _check_range(start, 0, MAX_ICMP_TYPE, "from_port", allow_any=True)
         _check_range(end, 0, MAX_ICMP, "to_port", allow_any=True)
         if start == ANY and end != ANY:
             raise exception.InvalidInput("to_port", "an ICMP code needs an ICMP type in from_port")

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iptables ipset nftables iproute2 iputils-ping iperf3 procps
               libvirt-daemon libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-              python3-venv python3-dev gcc)
+              python3-venv python3-dev gcc systemd)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

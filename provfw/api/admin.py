@@ -111,7 +111,13 @@ class AdminController:
         return wsgi.json_response({"versions": [{"id": "v1", "status": "CURRENT"}]})
 
     def health(self, request, context):
-        generation = db.provider_fw_generation_get()
+        """200 ``{"status": "ok", "generation": N}``; 503 ``{"status": "unavailable", "reason": "..."}`` when
+        the database cannot be reached (the reason names the failure's type; details go to the log)."""
+        try:
+            generation = db.ping()
+        except exception.DatabaseUnavailable as exc:
+            LOG.warning("health check: %s: %s", exc.message, exc.__cause__)
+            return wsgi.json_response({"status": "unavailable", "reason": exc.message}, 503)
         return wsgi.json_response({"status": "ok", "generation": generation})
 
     def openapi(self, request, context):

@@ -1,4 +1,4 @@
-"""The provfw-api WSGI application: URL map -> AdminController.
+"""The provfw-api WSGI application: URL map -> AdminController, inside the request-log middleware.
 
 Every route here has an ``Operation`` in ``provfw/api/schemas.py`` (what it takes and answers, and whether it
 is public); the Router refuses to start otherwise, and a test keeps this map and the published OpenAPI
@@ -11,7 +11,7 @@ import routes
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw.api import admin, wsgi
+from provfw.api import admin, auth, middleware, wsgi
 from provfw.compute import api as compute_api
 
 
@@ -45,7 +45,12 @@ def build_mapper() -> routes.Mapper:
 
 
 def build_app(conf: cfg.ConfigOpts = provfw_conf.CONF, compute: compute_api.ComputeAPI | None = None):
-    """The WSGI app; ``compute`` defaults to a ComputeAPI on ``conf.transport_url``."""
+    """The WSGI app; ``compute`` defaults to a ComputeAPI on ``conf.transport_url``.
+
+    The router sits inside ``middleware.RequestLog`` (request id and log
+    context, access log line, request metrics).
+    """
     controller = admin.AdminController(conf, compute or compute_api.ComputeAPI(conf))
-    return wsgi.Router(build_mapper(), {"admin": controller}, wsgi.token_authenticator,
-                       body_limits=lambda option: getattr(conf.api, option))
+    authenticate = auth.TokenAuthenticator(conf.api.token_cache_ttl)
+    return middleware.RequestLog(wsgi.Router(build_mapper(), {"admin": controller}, authenticate,
+                                             body_limits=lambda option: getattr(conf.api, option)))

@@ -68,7 +68,7 @@ PROTOCOL = {"type": "string", "enum": list(rules.PROTOCOLS),
             "description": "tcp, udp, icmp (ICMPv6 for an IPv6 cidr) or all (default)."}
 PORT = {"type": "integer", "minimum": rules.ANY, "maximum": rules.MAX_PORT,
         "description": "tcp/udp: a destination port 1-65535 (from_port..to_port; both omitted = every port). "
-                       "icmp: from_port is the type, to_port the code, 0-255 or -1 for any. all: omit."}
+                       "icmp: from_port is the type (0-254), to_port the code (0-255), -1 for any. all: omit."}
 DESCRIPTION = {"type": "string", "maxLength": rules.MAX_DESCRIPTION, "pattern": rules.TEXT_PATTERN,
                "description": "Free text for people, at most 255 characters, no control characters."}
 TTL = {"type": "integer", "minimum": 1, "maximum": rules.MAX_LIFETIME,

@@ -18,16 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
-import uuid
 from typing import Any, Callable
 
 import routes
 import webob
 import webob.dec
 import webob.exc
+from oslo_context import context as oslo_context
 
 from provfw import exception
-from provfw.api import schemas
+from provfw.api import middleware, schemas
 from provfw.db import api as db
 
 LOG = logging.getLogger(__name__)
@@ -36,17 +36,19 @@ ROLE_ADMIN = "admin"
 ROLE_READER = "reader"
 
 
-class Context:
-    """Who is calling: the token's name and role, and the request id for the audit log."""
+class Context(oslo_context.RequestContext):
+    """Who is calling: the token's name and role, and the request id for the audit log.
+
+    An oslo.context RequestContext stored for the current thread, so oslo.log
+    puts the request id and the token name (as the user) in every line logged
+    while the request is handled.
+    """
 
     def __init__(self, actor: str, role: str, request_id: str):
+        super().__init__(request_id=request_id, user_id=actor, user_name=actor, roles=[role],
+                         is_admin=role == ROLE_ADMIN, overwrite=True)
         self.actor = actor
         self.role = role
-        self.request_id = request_id
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == ROLE_ADMIN
 
     def require_admin(self) -> None:
         if not self.is_admin:
@@ -192,9 +194,9 @@ class Router:
 
     @webob.dec.wsgify
     def __call__(self, request: webob.Request) -> webob.Response:
-        request_id = request.headers.get("X-Request-Id") or f"req-{uuid.uuid4()}"
-        if len(request_id) > 64 or not request_id.isprintable():
-            request_id = f"req-{uuid.uuid4()}"
+        # middleware.RequestLog assigned it (and the thread's log context); called bare (tests), assign one here.
+        request_id = request.environ.get(middleware.REQUEST_ID_KEY) or middleware.request_id_of(
+            request.headers.get("X-Request-Id"))
         try:
             response = self._dispatch(request, request_id)
         except exception.ProvfwError as exc:
@@ -214,17 +216,19 @@ class Router:
                 if self.mapper.match(environ={**environ, "REQUEST_METHOD": method}) is not None]
 
     def _dispatch(self, request: webob.Request, request_id: str) -> webob.Response:
-        match = self.mapper.match(environ=request.environ)
-        if match is None:
+        found = self.mapper.routematch(environ=request.environ)
+        if found is None:
             allowed = self._allowed(request.environ)
             if allowed:
                 raise exception.MethodNotAllowed(f"{request.method} is not allowed on {_path_text(request)}", allowed)
             raise exception.NotFound(f"no such resource: {_path_text(request)}")
-        match = dict(match)
+        match, route = dict(found[0]), found[1]
+        request.environ[middleware.ROUTE_KEY] = route.routepath       # the metrics' bounded route label
         controller = self.controllers[match.pop("controller")]
         action = match.pop("action")
         operation = self.operations[action]
         context = None if operation.public else self.authenticate(request, request_id)
+        request.environ[middleware.CONTEXT_KEY] = context              # the access line's token name
         match.update(self._path_parameters(operation, match))
         request.environ[QUERY_KEY] = self._query(operation, request)
         if operation.body is not None:
@@ -287,17 +291,3 @@ class Router:
             return media, data.decode("utf-8")
         except UnicodeDecodeError:
             raise exception.InvalidInput("body", "is not UTF-8 text") from None
-
-
-def token_authenticator(request: webob.Request, request_id: str) -> Context:
-    """Authenticate ``X-Auth-Token`` against the stored token hashes; reader tokens may only read."""
-    secret = request.headers.get("X-Auth-Token", "").strip()
-    if not secret or len(secret) > 512:
-        raise exception.NotAuthenticated()
-    token = db.api_token_get_by_secret(secret)
-    if token is None:
-        raise exception.NotAuthenticated()
-    context = Context(token.name, token.role, request_id)
-    if request.method not in ("GET", "HEAD"):
-        context.require_admin()
-    return context

@@ -4,7 +4,11 @@ SQLite under ``state_path``, the in-process bus (``memory://``), the schema
 migrated at start, and - when no token exists yet - a bootstrap admin token
 written to ``<state_path>/admin-token`` (mode 0600) for the ``provfw`` CLI.
 The worker reaches the database only through the in-process conductor, as
-it would on a real hypervisor.
+it would on a real hypervisor.  One metrics endpoint (``[metrics]
+api_port``) serves the API's, the conductor's and the worker's metrics.
+systemd hears READY=1 once the API listens and the worker's first full
+apply succeeded; the watchdog watches the conductor's server and the
+worker's consumer and periodic check.
 """
 
 from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
@@ -16,7 +20,7 @@ import secrets  # noqa: E402
 import threading  # noqa: E402
 
 from provfw import conf as provfw_conf  # noqa: E402
-from provfw import exception  # noqa: E402
+from provfw import exception, metrics, systemd  # noqa: E402
 from provfw.cmd import api as api_cmd  # noqa: E402
 from provfw.cmd import common  # noqa: E402
 from provfw.compute import api as compute_api  # noqa: E402
@@ -112,17 +116,33 @@ def main(argv=None) -> None:
     conf = common.CONF
     migration.db_sync(provfw_conf.database_url(conf))
     bootstrap_token(conf)
+    metrics.serve_configured(conf, "api_port", metrics.API, metrics.CONTROL, metrics.CONDUCTOR, metrics.WORKER,
+                             what="provfw-all-in-one")
+    watchdog = systemd.Watchdog()
     compute = compute_api.ComputeAPI(conf)
-    conductor = conductor_service.ConductorService(conf, compute)
+    conductor = conductor_service.ConductorService(conf, compute, watchdog=watchdog)
     conductor.start()
     conductor.ready.wait(10)
-    worker = service.ComputeService(conf)
+    worker = service.ComputeService(conf, watchdog=watchdog)
     worker.start()
     stop = threading.Event()
+
+    def announce_when_ready() -> None:
+        while not worker.ready.wait(1.0):
+            if stop.is_set():
+                return
+            systemd.notify(f"STATUS=waiting for the first apply: {worker.manager.last_error or 'in progress'}")
+        systemd.notify("READY=1", f"STATUS=serving on http://{conf.api.bind_host}:{conf.api.bind_port}")
+        watchdog.start()
+
+    def listening() -> None:
+        threading.Thread(target=announce_when_ready, name="systemd-ready", daemon=True).start()
+
     try:
-        api_cmd.serve(conf, compute, stop)
+        api_cmd.serve(conf, compute, stop, on_listening=listening)
     finally:
         stop.set()
+        watchdog.stop()
         worker.stop()
         conductor.stop()
 

@@ -1,37 +1,57 @@
 """provfw-api: the admin REST API server (eventlet WSGI).
 
 Request handling only: the periodic purge of expired rules runs in
-provfw-conductor.
+provfw-conductor.  At start it waits until the database answers, serves
+its metrics on ``[metrics] api_port``, listens, and then tells systemd
+READY=1 (``Type=notify``).  ``provfw.api.wsgi_app`` is the same application
+for gunicorn or uWSGI.
 """
 
 from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
 
 import logging  # noqa: E402
 import threading  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import eventlet  # noqa: E402
 import eventlet.wsgi  # noqa: E402
 
+from provfw import metrics, systemd  # noqa: E402
 from provfw.api import router  # noqa: E402
 from provfw.cmd import common  # noqa: E402
 
 LOG = logging.getLogger("provfw.api")
 
 
-def serve(conf, compute=None, stop: threading.Event | None = None) -> None:
+def serve(conf, compute=None, stop: threading.Event | None = None,
+          on_listening: Callable[[], None] | None = None) -> None:
+    """Serve the API until the process ends; ``on_listening`` runs once the socket is bound."""
     from provfw.compute import api as compute_api
 
     compute = compute or compute_api.ComputeAPI(conf)
     app = router.build_app(conf, compute)
     sock = eventlet.listen((conf.api.bind_host, conf.api.bind_port), reuse_addr=True)
     LOG.info("provfw-api listening on http://%s:%s", conf.api.bind_host, conf.api.bind_port)
-    eventlet.wsgi.server(sock, app, log=logging.getLogger("provfw.api.access"), log_output=conf.debug,
+    if on_listening is not None:
+        on_listening()
+    # The access log is provfw.api.middleware's (one line per request, with its request id and token);
+    # eventlet's own would repeat it without them.
+    eventlet.wsgi.server(sock, app, log=logging.getLogger("provfw.api.eventlet"), log_output=False,
                          max_size=1000, keepalive=True, socket_timeout=60)
 
 
 def main(argv=None) -> None:
     common.prepare(argv)
-    serve(common.CONF)
+    conf = common.CONF
+    common.wait_for_database("provfw-api")
+    metrics.serve_configured(conf, "api_port", metrics.API, metrics.CONTROL, what="provfw-api")
+    watchdog = systemd.Watchdog()            # no loop registered: pings while the eventlet hub runs
+
+    def listening() -> None:
+        systemd.notify("READY=1", f"STATUS=serving on http://{conf.api.bind_host}:{conf.api.bind_port}")
+        watchdog.start()
+
+    serve(conf, on_listening=listening)
 
 
 if __name__ == "__main__":

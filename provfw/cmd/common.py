@@ -1,24 +1,46 @@
-"""Start-up shared by the provfw daemons and tools: config, logging, and (for those allowed) the database."""
+"""Start-up shared by the provfw daemons and tools: config, logging, and (for those allowed) the database.
+
+Logging is oslo.log's (``oslo_log.log.setup``): ``log_file`` / ``log_dir``,
+``use_journal``, ``use_syslog``, ``use_json`` (oslo.log's JSONFormatter),
+``debug`` and ``default_log_levels`` come from the configuration file or the
+command line, and every line logged while an API request is handled carries
+its request id through oslo.context (``provfw.api.middleware``).  Without a
+log file or journald, lines go to standard output (captured by journald under
+systemd).  The ``[api] audit_log`` file is one more handler, on the
+``provfw.audit`` logger only, writing the bare JSON audit lines.
+"""
 
 from __future__ import annotations
 
 import logging
-import sys
+import threading
 
+from oslo_log import log as oslo_log
+
+import provfw
 from provfw import conf as provfw_conf
+from provfw import exception, systemd
+from provfw.retrying import retrying
 
 CONF = provfw_conf.CONF
+LOG = logging.getLogger(__name__)
+
+_audit_handler: logging.Handler | None = None
 
 
 def setup_logging(conf=CONF) -> None:
-    logging.basicConfig(level=logging.DEBUG if conf.debug else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    for noisy in ("amqp", "kombu", "sqlalchemy", "routes", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Configure logging from ``conf`` (oslo.log's options, already parsed); add the audit file if set."""
+    global _audit_handler
+    oslo_log.setup(conf, "provfw", provfw.__version__)
+    audit = logging.getLogger("provfw.audit")
+    if _audit_handler is not None:
+        audit.removeHandler(_audit_handler)
+        _audit_handler.close()
+        _audit_handler = None
     if conf.api.audit_log:
-        handler = logging.FileHandler(conf.api.audit_log)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("provfw.audit").addHandler(handler)
+        _audit_handler = logging.FileHandler(conf.api.audit_log)
+        _audit_handler.setFormatter(logging.Formatter("%(message)s"))
+        audit.addHandler(_audit_handler)
 
 
 def prepare(argv=None, database: bool = True) -> None:
@@ -38,3 +60,24 @@ def prepare(argv=None, database: bool = True) -> None:
             eventlet_patch.green_database()
         from provfw.db import api as db
         db.configure(provfw_conf.database_url(), CONF.database.pool_size)
+
+
+def wait_for_database(what: str, stop: threading.Event | None = None) -> int:
+    """Block until the database answers; return its generation.
+
+    Retries with backoff (0.5 s to 10 s) while it is unreachable, telling
+    systemd why in ``STATUS=`` (``systemctl status`` shows it), so READY=1 is
+    only ever sent by a daemon that can reach its database.  A schema that
+    was never migrated is not retried: the error propagates.
+    """
+    from provfw.db import api as db
+
+    def probe() -> int:
+        try:
+            return db.ping()
+        except exception.DatabaseUnavailable as exc:
+            systemd.notify(f"STATUS=waiting for the database: {exc.message}")
+            raise
+
+    return retrying(f"{what}: reaching the database", exception.DatabaseUnavailable, initial=0.5, maximum=10.0,
+                    stop_event=stop, log=LOG)(probe)

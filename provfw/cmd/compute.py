@@ -4,6 +4,10 @@ It holds bus credentials only.  A hypervisor runs strangers' virtual
 machines; credentials that can change rules, tokens or the audit log do not
 belong on it, so a configuration with ``[database] connection`` is refused
 at start (the conductor serves the rules).
+
+It tells systemd READY=1 only after its first full apply succeeded (until
+then ``STATUS=`` says what it waits for), and feeds systemd's watchdog while
+its cast consumer and periodic check keep running.
 """
 
 from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
@@ -13,6 +17,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
+from provfw import metrics, systemd  # noqa: E402
 from provfw.cmd import common  # noqa: E402
 from provfw.compute import service  # noqa: E402
 
@@ -29,7 +34,9 @@ def main(argv=None) -> int:
     if common.CONF.database.connection:
         print(NO_DATABASE, file=sys.stderr)
         return 2
-    worker = service.ComputeService(common.CONF)
+    metrics.serve_configured(common.CONF, "compute_port", metrics.WORKER, what="provfw-compute")
+    watchdog = systemd.Watchdog()
+    worker = service.ComputeService(common.CONF, watchdog=watchdog)
     stopping = threading.Event()
 
     def _stop(signum, _frame):
@@ -40,8 +47,19 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, _stop)
     LOG.info("provfw-compute starting on host %s (%s)", worker.manager.host, worker.manager.driver.describe())
     worker.start()
+    ready_sent, status = False, None
     while not stopping.wait(1.0):
-        pass
+        if not ready_sent and worker.ready.is_set():
+            ready_sent = True
+            systemd.notify("READY=1", f"STATUS=enforcing generation {worker.manager.applied_generation}")
+            watchdog.start()
+        elif not ready_sent:
+            waiting = f"STATUS=waiting for the first apply: {worker.manager.last_error or 'in progress'}"
+            if waiting != status:
+                status = waiting
+                systemd.notify(waiting)
+    systemd.notify("STOPPING=1")
+    watchdog.stop()
     worker.stop()
     return 0
 

@@ -3,6 +3,8 @@
 With provfw-api, the only process with database access: it answers
 ``get_provider_fw_rules`` from cached snapshots and deltas, writes the
 workers' state reports to their Service rows, and purges expired rules.
+It tells systemd READY=1 once the database answers, and feeds systemd's
+watchdog while its request server keeps running.
 """
 
 from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
@@ -12,6 +14,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
+from provfw import metrics, systemd  # noqa: E402
 from provfw.cmd import common  # noqa: E402
 from provfw.conductor import service  # noqa: E402
 
@@ -20,7 +23,7 @@ LOG = logging.getLogger("provfw.conductor")
 
 def main(argv=None) -> int:
     common.prepare(argv)
-    conductor = service.ConductorService(common.CONF)
+    conf = common.CONF
     stopping = threading.Event()
 
     def _stop(signum, _frame):
@@ -29,9 +32,22 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    try:
+        common.wait_for_database("provfw-conductor", stopping)
+    except Exception:  # noqa: BLE001 - only reached when a signal interrupted the wait
+        if stopping.is_set():
+            return 0
+        raise
+    metrics.serve_configured(conf, "conductor_port", metrics.CONDUCTOR, metrics.CONTROL, what="provfw-conductor")
+    watchdog = systemd.Watchdog()
+    conductor = service.ConductorService(conf, watchdog=watchdog)
     conductor.start()
+    systemd.notify("READY=1", "STATUS=serving the compute workers")
+    watchdog.start()
     while not stopping.wait(1.0):
         pass
+    systemd.notify("STOPPING=1")
+    watchdog.stop()
     conductor.stop()
     return 0
 

@@ -231,6 +231,9 @@ def main(argv=None) -> int:
     except cfg.Error as exc:
         print(f"provfw-manage: {exc}", file=sys.stderr)
         return 2
+    # A command-line tool: its answers go to stdout (scripts capture them, e.g. a token's secret),
+    # its log lines to stderr - unless the configuration names a log file or journald.
+    CONF.set_default("use_stderr", True)
     common.setup_logging()
     try:
         if args.category == "config":

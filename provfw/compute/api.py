@@ -12,7 +12,7 @@ from typing import Sequence
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import rpc
+from provfw import metrics, rpc
 from provfw.rules import Changes, Rule
 
 LOG = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class ComputeAPI:
             self.publisher.cast("trigger_provider_fw_rules", **args)
             return True
         except Exception as exc:  # noqa: BLE001 - any bus failure degrades to the periodic check
+            metrics.CASTS_FAILED.inc()
             LOG.error("could not cast trigger_provider_fw_rules(generation=%s): %s; workers will pick the "
                       "change up on their next periodic check", generation, exc)
             return False

@@ -33,7 +33,7 @@ from typing import Any, Callable
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import exception, rpc
+from provfw import exception, metrics, rpc
 from provfw.compute import reconciler as reconciler_mod
 from provfw.conductor import api as conductor_api
 from provfw.rules import Changes, Rule, Snapshot
@@ -63,6 +63,7 @@ class ComputeManager:
         self.applied_at: float | None = None
         self._state_lock = threading.Lock()
         self._next_drift_check = 0.0
+        self._driver_label = conf.compute.firewall_driver         # bounded metric label: the configured name
 
     # ----------------------------------------------------------------- RPC
 
@@ -134,6 +135,13 @@ class ComputeManager:
         except exception.ProvfwError as exc:
             self._record_error(f"conductor: {exc}")
             return None
+        applied = self.reconciler.generation
+        if applied is not None and reply.generation < applied:
+            # Generations only grow: an older answer (a conductor's stale cache, a database restored from a
+            # backup) must never roll the kernel back.  Keep what is enforced; the next check asks again.
+            self._record_error(f"the conductor answered generation {reply.generation}, older than the applied "
+                               f"generation {applied}; keeping generation {applied}")
+            return None
         if isinstance(reply, Snapshot):
             return self._reconcile(lambda: self.reconciler.apply_snapshot(reply), "snapshot")
         if reply.since == reply.generation == self.reconciler.generation and not reply.size:
@@ -161,9 +169,13 @@ class ComputeManager:
             repaired = None
         except Exception as exc:  # noqa: BLE001 - record, keep running
             LOG.exception("drift check failed")
+            metrics.DATAPLANE_APPLY_FAILURES.labels(self._driver_label).inc()
             self._record_error(f"drift check: {type(exc).__name__}: {exc}")
             repaired = None
+        if repaired is not None:
+            metrics.DATAPLANE_APPLY_SECONDS.labels(self._driver_label, repaired.mode).observe(repaired.seconds)
         if repaired is not None and repaired.changed:
+            metrics.DATAPLANE_DRIFT_REPAIRS.labels(self._driver_label).inc()
             LOG.warning("kernel state had drifted from generation %s; repaired", repaired.generation)
             self._record_success(repaired)
         # Reading the kernel back is cheap for sets but takes seconds for a
@@ -207,14 +219,17 @@ class ComputeManager:
         except NotImplementedError as exc:
             with self._state_lock:
                 self.not_implemented = True
+            metrics.DATAPLANE_APPLY_FAILURES.labels(self._driver_label).inc()
             self._record_error(f"{type(self.driver).__name__} does not implement the provider firewall: {exc}")
             return None
         except Exception as exc:  # noqa: BLE001 - record, keep running, keep the old rules in force
             LOG.exception("%s: applying provider rules failed; the previously applied rules stay in force", what)
+            metrics.DATAPLANE_APPLY_FAILURES.labels(self._driver_label).inc()
             self._record_error(f"{type(exc).__name__}: {exc}")
             return None
         if outcome is None:
             return None
+        metrics.DATAPLANE_APPLY_SECONDS.labels(self._driver_label, outcome.mode).observe(outcome.seconds)
         return self._record_success(outcome)
 
     def _record_success(self, outcome: reconciler_mod.Outcome) -> reconciler_mod.Outcome:

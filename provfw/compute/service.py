@@ -12,6 +12,13 @@ flushes) and retries with backoff; a driver that does not implement the
 provider firewall (NotImplementedError) is not retried - it is reported and
 the worker keeps heartbeating.
 
+``ready`` is set once the first full apply succeeded (provfw-compute then
+tells systemd READY=1); ``started`` also when the worker gave up on it (a
+driver without a provider firewall) and serves anyway.  With a ``watchdog``
+(``provfw.systemd.Watchdog``), the cast consumer and the periodic check beat
+it every round, so a worker stuck in either stops answering systemd's
+watchdog and is restarted.
+
 Thread-safety: ``start``/``stop`` from one thread; the loops they spawn only
 call the (thread-safe) manager.
 """
@@ -25,7 +32,8 @@ import time
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import exception, rpc
+from provfw import exception, metrics, rpc
+from provfw import systemd
 from provfw.compute import manager as compute_manager
 from provfw.retrying import retrying
 
@@ -36,14 +44,23 @@ EXPIRY_POLL = 0.2
 
 class ComputeService:
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF,
-                 manager: compute_manager.ComputeManager | None = None):
+                 manager: compute_manager.ComputeManager | None = None,
+                 watchdog: systemd.Watchdog | None = None):
         self.conf = conf
         self.manager = manager or compute_manager.ComputeManager(conf)
         self.consumer = rpc.FanoutConsumer(self.manager.dispatch, self.manager.host, conf)
         self.consumer.on_connect = self._on_bus_connect
+        self.watchdog = watchdog
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()
+        self.ready = threading.Event()
+        reconciler = self.manager.reconciler
+        metrics.bind_worker(
+            rules_applied=lambda: reconciler.rule_count,
+            applied_generation=lambda: -1 if reconciler.generation is None else reconciler.generation,
+            quarantined=lambda: len(reconciler.quarantine()),
+            bus_connected=lambda: 1 if self.consumer.connected.is_set() else 0)
 
     def _on_bus_connect(self) -> None:
         # Casts sent while we were not listening are gone; the generation check finds them.
@@ -55,9 +72,11 @@ class ComputeService:
 
     def _initial_sync_then_serve(self) -> None:
         self.manager.report_state()
+        synced = False
         try:
             retrying("initial sync", exception.ProvfwError, initial=1.0, maximum=float(self.conf.compute.reconcile_interval),
                      stop_event=self._stop, log=LOG)(self._initial_sync)
+            synced = True
         except NotImplementedError as exc:
             LOG.error("serving without an initial apply: %s", exc)
         except exception.ProvfwError:
@@ -65,10 +84,18 @@ class ComputeService:
         if self._stop.is_set():
             return
         self.started.set()
+        if synced:
+            self.ready.set()
+        if self.watchdog is not None:
+            hung = float(self.conf.hung_loop_timeout)
+            # The consumer sleeps up to 30 s between reconnects while the bus is away: not hung.
+            self.watchdog.register("cast consumer", hung + 30.0)
+            self.watchdog.register("periodic check", hung + self.conf.compute.reconcile_interval)
+            self.consumer.on_tick = lambda: self.watchdog.beat("cast consumer")
         self._spawn(self.consumer.run, "provfw-consumer")
         self._spawn(self._every(self.conf.compute.heartbeat_interval, self.manager.report_state), "provfw-heartbeat")
-        self._spawn(self._every(self.conf.compute.reconcile_interval, self.manager.periodic_check),
-                    "provfw-periodic")
+        self._spawn(self._every(self.conf.compute.reconcile_interval, self.manager.periodic_check,
+                                beat="periodic check"), "provfw-periodic")
         self._spawn(self._expiry_loop, "provfw-expiry")
 
     def _initial_sync(self) -> None:
@@ -85,13 +112,15 @@ class ComputeService:
         thread.start()
         self._threads.append(thread)
 
-    def _every(self, interval: float, func):
+    def _every(self, interval: float, func, beat: str | None = None):
         def loop():
             while not self._stop.wait(interval):
                 try:
                     func()
                 except Exception:  # noqa: BLE001 - a periodic task must never die
                     LOG.exception("periodic task %s failed", getattr(func, "__name__", func))
+                if beat is not None and self.watchdog is not None:
+                    self.watchdog.beat(beat)
         return loop
 
     def _expiry_loop(self) -> None:

@@ -135,7 +135,10 @@ class ConductorManager:
 
     def get_provider_fw_rules(self, since: int | None, min_generation: int | None = None) -> rpc.Reply:
         """A delta since ``since`` or a snapshot, encoded (and cached) for the wire."""
-        current = self.current_generation(min_generation)
+        # A host that already applied ``since`` knows the database is at least there: a cached generation
+        # older than that is stale and must be read again (answering from it would roll the host back).
+        known = max((g for g in (since, min_generation) if g is not None), default=None)
+        current = self.current_generation(known)
         if since is not None and since == current:
             self.stats["unchanged"] += 1
             return self._encode({"kind": "delta", "since": since, "generation": current, "added": [],

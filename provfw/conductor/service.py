@@ -7,6 +7,11 @@ their caches are independent, a purge that finds nothing is harmless, and
 each feed is synced by the one conductor whose claim on it won
 (``provfw.conductor.feeds``).
 
+While started, its ``ConductorCollector`` is registered on
+``provfw.metrics.CONDUCTOR`` (read on scrape).  With a ``watchdog``
+(``provfw.systemd.Watchdog``) the request server beats it every round, so a
+conductor whose server loop hangs stops answering systemd's watchdog.
+
 Thread-safety: ``start``/``stop`` from one thread; see ConductorManager for
 what the loops share.
 """
@@ -20,10 +25,11 @@ import threading
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import rpc
+from provfw import metrics, rpc, systemd
 from provfw.compute import api as compute_api_mod
 from provfw.conductor import feeds as conductor_feeds
 from provfw.conductor import manager as conductor_manager
+from provfw.conductor import metrics as conductor_metrics
 from provfw.db import api as db
 
 LOG = logging.getLogger(__name__)
@@ -33,8 +39,10 @@ BINARY = "provfw-conductor"
 
 class ConductorService:
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF,
-                 compute_api: compute_api_mod.ComputeAPI | None = None, host: str | None = None):
+                 compute_api: compute_api_mod.ComputeAPI | None = None, host: str | None = None,
+                 watchdog: systemd.Watchdog | None = None):
         self.conf = conf
+        self.watchdog = watchdog
         self.host = host or socket.gethostname()
         self.compute_api = compute_api or compute_api_mod.ComputeAPI(conf)
         self.manager = conductor_manager.ConductorManager(conf, self.compute_api)
@@ -43,6 +51,7 @@ class ConductorService:
                                     request_ttl=conf.conductor.call_timeout * (conf.conductor.call_retries + 1))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.collector = conductor_metrics.ConductorCollector(self.manager, conf.compute.service_down_time)
 
     @property
     def ready(self) -> threading.Event:
@@ -50,6 +59,11 @@ class ConductorService:
         return self.server.connected
 
     def start(self) -> None:
+        metrics.CONDUCTOR.register(self.collector)
+        if self.watchdog is not None:
+            # The server sleeps up to 30 s between reconnects while the bus is away: not hung.
+            self.watchdog.register("conductor server", self.conf.hung_loop_timeout + 30.0)
+            self.server.on_tick = lambda: self.watchdog.beat("conductor server")
         self._spawn(self.server.run, "conductor-server")
         self._spawn(self._flush_loop, "conductor-reports")
         self._spawn(self._every(self.conf.conductor.purge_interval, self.manager.purge_expired), "conductor-purge")
@@ -96,3 +110,7 @@ class ConductorService:
         self.manager.flush_now.set()
         for thread in self._threads:
             thread.join(timeout)
+        try:
+            metrics.CONDUCTOR.unregister(self.collector)
+        except KeyError:
+            pass                                    # never started

@@ -17,6 +17,7 @@ Snapshot = IMPL.Snapshot
 Changes = IMPL.Changes
 FEED_SETTINGS = IMPL.FEED_SETTINGS
 feed_source = IMPL.feed_source
+MetricsRead = IMPL.MetricsRead
 
 
 def configure(url, pool_size=5):
@@ -194,6 +195,16 @@ def feed_sync(claim, specs, state, **options):
 def feed_rule_counts():
     """feed name -> live rules it wants."""
     return IMPL.feed_rule_counts()
+
+
+def provider_fw_metrics_read(binary="provfw-compute"):
+    """MetricsRead(generation, {protocol: live unexpired rules}, [(host, applied_generation, heartbeat_at)])."""
+    return IMPL.provider_fw_metrics_read(binary)
+
+
+def ping():
+    """The current generation; DatabaseUnavailable (503) when the database cannot be reached."""
+    return IMPL.ping()
 
 
 # Services ------------------------------------------------------------------

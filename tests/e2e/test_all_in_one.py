@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import requests
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.lib import deployment as deploy
 from tests.lib import netns, services
@@ -25,21 +29,38 @@ def aio(tmp_path_factory):
     services.require_root_netns()
     services.require_tools("iptables-restore", "ping")
     workdir = tmp_path_factory.mktemp("aio")
-    port = deploy.free_port()
+    port, metrics_port = deploy.free_port(), deploy.free_port()
+    # systemd's side of sd_notify: a datagram socket whose messages the tests read, with a 2 s watchdog.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(workdir / "notify"))
+    notifications: list[tuple[float, str]] = []
+
+    def listen() -> None:
+        while True:
+            try:
+                data = notify.recv(4096)
+            except OSError:
+                return
+            notifications.extend((time.monotonic(), line) for line in data.decode().split("\n"))
+
+    threading.Thread(target=listen, daemon=True).start()
     with netns.RoutedTopology() as topo:
         config = workdir / "provfw.conf"
         config.write_text(f"""[DEFAULT]
 state_path = {workdir}/state
 [api]
 bind_port = {port}
+[metrics]
+api_port = {metrics_port}
 [compute]
 host = aio-host
 dataplane_netns = {topo.hv}
 firewall_driver = iptables
 """)
         log = open(workdir / "aio.log", "wb")
+        env = {**os.environ, "NOTIFY_SOCKET": str(workdir / "notify"), "WATCHDOG_USEC": "2000000"}
         proc = subprocess.Popen([os.path.join(BIN, "provfw-all-in-one"), "--config-file", str(config)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
             for _ in range(200):
@@ -51,10 +72,12 @@ firewall_driver = iptables
                     time.sleep(0.1)
             token = (workdir / "state" / "admin-token").read_text().strip()
             assert oct((workdir / "state" / "admin-token").stat().st_mode & 0o777) == "0o600"
-            yield {"url": url, "token": token, "topo": topo, "workdir": workdir}
+            yield {"url": url, "token": token, "topo": topo, "workdir": workdir,
+                   "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "notifications": notifications}
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(10)
+            notify.close()
 
 
 def cli(aio, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -110,3 +133,59 @@ def test_cli_without_a_token_explains_how_to_get_one(aio):
     result = subprocess.run([os.path.join(BIN, "provfw"), "--url", aio["url"], "rules"], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 2 and "provfw-manage token create" in result.stderr
+
+
+def scrape(aio) -> dict:
+    """{(name, ((label, value), ...)): value} from the all-in-one's one metrics endpoint."""
+    found = {}
+    text = requests.get(aio["metrics"], timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def total(values: dict, name: str) -> float:
+    return sum(value for (sample, _labels), value in values.items() if sample == name)
+
+
+def test_blocking_a_cidr_moves_the_generation_the_applied_generation_and_the_apply_histogram(aio):
+    before = scrape(aio)
+    assert before[("provfw_database_up", ())] == 1 and before[("provfw_bus_connected", ())] == 1
+    assert before[("provfw_applied_generation", ())] == before[("provfw_generation", ())]
+    applies = total(before, "provfw_dataplane_apply_seconds_count")
+    src = "203.0.113.99"
+    assert cli(aio, "block", src).returncode == 0
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(aio)
+        if after[("provfw_applied_generation", ())] == before[("provfw_generation", ())] + 1:
+            break
+        assert time.monotonic() < deadline, after
+        time.sleep(0.1)
+    assert after[("provfw_generation", ())] == before[("provfw_generation", ())] + 1
+    assert after[("provfw_rules_applied", ())] == before[("provfw_rules_applied", ())] + 3
+    assert total(after, "provfw_dataplane_apply_seconds_count") > applies
+    assert after[("provfw_active_rules", (("protocol", "tcp"),))] == before[("provfw_active_rules",
+                                                                             (("protocol", "tcp"),))] + 1
+    route = (("method", "POST"), ("route", "/v1/block-external-addresses"), ("status", "200"))
+    assert after[("provfw_api_requests_total", route)] == before.get(("provfw_api_requests_total", route), 0) + 1
+    deadline = time.monotonic() + 15                  # the conductor writes the worker's report within ~1 s
+    while scrape(aio)[("provfw_service_generation_lag", (("host", "aio-host"),))] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    cli(aio, "unblock", src)
+
+
+def test_systemd_hears_ready_after_the_first_apply_and_then_watchdog_pings(aio):
+    deadline = time.monotonic() + 10
+    while sum(1 for _at, line in aio["notifications"] if line == "WATCHDOG=1") < 3:
+        assert time.monotonic() < deadline, aio["notifications"]
+        time.sleep(0.1)
+    lines = [line for _at, line in aio["notifications"]]
+    assert lines.count("READY=1") == 1
+    assert lines.index("READY=1") < lines.index("WATCHDOG=1")
+    # Nothing but STATUS lines before READY: READY=1 came with the first apply, not before it.
+    assert all(line.startswith("STATUS=") for line in lines[:lines.index("READY=1")])
+    pings = [at for at, line in aio["notifications"] if line == "WATCHDOG=1"]
+    assert all(0.5 < later - earlier < 2.0 for earlier, later in zip(pings, pings[1:]))     # WatchdogSec/2 = 1 s

@@ -506,3 +506,37 @@ def test_the_openapi_document_is_public_and_is_the_contract_the_router_enforces(
     response = api.call("GET", "/v1/openapi.json", token=None)
     assert response.status_int == 200 and response.content_type == "application/json"
     assert response.json == schemas.openapi_document()
+
+
+def test_the_rule_strategies_of_the_driver_property_tests_agree_with_the_real_api(conf, sqlite_db):
+    """tests.lib.rule_strategies.api_spec is the API's verdict: every body it accepts the API creates with
+    that very spec (201), every one it refuses the API refuses (4xx).  So the driver property tests draw
+    exactly from what the API accepts."""
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.lib.rule_strategies import api_spec, rule_bodies
+
+    conf.set_override("control_exchange", "api-strategies-" + secrets.token_hex(4))
+    api = Api(conf)
+    verdicts = {"accepted": 0, "refused": 0}
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(body=rule_bodies())
+    def agree(body):
+        expected = api_spec(body)
+        response = api.call("POST", "/v1/provider-fw-rules", body)
+        if expected is None:
+            assert 400 <= response.status_code < 500, (body, response.status_code, response.text)
+            verdicts["refused"] += 1
+            return
+        assert response.status_code == 201, (body, response.text)
+        rule = response.json["rule"]
+        assert rules.RuleSpec(rule["cidr"], rule["protocol"], rule["from_port"], rule["to_port"]) == expected
+        assert api.call("DELETE", f"/v1/provider-fw-rules/{rule['id']}").status_code == 204
+        verdicts["accepted"] += 1
+
+    try:
+        agree()
+    finally:
+        api.close()
+    assert verdicts["accepted"] > 50 and verdicts["refused"] > 0, verdicts

@@ -30,6 +30,7 @@ import time
 import uuid as uuidlib
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from provfw import exception
 from provfw.rules import RuleSpec, make_spec
@@ -39,6 +40,7 @@ from tests.lib import services
 from tests.lib.applied import AppliedRules
 from tests.lib.bridge import BridgeTopology
 from tests.lib.netns import unique_tag, wait_until
+from tests.lib.rule_strategies import rule_sets
 
 pytestmark = pytest.mark.functional
 
@@ -341,6 +343,42 @@ def test_port_and_icmp_rules_drop_only_what_they_name(hypervisor_factory, mode):
     finally:
         os.killpg(echo.pid, signal.SIGKILL)
         echo.wait(5)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode, examples", [("rules", 20), ("ipset", 20)])
+def test_every_rule_set_the_api_accepts_is_instantiated_by_libvirtd_and_stable(hypervisor_factory, mode, examples):
+    """The nwfilter half of tests/functional/test_driver_properties.py: rule sets drawn from what the API
+    accepts (tests.lib.rule_strategies), applied as deltas or full rebuilds to a provider filter that a
+    bound port references - so libvirtd instantiates every rule into ebtables/iptables, and a rule it
+    cannot instantiate fails the define - then held (rules in the filter read back from libvirtd plus host
+    set members) and stable (a second apply defines nothing and writes nothing)."""
+    hv = hypervisor_factory(mode)
+    seen = []
+
+    def held() -> int:
+        stored = nwx.parse_filter(hv.conn.nwfilterLookupByName(hv.provider).XMLDesc())
+        per_cidr = sum(1 for rule in stored.rules if not dict(rule.attrs).get("ipset"))
+        members = 0
+        for name in hv.leftover_sets():
+            save = subprocess.run(["ipset", "save", name], capture_output=True, text=True, check=True).stdout
+            members += sum(1 for line in save.splitlines() if line.startswith("add "))
+        return per_cidr + members
+
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @given(specs=rule_sets(max_size=8), full=st.booleans())
+    def apply_and_reapply(specs, full):
+        if full:
+            hv.rules.rebuild(specs)
+        else:
+            hv.rules.apply(added=specs - hv.rules.desired, removed=hv.rules.desired - specs)
+        assert held() == len(specs), f"libvirtd and the host sets hold {held()} rules, {len(specs)} were applied"
+        assert hv.rules.repair().changed is False, f"a second apply of {sorted(specs)} changed something"
+        seen.append(len(specs))
+
+    apply_and_reapply()
+    assert len(seen) >= examples // 2
 
 
 def test_auto_mode_switches_to_ipsets_past_the_threshold_without_letting_anyone_through(hypervisor_factory):

@@ -114,6 +114,20 @@ def test_a_cast_that_skips_a_generation_fetches_the_gap(conf, bus):
     assert bus.stats["delta_reads"] >= 1
 
 
+def test_a_conductor_with_a_stale_cached_generation_never_rolls_a_host_back(conf, bus):
+    """Found by tests/e2e/test_quarantine.py: a cached generation older than the host's served an old snapshot."""
+    conf.set_override("generation_cache_ttl", 3600.0, group="conductor")
+    manager = noop_manager(conf)
+    manager.init_host()                                  # the conductor caches the generation now
+    rule, generation = db.provider_fw_rule_create(A)
+    manager.trigger_provider_fw_rules(generation=generation, previous_generation=generation - 1,
+                                      added=[db.rule_of(rule).to_wire()], removed=[])
+    assert manager.applied_generation == generation
+    manager.periodic_check()
+    assert manager.applied_generation == generation and A in manager.reconciler.enforced()
+    assert manager.last_error is None
+
+
 def test_the_periodic_check_applies_a_generation_whose_cast_was_lost(conf, bus):
     manager = noop_manager(conf)
     manager.init_host()

@@ -94,6 +94,12 @@ protected_cidrs = 127.0.0.0/8,::1/128,192.0.2.0/24
 bind_host = 127.0.0.1
 bind_port = {self.port}
 
+[metrics]
+# Several daemons of a test share this machine: no fixed metrics ports (a test that scrapes sets its own).
+api_port = 0
+conductor_port = 0
+compute_port = 0
+
 [conductor]
 report_flush_interval = 0.2
 {trust}
@@ -154,14 +160,16 @@ service_down_time = 5
             _stop(self.conductors.pop(), sig)
 
     def start_worker(self, host: str, netns: str, extra: str = "", wait: bool = True,
-                     transport_url: str | None = None) -> None:
+                     transport_url: str | None = None, firewall_driver: str | None = None) -> None:
         """Start ``provfw-compute`` for ``host`` (no database credentials; its own bus user).
 
         ``transport_url`` overrides its bus URL (e.g. to reach the broker
-        through a proxy a test can cut; build it from ``compute_url(host)``).
+        through a proxy a test can cut; build it from ``compute_url(host)``);
+        ``firewall_driver`` the deployment's driver for this host.
         """
+        driver = firewall_driver or self.firewall_driver
         config = self._write_config(f"compute-{host}", f"host = {host}\ndataplane_netns = {netns}\n"
-                                    f"firewall_driver = {self.firewall_driver}\ncompute_driver = libvirt\n{extra}",
+                                    f"firewall_driver = {driver}\ncompute_driver = libvirt\n{extra}",
                                     transport_url=transport_url or self.compute_url(host), with_database=False)
         self.workers[host] = self._spawn("provfw-compute", config, f"compute-{host}")
         if wait:

@@ -18,6 +18,7 @@ UDP_PORT = 9999
 _FLOOD = r"""
 import signal, socket, sys, time
 src, dst, port, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+burst, pause = int(sys.argv[5]), float(sys.argv[6])
 sent = 0
 stop = False
 def finish(*_):
@@ -29,12 +30,14 @@ s.bind((src, 0))
 print("ready", flush=True)
 deadline = time.monotonic() + seconds
 while not stop and time.monotonic() < deadline:
-    for _ in range(200):
+    for _ in range(burst):
         try:
             s.sendto(b"provfw-test-flood", (dst, port))
             sent += 1
         except OSError:
             pass
+    if pause:
+        time.sleep(pause)
 print(sent, flush=True)
 """
 
@@ -55,10 +58,18 @@ class InstanceCounter:
 
 
 class Flood:
-    def __init__(self, topo, src: str, seconds: float = 60.0):
+    """UDP from ``src`` to the instance until ``stop()`` (or ``seconds``).
+
+    As fast as one core sends by default; ``pause`` seconds after every
+    ``burst`` packets paces it, where several floods share two cores with the
+    processes under test (1 ms after 20 packets: ~10-20k packets/s).
+    """
+
+    def __init__(self, topo, src: str, seconds: float = 60.0, burst: int = 200, pause: float = 0.0):
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", topo.attacker, sys.executable, "-c", _FLOOD, src, topo.INSTANCE4,
-             str(UDP_PORT), str(seconds)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+             str(UDP_PORT), str(seconds), str(burst), str(pause)], stdout=subprocess.PIPE, text=True,
+            start_new_session=True)
         assert self.proc.stdout.readline().strip() == "ready"
 
     def stop(self) -> int:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from provfw import exception, rules
-from provfw.api import router, schemas, wsgi
+from provfw.api import auth, router, schemas, wsgi
 
 DOCUMENT = schemas.openapi_document()
 
@@ -40,7 +40,7 @@ def test_the_router_refuses_to_start_with_a_route_outside_the_contract():
     mapper = router.build_mapper()
     mapper.connect("/v1/secret", controller="admin", action="secret", conditions={"method": ["GET"]})
     with pytest.raises(exception.ConfigError, match="secret"):
-        wsgi.Router(mapper, {"admin": object()}, wsgi.token_authenticator)
+        wsgi.Router(mapper, {"admin": object()}, auth.TokenAuthenticator())
 
 
 def test_the_document_is_valid_openapi_3_1():

@@ -73,6 +73,14 @@ def test_parsing_keeps_owned_sets_with_members_and_options_found_by_name():
     assert ipset.parse_save("create other hash:net family inet\nadd other 1.1.1.1\n", PFN.owns) == {}
 
 
+def test_ipv6_members_printed_with_a_dotted_tail_compare_equal_to_the_rules_that_made_them():
+    """ipset save prints ::102:304 as ::1.2.3.4 (inet_ntop); read as is, every drift check deleted it."""
+    (only,) = kernel("::1.2.3.4", "::1.2.3.0/120", "2001:db8::1", family="inet6").values()
+    assert only.members == {ipset.member("::102:304/128"), ipset.member("::102:300/120"), "2001:db8::1"}
+    desired = {MatchKey(6, "all", -1, -1): only.members}
+    assert ipset.plan_sets(desired, {"pfn6-all-any": only}, PFN, _Conf()).restore == ()
+
+
 def test_members_added_with_options_keep_only_their_address():
     (only,) = kernel("192.0.2.1 timeout 5", "192.0.2.2").values()
     assert only.members == {"192.0.2.1", "192.0.2.2"}

@@ -194,6 +194,17 @@ def test_a_deleted_quarantined_rule_leaves_the_quarantine(reconciler, model):
     assert reconciler.quarantine() == [] and model.kernel == {A}
 
 
+def test_a_change_whose_every_rule_is_refused_is_quarantined_whole_and_the_fleet_moves_on(reconciler, model):
+    """The seed's block_ips of a bad CIDR is three rules in one generation, all refused: quarantined, not a stall."""
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A)]))
+    bad = [rule(2, BAD), rule(3, RuleSpec(BAD.cidr, "udp", 1, 65535)), rule(4, RuleSpec(BAD.cidr, "icmp", -1, -1))]
+    outcome = reconciler.apply_change(Changes(1, 2, bad, []))
+    assert outcome.generation == 2 and len(outcome.newly_quarantined) == 3
+    assert [q["id"] for q in reconciler.quarantine()] == [2, 3, 4] and model.kernel == {A}
+    reconciler.apply_change(Changes(2, 3, [rule(5, B)], []))
+    assert model.kernel == {A, B} and reconciler.generation == 3
+
+
 def test_a_host_wide_refusal_is_not_blamed_on_the_rules_and_keeps_the_previous_state(reconciler, model):
     reconciler.apply_snapshot(Snapshot(1, [rule(1, A)]))
     model.broken = True

@@ -112,7 +112,8 @@ VALID_RULES = [
     (("10.0.0.0/8", "icmp", 3, 1), ("10.0.0.0/8", "icmp", 3, 1)),             # type 3 code 1
     (("10.0.0.0/8", "icmp", 0, 0), ("10.0.0.0/8", "icmp", 0, 0)),             # type 0 is a real type
     (("10.0.0.0/8", "icmp", -1, -1), ("10.0.0.0/8", "icmp", ANY, ANY)),
-    (("10.0.0.0/8", "icmp", 255, 255), ("10.0.0.0/8", "icmp", 255, 255)),
+    (("10.0.0.0/8", "icmp", 254, 255), ("10.0.0.0/8", "icmp", 254, 255)),     # the highest type and code
+    (("2001:db8::/32", "icmp", 0, 255), ("2001:db8::/32", "icmp", 0, 255)),
     (("2001:db8::/32", "icmp", 128, None), ("2001:db8::/32", "icmp", 128, ANY)),  # ICMPv6 echo request
     (("10.0.0.0/8", "all", None, None), ("10.0.0.0/8", "all", ANY, ANY)),
     (("10.0.0.0/8", "all", -1, -1), ("10.0.0.0/8", "all", ANY, ANY)),
@@ -143,7 +144,10 @@ INVALID_RULES = [
     (("10.0.0.0/8", "ipv6-icmp", None, None), "protocol", "not one of"),
     (("10.0.0.0/8", "", None, None), "protocol", "not one of"),
     (("10.0.0.0/8", 6, None, None), "protocol", "not one of"),
-    (("10.0.0.0/8", "icmp", 256, None), "from_port", "out of range 0-255"),
+    (("10.0.0.0/8", "icmp", 256, None), "from_port", "out of range 0-254"),
+    # iptables reads ICMP type 255 as "any type": refused rather than enforced as something else.
+    (("10.0.0.0/8", "icmp", 255, None), "from_port", "iptables matches it as any type"),
+    (("2001:db8::/32", "icmp", 255, 0), "from_port", "reserved"),
     (("10.0.0.0/8", "icmp", -2, None), "from_port", "out of range"),
     (("10.0.0.0/8", "icmp", 3, 256), "to_port", "out of range 0-255"),
     (("10.0.0.0/8", "icmp", None, 1), "to_port", "needs an ICMP type"),       # code without a type

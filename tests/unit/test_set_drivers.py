@@ -341,3 +341,11 @@ def test_iptc_plans_its_chain_as_one_helper_command_only_when_the_legacy_table_d
     conf.set_override("backend", "legacy", "iptables")
     AppliedRules(IpsetFirewallDriver(conf=conf, runner=plane)).rebuild(MIXED)
     assert driver.chain_steps(keys) == ()
+
+
+def test_nft_elements_listed_with_a_dotted_ipv6_tail_compare_equal_to_the_rules_that_made_them():
+    """nft prints ::102:304 as ::1.2.3.4 (inet_ntop); read as is, a second apply rewrote the set every time."""
+    listing = ('{"nftables": [{"set": {"family": "inet", "name": "pfw6_all_p128", "table": "provfw", '
+               '"type": "ipv6_addr", "elem": ["::1.2.3.4", "2001:db8::1", "::"]}}]}')
+    table = nftables.parse_table(listing)
+    assert table.sets["pfw6_all_p128"][2] == {"::102:304", "2001:db8::1", "::"}

@@ -8,6 +8,16 @@ since generation N can never miss one.  The unique constraint on
 (cidr, protocol, from_port, to_port, deleted) is the final guard against two
 live copies of one rule.
 
+Every mutation runs whole inside ``_retry_on_deadlock``: a transaction that
+loses a lock race - MariaDB/Galera error 1213 (deadlock, also Galera's
+certification failure) or 1205 (lock wait timeout), PostgreSQL SQLSTATE
+40001 (serialisation failure) or 40P01 (deadlock detected) - was rolled back
+by the server, so it is run again from its first statement (oslo.db's
+``wrap_db_retry`` policy), up to ``DEADLOCK_ATTEMPTS`` times with jittered
+backoff; then ``DBDeadlock`` (503).  Errors are told by code, never by text.
+Audit lines reach the ``provfw.audit`` logger only after their transaction
+committed, so a retried or rolled-back change is never logged as made.
+
 Thread-safety: the engine and sessionmaker are process-wide and thread-safe;
 each function opens its own session.
 """
@@ -17,6 +27,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -31,12 +42,55 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc as sa_exc, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from provfw import exception, rules as rules_mod, sources as sources_mod
+from provfw import exception, metrics, rules as rules_mod, sources as sources_mod
 from provfw.db.sqlalchemy import models
 from provfw.db.sqlalchemy.models import (ApiToken, AuditRecord, Feed, FirewallGeneration, ProviderFirewallRule,
                                          ProviderFirewallRuleSource, Service)
+from provfw.retrying import retrying
 
 LOG = logging.getLogger(__name__)
+AUDIT_LOG = logging.getLogger("provfw.audit")
+
+DEADLOCK_ATTEMPTS = 5
+# SQLSTATEs of a transaction the server rolled back for losing a lock race (PostgreSQL, psycopg2 and psycopg 3).
+_PG_RETRY_SQLSTATES = frozenset({"40001", "40P01"})
+# MySQL/MariaDB error numbers of the same (PyMySQL and mysqlclient put the number first in ``args``):
+# 1213 ER_LOCK_DEADLOCK (Galera reports a certification failure with it too), 1205 ER_LOCK_WAIT_TIMEOUT.
+_MYSQL_RETRY_ERRNOS = frozenset({1213, 1205})
+
+
+def is_deadlock(error: BaseException) -> bool:
+    """True when ``error`` (a SQLAlchemy DBAPIError) means "lost a lock race; running it again is safe"."""
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    orig = error.orig
+    sqlstate = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in _PG_RETRY_SQLSTATES
+    args = getattr(orig, "args", ())
+    return bool(args) and isinstance(args[0], int) and args[0] in _MYSQL_RETRY_ERRNOS
+
+
+def _retry_on_deadlock(func):
+    """Run the whole of ``func`` (one transaction) again when the database rolled it back for a deadlock."""
+    operation = func.__name__
+
+    def attempt(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except sa_exc.DBAPIError as exc:
+            if not is_deadlock(exc):
+                raise
+            metrics.DB_DEADLOCKS.labels(operation).inc()
+            raise exception.DBDeadlock(f"{operation}: the database kept rolling the transaction back "
+                                       f"({type(exc.orig).__name__}); try again") from exc
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return retrying(f"database transaction {operation}", exception.DBDeadlock, attempts=DEADLOCK_ATTEMPTS,
+                        initial=0.05, maximum=1.0, log=LOG)(attempt, *args, **kwargs)
+    return wrapper
+
 
 _lock = threading.Lock()
 BULK_THRESHOLD = 1000  # creates larger than this skip the ORM and return only a count
@@ -63,13 +117,46 @@ def _sqlite_begin(conn):
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# A pooled connection idle longer than this is pinged before use (see _ping_if_idle).
+PING_IDLE_SECONDS = 1.0
+
+
+def _checked_in(_dbapi_conn, record) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_conn, record, proxy) -> None:
+    """Pessimistic disconnect handling that costs nothing under load.
+
+    SQLAlchemy's ``pool_pre_ping`` pings on every checkout: a round trip per
+    transaction (a tenth of a mutation's time in the API benchmark).  A
+    connection handed back less than ``PING_IDLE_SECONDS`` ago was working
+    then; one idle longer (a database restart, a failover, a cut) is pinged,
+    and a dead one is replaced before the caller sees it (DisconnectionError
+    makes the pool reconnect).
+    """
+    if time.monotonic() - record.info.get("idle_since", 0.0) < PING_IDLE_SECONDS:
+        return
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute("SELECT 1")
+        cursor.fetchall()
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use this connection
+        raise sa_exc.DisconnectionError(f"connection failed its idle check: {exc}") from exc
+    finally:
+        try:
+            cursor.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def create_engine(url: str, pool_size: int = 5) -> sa.Engine:
     """Create an engine with the settings provfw needs on each backend."""
     kwargs: dict = {"future": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
-        kwargs.update(pool_pre_ping=True, pool_size=pool_size, max_overflow=2 * pool_size, pool_recycle=3600)
+        kwargs.update(pool_size=pool_size, max_overflow=2 * pool_size, pool_recycle=3600)
         # A database that vanishes without a reset (a black hole) must not hang a
         # query for the kernel's TCP timeout: the worker's refresh holds the apply
         # lock while it reads, so drift repair and expiry would wait behind it.
@@ -83,6 +170,9 @@ def create_engine(url: str, pool_size: int = 5) -> sa.Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
+    else:
+        event.listen(engine, "checkin", _checked_in)
+        event.listen(engine, "checkout", _ping_if_idle)
     return engine
 
 
@@ -118,6 +208,17 @@ def _session() -> Session:
     get_engine()
     assert _sessionmaker is not None
     return _sessionmaker()
+
+
+@event.listens_for(Session, "after_commit")
+def _log_audit_lines(session: Session) -> None:
+    for line in session.info.pop("audit_lines", ()):
+        AUDIT_LOG.info(line)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_audit_lines(session: Session) -> None:
+    session.info.pop("audit_lines", None)
 
 
 # --------------------------------------------------------------------------- values
@@ -179,21 +280,38 @@ def rule_of(row) -> rules_mod.Rule:
     return rules_mod.Rule(row.id, _spec_of(row), _epoch(row.expires_at))
 
 
-def _bump_generation(session: Session) -> int:
-    result = session.execute(
-        update(FirewallGeneration).where(FirewallGeneration.id == 1)
-        .values(generation=FirewallGeneration.generation + 1, updated_at=_now()))
-    if result.rowcount != 1:
+_GENERATION = FirewallGeneration.__table__
+_RULES = ProviderFirewallRule.__table__
+
+
+def _bump_generation(session: Session) -> tuple[int, int]:
+    """Take the generation row lock; return (new generation, live rules).
+
+    The first statement of every mutation: from here to COMMIT the row lock
+    serialises mutations, so everything after it runs as few statements as
+    possible (Core statements, RETURNING where the database has it).
+    """
+    statement = (update(_GENERATION).where(_GENERATION.c.id == 1)
+                 .values(generation=_GENERATION.c.generation + 1, updated_at=_now()))
+    if session.get_bind().dialect.update_returning:          # PostgreSQL, SQLite; not MariaDB
+        row = session.execute(statement.returning(_GENERATION.c.generation, _GENERATION.c.live_rules)).first()
+    else:
+        row = None if session.execute(statement).rowcount != 1 else session.execute(
+            select(_GENERATION.c.generation, _GENERATION.c.live_rules).where(_GENERATION.c.id == 1)).first()
+    if row is None:
         raise exception.ProvfwError("provider_fw_generation row missing: run 'provfw-manage db sync'")
-    return session.execute(select(FirewallGeneration.generation).where(FirewallGeneration.id == 1)).scalar_one()
+    return row[0], row[1]
 
 
-def _adjust_live_rules(session: Session, delta: int) -> int:
-    """Move the live-rule counter by ``delta`` (same transaction and row lock as the mutation); return it."""
+def _adjust_live_rules(session: Session, delta: int) -> None:
+    """Move the live-rule counter by ``delta`` (same transaction and row lock as the mutation)."""
     if delta:
-        session.execute(update(FirewallGeneration).where(FirewallGeneration.id == 1)
-                        .values(live_rules=FirewallGeneration.live_rules + delta))
-    return session.execute(select(FirewallGeneration.live_rules).where(FirewallGeneration.id == 1)).scalar_one()
+        session.execute(update(_GENERATION).where(_GENERATION.c.id == 1)
+                        .values(live_rules=_GENERATION.c.live_rules + delta))
+
+
+def _live_rules(session: Session) -> int:
+    return session.execute(select(_GENERATION.c.live_rules).where(_GENERATION.c.id == 1)).scalar_one()
 
 
 def _audit(session: Session, audit: Audit | None, action: str, generation: int | None, detail: dict) -> None:
@@ -201,9 +319,11 @@ def _audit(session: Session, audit: Audit | None, action: str, generation: int |
         return
     if audit.reason:
         detail = {**detail, "reason": audit.reason}
-    session.add(AuditRecord(actor=audit.actor, request_id=audit.request_id, action=action,
-                            generation=generation, detail=json.dumps(detail, default=str, sort_keys=True)))
-    logging.getLogger("provfw.audit").info(
+    session.execute(sa.insert(AuditRecord.__table__).values(
+        actor=audit.actor, request_id=audit.request_id, action=action, generation=generation,
+        detail=json.dumps(detail, default=str, sort_keys=True)))
+    # Logged by _log_audit_lines once the transaction committed.
+    session.info.setdefault("audit_lines", []).append(
         json.dumps({"actor": audit.actor, "request_id": audit.request_id, "action": action,
                     "generation": generation, **detail}, default=str, sort_keys=True))
 
@@ -326,6 +446,7 @@ def provider_fw_rules_create_many(specs: Sequence[rules_mod.RuleSpec], descripti
     )
 
 
+@_retry_on_deadlock
 def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, mode: str = "add",
                            expires_at: datetime.datetime | None = None, description: str | None = None,
                            created_by: str | None = None, audit: Audit | None = None, max_rules: int | None = None,
@@ -362,7 +483,7 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
     with _session() as session:
         try:
             with session.begin():
-                generation = _bump_generation(session)
+                generation, live = _bump_generation(session)
                 if _before is not None:
                     _before(session, now)
                 held = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL)
@@ -371,7 +492,7 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                     raise exception.ReplaceGuardTripped(source, plan.guard.in_force, plan.guard.removing,
                                                         plan.guard.max_fraction)
                 if max_rules is not None and plan.create:
-                    live = _adjust_live_rules(session, 0) - len(plan.retire) - len(plan.delete)
+                    live -= len(plan.retire) + len(plan.delete)
                     if live + len(plan.create) > max_rules:
                         raise exception.RuleLimitExceeded(
                             f"max_rules: {live} live + {len(plan.create)} new exceeds the limit of {max_rules}")
@@ -641,13 +762,13 @@ def _soft_delete(session: Session, ids: Iterable[int], generation: int, now: dat
     s = ProviderFirewallRuleSource
     for start in range(0, len(ids), 1000):
         chunk = ids[start:start + 1000]
+        # Core statements: the ORM's bulk-update machinery costs more than the UPDATE, under the row lock.
         count += session.execute(
-            update(ProviderFirewallRule)
-            .where(ProviderFirewallRule.id.in_(chunk), _live())
-            .values(deleted=ProviderFirewallRule.id, deleted_at=now, deleted_generation=generation,
-                    deleted_by=deleted_by, updated_at=now)
-            .execution_options(synchronize_session=False)).rowcount
-        session.execute(sa.delete(s).where(s.rule_id.in_(chunk)).execution_options(synchronize_session=False))
+            update(_RULES)
+            .where(_RULES.c.id.in_(chunk), _RULES.c.deleted == 0)
+            .values(deleted=_RULES.c.id, deleted_at=now, deleted_generation=generation,
+                    deleted_by=deleted_by, updated_at=now)).rowcount
+        session.execute(sa.delete(s).where(s.rule_id.in_(chunk)))
     return count
 
 
@@ -797,6 +918,7 @@ def _release(session: Session, rows: Sequence, source: str | None, generation: i
     return Changes(generation - 1, generation, added, [rule_of(row) for row in delete]), items
 
 
+@_retry_on_deadlock
 def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None, source: str | None = None) -> Changes:
     """Delete one live, unexpired rule, or with ``source`` only that source's wish for it; return the change.
 
@@ -811,7 +933,7 @@ def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None, source: s
     if not _storable_id(rule_id):
         raise exception.RuleNotFound(rule_id)
     with _session() as session, session.begin():
-        generation = _bump_generation(session)
+        generation, _count = _bump_generation(session)
         row = session.execute(select(*_RULE_COLUMNS).where(ProviderFirewallRule.id == rule_id, _in_force(now))).first()
         if row is None:
             raise exception.RuleNotFound(rule_id)
@@ -821,6 +943,7 @@ def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None, source: s
     return changes
 
 
+@_retry_on_deadlock
 def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None, source: str | None = None) -> Changes:
     """Delete every live, unexpired rule of ``cidr`` (with ``source``: that source's wish for each); return the change.
 
@@ -828,7 +951,7 @@ def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None, sour
     """
     now = _now()
     with _session() as session, session.begin():
-        generation = _bump_generation(session)
+        generation, _count = _bump_generation(session)
         query = select(*_RULE_COLUMNS).where(ProviderFirewallRule.cidr == cidr, _in_force(now))
         if source is not None:
             query = query.where(_has_source(source))
@@ -842,6 +965,7 @@ def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None, sour
     return changes
 
 
+@_retry_on_deadlock
 def provider_fw_rule_purge_expired(now: datetime.datetime | None = None, older_than: datetime.timedelta | None = None,
                                    audit: Audit | None = None) -> Changes | None:
     """Soft-delete live rules whose expiry has passed; return the change, or None when nothing expired.
@@ -866,7 +990,7 @@ def provider_fw_rule_purge_expired(now: datetime.datetime | None = None, older_t
             if not lapsed:
                 session.rollback()
             return None
-        generation = _bump_generation(session)
+        generation, _count = _bump_generation(session)
         count = _soft_delete(session, [row.id for row in rows], generation, now, "expiry")
         _adjust_live_rules(session, -count)
         _audit(session, audit or Audit("expiry"), "rule.expire", generation, {"count": count})
@@ -885,7 +1009,7 @@ def provider_fw_distinct_cidrs() -> list[tuple[str, int]]:
 def provider_fw_rule_count() -> int:
     """Live rules (expired ones included until purged), from the counter kept by every mutation."""
     with _session() as session:
-        return _adjust_live_rules(session, 0)
+        return _live_rules(session)
 
 
 # --------------------------------------------------------------------------- generation, snapshots, deltas
@@ -900,6 +1024,16 @@ def _current_generation(session: Session | None = None) -> int:
 def provider_fw_generation_get() -> int:
     """The generation of the current rule set."""
     return _current_generation()
+
+
+def ping() -> int:
+    """The current generation; DatabaseUnavailable when the database cannot be reached or answer."""
+    try:
+        return _current_generation()
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+        # The type names what failed; the driver's text (host, port, user) stays in the caller's log.
+        cause = getattr(exc, "orig", None) or exc
+        raise exception.DatabaseUnavailable(f"database unreachable ({type(cause).__name__})") from exc
 
 
 def provider_fw_snapshot(now: datetime.datetime | None = None, attempts: int = 5) -> Snapshot:
@@ -924,18 +1058,19 @@ def provider_fw_snapshot(now: datetime.datetime | None = None, attempts: int = 5
 
 
 def provider_fw_changes_count_since(generation: int) -> int:
-    """Rows created or deleted after ``generation``: two index-only counts, no rows read.
+    """Rows created, changed (renewed) or deleted after ``generation``: three index-only counts, no rows read.
 
     An upper bound of ``provider_fw_changes_since``'s size (a row created and
     deleted in the window counts twice), so a caller can choose a snapshot
     without reading a delta it would throw away.
     """
+    counts = []
     with _session() as session:
-        created = session.execute(select(func.count()).select_from(ProviderFirewallRule).where(
-            ProviderFirewallRule.created_generation > generation)).scalar_one()
-        deleted = session.execute(select(func.count()).select_from(ProviderFirewallRule).where(
-            ProviderFirewallRule.deleted_generation > generation)).scalar_one()
-    return created + deleted
+        for column in (ProviderFirewallRule.created_generation, ProviderFirewallRule.updated_generation,
+                       ProviderFirewallRule.deleted_generation):
+            counts.append(session.execute(select(func.count()).select_from(ProviderFirewallRule).where(
+                column > generation)).scalar_one())
+    return sum(counts)
 
 
 def provider_fw_changes_since(generation: int, attempts: int = 5) -> Changes:
@@ -972,8 +1107,42 @@ def provider_fw_changes_since(generation: int, attempts: int = 5) -> Changes:
     raise exception.ProvfwError("rules kept changing while reading a delta; try again")
 
 
+@dataclasses.dataclass(frozen=True)
+class MetricsRead:
+    """What the conductor exports on a scrape: the generation, live unexpired rules by protocol, and every
+    worker's (host, applied generation or None, last heartbeat as naive UTC or None)."""
+
+    generation: int
+    active_rules: dict[str, int]
+    services: list[tuple[str, int | None, datetime.datetime | None]]
+
+
+def provider_fw_metrics_read(binary: str = "provfw-compute", now: datetime.datetime | None = None) -> MetricsRead:
+    """The generation, rule counts and service states in ONE statement (a UNION ALL), for a metrics scrape."""
+    now = now or _now()
+    at_null = sa.null().cast(sa.DateTime)
+    statement = sa.union_all(
+        select(sa.literal("g", sa.String).label("kind"), sa.null().cast(sa.String).label("key"),
+               FirewallGeneration.generation.label("n"), at_null.label("at")).where(FirewallGeneration.id == 1),
+        select(sa.literal("r", sa.String), ProviderFirewallRule.protocol, func.count(), at_null)
+        .where(_live(), _not_expired(now)).group_by(ProviderFirewallRule.protocol),
+        select(sa.literal("s", sa.String), Service.host, Service.applied_generation, Service.heartbeat_at)
+        .where(Service.binary == binary))
+    generation, active, services = 0, {}, []
+    with _session() as session:
+        for kind, key, number, at in session.execute(statement):
+            if kind == "g":
+                generation = int(number)
+            elif kind == "r":
+                active[key] = int(number)
+            else:
+                services.append((key, None if number is None else int(number), at))
+    return MetricsRead(generation, active, services)
+
+
 # --------------------------------------------------------------------------- services
 
+@_retry_on_deadlock
 def service_update(host: str, binary: str = "provfw-compute", **values) -> None:
     """Create or update the Service row of ``host``; ``heartbeat=True`` stamps the heartbeat."""
     now = _now()
@@ -1003,6 +1172,7 @@ SERVICE_REPORT_FIELDS = ("driver", "heartbeat_at", "applied_generation", "applie
                          "quarantine", "bus_user")
 
 
+@_retry_on_deadlock
 def service_update_many(reports: dict[str, dict], binary: str = "provfw-compute") -> int:
     """Write many hosts' state reports in ONE transaction; return the rows written.
 
@@ -1052,6 +1222,7 @@ def service_get(host: str, binary: str = "provfw-compute") -> Service | None:
         return session.scalars(select(Service).where(Service.host == host, Service.binary == binary)).first()
 
 
+@_retry_on_deadlock
 def service_destroy(host: str, binary: str = "provfw-compute") -> bool:
     with _session() as session, session.begin():
         return session.execute(sa.delete(Service).where(Service.host == host, Service.binary == binary)).rowcount > 0
@@ -1070,6 +1241,7 @@ def feed_source(name: str) -> str:
     return f"feed:{name}"
 
 
+@_retry_on_deadlock
 def feed_create(name: str, settings: dict, audit: Audit | None = None, shown: dict | None = None) -> Feed:
     """Create feed ``name`` (due at once when enabled); Conflict if the name is taken.
 
@@ -1107,6 +1279,7 @@ def feed_get_all() -> list[Feed]:
         return list(session.scalars(select(Feed).order_by(Feed.name)))
 
 
+@_retry_on_deadlock
 def feed_update(name: str, settings: dict, audit: Audit | None = None, shown: dict | None = None) -> Feed:
     """Change some of a feed's settings; return the feed.  Enabling makes it due at once, disabling unschedules
     it (its rules stay).  NotFound when there is no such feed."""
@@ -1131,6 +1304,7 @@ def feed_update(name: str, settings: dict, audit: Audit | None = None, shown: di
     return row
 
 
+@_retry_on_deadlock
 def feed_request_sync(name: str, force: bool = False, audit: Audit | None = None) -> Feed:
     """Make feed ``name`` due now (the next conductor poll syncs it, unconditionally); ``force`` lets that sync
     pass the replace guard once.  NotFound when there is no such feed; Conflict when it is disabled."""
@@ -1228,6 +1402,7 @@ def _release_claim(session: Session, feed_id: int, token: str, state: dict) -> N
                     .execution_options(synchronize_session=False))
 
 
+@_retry_on_deadlock
 def feed_record(claim: FeedClaim, state: dict) -> bool:
     """Write a sync's outcome (FEED_STATE fields) and release the claim; False when the claim was lost."""
     now = _now()
@@ -1292,6 +1467,7 @@ def new_token_secret() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+@_retry_on_deadlock
 def api_token_create(name: str, role: str, secret: str | None = None) -> str:
     """Create a token; return its secret (shown once; only its hash is stored).
 
@@ -1328,6 +1504,7 @@ def api_token_get_all() -> list[ApiToken]:
         return list(session.scalars(select(ApiToken).order_by(ApiToken.name)))
 
 
+@_retry_on_deadlock
 def api_token_revoke(name: str) -> None:
     with _session() as session, session.begin():
         count = session.execute(update(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))

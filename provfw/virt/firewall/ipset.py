@@ -10,7 +10,9 @@ pure functions here:
 
 * ``parse_save`` reads ``ipset save`` into the owned sets with their members
   in ipset's spelling (``member``: host networks lose their /32 or /128), so
-  desired members compare to the kernel's without parsing 120k addresses.
+  desired members compare to the kernel's without parsing 120k addresses
+  (only IPv6 members printed with a dotted tail, ``::1.2.3.4``, are re-spelt:
+  ``sets.canonical_members``).
   Create options are found by name: bare flags (``counters``, ``comment``)
   cannot shift them.
 * ``plan_sets`` picks, per set, the cheapest change that never opens a
@@ -200,6 +202,7 @@ def parse_save(text: str, owns: Callable[[str], bool]) -> dict[str, KernelSet]:
         members = {line[skip:] for line in body.split("\n") if line.startswith("add ")}
         if any(" " in m for m in members):
             members = {m.split(" ", 1)[0] for m in members}
+        members = sets_mod.canonical_members(members)
         found[name] = KernelSet(name, words[1] if len(words) > 1 else "", _option(words, "family", "inet"),
                                 int(_option(words, "maxelem", str(DEFAULT_MAXELEM))), members)
     return found

@@ -169,7 +169,7 @@ def parse_table(text: str, table: str = names.NFT_TABLE) -> KernelTable:
             raw = entry.get("elem", [])
             flags = tuple(entry.get("flags", ()))
             try:
-                elements = set(raw)                # plain addresses: the fast path at 120k elements
+                elements = sets_mod.canonical_members(set(raw))   # plain addresses: the 120k fast path
             except TypeError:
                 # Elements with options or ranges: not something provfw wrote.  Mark the
                 # set so the plan replaces it (delete + add in the same transaction).

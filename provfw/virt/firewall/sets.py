@@ -21,6 +21,7 @@ Thread-safety: stateless; safe from any thread.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from typing import Callable, Iterable
 
 from oslo_config import cfg
@@ -78,6 +79,30 @@ def group_members(specs: Iterable[RuleSpec], member: Callable[[str], str]) -> di
             bucket = buckets[raw] = set()
         bucket.add(member(cidr))
     return {MatchKey(*raw): members for raw, members in buckets.items()}
+
+
+def canonical_members(members: set[str]) -> set[str]:
+    """Kernel-spelt set members re-spelt as provfw spells them (``ipaddress``'s compressed IPv6).
+
+    ``ipset save`` and ``nft -j list`` print IPv6 through the C library's
+    ``inet_ntop``, which writes an address whose first 96 bits are zero with
+    a dotted tail (``::1.2.3.4``); ``ipaddress`` writes ``::102:304``.  Left
+    as is, the two spellings never compare equal: every full plan would add
+    the one and delete the other (ipset applies adds first, so the drift
+    check DELETED a blocked member).  Only members with both ``:`` and ``.``
+    are parsed, so a 120k-member IPv4 set costs one scan.
+    """
+    dotted = [m for m in members if "." in m and ":" in m]
+    if not dotted:
+        return members
+    fixed = set(members).difference(dotted)
+    for text in dotted:
+        address, slash, prefix = text.partition("/")
+        try:
+            fixed.add(str(ipaddress.IPv6Address(address)) + slash + prefix)
+        except ValueError:
+            fixed.add(text)            # not an address provfw wrote: left for the diff to remove
+    return fixed
 
 
 def diff_members(kernel: set[str], desired: set[str]) -> tuple[set[str], set[str]]:

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""API throughput: provfw-api's eventlet server vs provfw.api.wsgi_app under gunicorn, on PostgreSQL.
+
+12 concurrent clients (threads, one keep-alive HTTP connection each, stdlib
+http.client so the client costs little CPU) run a block/unblock mix for a
+fixed time: each client blocks a CIDR of its own (3 rules, one transaction,
+one cast) and unblocks it again (one transaction, one cast), so every
+request is a mutation that takes the generation row lock.  Casts go over
+RabbitMQ when it is reachable (as in production), else over the in-process
+bus.  Printed side by side: ops/s, p50/p99 latency and the ratio to the
+eventlet server.
+
+    .venv/bin/python benchmarks/bench_api.py [--seconds 15] [--clients 12] [--workers 4] [--threads 4]
+
+Talks only to 127.0.0.1; creates and drops its own PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from provfw.db import api as db  # noqa: E402
+from provfw.db import migration  # noqa: E402
+from tests.lib import services  # noqa: E402
+from tests.lib.deployment import free_port  # noqa: E402
+
+BIN = os.path.dirname(sys.executable)
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))] if ordered else 0.0
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, log_path: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited:\n{open(log_path).read()[-3000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"server did not become healthy:\n{open(log_path).read()[-3000:]}")
+
+
+RUNS = iter(range(1, 1000))
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live children (gunicorn's workers), from /proc."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            pids += [int(p) for p in handle.read().split()]
+    except OSError:
+        pass
+    for one in pids:
+        try:
+            with open(f"/proc/{one}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        except OSError:
+            pass
+    return total
+
+
+def client(port: int, token: str, index: int, run: int, stop: threading.Event, latencies: list,
+           errors: list) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"X-Auth-Token": token, "Content-Type": "application/json"}
+    n = 0
+    while not stop.is_set():
+        # A CIDR no other client and no earlier run uses: a run stopped between block and unblock
+        # leaves its CIDR blocked, and the next run must not meet it as a duplicate.
+        cidr = f"{10 + run}.{index}.{(n // 256) % 256}.{n % 256}/32"
+        for path in ("/v1/block-external-addresses", "/v1/remove-external-address-block"):
+            started = time.perf_counter()
+            try:
+                conn.request("POST", path, body=json.dumps({"cidr": cidr}), headers=headers)
+                response = conn.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                errors.append(repr(exc))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                continue
+            if response.status != 200:
+                errors.append(response.status)
+            else:
+                latencies.append(time.perf_counter() - started)
+            if stop.is_set():
+                break
+        n += 1
+    conn.close()
+
+
+def run_load(port: int, token: str, clients: int, seconds: float, profile: str | None = None,
+             pid: int | None = None) -> dict:
+    stop = threading.Event()
+    latencies: list[float] = []
+    errors: list = []
+    run = next(RUNS)
+    cpu_before = server_cpu_seconds(pid) if pid else 0.0
+    threads = [threading.Thread(target=client, args=(port, token, i, run, stop, latencies, errors))
+               for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    if profile:
+        # py-spy samples the server (and, for gunicorn, its workers) while the load runs.
+        subprocess.run([os.path.join(BIN, "py-spy"), "record", "--pid", str(pid), "--subprocesses",
+                        "--duration", str(int(seconds)),
+                        "--rate", "200", "--gil", "--format", "raw", "--output", profile, "--nonblocking"],
+                       capture_output=True, check=False)
+    else:
+        time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    elapsed = time.perf_counter() - started
+    cpu = server_cpu_seconds(pid) - cpu_before if pid else 0.0
+    return {"ops": len(latencies) / elapsed, "cpu_ms_per_op": 1000.0 * cpu / max(len(latencies), 1),
+            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "errors": len(errors), "first_errors": errors[:3]}
+
+
+def start_server(kind: str, config: str, port: int, workers: int, threads: int, log_path: str,
+                 baseline: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PROVFW_CONFIG_FILE": config}
+    if kind == "baseline":
+        # provfw-api of another source tree (e.g. `git archive <commit> | tar -x -C DIR`), same venv.
+        argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {baseline!r}); "
+                "from provfw.cmd.api import main; sys.argv[1:] = ['--config-file', " + repr(config) + "]; main()"]
+    elif kind == "eventlet":
+        argv = [os.path.join(BIN, "provfw-api"), "--config-file", config]
+    else:
+        argv = [os.path.join(BIN, "gunicorn"), "--workers", str(workers), "--worker-class",
+                "gthread", "--threads", str(threads), "--bind", f"127.0.0.1:{port}",
+                "--backlog", "256", "--keep-alive", "30", "provfw.api.wsgi_app:application"]
+    return subprocess.Popen(argv, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--clients", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes")
+    parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker (1: sync workers)")
+    parser.add_argument("--servers", default="eventlet,gunicorn",
+                        help="comma list of eventlet, gunicorn, baseline (with --baseline)")
+    parser.add_argument("--baseline", help="source tree whose eventlet provfw-api runs as 'baseline'")
+    parser.add_argument("--profile", action="store_true",
+                        help="record the servers with py-spy (collapsed stacks in /tmp/provfw-bench-api-*/profile.txt)")
+    args = parser.parse_args()
+
+    database = services.TestDatabase("postgresql")
+    results = {}
+    try:
+        migration.db_sync(database.url)
+        db.configure(database.url)
+        token = db.api_token_create("bench-" + secrets.token_hex(3), "admin")
+        db.dispose()
+        rabbit = services.port_open("127.0.0.1", 5672)
+        transport = services.RABBIT_URL if rabbit else "memory://"
+        for kind in args.servers.split(","):
+            port = free_port()
+            workdir = f"/tmp/provfw-bench-api-{kind}-{os.getpid()}"
+            os.makedirs(workdir, exist_ok=True)
+            config = os.path.join(workdir, "provfw.conf")
+            with open(config, "w") as handle:
+                handle.write(f"[DEFAULT]\nstate_path = {workdir}/state\ntransport_url = {transport}\n"
+                             f"control_exchange = bench-{secrets.token_hex(4)}\n"
+                             f"[database]\nconnection = {database.url}\npool_size = 8\n"
+                             f"[api]\nbind_port = {port}\n[metrics]\napi_port = 0\n")
+            log_path = os.path.join(workdir, "server.log")
+            proc = start_server(kind, config, port, args.workers, args.threads, log_path, args.baseline)
+            try:
+                wait_healthy(port, proc, log_path)
+                run_load(port, token, args.clients, 2.0)                    # warm-up: connections, caches
+                results[kind] = run_load(port, token, args.clients, args.seconds,
+                                         os.path.join(workdir, "profile.txt") if args.profile else None, proc.pid)
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(20)
+            print(f"{kind}: {results[kind]}  (log {log_path})", file=sys.stderr)
+    finally:
+        database.drop()
+
+    gunicorn = f"gunicorn {args.workers}x gthread/{args.threads}"
+    print(f"\nAPI throughput, {args.clients} clients, block/unblock mix, PostgreSQL, casts over "
+          f"{'RabbitMQ' if rabbit else 'the in-process bus'}, {args.seconds:.0f} s per server")
+    print(f"{'server':<24}{'ops/s':>10}{'p50':>10}{'p99':>10}{'CPU/op':>10}{'errors':>8}{'vs eventlet':>13}")
+    base = results.get("eventlet", {}).get("ops")
+    for kind, result in results.items():
+        name = {"gunicorn": gunicorn, "baseline": "baseline (eventlet)"}.get(kind, "eventlet (provfw-api)")
+        ratio = f"{result['ops'] / base:.2f}x" if base else "-"
+        print(f"{name:<24}{result['ops']:>10.0f}{result['p50'] * 1000:>8.1f}ms{result['p99'] * 1000:>8.1f}ms"
+              f"{result['cpu_ms_per_op']:>8.2f}ms{result['errors']:>8}{ratio:>13}")
+
+
+if __name__ == "__main__":
+    main()
