@@ -35,9 +35,11 @@ about twice a day rather than 24 times; and the download is made
 unconditional at least every quarter TTL, so a server answering 304 for
 days does not let the list lapse.
 
-Metrics: every finished sync is handed to ``FeedSyncer.observe`` and to
-each callable in ``SYNC_OBSERVERS`` (``observer(feed_name, outcome)``):
-the hook the metrics module registers its counters on.
+Metrics: every finished sync is counted in ``provfw_feed_syncs_total{feed,
+status}`` and ``provfw_feed_sync_seconds{feed}`` (``provfw.metrics``), and
+handed to each callable in ``SYNC_OBSERVERS`` (``observer(feed_name,
+outcome)``) for anything else that wants it; each feed's last sync is also
+exported from its row on every scrape (``provfw.conductor.metrics``).
 
 Thread-safety: ``run_due`` runs in one conductor thread; ``stats`` is a
 Counter read by others without locking (plain integer updates).
@@ -57,7 +59,7 @@ import requests
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import exception, rules, sources
+from provfw import exception, metrics, rules, sources
 from provfw.compute import api as compute_api_mod
 from provfw.db import api as db
 from provfw.feeds import fetch as fetch_mod
@@ -143,8 +145,10 @@ class FeedSyncer:
         return outcome
 
     def observe(self, outcome: Outcome) -> None:
-        """Count the outcome and hand it to every SYNC_OBSERVERS callable."""
+        """Count the outcome (``stats``, the Prometheus metrics) and hand it to every SYNC_OBSERVERS callable."""
         self.stats[f"feed_{outcome.status}"] += 1
+        metrics.FEED_SYNCS.labels(outcome.feed, outcome.status).inc()
+        metrics.FEED_SYNC_SECONDS.labels(outcome.feed).observe(outcome.seconds)
         for observer in list(SYNC_OBSERVERS):
             try:
                 observer(outcome.feed, outcome)

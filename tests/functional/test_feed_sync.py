@@ -245,6 +245,29 @@ def test_csv_feeds_read_the_named_column_and_protocol_applies_to_every_rule(rig)
     assert rules and {(r.protocol, r.from_port, r.to_port) for r in rules} == {("tcp", 22, 22)}
 
 
+def test_syncs_are_counted_in_prometheus_and_each_feed_is_exported_on_scrape(rig):
+    from prometheus_client import CollectorRegistry
+
+    from provfw import metrics
+    from provfw.conductor import manager as conductor_manager
+    from provfw.conductor import metrics as conductor_metrics
+
+    def synced(status):
+        return metrics.CONDUCTOR.get_sample_value("provfw_feed_syncs_total", {"feed": "drop", "status": status}) or 0
+
+    before_ok, before_failed = synced("ok"), synced("fetch_error")
+    rig.add("drop", "/drop.txt", data_file("feeds", "spamhaus-drop.txt"))
+    rig.run()
+    rig.server.lists["/drop.txt"].status = 500
+    rig.run()
+    assert (synced("ok") - before_ok, synced("fetch_error") - before_failed) == (1, 1)
+    registry = CollectorRegistry()
+    registry.register(conductor_metrics.ConductorCollector(conductor_manager.ConductorManager(rig.conf), 30))
+    assert registry.get_sample_value("provfw_feed_ok", {"feed": "drop"}) == 0            # the last sync failed
+    assert registry.get_sample_value("provfw_feed_entries", {"feed": "drop"}) == 4     # the last good list
+    assert registry.get_sample_value("provfw_feed_last_success_timestamp_seconds", {"feed": "drop"}) > 0
+
+
 def test_an_observer_hears_every_outcome(rig):
     heard = []
     conductor_feeds.SYNC_OBSERVERS.append(lambda name, outcome: heard.append((name, outcome.status)))
