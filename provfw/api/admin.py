@@ -347,8 +347,9 @@ class AdminController:
             raise exception.InvalidInput("interval", f"must be at least {minimum} seconds ([feeds] min_interval)")
         ttl = settings["ttl_seconds"]
         if ttl is not None and ttl < 2 * settings["interval_seconds"]:
-            raise exception.InvalidInput("ttl", f"must be at least twice the interval ({2 * settings['interval_seconds']}"
-                                                " s), or the rules lapse between two syncs")
+            twice = 2 * settings["interval_seconds"]
+            raise exception.InvalidInput("ttl", f"must be at least twice the interval ({twice} s), or the rules "
+                                                "lapse between two syncs")
         return settings
 
     def _feed_view(self, feed) -> dict[str, Any]:

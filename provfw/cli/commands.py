@@ -443,7 +443,8 @@ def _import_details(totals: Mapping[str, Any], args: argparse.Namespace) -> list
     details = []
     guard = totals.get("guard")
     if guard and guard.get("tripped"):
-        details.append(f"  the replace guard {'was passed with --force' if args.force and not args.dry_run else 'refuses this'}: "
+        verdict = "was passed with --force" if args.force and not args.dry_run else "refuses this"
+        details.append(f"  the replace guard {verdict}: "
                        f"it removes {guard['removing']:,} of the {guard['in_force']:,} rules in force "
                        f"(more than {guard['max_fraction']:.0%})")
     details += [f"  line {r['line']}: {r['reason']}" for r in totals["refused_lines"][:REFUSED_SHOWN]]

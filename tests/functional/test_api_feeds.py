@@ -142,8 +142,8 @@ def test_format_and_column_override_detection_and_each_refusal_keeps_its_line(ap
     body = text_import(api, csv, "column=src_ip", status=201).json
     assert body["format"] == "csv" and body["added"] == 4 and body["duplicate"] == 1
     forced = text_import(api, b"203.0.113.77\t9\n203.0.113.78\tlots\n", "format=ipsum&source=ipsum").json
-    assert forced["format"] == "ipsum" and [(r["line"], "number of lists" in r["reason"]) for r in forced["refused_lines"]] \
-        == [(2, True)]
+    assert forced["format"] == "ipsum"
+    assert [(r["line"], "number of lists" in r["reason"]) for r in forced["refused_lines"]] == [(2, True)]
     assert text_import(api, b"x\n", "format=bogus").status_int == 400
     missing = text_import(api, csv, "column=dst_ip")
     assert missing.status_int == 400 and missing.json["error"]["message"].startswith("column:")

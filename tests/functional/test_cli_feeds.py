@@ -10,7 +10,7 @@ import pytest
 
 from provfw.conductor import feeds as conductor_feeds
 from provfw.db import api as db
-from tests.functional.test_cli import admin, api, home, provfw  # noqa: F401 - fixtures and helpers
+from tests.functional.test_cli import admin, api, home  # noqa: F401 - the fixtures, and the helper
 from tests.lib.httpserver import FeedServer, data_file
 
 pytestmark = pytest.mark.functional
