@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.parse
 from typing import Any, Iterable, Iterator
 
 import requests
@@ -52,7 +53,7 @@ class APIUnreachable(requests.RequestException):
                          else f"cannot reach {url}: {reason}")
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     """The innermost OS-level reason inside requests' and urllib3's wrappers ('Connection refused').
 
     urllib3 nests the socket error several levels deep (MaxRetryError.reason ->
@@ -100,7 +101,7 @@ class AdminClient:
         except requests.ConnectTimeout as exc:
             raise APIUnreachable(self.url, f"connection timed out after {kwargs['timeout']:g} s") from exc
         except requests.ConnectionError as exc:
-            raise APIUnreachable(self.url, _root_cause(exc)) from exc
+            raise APIUnreachable(self.url, root_cause(exc)) from exc
         except requests.Timeout as exc:
             raise APIUnreachable(self.url, f"timed out after {kwargs['timeout']:g} s", timed_out=True) from exc
         if response.status_code not in tuple(expect):
@@ -125,27 +126,36 @@ class AdminClient:
 
     # ------------------------------------------------------------ the seed's calls
 
-    def block_ips(self, cidr: str, description: str | None = None, ttl: float | None = None) -> dict:
-        """Block all TCP, UDP and ICMP from ``cidr`` (creates the missing rules of the three).
+    def block_ips(self, cidr: str, description: str | None = None, ttl: float | None = None,
+                  source: str | None = None, allow_non_global: bool | None = None) -> dict:
+        """Block all TCP, UDP and ICMP from ``cidr`` (creates the missing rules of the three, renews the others).
 
-        ``ttl`` is in seconds.  Returns ``{"status": "OK", "message": "Added N rules", "rules": [rule, ...],
-        "generation": int}`` where each rule is shaped as ``get_rule`` returns it.  Raises AdminClientError
-        400 (bad CIDR), 409 (all three rules exist already: "Duplicate rule. 0 rules added"; or protected).
+        ``ttl`` is in seconds (whole seconds are sent); ``source`` defaults to ``manual``;
+        ``allow_non_global`` opts in to blocking a non-global range.  Returns ``{"status": "OK", "message":
+        "Added N rules", "rules": [rule, ...], "renewed": int, "generation": int}`` where each rule is shaped as
+        ``get_rule`` returns it.  Raises AdminClientError 400 (bad CIDR), 409 (the three rules exist already
+        for at least as long: "Duplicate rule. 0 rules added"; protected or non-global network).
         """
         body: dict[str, Any] = {"cidr": cidr}
         if description is not None:
             body["description"] = description
         if ttl is not None:
-            body["ttl"] = ttl
+            body["ttl"] = math.ceil(ttl)
+        if source is not None:
+            body["source"] = source
+        if allow_non_global is not None:
+            body["allow_non_global"] = allow_non_global
         return self._request("POST", "/v1/block-external-addresses", json=body)
 
-    def unblock_ips(self, cidr: str) -> dict:
-        """Delete every rule for ``cidr``.
+    def unblock_ips(self, cidr: str, source: str | None = None) -> dict:
+        """Delete every rule for ``cidr`` (with ``source``: only that source's wish; rules others want stay).
 
         Returns ``{"status": "OK", "message": "Deleted N rules", "cidr": normalised cidr, "deleted": N,
-        "generation": int}``.  Raises AdminClientError 404 when no rule has that CIDR, 400 for a bad CIDR.
+        "kept": N, "generation": int}``.  Raises AdminClientError 404 when no rule has that CIDR (and source),
+        400 for a bad CIDR.
         """
-        return self._request("POST", "/v1/remove-external-address-block", json={"cidr": cidr})
+        body = {"cidr": cidr, **({"source": source} if source is not None else {})}
+        return self._request("POST", "/v1/remove-external-address-block", json=body)
 
     def list_blocks(self) -> list[dict]:
         """Distinct blocked CIDRs: ``[{"cidr": str, "rules": int}, ...]``."""
@@ -155,16 +165,19 @@ class AdminClient:
 
     def create_rule(self, cidr: str, protocol: str = "all", from_port: int | None = None,
                     to_port: int | None = None, description: str | None = None, ttl: float | None = None,
-                    expires_at: str | None = None) -> dict:
-        """Create one rule; returns it as ``get_rule`` does (its ``generation`` is the one that created it).
+                    expires_at: str | None = None, source: str | None = None,
+                    allow_non_global: bool | None = None) -> dict:
+        """Create one rule, or renew the live one; returns it as ``get_rule`` does, with ``renewed`` (bool) added.
 
-        Raises AdminClientError 400 naming the bad field, 409 when the same rule is live, a protected network
-        overlaps, or ``max_rules`` is reached.
+        Raises AdminClientError 400 naming the bad field, 409 when the same rule is live for at least as long,
+        a protected or non-global network overlaps, or ``max_rules`` is reached.
         """
         body = {k: v for k, v in {"cidr": cidr, "protocol": protocol, "from_port": from_port, "to_port": to_port,
-                                  "description": description, "ttl": ttl, "expires_at": expires_at}.items()
-                if v is not None}
-        return self._request("POST", "/v1/provider-fw-rules", expect=(201,), json=body)["rule"]
+                                  "description": description, "ttl": None if ttl is None else math.ceil(ttl),
+                                  "expires_at": expires_at, "source": source,
+                                  "allow_non_global": allow_non_global}.items() if v is not None}
+        answer = self._request("POST", "/v1/provider-fw-rules", expect=(200, 201), json=body)
+        return {**answer["rule"], "renewed": answer.get("renewed", False)}
 
     def get_rule(self, rule_id: int) -> dict:
         """One live rule: ``{"id", "cidr", "protocol", "from_port", "to_port", "description", "created_by",
@@ -172,26 +185,36 @@ class AdminClient:
         Raises AdminClientError 404 when unknown."""
         return self._request("GET", f"/v1/provider-fw-rules/{int(rule_id)}")["rule"]
 
-    def delete_rule(self, rule_id: int) -> int | None:
-        """Delete one rule; returns the generation of the deletion (None from a server that does not say).
-
-        Raises AdminClientError 404 when unknown."""
-        response = self._send("DELETE", f"/v1/provider-fw-rules/{int(rule_id)}", expect=(204,))
+    def delete_rule(self, rule_id: int, source: str | None = None) -> int | None:
+        """Delete one rule (with ``source``: only that source's wish); returns the generation of the deletion
+        (None from a server that does not say).  Raises AdminClientError 404 when unknown."""
+        params = {"source": source} if source is not None else None
+        response = self._send("DELETE", f"/v1/provider-fw-rules/{int(rule_id)}", expect=(204,), params=params)
         generation = response.headers.get("X-Provfw-Generation")
         return int(generation) if generation and generation.isdigit() else None
 
     def list_rules_page(self, cidr: str | None = None, protocol: str | None = None, limit: int | None = None,
-                        marker: int | None = None) -> dict:
+                        marker: int | None = None, source: str | None = None) -> dict:
         """One page: ``{"rules": [rule, ...], "generation": int, "next_marker": int | None}``, ordered by id."""
-        params = {k: v for k, v in {"cidr": cidr, "protocol": protocol, "limit": limit, "marker": marker}.items()
-                  if v is not None}
+        params = {k: v for k, v in {"cidr": cidr, "protocol": protocol, "limit": limit, "marker": marker,
+                                    "source": source}.items() if v is not None}
         return self._request("GET", "/v1/provider-fw-rules", params=params)
 
-    def iter_rules(self, cidr: str | None = None, protocol: str | None = None, page_size: int = 1000) -> Iterator[dict]:
+    def rules_containing(self, address: str) -> dict:
+        """Why is ``address`` (or a network) blocked: ``{"rules": [rule, ...], "generation": int}``, every live
+        rule whose network contains it, most specific first, each with its ``sources``."""
+        return self._request("GET", "/v1/provider-fw-rules", params={"contains": address})
+
+    def sources(self) -> list[dict]:
+        """``[{"source": str, "rules": int}, ...]``: every source and how many live rules it wants."""
+        return self._request("GET", "/v1/provider-fw-sources")["sources"]
+
+    def iter_rules(self, cidr: str | None = None, protocol: str | None = None, page_size: int = 1000,
+                   source: str | None = None) -> Iterator[dict]:
         """Every live rule, following the pagination markers (``page_size`` rules a request)."""
         marker = None
         while True:
-            page = self.list_rules_page(cidr, protocol, page_size, marker)
+            page = self.list_rules_page(cidr, protocol, page_size, marker, source)
             yield from page["rules"]
             marker = page.get("next_marker")
             if marker is None:
@@ -202,23 +225,71 @@ class AdminClient:
         return list(self.iter_rules(cidr, protocol))
 
     def import_rules(self, lines: Iterable[str] | str, protocol: str = "all", description: str | None = None,
-                     ttl: float | None = None) -> dict:
-        """Bulk import: one CIDR or address per line ('#' comments allowed), one transaction and one cast.
+                     ttl: float | None = None, *, expires_at: str | None = None, source: str | None = None,
+                     mode: str | None = None, format: str | None = None, column: str | None = None,
+                     dry_run: bool = False, force: bool = False, allow_non_global: bool | None = None) -> dict:
+        """Bulk import a block list (any format of docs/feeds.md), one transaction and one cast.
 
-        ``ttl`` is in seconds, rounded up to a whole second.
+        ``ttl`` is in seconds, rounded up to a whole second; ``expires_at`` (RFC 3339 with an offset) instead.
+        ``source``: ``import:NAME`` (a bare NAME means that; default ``import:default``); ``mode``: ``add``
+        or ``replace`` (the source's rules become exactly this list; refused with 409 past the replace guard
+        unless ``force``); ``format`` / ``column``: override detection / name the CSV column; ``dry_run``:
+        say what would change, change nothing.
 
-        Returns ``{"added": int, "duplicate": int, "refused": int, "refused_lines": [{"line": int (1-based,
-        counted in ``lines``), "value": str, "reason": str}, ...] (at most 1000), "generation": int}``.
-        Raises AdminClientError 400 for a bad option, 413 for a body over ``[api] max_import_body_size``,
-        409 when ``max_rules`` would be exceeded (then nothing of this call is added).
+        Returns ``{"added", "renewed", "duplicate", "removed", "deleted", "refused": int, "refused_lines":
+        [{"line": int (1-based, counted in ``lines``), "value": str, "reason": str}, ...] (at most 1000),
+        "generation": int, "source", "mode", "format": str, "dry_run": bool, "guard": dict | None,
+        "preview": dict | None, "notified": bool | None, "non_global_allowed": int}``.
+        Raises AdminClientError 400 for a bad option or an unreadable list, 413 for a body over ``[api]
+        max_import_body_size``, 409 when ``max_rules`` would be exceeded or the guard refuses (nothing changed).
         """
         text = lines if isinstance(lines, str) else "\n".join(lines)
         # The options travel in the query string, where the API takes ttl as whole seconds ("86400", not "86400.0").
         seconds = None if ttl is None else math.ceil(ttl)
-        params = {k: v for k, v in {"protocol": protocol, "description": description, "ttl": seconds}.items()
-                  if v is not None}
+        flags = {"dry_run": dry_run or None, "force": force or None,
+                 "allow_non_global": None if allow_non_global is None else allow_non_global}
+        params = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in {
+            "protocol": protocol, "description": description, "ttl": seconds, "expires_at": expires_at,
+            "source": source, "mode": mode, "format": format, "column": column, **flags}.items() if v is not None}
         return self._request("POST", "/v1/provider-fw-rules/import", expect=(200, 201), params=params,
                              data=text.encode(), headers={"Content-Type": "text/plain"})
+
+    # ------------------------------------------------------------ feeds
+
+    def list_feeds(self) -> list[dict]:
+        """Every feed: ``[feed, ...]`` shaped as ``get_feed`` returns it."""
+        return self._request("GET", "/v1/feeds")["feeds"]
+
+    def get_feed(self, name: str) -> dict:
+        """One feed: its settings (``name``, ``source``, ``url`` with any password hidden, ``format``,
+        ``column``, ``interval``, ``protocol``, ``from_port``, ``to_port``, ``ttl``, ``enabled``,
+        ``allow_non_global``, ``description``), its live ``rules`` count and its last sync (``last_sync``,
+        ``last_success``, ``last_applied``, ``last_status``, ``last_error``, ``last_generation``, ``counts``,
+        ``next_sync``, ``syncing``).  Raises AdminClientError 404 when unknown."""
+        return self._request("GET", f"/v1/feeds/{_segment(name)}")["feed"]
+
+    def create_feed(self, name: str, url: str, interval: int, **settings: Any) -> dict:
+        """Subscribe to a list (``settings``: format, column, protocol, from_port, to_port, ttl, enabled,
+        allow_non_global, description); returns the feed.  Raises AdminClientError 400 naming the bad field,
+        409 when the name is taken."""
+        body = {"name": name, "url": url, "interval": interval,
+                **{k: v for k, v in settings.items() if v is not None}}
+        return self._request("POST", "/v1/feeds", expect=(201,), json=body)["feed"]
+
+    def update_feed(self, name: str, **changes: Any) -> dict:
+        """Change some settings (None values are left out); returns the feed."""
+        body = {k: v for k, v in changes.items() if v is not None}
+        return self._request("PATCH", f"/v1/feeds/{_segment(name)}", json=body)["feed"]
+
+    def delete_feed(self, name: str) -> dict:
+        """Delete the feed and release its rules: ``{"feed", "removed", "deleted", "generation", "notified"}``."""
+        return self._request("DELETE", f"/v1/feeds/{_segment(name)}")
+
+    def sync_feed(self, name: str, force: bool = False) -> dict:
+        """Make the feed due now (``force``: past the replace guard once); returns the feed.  The conductor
+        syncs it at its next poll; follow ``last_sync``.  Raises AdminClientError 409 when it is disabled."""
+        params = {"force": "true"} if force else None
+        return self._request("POST", f"/v1/feeds/{_segment(name)}/sync", expect=(202,), params=params)["feed"]
 
     # ------------------------------------------------------------ operations
 
@@ -239,6 +310,10 @@ class AdminClient:
     def health(self) -> dict:
         """``{"status": "ok", "generation": int}``; needs no token."""
         return self._request("GET", "/healthz")
+
+
+def _segment(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
 
 
 def dumps(value: Any) -> str:

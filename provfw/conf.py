@@ -39,6 +39,13 @@ default_opts = [
     cfg.ListOpt("protected_cidrs", default=["127.0.0.0/8", "::1/128"],
                 help="Management networks that provider rules may never overlap; "
                      "a rule that does is refused with 409."),
+    cfg.BoolOpt("allow_non_global", default=False,
+                help="Accept rules for source ranges that are not globally routed: loopback, link-local "
+                     "(169.254.0.0/16, the metadata service), 0.0.0.0/8 (DHCP), RFC 1918, CGNAT "
+                     "(100.64.0.0/10), unique-local, multicast. Off: such CIDRs are refused with the range "
+                     "named (imports and feeds refuse those lines), because blocking them cuts the cloud off "
+                     "from itself. A request may still opt in with allow_non_global=true (audited); "
+                     "protected_cidrs are refused either way."),
     cfg.IntOpt("max_rules", default=1_000_000, min=1,
                help="Largest number of live provider rules; past it new rules are refused."),
     cfg.IntOpt("max_cast_changes", default=1000, min=0,
@@ -164,6 +171,32 @@ conductor_opts = [
                help="Retries of a request to the conductor before the worker reports it unavailable."),
 ]
 
+feeds_opts = [
+    cfg.FloatOpt("poll_interval", default=10.0, min=0.05,
+                 help="Seconds between a conductor's looks for feeds that are due. 'provfw feed sync' makes a "
+                      "feed due at once, so this is also how long such a request waits at most."),
+    cfg.IntOpt("min_interval", default=300, min=1,
+               help="Shortest sync interval (seconds) a feed may be given; publishers ask for politeness "
+                    "(Spamhaus: at most once an hour for DROP)."),
+    cfg.IntOpt("retry_interval", default=300, min=1,
+               help="Seconds until a feed whose sync failed is tried again (or its interval, if shorter)."),
+    cfg.IntOpt("max_bytes", default=64 * 1024 * 1024, min=1024,
+               help="Largest feed download in bytes (after any Content-Encoding is decoded); a larger one "
+                    "fails the sync and keeps the last good list."),
+    cfg.FloatOpt("connect_timeout", default=10.0, min=0.1, help="Seconds to connect to a feed's server."),
+    cfg.FloatOpt("read_timeout", default=30.0, min=0.1,
+                 help="Seconds a feed's server may stay silent during a download."),
+    cfg.FloatOpt("fetch_timeout", default=120.0, min=1.0,
+                 help="Seconds a whole feed download may take, however the server trickles it."),
+    cfg.FloatOpt("replace_guard_fraction", default=0.5, min=0.0, max=1.0,
+                 help="A replace-sync (a feed, or an import with mode=replace) that would remove more than this "
+                      "share of its source's rules in force is refused and changes nothing, unless forced: a "
+                      "truncated download must not unblock the world."),
+    cfg.IntOpt("replace_guard_min_rules", default=10, min=1,
+               help="The guard ignores a replace that removes fewer rules than this (a short list losing a "
+                    "few entries is not a truncated download)."),
+]
+
 rabbit_opts = [
     cfg.BoolOpt("ssl", default=False, help="Connect to RabbitMQ over TLS (as oslo.messaging's option)."),
     cfg.StrOpt("ssl_ca_file", default=None, help="CA bundle that signs the brokers' certificates."),
@@ -189,6 +222,7 @@ def list_opts():
         ("libvirt", libvirt_opts),
         ("sets", sets_opts),
         ("conductor", conductor_opts),
+        ("feeds", feeds_opts),
         ("oslo_messaging_rabbit", rabbit_opts),
         ("metrics", metrics_opts),
     ]

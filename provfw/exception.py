@@ -99,6 +99,34 @@ class ProtectedNetwork(Conflict):
         super().__init__(f"cidr: {cidr} overlaps protected network {protected}")
 
 
+class NonGlobalNetwork(Conflict):
+    """A CIDR overlaps a range that is not globally routed (``rules.NON_GLOBAL_RANGES``) and the caller did
+    not opt in (``allow_non_global``).  ``range`` and ``name`` say which range and what breaks."""
+
+    def __init__(self, cidr: str, range_: str, name: str):
+        self.range = range_
+        self.name = name
+        super().__init__(f"cidr: {cidr} overlaps {range_}, {name}; blocking it needs allow_non_global")
+
+
+class ReplaceGuardTripped(Conflict):
+    """A replace-sync would stop more of a source's rules in force than the guard allows.
+
+    A truncated download must not unblock the world: the sync changes
+    nothing unless the caller passes ``force``.
+    """
+
+    def __init__(self, source: str, in_force: int, removing: int, max_fraction: float):
+        self.source = source
+        self.in_force = in_force
+        self.removing = removing
+        self.max_fraction = max_fraction
+        share = removing / in_force if in_force else 1.0
+        super().__init__(f"replace would remove {removing:,} of the {in_force:,} rules of {source} in force "
+                         f"({share:.0%}), more than the guard's {max_fraction:.0%} ([feeds] replace_guard_fraction); "
+                         "nothing was changed; pass force=true if the list really shrank")
+
+
 class RuleLimitExceeded(Conflict):
     message = "the configured maximum number of provider firewall rules is reached"
 
@@ -131,6 +159,41 @@ class ConductorUnavailable(ProvfwError):
     """No provfw-conductor answered a request over the bus in time."""
 
     code = 503
+
+
+class FeedError(ProvfwError):
+    """A feed could not be synced; the rules of its last good list stay in force.
+
+    ``status`` is the short name the feed's ``last_status`` records.
+    """
+
+    code = 502
+    status = "error"
+
+
+class FeedFetchError(FeedError):
+    """The list could not be downloaded (connection, TLS, HTTP status, timeout, size limit)."""
+
+    status = "fetch_error"
+
+
+class FeedTooLarge(FeedFetchError):
+    """The list is larger than ``[feeds] max_bytes``."""
+
+
+class FeedTimeout(FeedFetchError):
+    """The download took longer than ``[feeds] fetch_timeout`` seconds, or the server stalled."""
+
+
+class FeedSuspicious(FeedError):
+    """The list downloaded but is not trusted: it cannot be parsed, it is empty while the feed holds rules,
+    or the replace guard refused it.  Nothing is changed; ``provfw feed sync NAME --force`` applies it."""
+
+    status = "refused"
+
+
+class FeedClaimLost(Conflict):
+    """Another conductor took over the feed while this one was syncing it (its lease ran out)."""
 
 
 class DatabaseUnavailable(ProvfwError):

@@ -15,8 +15,9 @@ them, so a daemon exports only what it can know:
   not be sent, database transactions rolled back by a deadlock);
 * ``CONDUCTOR``: filled on scrape by ``provfw.conductor.metrics.
   ConductorCollector`` - the generation, active rules, each host's up/lag
-  read from the database (one read per scrape, never per request), and the
-  conductor's own request counters.
+  and each feed's last sync read from the database (one read each per
+  scrape, never per request), and the conductor's own request counters -
+  plus the feed syncs the conductor ran (``FEED_SYNCS``, ``FEED_SYNC_SECONDS``).
 
 ``serve(host, port, *registries)`` starts one HTTP endpoint (``GET
 /metrics``) for the registries a daemon owns plus the process collectors
@@ -96,6 +97,17 @@ DB_DEADLOCKS = Counter(
     "Database transactions the server rolled back for a deadlock or serialisation failure, by operation "
     "(each is run again, up to 5 times).",
     ["operation"], registry=CONTROL)
+
+# ----------------------------------------------------------------------------- conductor: feeds
+
+FEED_SYNCS = Counter(
+    "provfw_feed_syncs",
+    "Feed syncs by feed and outcome: ok (a list applied), not_modified, unchanged (the list was confirmed); "
+    "fetch_error, refused, error, lost (the rules of the last good list stayed in force).",
+    ["feed", "status"], registry=CONDUCTOR)
+FEED_SYNC_SECONDS = Histogram(
+    "provfw_feed_sync_seconds", "Wall time of one feed sync (download, parse, replace-sync), by feed.",
+    ["feed"], buckets=APPLY_BUCKETS, registry=CONDUCTOR)
 
 ROLES = {"worker": WORKER, "api": API, "control": CONTROL, "conductor": CONDUCTOR}
 

@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import ipaddress
 import re
+import socket
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from provfw import exception
@@ -77,12 +78,17 @@ _TIMESTAMP_RE = python_pattern(TIMESTAMP_PATTERN)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclasses.dataclass(frozen=True, order=True, slots=True)
-class RuleSpec:
+class RuleSpec(NamedTuple):
     """The matching part of one provider firewall rule, already normalised.
 
     Two rules with equal ``RuleSpec`` match exactly the same packets; the
     database enforces that at most one live rule exists per spec.
+
+    A NamedTuple rather than a dataclass: specs are dictionary keys and set
+    members by the hundred thousand (a replace-sync of a 120k list, a host's
+    applied rules), and a tuple hashes and compares in C - a frozen
+    dataclass's generated ``__hash__`` made hashing the larger part of a
+    replace-sync.  Ordering is the fields' order, as before.
     """
 
     cidr: str
@@ -103,7 +109,7 @@ class RuleSpec:
         return self.from_port == MIN_PORT and self.to_port == MAX_PORT
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self._asdict()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -204,9 +210,15 @@ def check_network(network: Network, text: str | None = None, field: str = "cidr"
 
     The policy half of ``parse_network``, for callers that built the network
     themselves (the feed parser, which splits ranges into networks):
-    ``/0`` is refused, and so is an IPv4-mapped IPv6 network.  ``text`` is
-    the spelling the message quotes (default: the network itself).
+    ``/0`` is refused, and so are an IPv4-mapped IPv6 network and an IPv6
+    scope id (``fe80::1%eth0``: ``ipaddress`` keeps the zone in the network,
+    and no kernel tool takes it).  ``text`` is the spelling the message
+    quotes (default: the network itself).
     """
+    if network.version == 6 and (network.network_address.scope_id is not None or "%" in (text or "")):
+        raise exception.InvalidInput(
+            field, f"{text or str(network)!r} has an IPv6 scope id (%zone): a zone names one host's interface; "
+                   "give the address without it")
     if network.prefixlen == 0:
         raise exception.InvalidInput(
             field, f"{text or network.with_prefixlen!r} has prefix length 0; blocking every address is refused")
@@ -384,11 +396,19 @@ def parse_protected_networks(values: Iterable[str]) -> list[Network]:
 
 
 def protected_overlap(cidr: str | Network, protected: Iterable[Network]) -> Network | None:
-    """Return the first protected network that ``cidr`` overlaps, if any."""
+    """Return the first protected network that ``cidr`` overlaps, if any.
+
+    Compares integer bounds (``ipaddress``' own ``overlaps`` builds each network's broadcast address and
+    hostmask: three quarters of the policy check of a 120k-entry list).
+    """
     network = ipaddress.ip_network(cidr) if isinstance(cidr, str) else cidr
+    version = network.version
+    start, end = _bounds(network)
     for candidate in protected:
-        if candidate.version == network.version and candidate.overlaps(network):
-            return candidate
+        if candidate.version == version:
+            low, high = _bounds(candidate)
+            if low <= end and start <= high:
+                return candidate
     return None
 
 
@@ -467,10 +487,25 @@ def non_global_overlap(network: Network | str) -> NonGlobalRange | None:
     """
     if isinstance(network, str):
         network = ipaddress.ip_network(network, strict=False)
-    starts, ends, items = _NON_GLOBAL_INDEX[network.version]
-    start, end = _bounds(network)
+    return non_global_between(network.version, *_bounds(network))
+
+
+def non_global_between(version: int, start: int, end: int) -> NonGlobalRange | None:
+    """``non_global_overlap`` of the addresses ``start``..``end`` (integers, inclusive) of IP ``version``."""
+    starts, ends, items = _NON_GLOBAL_INDEX[version]
     # The first range ending at or after our start is the only candidate for the lowest overlap.
     i = bisect.bisect_left(ends, start)
     if i < len(items) and starts[i] <= end:
         return items[i]
     return None
+
+
+_ntoa = socket.inet_ntoa
+
+
+def cidr_text(network: Network) -> str:
+    """``network.with_prefixlen``, a dozen times faster for IPv4 (``inet_ntoa`` in C instead of
+    ``ipaddress``' Python formatting; the same text: dotted quad, no leading zeros)."""
+    if network.version == 4:
+        return f"{_ntoa(network.network_address.packed)}/{network.prefixlen}"
+    return network.with_prefixlen

@@ -26,7 +26,8 @@ import jsonschema
 import referencing
 import referencing.jsonschema
 
-from provfw import exception, rules
+from provfw import exception, rules, sources
+from provfw.feeds import formats
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 BASE_URI = "urn:provfw:api"          # the document's id when resolving "#/components/..." references
@@ -81,6 +82,33 @@ GENERATION = {"type": "integer", "minimum": 0,
               "description": "The rule-set generation: every change to the rules increments it."}
 OUT_TIMESTAMP = {"type": "string", "format": "date-time"}
 
+SOURCE = {"type": "string", "maxLength": sources.MAX_SOURCE_LENGTH, "pattern": sources.SOURCE_PATTERN,
+          "description": "Who wants the rule: manual (or manual:LABEL), import:NAME, or feed:NAME (written only "
+                         "by feeds). A bare NAME gets the call's kind: manual for rules and blocks, import for "
+                         "imports. A rule lives until its last source lets go of it."}
+FEED_NAME = {"type": "string", "maxLength": 64, "pattern": f"^{sources.NAME_PATTERN}$",
+             "description": "1-64 letters, digits, '.', '_' or '-'; the feed's rules have source feed:NAME."}
+FORMAT = {"type": "string", "enum": [formats.AUTO, *formats.FORMATS, *formats.FORMAT_ALIASES],
+          "description": "The list's format (docs/feeds.md); auto (the default) detects it from the first data "
+                         "lines and the answer says which was used."}
+COLUMN = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": rules.TEXT_PATTERN,
+          "description": "CSV: the header name of the address column (implies format csv)."}
+FLAG = {"type": "boolean"}
+ALLOW_NON_GLOBAL = {**FLAG, "description": "Block non-global source ranges too (loopback, link-local, "
+                                           "0.0.0.0/8, RFC 1918, CGNAT, unique-local, multicast), which are "
+                                           "refused by default ([DEFAULT] allow_non_global). Audited. Protected "
+                                           "networks are refused either way."}
+MODE = {"type": "string", "enum": ["add", "replace"],
+        "description": "add (default): add the entries to the source. replace: make the source's rules exactly "
+                       "the entries (adds and removes, one transaction, one generation); needs an explicit "
+                       "source, and is refused (409) when it would remove more than [feeds] "
+                       "replace_guard_fraction of the source's rules, unless force."}
+_IMPORT_OPTIONS = {"source": SOURCE, "mode": MODE,
+                   "dry_run": {**FLAG, "description": "Say what would be added, renewed, removed and refused; "
+                                                      "change nothing."},
+                   "force": {**FLAG, "description": "Pass the replace guard (the list really shrank)."},
+                   "allow_non_global": ALLOW_NON_GLOBAL}
+
 _EXPIRY_EXCLUSIVE = {"ttl": {"not": {"required": ["expires_at"]}}}
 # null means "left out" for the fields that have a default; ttl and expires_at are left out or given.
 _RULE_OPTIONS = {"protocol": _nullable(PROTOCOL), "from_port": _nullable(PORT), "to_port": _nullable(PORT),
@@ -101,23 +129,50 @@ def _object(properties: dict[str, Any], required: Iterable[str] = (), closed: bo
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     # requests
-    "RuleCreate": _object({"cidr": CIDR, **_RULE_OPTIONS}, required=["cidr"], dependentSchemas=_EXPIRY_EXCLUSIVE,
-                          description="One rule. Unknown fields are refused (400)."),
+    "RuleCreate": _object({"cidr": CIDR, **_RULE_OPTIONS, "source": SOURCE, "allow_non_global": ALLOW_NON_GLOBAL},
+                          required=["cidr"], dependentSchemas=_EXPIRY_EXCLUSIVE,
+                          description="One rule. Unknown fields are refused (400). The same rule again with a "
+                                      "later expiry (or none) renews it; an earlier one never shortens it."),
     "RuleImport": _object(
         {"cidrs": {"type": "array", "items": {"type": "string"},
-                   "description": "One address or CIDR per item; an item that is not a valid rule is counted "
-                                  "in refused with its reason, the others are added."},
-         **_RULE_OPTIONS},
+                   "description": "One address, CIDR, netmask network or range per item; an item that is not "
+                                  "a valid rule is counted in refused with its reason, the others are added."},
+         **_RULE_OPTIONS, **_IMPORT_OPTIONS},
         required=["cidrs"], dependentSchemas=_EXPIRY_EXCLUSIVE,
         description="The options apply to every CIDR; they override the same options given in the query."),
     "RuleImportList": {"type": "array", "items": {"type": "string"},
                        "description": "Just the CIDRs; the options come from the query."},
     "RuleImportText": {"type": "string",
-                       "description": "One address or CIDR a line; '#' starts a comment; blank lines are skipped."},
+                       "description": "A block list in any format of docs/feeds.md (plain, FireHOL, Spamhaus, "
+                                      "IPsum, DShield, CSV): see format and column."},
     "ExternalBlock": _object({"cidr": CIDR, "description": _nullable(DESCRIPTION), "ttl": TTL,
-                              "expires_at": TIMESTAMP}, required=["cidr"],
-                             dependentSchemas=_EXPIRY_EXCLUSIVE),
-    "ExternalUnblock": _object({"cidr": CIDR, "description": _nullable(DESCRIPTION)}, required=["cidr"]),
+                              "expires_at": TIMESTAMP, "source": SOURCE, "allow_non_global": ALLOW_NON_GLOBAL},
+                             required=["cidr"], dependentSchemas=_EXPIRY_EXCLUSIVE),
+    "ExternalUnblock": _object({"cidr": CIDR, "description": _nullable(DESCRIPTION),
+                                "source": {**SOURCE, "description": "Only this source lets go; rules other "
+                                                                    "sources want stay (kept)."}},
+                               required=["cidr"]),
+    "FeedCreate": _object({
+        "name": FEED_NAME,
+        "url": {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": r"^https?://[^\s]+$",
+                "description": "http:// or https://; fetched by the conductor with ETag / Last-Modified."},
+        "format": FORMAT, "column": _nullable(COLUMN),
+        "interval": {"type": "integer", "minimum": 1, "maximum": 7 * 86400,
+                     "description": "Seconds between syncs; at least [feeds] min_interval."},
+        "protocol": _nullable(PROTOCOL), "from_port": _nullable(PORT), "to_port": _nullable(PORT),
+        "ttl": {**_nullable(TTL), "description": "Listed rules expire this many seconds after the last sync that "
+                                                 "saw them (at least twice the interval); null: never, the "
+                                                 "rules go when the list drops them."},
+        "enabled": FLAG, "allow_non_global": ALLOW_NON_GLOBAL, "description": _nullable(DESCRIPTION),
+    }, required=["name", "url", "interval"], description="A feed the conductor replace-syncs on schedule."),
+    "FeedUpdate": _object({
+        "url": {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": r"^https?://[^\s]+$"},
+        "format": FORMAT, "column": _nullable(COLUMN), "interval": {"type": "integer", "minimum": 1,
+                                                                    "maximum": 7 * 86400},
+        "protocol": _nullable(PROTOCOL), "from_port": _nullable(PORT), "to_port": _nullable(PORT),
+        "ttl": _nullable(TTL), "enabled": FLAG, "allow_non_global": ALLOW_NON_GLOBAL,
+        "description": _nullable(DESCRIPTION),
+    }, description="The settings to change; a change other than description makes the feed due at once."),
     # responses
     "Error": _object({"error": _object({"code": {"type": "integer", "minimum": 400, "maximum": 599},
                                         "message": {"type": "string"}}, required=["code", "message"])},
@@ -130,13 +185,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "description": {"type": ["string", "null"]}, "created_by": {"type": ["string", "null"]},
         "created_at": OUT_TIMESTAMP, "expires_at": {"type": ["string", "null"], "format": "date-time"},
         "generation": {**GENERATION, "description": "The generation that created the rule."},
+        "updated_generation": {"type": ["integer", "null"], "minimum": 0,
+                               "description": "The generation that last changed its expiry, or null."},
+        "sources": {"type": "array", "items": _object({"source": {"type": "string"}, "expires_at": {
+            "type": ["string", "null"], "format": "date-time"}}, required=["source", "expires_at"]),
+            "description": "Who wants the rule and until when; expires_at is the latest of these."},
     }, required=["id", "cidr", "protocol", "from_port", "to_port", "description", "created_by", "created_at",
-                 "expires_at", "generation"]),
+                 "expires_at", "generation", "updated_generation", "sources"]),
     "RuleCreated": _object({"rule": ref("Rule"), "generation": GENERATION,
+                            "renewed": {"type": "boolean",
+                                        "description": "true: the rule was live and this request moved its "
+                                                       "expiry later."},
                             "notified": {"type": "boolean",
                                          "description": "false: the cast to the workers failed; they pick "
                                                         "the change up on their next periodic check."}},
-                           required=["rule", "generation", "notified"]),
+                           required=["rule", "generation", "renewed", "notified"]),
     "RuleShown": _object({"rule": ref("Rule")}, required=["rule"]),
     "RuleList": _object({"rules": {"type": "array", "items": ref("Rule")}, "generation": GENERATION,
                          "next_marker": {"type": ["integer", "null"],
@@ -149,18 +212,41 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             {"line": {"type": "integer", "minimum": 1}, "value": {"type": "string"}, "reason": {"type": "string"}},
             required=["line", "value", "reason"])},
         "generation": GENERATION,
-    }, required=["added", "duplicate", "refused", "refused_lines", "generation"]),
+        "renewed": {"type": "integer", "minimum": 0, "description": "Live rules whose expiry moved later."},
+        "removed": {"type": "integer", "minimum": 0, "description": "replace: rules the source let go."},
+        "deleted": {"type": "integer", "minimum": 0,
+                    "description": "Rules that went (no other source wants them), expired copies included."},
+        "source": {"type": "string"}, "mode": MODE,
+        "format": {"type": "string", "description": "The format used (json for a JSON body)."},
+        "dry_run": {"type": "boolean"},
+        "non_global_allowed": {"type": "integer", "minimum": 0,
+                               "description": "Non-global entries blocked because allow_non_global was set."},
+        "guard": {"type": ["object", "null"], "description": "replace: the guard's arithmetic.",
+                  "properties": {"in_force": {"type": "integer"}, "removing": {"type": "integer"},
+                                 "max_fraction": {"type": "number"}, "min_rules": {"type": "integer"},
+                                 "tripped": {"type": "boolean"}}},
+        "preview": {"type": ["object", "null"], "description": "dry_run: the CIDRs behind added, renewed and "
+                                                               "removed (at most 1000 each).",
+                    "properties": {k: {"type": "array", "items": {"type": "string"}}
+                                   for k in ("added", "renewed", "removed")}},
+        "notified": {"type": ["boolean", "null"], "description": "null when nothing changed."},
+    }, required=["added", "duplicate", "refused", "refused_lines", "generation", "renewed", "removed", "deleted",
+                 "source", "mode", "format", "dry_run", "non_global_allowed", "guard", "preview", "notified"]),
     "BlockAdded": _object({"status": {"const": "OK"}, "message": {"type": "string"},
-                           "rules": {"type": "array", "items": ref("Rule")}, "generation": GENERATION},
-                          required=["status", "message", "rules", "generation"]),
+                           "rules": {"type": "array", "items": ref("Rule")}, "generation": GENERATION,
+                           "renewed": {"type": "integer", "minimum": 0}},
+                          required=["status", "message", "rules", "generation", "renewed"]),
     "BlockDuplicate": _object({"status": {"const": "Failed"}, "message": {"const": "Duplicate rule. 0 rules added"}},
                               required=["status", "message"]),
     "BlockConflict": {"anyOf": [ref("BlockDuplicate"), ref("Error")]},
     "BlockRemoved": _object({"status": {"const": "OK"}, "message": {"type": "string"},
                              "cidr": {"type": "string", "description": "The normalised CIDR unblocked."},
-                             "deleted": {"type": "integer", "minimum": 1, "description": "Rules deleted."},
+                             "deleted": {"type": "integer", "minimum": 0, "description": "Rules deleted."},
+                             "kept": {"type": "integer", "minimum": 0,
+                                      "description": "With source: rules that stay because other sources want "
+                                                     "them."},
                              "generation": GENERATION},
-                            required=["status", "message", "cidr", "deleted", "generation"]),
+                            required=["status", "message", "cidr", "deleted", "kept", "generation"]),
     "BlockList": _object({"blocks": {"type": "array", "items": _object(
         {"cidr": {"type": "string"}, "rules": {"type": "integer", "minimum": 1}}, required=["cidr", "rules"])},
         "generation": GENERATION}, required=["blocks", "generation"]),
@@ -185,6 +271,42 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "request_id": {"type": ["string", "null"]}, "action": {"type": "string"},
         "generation": {"type": ["integer", "null"]}, "detail": {"type": ["object", "null"]},
     }, required=["id", "at", "actor", "request_id", "action", "generation", "detail"])}}, required=["audit"]),
+    "SourceList": _object({"sources": {"type": "array", "items": _object(
+        {"source": {"type": "string"}, "rules": {"type": "integer", "minimum": 1}}, required=["source", "rules"])},
+        "generation": GENERATION}, required=["sources", "generation"]),
+    "Feed": _object({
+        "name": {"type": "string"}, "source": {"type": "string"},
+        "url": {"type": "string", "description": "With any password in it replaced by ***."},
+        "format": {"type": "string"}, "column": {"type": ["string", "null"]}, "interval": {"type": "integer"},
+        "protocol": PROTOCOL, "from_port": {"type": ["integer", "null"]}, "to_port": {"type": ["integer", "null"]},
+        "ttl": {"type": ["integer", "null"]}, "enabled": {"type": "boolean"}, "allow_non_global": {"type": "boolean"},
+        "description": {"type": ["string", "null"]}, "created_at": OUT_TIMESTAMP,
+        "created_by": {"type": ["string", "null"]}, "rules": {"type": "integer", "minimum": 0},
+        "next_sync": {"type": ["string", "null"], "format": "date-time"},
+        "syncing": {"type": "boolean", "description": "A conductor holds it right now."},
+        "force_next": {"type": "boolean"},
+        "last_sync": {"type": ["string", "null"], "format": "date-time", "description": "The last attempt."},
+        "last_success": {"type": ["string", "null"], "format": "date-time",
+                         "description": "The last time the list was downloaded or confirmed unchanged."},
+        "last_applied": {"type": ["string", "null"], "format": "date-time"},
+        "last_status": {"type": ["string", "null"],
+                        "enum": ["ok", "not_modified", "unchanged", "fetch_error", "refused", "error", None],
+                        "description": "ok, not_modified (304), unchanged (same bytes); fetch_error, refused "
+                                       "(unreadable, empty or past the guard), error: the last good list stays."},
+        "last_error": {"type": ["string", "null"]}, "last_generation": {"type": ["integer", "null"]},
+        "counts": {"type": ["object", "null"], "description": "The last applied list: bytes, lines, format, "
+                                                              "entries, refused, refused_lines, added, renewed, "
+                                                              "duplicate, removed, deleted."},
+    }, required=["name", "source", "url", "format", "column", "interval", "protocol", "from_port", "to_port", "ttl",
+                 "enabled", "allow_non_global", "description", "created_at", "created_by", "rules", "next_sync",
+                 "syncing", "force_next", "last_sync", "last_success", "last_applied", "last_status", "last_error",
+                 "last_generation", "counts"]),
+    "FeedShown": _object({"feed": ref("Feed")}, required=["feed"]),
+    "FeedList": _object({"feeds": {"type": "array", "items": ref("Feed")}}, required=["feeds"]),
+    "FeedDeleted": _object({"feed": {"type": "string"}, "removed": {"type": "integer", "minimum": 0},
+                            "deleted": {"type": "integer", "minimum": 0}, "generation": GENERATION,
+                            "notified": {"type": ["boolean", "null"]}},
+                           required=["feed", "removed", "deleted", "generation", "notified"]),
     "Versions": _object({"versions": {"type": "array", "items": _object(
         {"id": {"type": "string"}, "status": {"type": "string"}}, required=["id", "status"])}},
         required=["versions"]),
@@ -235,6 +357,7 @@ class Operation:
 
 _ID_PATH = {"id": {**RULE_ID, "description": "A rule id. One that names no live rule (or is no id at all) "
                                              "is 404."}}
+_FEED_PATH = {"name": {**FEED_NAME, "description": "A feed's name. One that names no feed is 404."}}
 _BAD = (400, ("A field or parameter is invalid; the message names it.", "Error"))
 _CONFLICT = (409, ("The rule overlaps a protected network, or max_rules would be exceeded.", "Error"))
 _TOO_LARGE = (413, ("The body is larger than [api] max_request_body_size.", "Error"))
@@ -253,31 +376,51 @@ OPERATIONS: dict[str, Operation] = {op.action: op for op in [
                      "protocol": PROTOCOL,
                      "limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
                      "marker": {"type": "integer", "minimum": 0, "maximum": MAX_ID,
-                                "description": "The next_marker of the previous page."}},
+                                "description": "The next_marker of the previous page."},
+                     "source": {**SOURCE, "description": "Only rules this source wants (a bare name: "
+                                                         "manual:NAME)."},
+                     "contains": {**CIDR, "description": "Why is this address blocked: every rule whose "
+                                                         "network contains this address (or network), most "
+                                                         "specific first, on one page (limit and marker do not "
+                                                         "apply)."}},
               description="Expired rules are not listed from the moment they expire."),
     Operation("create", "POST", "/v1/provider-fw-rules", "Create one rule", "rules",
-              {201: ("Created; every worker was told.", "RuleCreated"), 400: _BAD[1],
-               409: ("The same rule is live, it overlaps a protected network, or max_rules is reached.", "Error"),
+              {201: ("Created; every worker was told.", "RuleCreated"),
+               200: ("The rule was live: this request renewed it (a later expiry, or none) or added its source.",
+                     "RuleCreated"), 400: _BAD[1],
+               409: ("The same rule is live and its source wants it at least as long already, it overlaps a "
+                     "protected network or a non-global range, or max_rules is reached.", "Error"),
                413: _TOO_LARGE[1], 415: _MEDIA[1]},
               body={JSON: "RuleCreate"}),
     Operation("import_rules", "POST", "/v1/provider-fw-rules/import", "Bulk import CIDRs in one transaction",
               "rules",
               {201: ("At least one rule was added (one generation, one cast).", "ImportResult"),
-               200: ("Nothing was added: every entry was a duplicate or refused.", "ImportResult"),
-               400: _BAD[1], 409: ("max_rules would be exceeded; nothing was added.", "Error"),
+               200: ("No rule was added: renewed, removed, duplicate or refused only, or a dry run.",
+                     "ImportResult"),
+               400: _BAD[1], 409: ("max_rules would be exceeded, or the replace guard refused the list; nothing "
+                                   "was changed.", "Error"),
                413: ("The body is larger than [api] max_import_body_size.", "Error"), 415: _MEDIA[1]},
               query={"protocol": PROTOCOL, "from_port": PORT, "to_port": PORT, "description": DESCRIPTION,
-                     "ttl": TTL, "expires_at": TIMESTAMP},
+                     "ttl": TTL, "expires_at": TIMESTAMP, **_IMPORT_OPTIONS, "format": FORMAT, "column": COLUMN},
               body={TEXT: "RuleImportText", JSON: "RuleImport"}, body_limit="max_import_body_size",
-              description="Text (one CIDR a line) or JSON ({\"cidrs\": [...], options} or a bare list). "
-                          "Entries that are not valid rules, or overlap a protected network, are counted in "
-                          "refused with line and reason; the rest are added."),
+              description="Text (a block list in any format of docs/feeds.md) or JSON ({\"cidrs\": [...], "
+                          "options} or a bare list). Entries that are not valid rules, overlap a protected "
+                          "network or a non-global range are counted in refused with line and reason; the rest "
+                          "are added to the source (default import:default), or with mode=replace become its "
+                          "exact list. One transaction, one generation, one cast."),
     Operation("show", "GET", "/v1/provider-fw-rules/{id}", "Show one live rule", "rules",
               {200: ("The rule.", "RuleShown"), 404: _NOT_FOUND[1]}, path_params=_ID_PATH,
               description="An expired rule is 404 from the moment it expires."),
     Operation("delete", "DELETE", "/v1/provider-fw-rules/{id}", "Delete one rule", "rules",
-              {204: ("Deleted; X-Provfw-Generation is the new generation.", None), 404: _NOT_FOUND[1]},
-              path_params=_ID_PATH),
+              {204: ("Deleted (or, with source, that source let go); X-Provfw-Generation is the new generation.",
+                     None), 404: ("No such live rule, or it does not have that source.", "Error")},
+              path_params=_ID_PATH,
+              query={"source": {**SOURCE, "description": "Only this source lets go: the rule stays while "
+                                                         "another source wants it."}},
+              description="Without source the rule goes whoever wants it; a feed that still lists it adds it "
+                          "again at its next sync."),
+    Operation("sources", "GET", "/v1/provider-fw-sources", "Every source and how many live rules it wants",
+              "rules", {200: ("The sources.", "SourceList")}),
     Operation("block_external_addresses", "POST", "/v1/block-external-addresses",
               "The seed's call: block every tcp and udp port and all ICMP from a CIDR", "external-address-blocks",
               {200: ("The missing ones of the three rules were added.", "BlockAdded"), 400: _BAD[1],
@@ -292,6 +435,26 @@ OPERATIONS: dict[str, Operation] = {op.action: op for op in [
               {200: ("Deleted.", "BlockRemoved"), 400: _BAD[1], 404: ("No live rule has this CIDR.", "Error"),
                413: _TOO_LARGE[1], 415: _MEDIA[1]},
               body={JSON: "ExternalUnblock"}),
+    Operation("feed_index", "GET", "/v1/feeds", "List the feeds and their last sync", "feeds",
+              {200: ("The feeds.", "FeedList")}),
+    Operation("feed_create", "POST", "/v1/feeds", "Subscribe to a block list", "feeds",
+              {201: ("Created; due at once when enabled.", "FeedShown"), 400: _BAD[1],
+               409: ("A feed of this name exists.", "Error"), 413: _TOO_LARGE[1], 415: _MEDIA[1]},
+              body={JSON: "FeedCreate"}),
+    Operation("feed_show", "GET", "/v1/feeds/{name}", "One feed and its last sync", "feeds",
+              {200: ("The feed.", "FeedShown"), 404: ("No such feed.", "Error")}, path_params=_FEED_PATH),
+    Operation("feed_update", "PATCH", "/v1/feeds/{name}", "Change a feed's settings", "feeds",
+              {200: ("Changed.", "FeedShown"), 400: _BAD[1], 404: ("No such feed.", "Error"),
+               413: _TOO_LARGE[1], 415: _MEDIA[1]}, path_params=_FEED_PATH, body={JSON: "FeedUpdate"}),
+    Operation("feed_delete", "DELETE", "/v1/feeds/{name}", "Unsubscribe: delete the feed and release its rules",
+              "feeds", {200: ("Deleted; rules no other source wants are gone (one generation).", "FeedDeleted"),
+                        404: ("No such feed.", "Error")}, path_params=_FEED_PATH),
+    Operation("feed_sync", "POST", "/v1/feeds/{name}/sync", "Sync a feed now", "feeds",
+              {202: ("Due now: the next conductor poll downloads it unconditionally; follow last_sync.",
+                     "FeedShown"), 404: ("No such feed.", "Error"), 409: ("The feed is disabled.", "Error")},
+              path_params=_FEED_PATH,
+              query={"force": {**FLAG, "description": "Let this sync pass the replace guard (a list that really "
+                                                      "shrank) and apply a list with no entries."}}),
     Operation("services", "GET", "/v1/services", "Compute workers: up/down, applied generation, last error",
               "operations", {200: ("The workers.", "ServiceList")}),
     Operation("audit_log", "GET", "/v1/audit-log", "Who changed what, newest first (admin tokens only)",
@@ -526,6 +689,10 @@ def validate(name: str, instance: Any, root: str = "body") -> Any:
 def coerce_parameter(name: str, text: str, schema: dict[str, Any]) -> Any:
     """A query or path parameter's text as the value its schema's type says (integers: decimal digits)."""
     kind = schema.get("type")
+    if kind == "boolean":
+        if text not in ("true", "false", "1", "0"):
+            raise exception.InvalidInput(name, f"{_show(text)} is not true or false")
+        return text in ("true", "1")
     if kind == "integer":
         digits = text[1:] if text.startswith("-") else text
         # ASCII digits only (int() reads other scripts' digits too), and fewer than Python's 4300-digit

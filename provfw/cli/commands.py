@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import math
+import os
+import re
 import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from provfw import rules
+from provfw.feeds import formats
 from provfw.adminclient import AdminClient, AdminClientError, APIUnreachable
 from provfw.cli.output import Column, Result
 
@@ -53,11 +58,38 @@ def _columns(*names: str) -> tuple[Column, ...]:
     return tuple(Column(name) for name in names)
 
 
+def _sources(row: Mapping[str, Any]) -> str | None:
+    names = [item.get("source") for item in row.get("sources") or ()]
+    return ", ".join(name for name in names if name) or None
+
+
+def _sources_detail(row: Mapping[str, Any]) -> str | None:
+    items = row.get("sources") or ()
+    return "; ".join(f"{item.get('source')} until {item.get('expires_at') or 'never'}" for item in items) or None
+
+
+def _count(key: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda row: (row.get("counts") or {}).get(key)
+
+
 # What each kind of answer shows in a table and in `-o value`, in this order.  Only these lines decide it.
 COLUMNS: dict[str, tuple[Column, ...]] = {
-    "rule": _columns("id", "cidr", "protocol", "from_port", "to_port", "expires_at", "description"),
-    "rule-detail": _columns("id", "cidr", "protocol", "from_port", "to_port", "description", "created_by",
-                            "created_at", "expires_at", "generation"),
+    "rule": (*_columns("id", "cidr", "protocol", "from_port", "to_port", "expires_at"),
+             Column("source", _sources, requires="sources"), Column("description")),
+    "rule-detail": (*_columns("id", "cidr", "protocol", "from_port", "to_port", "description", "created_by",
+                              "created_at", "expires_at"), Column("sources", _sources_detail, requires="sources"),
+                    *_columns("generation")),
+    "why": (*_columns("id", "cidr", "protocol", "from_port", "to_port"), Column("source", _sources),
+            *_columns("expires_at", "generation", "enforced")),
+    "source": _columns("source", "rules"),
+    "feed": (*_columns("name", "enabled", "interval", "rules", "last_status", "last_sync"),
+             Column("refused", _count("refused")), *_columns("last_error", "url")),
+    "feed-detail": (*_columns("name", "source", "url", "format", "column", "interval", "ttl", "protocol",
+                              "from_port", "to_port", "enabled", "allow_non_global", "description", "rules",
+                              "next_sync", "syncing", "last_sync", "last_success", "last_applied", "last_status",
+                              "last_error", "last_generation"),
+                    *(Column(key, _count(key)) for key in ("lines", "entries", "added", "renewed", "removed",
+                                                          "deleted", "refused"))),
     "block": _columns("cidr", "rules"),
     "service": (*_columns("host", "state", "in_sync", "applied_generation", "rule_count"),
                 Column("quarantined", _quarantined, requires="quarantine"),
@@ -68,7 +100,9 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
     "blocked": _columns("cidr", "added", "generation"),
     "unblocked": _columns("cidr", "deleted", "generation"),
     "deleted": _columns("id", "generation"),
-    "imported": _columns("added", "duplicate", "refused", "generation"),
+    "imported": _columns("source", "added", "renewed", "duplicate", "removed", "refused", "generation"),
+    "feed-deleted": _columns("feed", "removed", "deleted", "generation"),
+    "feed-synced": _columns("name", "last_status", "last_generation", "last_error"),
 }
 
 
@@ -142,27 +176,39 @@ def _expiry(rule: Mapping[str, Any] | None) -> str:
 _PROTOCOL = arg("--protocol", default="all", choices=rules.PROTOCOLS, help="default: all")
 _DESCRIPTION = arg("--description", help="why (kept with the rule and in the audit log)")
 _TTL = arg("--ttl", type=float, metavar="SECONDS", help="seconds until the rule expires (default: never)")
+_SOURCE = arg("--source", metavar="SOURCE",
+              help="who wants the rule: manual (default), manual:LABEL or import:NAME; a bare NAME means manual:NAME")
+_ALLOW_NON_GLOBAL = arg("--allow-non-global", action="store_true", default=None,
+                        help="block a non-global range too (private, link-local, loopback...; audited)")
 
 
 # ---------------------------------------------------------------- the seed's CIDR-level calls
 
 @command("block", "block all TCP, UDP and ICMP from a CIDR (the seed's block_ips)",
-         arg("cidr", help="CIDR or address"), _DESCRIPTION, _TTL, columns="blocked")
+         arg("cidr", help="CIDR or address"), _DESCRIPTION, _TTL, _SOURCE, _ALLOW_NON_GLOBAL, columns="blocked")
 def block(client: AdminClient, args: argparse.Namespace) -> Result:
-    answer = client.block_ips(args.cidr, args.description, args.ttl)
+    answer = client.block_ips(args.cidr, args.description, args.ttl, source=args.source,
+                              allow_non_global=args.allow_non_global)
     added = answer.get("rules") or []
-    cidr = added[0]["cidr"] if added else args.cidr
+    cidr = added[0]["cidr"] if added else rules.normalise_cidr(args.cidr)
     generation = answer.get("generation")
-    message = f"blocked {cidr}: {count(len(added), 'rule')} added, generation {generation}" + \
-        _expiry(added[0] if added else None)
+    renewed = answer.get("renewed") or 0
+    message = (f"blocked {cidr}: {count(len(added), 'rule')} added"
+               + (f", {count(renewed, 'rule')} renewed" if renewed else "")
+               + f", generation {generation}" + _expiry(added[0] if added else None))
     return Result(answer, [{"cidr": cidr, "added": len(added), "generation": generation}], message)
 
 
-@command("unblock", "remove every rule of a CIDR", arg("cidr", help="CIDR or address"), columns="unblocked")
+@command("unblock", "remove every rule of a CIDR",
+         arg("cidr", help="CIDR or address"),
+         arg("--source", metavar="SOURCE", help="only this source lets go; rules other sources want stay"),
+         columns="unblocked")
 def unblock(client: AdminClient, args: argparse.Namespace) -> Result:
-    answer = client.unblock_ips(args.cidr)
+    answer = client.unblock_ips(args.cidr, source=args.source)
     cidr, deleted, generation = answer.get("cidr", args.cidr), answer.get("deleted"), answer.get("generation")
     what = answer.get("message") if deleted is None else f"{count(deleted, 'rule')} deleted"
+    if answer.get("kept"):
+        what += f", {count(answer['kept'], 'rule')} kept for other sources"
     return Result(answer, [{"cidr": cidr, "deleted": deleted, "generation": generation}],
                   f"unblocked {cidr}: {what}, generation {generation}")
 
@@ -175,23 +221,29 @@ def blocks(client: AdminClient, args: argparse.Namespace) -> Result:
 
 # ---------------------------------------------------------------- rules
 
-@command("rule-add", "add one rule",
+@command("rule-add", "add one rule (or renew it: the same rule again with a later expiry, or none)",
          arg("cidr", help="CIDR or address"), _PROTOCOL,
          arg("--from-port", type=int, help="first destination port (tcp/udp), or the ICMP type"),
          arg("--to-port", type=int, help="last destination port (tcp/udp), or the ICMP code"),
-         _DESCRIPTION, _TTL, columns="rule")
+         _DESCRIPTION, _TTL, _SOURCE, _ALLOW_NON_GLOBAL, columns="rule")
 def rule_add(client: AdminClient, args: argparse.Namespace) -> Result:
-    rule = client.create_rule(args.cidr, args.protocol, args.from_port, args.to_port, args.description, args.ttl)
-    message = f"added rule {rule['id']}: {describe_rule(rule)}, generation {rule.get('generation')}" + _expiry(rule)
+    rule = client.create_rule(args.cidr, args.protocol, args.from_port, args.to_port, args.description, args.ttl,
+                              source=args.source, allow_non_global=args.allow_non_global)
+    verb = "renewed" if rule.get("renewed") else "added"
+    message = f"{verb} rule {rule['id']}: {describe_rule(rule)}, generation {rule.get('generation')}" + \
+        _expiry(rule)
     return Result(rule, [rule], message)
 
 
-@command("rule-delete", "delete one rule by id", arg("id", type=int), columns="deleted")
+@command("rule-delete", "delete one rule by id",
+         arg("id", type=int),
+         arg("--source", metavar="SOURCE", help="only this source lets go; the rule stays while others want it"),
+         columns="deleted")
 def rule_delete(client: AdminClient, args: argparse.Namespace) -> Result:
-    generation = client.delete_rule(args.id)
+    generation = client.delete_rule(args.id, source=args.source)
     answer = {"deleted": args.id, "generation": generation}
-    return Result(answer, [{"id": args.id, "generation": generation}],
-                  f"deleted rule {args.id}, generation {generation}")
+    what = f"released rule {args.id} from {args.source}" if args.source else f"deleted rule {args.id}"
+    return Result(answer, [{"id": args.id, "generation": generation}], f"{what}, generation {generation}")
 
 
 @command("rule-show", "show one rule", arg("id", type=int), columns="rule-detail")
@@ -202,10 +254,55 @@ def rule_show(client: AdminClient, args: argparse.Namespace) -> Result:
 
 @command("rules", "list rules",
          arg("--cidr", help="only this CIDR"), arg("--protocol", choices=rules.PROTOCOLS, help="only this protocol"),
+         arg("--source", metavar="SOURCE", help="only rules this source wants (manual, import:NAME, feed:NAME)"),
          columns="rule")
 def rules_list(client: AdminClient, args: argparse.Namespace) -> Result:
-    rows = list(client.iter_rules(args.cidr, args.protocol))
+    rows = list(client.iter_rules(args.cidr, args.protocol, source=args.source))
     return Result(rows, rows, empty="no rules")
+
+
+@command("sources", "every source (manual, import:NAME, feed:NAME) and how many rules it wants", columns="source")
+def sources_list(client: AdminClient, args: argparse.Namespace) -> Result:
+    rows = client.sources()
+    return Result(rows, rows, empty="no rules")
+
+
+def _enforcement(rule: Mapping[str, Any], services: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
+    """('2/3 hosts', [why each other host does not]) for one rule and the workers' reports."""
+    enforcing, notes = 0, []
+    for host in services:
+        name = host.get("host")
+        applied = host.get("applied_generation", -1)
+        quarantined = [q for q in host.get("quarantine") or () if q.get("id") == rule["id"]]
+        if quarantined:
+            notes.append(f"{name}: refused rule {rule['id']} (quarantined: {quarantined[0].get('reason')})")
+        elif applied < rule["generation"]:
+            notes.append(f"{name}: not yet (applied generation {applied} < {rule['generation']})")
+        elif host.get("state") != "up":
+            notes.append(f"{name}: down (last applied generation {applied}; still enforced if its kernel kept it)")
+        else:
+            enforcing += 1
+            updated = rule.get("updated_generation")
+            if updated is not None and applied < updated:
+                notes.append(f"{name}: enforces it with its expiry before generation {updated}")
+    return f"{enforcing}/{len(services)} hosts", notes
+
+
+@command("why", "why is this address blocked: every rule containing it, its sources, and which hosts enforce it",
+         arg("address", help="an address (or a CIDR)"), columns="why")
+def why(client: AdminClient, args: argparse.Namespace) -> Result:
+    found = client.rules_containing(args.address)["rules"]
+    services = client.services()["services"]
+    rows, details = [], []
+    for rule in found:
+        enforced, notes = _enforcement(rule, services)
+        rows.append({**rule, "enforced": enforced})
+        details += [f"  rule {rule['id']}: {note}" for note in notes]
+    payload = {"address": args.address, "rules": rows, "services": services}
+    if not rows:
+        return Result(payload, [], empty=f"{args.address} is not blocked by any live rule")
+    heading = f"{args.address} is blocked by {count(len(rows), 'rule')}, most specific first:"
+    return Result(payload, rows, heading=heading, details=details)
 
 
 # ---------------------------------------------------------------- bulk import
@@ -237,7 +334,7 @@ def read_source(path: str) -> tuple[str, list[str]]:
         line = data.count(b"\n", 0, exc.start) + 1
         raise CommandError(f"cannot import {name}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})") \
             from None
-    return name, text.splitlines()
+    return name, text.split("\n") if text else []
 
 
 def _progress(done: int, total: int, started: float) -> None:
@@ -248,22 +345,68 @@ def _progress(done: int, total: int, started: float) -> None:
     sys.stderr.flush()
 
 
-@command("import", "bulk import CIDRs/addresses, one a line ('#' comments), from a file or - for stdin",
+def default_source(path: str) -> str:
+    """``import:<file name>`` (``import:stdin`` for ``-``), with what a source name cannot hold replaced."""
+    base = "stdin" if path == "-" else os.path.basename(path.rstrip("/")) or "file"
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", base).lstrip("._-")[:64] or "file"
+    return f"import:{name}"
+
+
+_LINE_FORMATS = ("plain", "spamhaus", "ipsum")
+
+
+@command("import", "import a block list (plain, FireHOL, Spamhaus, IPsum, DShield, CSV; docs/feeds.md) from a "
+                   "file or - for stdin",
          arg("file", help="the file to read, or - for standard input"), _PROTOCOL, _DESCRIPTION, _TTL,
+         arg("--source", metavar="NAME", help="the source: import:NAME (default: import:<file name>)"),
+         arg("--mode", choices=("add", "replace"), default="add",
+             help="add (default) to the source, or replace: the source's rules become exactly this list, in one "
+                  "request (refused past the guard unless --force)"),
+         arg("--format", choices=(formats.AUTO, *formats.FORMATS, *formats.FORMAT_ALIASES), default=formats.AUTO,
+             help="the list's format (default: auto, detected from its first lines)"),
+         arg("--csv-column", metavar="NAME", help="CSV: the address column's header name"),
+         arg("--dry-run", action="store_true", help="say what would be added, renewed, removed and refused; change "
+                                                    "nothing"),
+         arg("--force", action="store_true", help="replace even past the guard (the list really shrank)"),
+         _ALLOW_NON_GLOBAL,
          arg("--chunk", type=_positive_int, default=IMPORT_CHUNK_LINES, metavar="LINES",
-             help=f"lines per request, each one transaction and one cast (default: {IMPORT_CHUNK_LINES})"),
+             help=f"add mode, one-entry-a-line formats: lines per request, each one transaction and one cast "
+                  f"(default: {IMPORT_CHUNK_LINES})"),
          arg("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal"),
          columns="imported")
 def import_(client: AdminClient, args: argparse.Namespace) -> Result:
     name, lines = read_source(args.file)
-    totals: dict[str, Any] = {"added": 0, "duplicate": 0, "refused": 0, "refused_lines": [], "generation": None}
+    source = args.source or default_source(args.file)
+    if lines and lines[-1] == "":
+        lines.pop()
+    fmt = args.format if args.csv_column is None else "csv"
+    if fmt == formats.AUTO:
+        fmt = formats.detect_format("\n".join(lines[:200]))
+    fmt = formats.FORMAT_ALIASES.get(fmt, fmt)
+    options = dict(protocol=args.protocol, description=args.description, source=source, mode=args.mode,
+                   format=fmt, column=args.csv_column, dry_run=args.dry_run, force=args.force,
+                   allow_non_global=args.allow_non_global)
+    # A list whose entries stand one a line can go in chunks (each its own transaction: a progress bar, and a
+    # failure part way loses nothing already sent).  A replace, a dry run, or a format with a header is one
+    # request: the whole list is the unit.
+    chunked = args.mode == "add" and not args.dry_run and fmt in _LINE_FORMATS and len(lines) > args.chunk
+    if chunked and args.ttl is not None:
+        # One expiry for the whole list, so a later chunk repeating an earlier entry is not a renewal.
+        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=math.ceil(args.ttl))
+        options["expires_at"] = expires.isoformat(timespec="seconds").replace("+00:00", "Z")
+    else:
+        options["ttl"] = args.ttl
+    totals: dict[str, Any] = {"source": source, "mode": args.mode, "format": fmt, "dry_run": args.dry_run,
+                              "added": 0, "renewed": 0, "duplicate": 0, "removed": 0, "deleted": 0, "refused": 0,
+                              "refused_lines": [], "generation": None, "guard": None, "preview": None}
     started = time.monotonic()
-    show = sys.stderr.isatty() or args.progress
+    show = chunked and (sys.stderr.isatty() or args.progress)
+    step = args.chunk if chunked else max(len(lines), 1)
     # An empty file still sends one (empty) request, so the answer carries the current generation.
-    for start in range(0, max(len(lines), 1), args.chunk):
-        chunk = lines[start:start + args.chunk]
+    for start in range(0, max(len(lines), 1), step):
+        chunk = lines[start:start + step]
         try:
-            answer = client.import_rules(chunk, protocol=args.protocol, description=args.description, ttl=args.ttl)
+            answer = client.import_rules(chunk, **options)
         except (AdminClientError, APIUnreachable) as exc:
             if start == 0:
                 raise
@@ -271,21 +414,152 @@ def import_(client: AdminClient, args: argparse.Namespace) -> Result:
                 f"{exc}; lines 1-{start:,} of {name} were imported (generation {totals['generation']}), the rest "
                 "were not. Importing the whole file again is safe: rules already present count as duplicate."
             ) from None
-        for key in ("added", "duplicate", "refused"):
-            totals[key] += answer[key]
+        for key in ("added", "renewed", "duplicate", "removed", "deleted", "refused"):
+            totals[key] += answer.get(key, 0)
         totals["refused_lines"] += [{**refused, "line": refused["line"] + start} for refused in answer["refused_lines"]]
-        totals["generation"] = answer["generation"]
+        totals.update(generation=answer["generation"], guard=answer.get("guard"), preview=answer.get("preview"),
+                      format=answer.get("format", fmt), source=answer.get("source", source))
         if show:
-            _progress(min(start + args.chunk, len(lines)), len(lines), started)
+            _progress(min(start + step, len(lines)), len(lines), started)
     if show:
         sys.stderr.write("\n")
-    message = (f"imported {name}: {totals['added']:,} added, {totals['duplicate']:,} duplicate, "
-               f"{totals['refused']:,} refused, generation {totals['generation']}")
-    details = [f"  line {r['line']}: {r['reason']}" for r in totals["refused_lines"][:REFUSED_SHOWN]]
-    if totals["refused"] > len(details):
-        more = count(totals["refused"] - len(details), "more refused line")
+    return Result(totals, [totals], _import_sentence(name, totals, args), _import_details(totals, args))
+
+
+def _import_sentence(name: str, totals: Mapping[str, Any], args: argparse.Namespace) -> str:
+    counts = f"{totals['added']:,} added, {totals['renewed']:,} renewed, {totals['duplicate']:,} duplicate"
+    if totals["mode"] == "replace":
+        counts = (f"{totals['added']:,} added, {totals['removed']:,} removed ({totals['deleted']:,} deleted), "
+                  f"{totals['renewed']:,} renewed, {totals['duplicate']:,} unchanged")
+    counts += f", {totals['refused']:,} refused"
+    verb = f"replaced {totals['source']} with {name}" if totals["mode"] == "replace" else \
+        f"imported {name} into {totals['source']}"
+    if totals["dry_run"]:
+        return f"dry run, nothing changed: {verb} would give {counts} (generation stays {totals['generation']})"
+    return f"{verb}: {counts}, generation {totals['generation']}"
+
+
+def _import_details(totals: Mapping[str, Any], args: argparse.Namespace) -> list[str]:
+    details = []
+    guard = totals.get("guard")
+    if guard and guard.get("tripped"):
+        verdict = "was passed with --force" if args.force and not args.dry_run else "refuses this"
+        details.append(f"  the replace guard {verdict}: "
+                       f"it removes {guard['removing']:,} of the {guard['in_force']:,} rules in force "
+                       f"(more than {guard['max_fraction']:.0%})")
+    details += [f"  line {r['line']}: {r['reason']}" for r in totals["refused_lines"][:REFUSED_SHOWN]]
+    if totals["refused"] > len(totals["refused_lines"][:REFUSED_SHOWN]):
+        more = count(totals["refused"] - min(len(totals["refused_lines"]), REFUSED_SHOWN), "more refused line")
         details.append(f"  ... {more} (-o json lists up to 1,000 per request)")
-    return Result(totals, [totals], message, details)
+    return details
+
+
+# ---------------------------------------------------------------- feeds
+
+def _feed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"format": args.format, "column": args.csv_column, "protocol": args.protocol, "from_port": args.from_port,
+            "to_port": args.to_port, "ttl": args.ttl, "allow_non_global": args.allow_non_global,
+            "description": args.description}
+
+
+_FEED_OPTIONS = (
+    arg("--format", choices=(formats.AUTO, *formats.FORMATS, *formats.FORMAT_ALIASES),
+        help="the list's format (default: auto)"),
+    arg("--csv-column", metavar="NAME", help="CSV: the address column's header name"),
+    arg("--protocol", choices=rules.PROTOCOLS, help="what the rules block (default: all)"),
+    arg("--from-port", type=int, help="first destination port (tcp/udp), or the ICMP type"),
+    arg("--to-port", type=int, help="last destination port (tcp/udp), or the ICMP code"),
+    arg("--ttl", type=_positive_int, metavar="SECONDS",
+        help="listed rules expire this long after the last sync that saw them (at least twice the interval)"),
+    arg("--allow-non-global", action="store_true", default=None,
+        help="block the non-global ranges the list names too (audited)"),
+    _DESCRIPTION,
+)
+
+
+@command("feed list", "the feeds and their last sync", columns="feed")
+def feed_list(client: AdminClient, args: argparse.Namespace) -> Result:
+    rows = client.list_feeds()
+    return Result(rows, rows, empty="no feeds")
+
+
+@command("feed show", "one feed: settings, last sync, counts and refused lines", arg("name"), columns="feed-detail")
+def feed_show(client: AdminClient, args: argparse.Namespace) -> Result:
+    feed = client.get_feed(args.name)
+    refused = (feed.get("counts") or {}).get("refused_lines") or []
+    details = [f"  line {r['line']}: {r['reason']}" for r in refused]
+    return Result(feed, [feed], record=True, details=details)
+
+
+@command("feed add", "subscribe to a block list: the conductor fetches it every INTERVAL seconds and replace-syncs "
+                     "its rules (source feed:NAME)",
+         arg("name", help="1-64 letters, digits, '.', '_' or '-'"),
+         arg("list_url", metavar="URL", help="where the list is: http:// or https://"),
+         arg("--interval", type=_positive_int, default=3600, metavar="SECONDS",
+             help="seconds between syncs (default: 3600)"),
+         *_FEED_OPTIONS, arg("--disabled", action="store_true", help="create it disabled"),
+         columns="feed")
+def feed_add(client: AdminClient, args: argparse.Namespace) -> Result:
+    feed = client.create_feed(args.name, args.list_url, args.interval, enabled=False if args.disabled else None,
+                              **_feed_settings(args))
+    state = "disabled" if not feed["enabled"] else "the conductor syncs it at its next poll"
+    return Result(feed, [feed], f"added feed {feed['name']} ({feed['source']}): every "
+                                f"{feed['interval']:,} s from {feed['url']}; {state}")
+
+
+@command("feed set", "change a feed's settings",
+         arg("name"), arg("--list-url", metavar="URL", help="where the list is (--url is the API's)"),
+         arg("--interval", type=_positive_int, metavar="SECONDS"), *_FEED_OPTIONS,
+         arg("--enable", dest="enabled", action="store_true", default=None, help="sync it again"),
+         arg("--disable", dest="enabled", action="store_false", help="stop syncing it (its rules stay)"),
+         columns="feed")
+def feed_set(client: AdminClient, args: argparse.Namespace) -> Result:
+    feed = client.update_feed(args.name, url=args.list_url, interval=args.interval, enabled=args.enabled,
+                              **_feed_settings(args))
+    return Result(feed, [feed], f"changed feed {feed['name']}: {'enabled' if feed['enabled'] else 'disabled'}, "
+                                f"next sync {feed['next_sync'] or 'never'}")
+
+
+@command("feed sync", "sync a feed now and wait for the conductor's result",
+         arg("name"),
+         arg("--force", action="store_true", help="apply the list even past the replace guard or if it is empty"),
+         arg("--no-wait", dest="wait", action="store_false", help="only ask; do not wait for the result"),
+         arg("--timeout", type=float, default=120.0, metavar="SECONDS", help="how long to wait (default: 120)"),
+         columns="feed-synced")
+def feed_sync(client: AdminClient, args: argparse.Namespace) -> Result:
+    before = client.get_feed(args.name).get("last_sync")
+    feed = client.sync_feed(args.name, force=args.force)
+    if not args.wait:
+        return Result(feed, [feed], f"feed {args.name} is due now; the next conductor poll syncs it")
+    deadline = time.monotonic() + args.timeout
+    while True:
+        feed = client.get_feed(args.name)
+        if feed.get("last_sync") != before and not feed.get("syncing"):
+            break
+        if time.monotonic() > deadline:
+            raise CommandError(f"feed {args.name}: no conductor synced it within {args.timeout:g} s; is "
+                               "provfw-conductor running? (the request stands: it syncs when one runs)")
+        time.sleep(0.2)
+    counts = feed.get("counts") or {}
+    status = feed.get("last_status")
+    if status == "ok":
+        message = (f"synced feed {args.name}: {counts.get('added', 0):,} added, {counts.get('removed', 0):,} "
+                   f"removed, {counts.get('renewed', 0):,} renewed, {counts.get('refused', 0):,} refused, "
+                   f"{feed.get('rules', 0):,} rules, generation {feed.get('last_generation')}")
+    elif status in ("not_modified", "unchanged"):
+        message = f"synced feed {args.name}: the list has not changed ({status}), {feed.get('rules', 0):,} rules"
+    else:
+        raise CommandError(f"feed {args.name}: {status}: {feed.get('last_error')}; the rules of its last good list "
+                           "stay in force")
+    return Result(feed, [feed], message)
+
+
+@command("feed remove", "unsubscribe: delete the feed and release its rules (rules other sources want stay)",
+         arg("name"), columns="feed-deleted")
+def feed_remove(client: AdminClient, args: argparse.Namespace) -> Result:
+    answer = client.delete_feed(args.name)
+    return Result(answer, [answer], f"removed feed {args.name}: {count(answer['removed'], 'rule')} released, "
+                                    f"{answer['deleted']:,} deleted, generation {answer['generation']}")
 
 
 # ---------------------------------------------------------------- operations

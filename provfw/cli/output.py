@@ -56,6 +56,8 @@ class Result:
     (one line each), instead of a table, unless columns were chosen with ``-c``.
     ``record``: the rows are one object; ``table`` prints it as field/value lines.
     ``empty``: what ``table`` prints when there are no rows.
+    ``heading``: a line ``table`` prints above the rows (and ``details`` below them), for an answer that is
+    both a sentence and a table (``provfw why``).
     """
 
     payload: Any
@@ -64,6 +66,7 @@ class Result:
     details: Sequence[str] = ()
     record: bool = False
     empty: str = "(none)"
+    heading: str | None = None
 
 
 def cell(value: Any) -> str:
@@ -119,7 +122,10 @@ def render(result: Result, columns: Sequence[Column], mode: str = "table",
     if result.record:
         names = [column.name for column in shown]
         width = max(len(name) for name in names)
-        return [f"{name.ljust(width)}  {value}".rstrip() for line in cells for name, value in zip(names, line)]
+        return [f"{name.ljust(width)}  {value}".rstrip() for line in cells for name, value in zip(names, line)] + \
+            list(result.details)
     if not cells:
         return [result.empty]
+    if result.heading is not None:
+        return [result.heading, *table([column.name for column in shown], cells), *result.details]
     return table([column.name for column in shown], cells)

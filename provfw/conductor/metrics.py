@@ -16,8 +16,10 @@ Exported: ``provfw_database_up``, ``provfw_generation``,
 ``provfw_active_rules{protocol}``, ``provfw_service_up{host}``,
 ``provfw_service_applied_generation{host}``,
 ``provfw_service_generation_lag{host}``,
-``provfw_service_heartbeat_age_seconds{host}``, and
-``provfw_conductor_<stat>_total`` for each entry of ``STATS``.
+``provfw_service_heartbeat_age_seconds{host}``, ``provfw_feed_ok{feed}``,
+``provfw_feed_last_success_timestamp_seconds{feed}``, ``provfw_feed_entries{feed}``,
+``provfw_feed_refused_entries{feed}``, and ``provfw_conductor_<stat>_total``
+for each entry of ``STATS``.
 
 Thread-safety: ``collect`` runs in the metrics server's thread; it only
 reads the manager's Counter (a snapshot copy) and the database.
@@ -26,6 +28,7 @@ reads the manager's Counter (a snapshot copy) and the database.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -105,3 +108,36 @@ class ConductorCollector(Collector):
         yield applied
         yield lag
         yield age
+        yield from self._feeds()
+
+    @staticmethod
+    def _feeds():
+        """Each feed's last sync, from its row (the outcome counters are ``metrics.FEED_SYNCS``)."""
+        try:
+            feeds = db.feed_get_all()
+        except Exception as exc:  # noqa: BLE001 - the scrape must answer
+            LOG.debug("metrics: reading the feeds failed: %s", exc)
+            return
+        ok = GaugeMetricFamily("provfw_feed_ok", "1 when the feed's last sync applied or confirmed its list; 0 "
+                               "when it failed or was refused (the last good list stays in force).",
+                               labels=["feed"])
+        success = GaugeMetricFamily("provfw_feed_last_success_timestamp_seconds",
+                                    "When the feed's list was last downloaded or confirmed unchanged.",
+                                    labels=["feed"])
+        entries = GaugeMetricFamily("provfw_feed_entries", "Entries of the feed's last applied list.",
+                                    labels=["feed"])
+        refused = GaugeMetricFamily("provfw_feed_refused_entries",
+                                    "Lines of the feed's last applied list that were refused.", labels=["feed"])
+        for feed in feeds:
+            ok.add_metric([feed.name], 1 if feed.last_status in ("ok", "not_modified", "unchanged") else 0)
+            if feed.last_success_at is not None:
+                success.add_metric([feed.name], feed.last_success_at.replace(
+                    tzinfo=datetime.timezone.utc).timestamp())
+            counts = json.loads(feed.last_counts) if feed.last_counts else {}
+            if "entries" in counts:
+                entries.add_metric([feed.name], counts["entries"])
+                refused.add_metric([feed.name], counts.get("refused", 0))
+        yield ok
+        yield success
+        yield entries
+        yield refused

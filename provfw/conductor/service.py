@@ -1,9 +1,11 @@
-"""provfw-conductor's loops: the request server, report flushing, expiry purge, its own heartbeat.
+"""provfw-conductor's loops: the request server, report flushing, expiry purge, feeds, its own heartbeat.
 
 Plain ``threading`` (greenthreads under ``provfw-conductor``'s eventlet
 patch; real threads in tests and in ``provfw-all-in-one``'s process).
 Several conductors may run at once: they consume one shared request queue,
-their caches are independent, and a purge that finds nothing is harmless.
+their caches are independent, a purge that finds nothing is harmless, and
+each feed is synced by the one conductor whose claim on it won
+(``provfw.conductor.feeds``).
 
 While started, its ``ConductorCollector`` is registered on
 ``provfw.metrics.CONDUCTOR`` (read on scrape).  With a ``watchdog``
@@ -25,6 +27,7 @@ from oslo_config import cfg
 from provfw import conf as provfw_conf
 from provfw import metrics, rpc, systemd
 from provfw.compute import api as compute_api_mod
+from provfw.conductor import feeds as conductor_feeds
 from provfw.conductor import manager as conductor_manager
 from provfw.conductor import metrics as conductor_metrics
 from provfw.db import api as db
@@ -49,6 +52,7 @@ class ConductorService:
         self.host = host or socket.gethostname()
         self.compute_api = compute_api or compute_api_mod.ComputeAPI(conf)
         self.manager = conductor_manager.ConductorManager(conf, self.compute_api)
+        self.feeds = conductor_feeds.FeedSyncer(conf, self.compute_api, host=self.host)
         self.server = rpc.RpcServer(self.manager.handle, conf,
                                     request_ttl=conf.conductor.call_timeout * (conf.conductor.call_retries + 1))
         self._stop = threading.Event()
@@ -69,6 +73,7 @@ class ConductorService:
         self._spawn(self.server.run, "conductor-server")
         self._spawn(self._flush_loop, "conductor-reports")
         self._spawn(self._every(self.conf.conductor.purge_interval, self.manager.purge_expired), "conductor-purge")
+        self._spawn(self._every(self.conf.feeds.poll_interval, self._sync_feeds), "conductor-feeds")
         self._spawn(self._every(self.conf.compute.heartbeat_interval, self._heartbeat), "conductor-heartbeat")
         LOG.info("provfw-conductor %s started", self.host)
 
@@ -83,6 +88,11 @@ class ConductorService:
             except Exception:  # noqa: BLE001 - a loop that must never die
                 LOG.exception("flushing state reports failed")
         self.manager.flush_reports()
+
+    def _sync_feeds(self) -> None:
+        for outcome in self.feeds.run_due():
+            if outcome.generation is not None:
+                self.manager.note_generation(outcome.generation)
 
     def _heartbeat(self) -> None:
         db.service_update(self.host, binary=BINARY, heartbeat=True, driver=None)

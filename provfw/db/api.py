@@ -10,9 +10,13 @@ from provfw.db.sqlalchemy import api as IMPL
 
 Audit = IMPL.Audit
 CreateResult = IMPL.CreateResult
+SyncResult = IMPL.SyncResult
+FeedClaim = IMPL.FeedClaim
 rule_of = IMPL.rule_of
 Snapshot = IMPL.Snapshot
 Changes = IMPL.Changes
+FEED_SETTINGS = IMPL.FEED_SETTINGS
+feed_source = IMPL.feed_source
 MetricsRead = IMPL.MetricsRead
 
 
@@ -37,15 +41,29 @@ def statement_counts():
 
 # Provider firewall rules ---------------------------------------------------
 
-def provider_fw_rule_create(spec, description=None, created_by=None, expires_at=None, audit=None, max_rules=None):
-    """Create one live rule; return (rule, generation).  DuplicateRule if already live."""
-    return IMPL.provider_fw_rule_create(spec, description, created_by, expires_at, audit, max_rules)
+def provider_fw_rule_create(spec, description=None, created_by=None, expires_at=None, audit=None, max_rules=None,
+                            source="manual"):
+    """Create one live rule, or renew it / add ``source`` to it; return (rule, generation).
+
+    DuplicateRule when ``source`` already wants the live rule at least as long.
+    """
+    return IMPL.provider_fw_rule_create(spec, description, created_by, expires_at, audit, max_rules, source)
 
 
 def provider_fw_rules_create_many(specs, description=None, created_by=None, expires_at=None, audit=None,
-                                  max_rules=None, action="rule.create"):
-    """Create the specs not already live in one transaction and one generation; return CreateResult."""
-    return IMPL.provider_fw_rules_create_many(specs, description, created_by, expires_at, audit, max_rules, action)
+                                  max_rules=None, action="rule.create", source="manual"):
+    """Make ``source`` want the specs (create, renew, attach) in one transaction and one generation;
+    return CreateResult."""
+    return IMPL.provider_fw_rules_create_many(specs, description, created_by, expires_at, audit, max_rules, action,
+                                              source)
+
+
+def provider_fw_rules_sync(source, specs, **options):
+    """Add ``specs`` to ``source`` or (``mode="replace"``) make them its exact list, in one transaction and one
+    generation; return SyncResult.  Options: mode, expires_at, description, created_by, audit, max_rules,
+    action, guard (sources.Guard), force, dry_run, renew_slack (seconds), audit_detail.  ReplaceGuardTripped,
+    RuleLimitExceeded (both 409) change nothing."""
+    return IMPL.provider_fw_rules_sync(source, specs, **options)
 
 
 def provider_fw_rule_get(rule_id):
@@ -53,9 +71,31 @@ def provider_fw_rule_get(rule_id):
     return IMPL.provider_fw_rule_get(rule_id)
 
 
-def provider_fw_rule_get_all(cidr=None, protocol=None, limit=None, marker=None):
-    """Live, unexpired rules ordered by id, optionally filtered and paginated (marker = last id seen)."""
-    return IMPL.provider_fw_rule_get_all(cidr, protocol, limit, marker)
+def provider_fw_rule_get_many(rule_ids):
+    """The live rules among ``rule_ids``, ordered by id."""
+    return IMPL.provider_fw_rule_get_many(rule_ids)
+
+
+def provider_fw_rule_get_all(cidr=None, protocol=None, limit=None, marker=None, source=None):
+    """Live, unexpired rules ordered by id, optionally filtered (``source``: rules that source wants) and paginated
+    (marker = last id seen)."""
+    return IMPL.provider_fw_rule_get_all(cidr, protocol, limit, marker, source)
+
+
+def provider_fw_rule_get_containing(network, protocol=None, source=None):
+    """Live, unexpired rules whose network contains ``network`` (an ipaddress network; an address is a /32 or
+    /128), most specific first."""
+    return IMPL.provider_fw_rule_get_containing(network, protocol, source)
+
+
+def provider_fw_rule_sources(rule_ids):
+    """rule_id -> [(source, expires_at)] for the live rules among ``rule_ids``."""
+    return IMPL.provider_fw_rule_sources(rule_ids)
+
+
+def provider_fw_source_counts():
+    """[(source, live rules it wants)] sorted by source."""
+    return IMPL.provider_fw_source_counts()
 
 
 def provider_fw_rule_get_all_by_cidr(cidr):
@@ -63,18 +103,21 @@ def provider_fw_rule_get_all_by_cidr(cidr):
     return IMPL.provider_fw_rule_get_all_by_cidr(cidr)
 
 
-def provider_fw_rule_destroy(rule_id, audit=None):
-    """Soft-delete one live, unexpired rule; return Changes (one rule removed).  RuleNotFound if it is not live."""
-    return IMPL.provider_fw_rule_destroy(rule_id, audit)
+def provider_fw_rule_destroy(rule_id, audit=None, source=None):
+    """Delete one live, unexpired rule (with ``source``: only that source's wish; the rule stays while another source
+    wants it); return Changes.  RuleNotFound if it is not live, NotFound if it lacks ``source``."""
+    return IMPL.provider_fw_rule_destroy(rule_id, audit, source)
 
 
-def provider_fw_rule_destroy_by_cidr(cidr, audit=None):
-    """Soft-delete every live, unexpired rule of ``cidr``; return Changes (the rules removed).  NotFound when none."""
-    return IMPL.provider_fw_rule_destroy_by_cidr(cidr, audit)
+def provider_fw_rule_destroy_by_cidr(cidr, audit=None, source=None):
+    """Delete every live, unexpired rule of ``cidr`` (with ``source``: that source's wishes); return Changes.
+    NotFound when none."""
+    return IMPL.provider_fw_rule_destroy_by_cidr(cidr, audit, source)
 
 
 def provider_fw_rule_purge_expired(now=None, older_than=None, audit=None):
-    """Soft-delete expired rules; return Changes, or None when nothing had expired."""
+    """Soft-delete expired rules (and forget lapsed source wishes); return Changes, or None when no rule had
+    expired."""
     return IMPL.provider_fw_rule_purge_expired(now, older_than, audit)
 
 
@@ -105,6 +148,58 @@ def provider_fw_changes_count_since(generation):
 def provider_fw_changes_since(generation):
     """Changes(since, generation, added [Rule], removed [Rule]) after ``generation``."""
     return IMPL.provider_fw_changes_since(generation)
+
+
+# Feeds ---------------------------------------------------------------------
+
+def feed_create(name, settings, audit=None, shown=None):
+    """Create a feed (``settings``: FEED_SETTINGS; ``shown``: what the audit records); Conflict if the name
+    is taken."""
+    return IMPL.feed_create(name, settings, audit, shown)
+
+
+def feed_get(name):
+    """The feed ``name``; NotFound otherwise."""
+    return IMPL.feed_get(name)
+
+
+def feed_get_all():
+    return IMPL.feed_get_all()
+
+
+def feed_update(name, settings, audit=None, shown=None):
+    """Change some of a feed's settings; NotFound when there is no such feed."""
+    return IMPL.feed_update(name, settings, audit, shown)
+
+
+def feed_request_sync(name, force=False, audit=None):
+    """Make the feed due now (``force``: its next sync may pass the replace guard)."""
+    return IMPL.feed_request_sync(name, force, audit)
+
+
+def feed_destroy(name, audit=None):
+    """Delete the feed and its source from every rule in one generation; return SyncResult."""
+    return IMPL.feed_destroy(name, audit)
+
+
+def feed_claim_due(claimant, lease, now=None, limit=10):
+    """[FeedClaim] of due feeds this caller now holds for ``lease`` seconds (compare-and-set)."""
+    return IMPL.feed_claim_due(claimant, lease, now, limit)
+
+
+def feed_record(claim, state):
+    """Record a sync's outcome and release the claim; False when the claim was lost."""
+    return IMPL.feed_record(claim, state)
+
+
+def feed_sync(claim, specs, state, **options):
+    """Replace-sync the claimed feed's source and record ``state`` in one transaction; return SyncResult."""
+    return IMPL.feed_sync(claim, specs, state, **options)
+
+
+def feed_rule_counts():
+    """feed name -> live rules it wants."""
+    return IMPL.feed_rule_counts()
 
 
 def provider_fw_metrics_read(binary="provfw-compute"):

@@ -336,7 +336,9 @@ def detect_format(text: str) -> str:
     4. ``plain``: the first data line is one value (address, CIDR, netmask
        CIDR or range);
     5. ``csv``: the first data line has a comma or a tab, or the second data
-       line starts with a value (the first is a one-column header);
+       line starts with a value and the first does not look like an address
+       (it is a one-column header; a mistyped first entry such as
+       ``10.0.0.300`` is refused as plain, not dropped as a header);
     6. ``plain`` otherwise (including an empty or comment-only text).
     """
     head = text[:_DETECT_CHARS].lstrip("\ufeff")
@@ -369,9 +371,16 @@ def detect_format(text: str) -> str:
         return "plain"
     if "," in first or "\t" in first:
         return "csv"
-    if len(data) == 2 and _is_value(_first_cell(data[1])):
+    if len(data) == 2 and not _looks_like_value(first) and _is_value(_first_cell(data[1])):
         return "csv"
     return "plain"
+
+
+def _looks_like_value(text: str) -> bool:
+    """An attempt at an address rather than a column name: it has a digit and a '.' or ':' and starts like an
+    address (``fe80::1%eth0``, ``10.0.0.300``), so a bad first entry is refused, not read as a header."""
+    return (text[:1] in "0123456789abcdefABCDEF:" and any(c.isdigit() for c in text)
+            and ("." in text or ":" in text))
 
 
 def _is_address(text: str) -> bool:

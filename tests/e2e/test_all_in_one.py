@@ -105,7 +105,9 @@ def test_cli_block_and_unblock_on_the_all_in_one(aio):
 
 def test_cli_import_reports_counts_and_the_worker_applies_them(aio):
     feed = aio["workdir"] / "feed.txt"
-    lines = ["# test feed"] + [f"100.64.{i // 250}.{i % 250 + 1}" for i in range(2000)] + ["bogus", "100.64.0.1"]
+    # 198.19/16: the benchmarking range outside the topology's 198.18.1/24 and 198.18.2/24 (100.64/10, used
+    # before, is carrier-grade NAT space, which the API refuses to block by default).
+    lines = ["# test feed"] + [f"198.19.{i // 250}.{i % 250 + 1}" for i in range(2000)] + ["bogus", "198.19.0.1"]
     feed.write_text("\n".join(lines) + "\n")
     result = cli(aio, "import", str(feed), "--chunk", "1000", "--progress", "-o", "json")
     import json
@@ -122,7 +124,7 @@ def test_cli_import_reports_counts_and_the_worker_applies_them(aio):
             break
         time.sleep(0.1)
     assert svc["applied_generation"] == generation and svc["rule_count"] == 2000 and svc["last_error"] is None
-    assert deploy.kernel_has_source(aio["topo"].hv, "100.64.7.250/32")
+    assert deploy.kernel_has_source(aio["topo"].hv, "198.19.7.250/32")
 
 
 def test_cli_without_a_token_explains_how_to_get_one(aio):

@@ -128,9 +128,10 @@ def test_a_list_prints_as_table_json_and_value_with_a_dash_for_empty_values(api,
     table = admin(capsys, api, "rules")
     assert table.code == 0
     header, *lines = table.out.splitlines()
-    assert header.split() == ["id", "cidr", "protocol", "from_port", "to_port", "expires_at", "description"]
+    assert header.split() == ["id", "cidr", "protocol", "from_port", "to_port", "expires_at", "source",
+                              "description"]
     assert len(lines) == 2 and "None" not in table.out
-    assert lines[1].split() == [lines[1].split()[0], "2001:db8::/32", "all", "-1", "-1", "-", "-"]  # -1: any
+    assert lines[1].split() == [lines[1].split()[0], "2001:db8::/32", "all", "-1", "-1", "-", "manual", "-"]
 
     rows = json.loads(admin(capsys, api, "rules", "-o", "json").out)
     assert [r["cidr"] for r in rows] == ["198.51.100.0/24", "2001:db8::/32"]
@@ -139,8 +140,8 @@ def test_a_list_prints_as_table_json_and_value_with_a_dash_for_empty_values(api,
 
     value = admin(capsys, api, "rules", "-o", "value")
     assert value.out.splitlines() == [
-        f"{rows[0]['id']}\t198.51.100.0/24\ttcp\t22\t22\t-\tssh brute force",
-        f"{rows[1]['id']}\t2001:db8::/32\tall\t-1\t-1\t-\t-",
+        f"{rows[0]['id']}\t198.51.100.0/24\ttcp\t22\t22\t-\tmanual\tssh brute force",
+        f"{rows[1]['id']}\t2001:db8::/32\tall\t-1\t-1\t-\tmanual\t-",
     ]
 
 
@@ -214,7 +215,8 @@ def test_import_counts_and_lists_refused_lines_numbered_across_chunks(api, home,
     assert result.code == 0, result.err
     first, *refused = result.out.splitlines()
     generation = json.loads(admin(capsys, api, "rules", "--json").out)[-1]["generation"]
-    assert first == f"imported {feed}: 3 added, 1 duplicate, 2 refused, generation {generation}"
+    assert first == f"imported {feed} into import:blocklist.txt: 3 added, 0 renewed, 1 duplicate, 2 refused, " \
+                    f"generation {generation}"
     assert [line.split(":")[0].strip() for line in refused] == ["line 4", "line 6"]  # numbered in the file
     assert "'bogus'" in refused[0]
 
@@ -227,7 +229,7 @@ def test_import_of_many_refused_lines_shows_the_first_ones_and_counts_the_rest(a
     feed = tmp_path / "junk.txt"
     feed.write_text("".join(f"junk{i}\n" for i in range(25)))
     lines = admin(capsys, api, "import", str(feed)).out.splitlines()
-    assert lines[0].endswith("0 added, 0 duplicate, 25 refused, generation 0")
+    assert lines[0].endswith("0 added, 0 renewed, 0 duplicate, 25 refused, generation 0")
     assert len(lines) == 1 + 20 + 1 and lines[-1].startswith("  ... 5 more refused lines")
 
 
@@ -248,7 +250,8 @@ def test_import_dash_reads_standard_input(api, home, capsys):
     result = run("import", "-", "--ttl", "3600", "--url", api.url, "--token", api.admin,
                  stdin=b"192.0.2.10\n192.0.2.11\n# comment\n192.0.2.10\n")
     assert result.code == 0, result.err
-    assert result.out.startswith("imported stdin: 2 added, 1 duplicate, 0 refused, generation ")
+    assert result.out.startswith("imported stdin into import:stdin: 2 added, 0 renewed, 1 duplicate, 0 refused, "
+                                 "generation ")
     assert "cannot reach" not in result.err
     rows = json.loads(admin(capsys, api, "rules", "--json").out)
     assert [r["cidr"] for r in rows] == ["192.0.2.10/32", "192.0.2.11/32"]

@@ -2,11 +2,12 @@
 
 ``RoutedTopology`` builds three namespaces joined by veth pairs::
 
-    attacker (198.18.1.2 and .3, fd00:18:1::2 and ::3)
+    attacker (198.18.1.2 and .3, 2001:db8:18:1::2 and ::3: benchmarking and documentation ranges, which the API's
+    non-global policy lets a rule block, as it would an attacker on the internet)
         |  veth
     hypervisor (forwards; provfw's dataplane runs here)
         |  veth
-    instance (198.18.2.2, fd00:18:2::2; a TCP listener on port 8080)
+    instance (198.18.2.2, 2001:db8:18:2::2; a TCP listener on port 8080)
 
 All traffic stays inside these namespaces.  ``close()`` (or leaving the
 ``with`` block) deletes every namespace, which removes the veths, firewall
@@ -126,9 +127,9 @@ class RoutedTopology(AttackerProbes):
     """attacker -- hypervisor -- instance, routed, dual stack."""
 
     ATTACKER4 = ("198.18.1.2", "198.18.1.3")
-    ATTACKER6 = ("fd00:18:1::2", "fd00:18:1::3")
+    ATTACKER6 = ("2001:db8:18:1::2", "2001:db8:18:1::3")
     INSTANCE4 = "198.18.2.2"
-    INSTANCE6 = "fd00:18:2::2"
+    INSTANCE6 = "2001:db8:18:2::2"
 
     def __init__(self, tag: str | None = None, listener: bool = True):
         self.tag = tag or unique_tag()
@@ -163,20 +164,20 @@ class RoutedTopology(AttackerProbes):
         netns_exec(self.hv, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         # Attacker side
         netns_exec(self.hv, "ip", "addr", "add", "198.18.1.1/24", "dev", a_in)
-        netns_exec(self.hv, "ip", "-6", "addr", "add", "fd00:18:1::1/64", "dev", a_in, "nodad")
+        netns_exec(self.hv, "ip", "-6", "addr", "add", "2001:db8:18:1::1/64", "dev", a_in, "nodad")
         for addr in self.ATTACKER4:
             netns_exec(self.attacker, "ip", "addr", "add", f"{addr}/24", "dev", a_out)
         for addr in self.ATTACKER6:
             netns_exec(self.attacker, "ip", "-6", "addr", "add", f"{addr}/64", "dev", a_out, "nodad")
         netns_exec(self.attacker, "ip", "route", "add", "default", "via", "198.18.1.1")
-        netns_exec(self.attacker, "ip", "-6", "route", "add", "default", "via", "fd00:18:1::1")
+        netns_exec(self.attacker, "ip", "-6", "route", "add", "default", "via", "2001:db8:18:1::1")
         # Instance side
         netns_exec(self.hv, "ip", "addr", "add", "198.18.2.1/24", "dev", i_in)
-        netns_exec(self.hv, "ip", "-6", "addr", "add", "fd00:18:2::1/64", "dev", i_in, "nodad")
+        netns_exec(self.hv, "ip", "-6", "addr", "add", "2001:db8:18:2::1/64", "dev", i_in, "nodad")
         netns_exec(self.instance, "ip", "addr", "add", f"{self.INSTANCE4}/24", "dev", i_out)
         netns_exec(self.instance, "ip", "-6", "addr", "add", f"{self.INSTANCE6}/64", "dev", i_out, "nodad")
         netns_exec(self.instance, "ip", "route", "add", "default", "via", "198.18.2.1")
-        netns_exec(self.instance, "ip", "-6", "route", "add", "default", "via", "fd00:18:2::1")
+        netns_exec(self.instance, "ip", "-6", "route", "add", "default", "via", "2001:db8:18:2::1")
         if self._want_listener:
             self.start_listener()
         self.wait_reachable()

@@ -25,6 +25,7 @@ from hypothesis import assume, strategies as st
 from provfw import conf as provfw_conf
 from provfw import exception, rules
 from provfw.api import schemas
+from provfw.feeds import importer
 
 # The API's default protected networks ([DEFAULT] protected_cidrs): a body overlapping one is a 409.
 PROTECTED = rules.parse_protected_networks(
@@ -32,11 +33,17 @@ PROTECTED = rules.parse_protected_networks(
 
 
 def api_spec(body: dict[str, Any]) -> rules.RuleSpec | None:
-    """The spec the API stores for ``body``, or None when the API refuses it (400 or 409)."""
+    """The spec the API stores for ``body``, or None when the API refuses it (400 or 409).
+
+    With the API's default policy: a non-global range is refused unless the body opts in
+    (``allow_non_global``), so the driver tests still draw private, link-local and unique-local networks.
+    """
     try:
         schemas.validate("RuleCreate", body)
-        return rules.spec_from_body(body, PROTECTED)
-    except (exception.InvalidInput, exception.ProtectedNetwork):
+        spec = rules.spec_from_body(body, PROTECTED)
+        importer.check_one(spec, PROTECTED, bool(body.get("allow_non_global")))
+        return spec
+    except (exception.InvalidInput, exception.ProtectedNetwork, exception.NonGlobalNetwork):
         return None
 
 
@@ -133,6 +140,8 @@ def rule_bodies(draw) -> dict[str, Any]:
     if protocol != "absent":
         body["protocol"] = protocol
     body.update(draw(_port_fields(None if protocol == "absent" else protocol)))
+    if draw(st.booleans()):
+        body["allow_non_global"] = True
     return body
 
 

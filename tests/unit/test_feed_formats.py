@@ -192,6 +192,19 @@ def test_a_csv_without_a_header_reads_its_first_column():
     assert found(parsed) == [(1, "203.0.113.4/32"), (2, "2001:db8::4/128"), (3, "198.51.100.4/31")]
 
 
+@pytest.mark.parametrize("first", ["10.0.0.300", "fe80::1%eth0", "2001:db8::1%eth0", "198.51.100.7/33"])
+def test_a_mistyped_first_entry_is_refused_not_taken_for_a_header(first):
+    parsed = parse(f"{first}\n203.0.113.4\n")
+    assert parsed.format == "plain" and [r.line for r in parsed.refused] == [1]
+    assert [e.network.with_prefixlen for e in parsed.entries] == ["203.0.113.4/32"]
+
+
+@pytest.mark.parametrize("value", ["fe80::1%eth0", "2001:db8::1%eth0/64", "fe80::1%25eth0"])
+def test_an_ipv6_scope_id_is_refused_because_no_kernel_tool_takes_it(value):
+    (refused,) = parse(value + "\n", format="plain").refused
+    assert "scope id" in refused.reason
+
+
 def test_a_one_column_export_with_a_header_is_csv():
     parsed = parse("source address\n203.0.113.4\n203.0.113.5\n")
     assert (parsed.format, parsed.header) == ("csv", ("source address",))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import datetime
 from typing import Annotated, Optional
 
-from sqlalchemy import (BigInteger, CheckConstraint, DateTime, Index, Integer, MetaData, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData,
+                        String, Text, UniqueConstraint)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -56,6 +56,7 @@ class ProviderFirewallRule(Base):
         Index("ix_provider_fw_rules_created_generation", "created_generation"),
         Index("ix_provider_fw_rules_deleted_generation", "deleted_generation"),
         Index("ix_provider_fw_rules_deleted_expires_at", "deleted", "expires_at"),
+        Index("ix_provider_fw_rules_updated_generation", "updated_generation"),
     )
 
     id: Mapped[intpk]
@@ -71,9 +72,92 @@ class ProviderFirewallRule(Base):
     deleted_at: Mapped[Optional[timestamp]]
     deleted: Mapped[int] = mapped_column(BigId, default=0, comment="0 while live, the row id once deleted")
     deleted_by: Mapped[Optional[str]] = mapped_column(String(255))
-    expires_at: Mapped[Optional[timestamp]] = mapped_column(comment="Hosts stop enforcing the rule at this time")
+    expires_at: Mapped[Optional[timestamp]] = mapped_column(
+        comment="Hosts stop enforcing the rule at this time: the latest expiry among its sources (NULL wins)")
     created_generation: Mapped[int] = mapped_column(BigInteger, comment="Generation that added the rule")
     deleted_generation: Mapped[Optional[int]] = mapped_column(BigInteger, comment="Generation that removed it")
+    updated_generation: Mapped[Optional[int]] = mapped_column(
+        BigInteger, comment="Generation that last changed its expiry (renewed, or a source let go)")
+
+
+class ProviderFirewallRuleSource(Base):
+    """Who wants a live rule, and until when: one row per (rule, source).
+
+    ``source`` is ``manual`` / ``manual:LABEL``, ``import:NAME`` or
+    ``feed:NAME``.  The rule's ``expires_at`` is the latest of its sources'
+    ``expires_at`` (NULL wins), so hosts see one expiry; the rule is deleted
+    when its last source lets go.  Rows are deleted with their source (and
+    when their rule is deleted); a live rule without any row was written by
+    a release before sources and counts as ``manual``.
+    """
+
+    __tablename__ = "provider_fw_rule_sources"
+    __table_args__ = (
+        Index("ix_provider_fw_rule_sources_source_rule_id", "source", "rule_id"),
+    )
+
+    rule_id: Mapped[int] = mapped_column(BigId, ForeignKey("provider_fw_rules.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    source: Mapped[str] = mapped_column(String(80), primary_key=True,
+                                        comment="manual, manual:LABEL, import:NAME or feed:NAME")
+    expires_at: Mapped[Optional[timestamp]] = mapped_column(comment="Until when this source wants the rule")
+    created_at: Mapped[timestamp] = mapped_column(default=utcnow)
+    updated_at: Mapped[Optional[timestamp]]
+    created_by: Mapped[Optional[str]] = mapped_column(String(255), comment="API token (or feed) that added it")
+
+
+class Feed(Base):
+    """A block list the conductor fetches on a schedule and replace-syncs as source ``feed:<name>``.
+
+    The settings are the operator's; the rest is the last sync's state, for
+    the API and for conditional requests.  ``next_sync_at`` schedules it;
+    ``claim_token`` / ``claimed_until`` are the lease a conductor takes (by
+    compare-and-set) before it fetches, so two conductors never sync one
+    feed at once.
+    """
+
+    __tablename__ = "provider_fw_feeds"
+    __table_args__ = (
+        UniqueConstraint("name"),
+        CheckConstraint("protocol IN ('tcp', 'udp', 'icmp', 'all')", name="protocol"),
+        CheckConstraint("interval_seconds > 0", name="interval"),
+        CheckConstraint("ttl_seconds IS NULL OR ttl_seconds > 0", name="ttl"),
+        Index("ix_provider_fw_feeds_next_sync_at", "next_sync_at"),
+    )
+
+    id: Mapped[intpk]
+    name: Mapped[str] = mapped_column(String(64), comment="The rules' source is feed:<name>")
+    url: Mapped[str] = mapped_column(String(2048))
+    format: Mapped[str] = mapped_column(String(16), default="auto", comment="provfw.feeds.formats name or auto")
+    csv_column: Mapped[Optional[str]] = mapped_column(String(255), comment="CSV address column, by header name")
+    protocol: Mapped[str] = mapped_column(String(8), default="all")
+    from_port: Mapped[Optional[int]] = mapped_column(Integer)
+    to_port: Mapped[Optional[int]] = mapped_column(Integer)
+    interval_seconds: Mapped[int] = mapped_column(Integer, comment="Seconds between syncs")
+    ttl_seconds: Mapped[Optional[int]] = mapped_column(
+        Integer, comment="Listed rules expire this long after the last sync that saw them; NULL: never")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    allow_non_global: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                   comment="Block non-global ranges the list names (audited)")
+    description: Mapped[Optional[str]] = mapped_column(String(255))
+    created_at: Mapped[timestamp] = mapped_column(default=utcnow)
+    created_by: Mapped[Optional[str]] = mapped_column(String(255))
+    updated_at: Mapped[Optional[timestamp]]
+    next_sync_at: Mapped[Optional[timestamp]] = mapped_column(comment="Due from this time; NULL: never (disabled)")
+    force_next: Mapped[bool] = mapped_column(Boolean, default=False,
+                                             comment="The next sync may pass the replace guard (asked by an admin)")
+    claim_token: Mapped[Optional[str]] = mapped_column(String(36), comment="The conductor lease holding the feed")
+    claimed_until: Mapped[Optional[timestamp]]
+    etag: Mapped[Optional[str]] = mapped_column(String(1024), comment="ETag of the last list applied")
+    last_modified: Mapped[Optional[str]] = mapped_column(String(64), comment="Last-Modified of the last list applied")
+    content_sha256: Mapped[Optional[str]] = mapped_column(String(64), comment="Hash of the last list applied")
+    last_attempt_at: Mapped[Optional[timestamp]]
+    last_success_at: Mapped[Optional[timestamp]] = mapped_column(comment="Last time the list was confirmed")
+    last_applied_at: Mapped[Optional[timestamp]] = mapped_column(comment="Last time a downloaded list was synced")
+    last_status: Mapped[Optional[str]] = mapped_column(String(16))
+    last_error: Mapped[Optional[str]] = mapped_column(Text)
+    last_counts: Mapped[Optional[str]] = mapped_column(Text, comment="JSON: counts of the last sync that applied")
+    last_generation: Mapped[Optional[int]] = mapped_column(BigInteger)
 
 
 class FirewallGeneration(Base):
