@@ -139,25 +139,13 @@ class _NoKernel:
         raise AssertionError(f"the recording driver ran a command: {cmd}")
 
 
-class RecordingComputeDriver(virt_driver.ComputeDriver):
+class RecordingComputeDriver(virt_driver.FirewallComputeDriver):
     """A compute driver that forwards to a RecordingFirewallDriver (as LibvirtConnection forwards to its driver)."""
 
     name = "bench"
 
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF):
         self.firewall_driver = RecordingFirewallDriver(conf)
-
-    def refresh_provider_fw_rules(self, update, state=None):
-        return self.firewall_driver.refresh_provider_fw_rules(update, state)
-
-    def check_provider_fw_rules(self, specs):
-        return self.firewall_driver.check_provider_fw_rules(specs)
-
-    def repair_provider_fw_drift(self, desired, state=None):
-        return self.firewall_driver.repair_drift(desired, state)
-
-    def describe(self) -> str:
-        return f"{self.name}/{self.firewall_driver.name}"
 
 
 # --------------------------------------------------------------------------- one connection, many hosts

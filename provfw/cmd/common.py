@@ -13,6 +13,7 @@ systemd).  The ``[api] audit_log`` file is one more handler, on the
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 from oslo_log import log as oslo_log
@@ -81,3 +82,20 @@ def wait_for_database(what: str, stop: threading.Event | None = None) -> int:
 
     return retrying(f"{what}: reaching the database", exception.DatabaseUnavailable, initial=0.5, maximum=10.0,
                     stop_event=stop, log=LOG)(probe)
+
+
+def stop_on_signals(log: logging.Logger, message: str = "stopping") -> threading.Event:
+    """Install SIGTERM/SIGINT handlers that set (and log) the returned event; the daemon's loop waits on it.
+
+    The handlers only log and set a flag: anything heavier inside a signal handler could deadlock on a
+    lock the interrupted code holds.  Call from the main thread (``signal.signal`` requires it).
+    """
+    stopping = threading.Event()
+
+    def _stop(signum, _frame):
+        log.info("signal %s: %s", signum, message)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    return stopping

@@ -13,9 +13,7 @@ its cast consumer and periodic check keep running.
 from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
 
 import logging  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 
 from provfw import metrics, systemd  # noqa: E402
 from provfw.cmd import common  # noqa: E402
@@ -37,14 +35,7 @@ def main(argv=None) -> int:
     metrics.serve_configured(common.CONF, "compute_port", metrics.WORKER, what="provfw-compute")
     watchdog = systemd.Watchdog()
     worker = service.ComputeService(common.CONF, watchdog=watchdog)
-    stopping = threading.Event()
-
-    def _stop(signum, _frame):
-        LOG.info("signal %s: stopping (the kernel keeps the rules last applied)", signum)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stopping = common.stop_on_signals(LOG, "stopping (the kernel keeps the rules last applied)")
     LOG.info("provfw-compute starting on host %s (%s)", worker.manager.host, worker.manager.driver.describe())
     worker.start()
     ready_sent, status = False, None

@@ -30,15 +30,8 @@ LOG = logging.getLogger("provfw.conductor")
 def main(argv=None) -> int:
     common.prepare(argv)
     conf = common.CONF
-    stopping = threading.Event()
+    stopping = common.stop_on_signals(LOG)
     dump = threading.Event()
-
-    def _stop(signum, _frame):
-        LOG.info("signal %s: stopping", signum)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     # The handler only sets a flag: logging from inside a signal handler could
     # deadlock on a lock the interrupted code holds.
     signal.signal(signal.SIGUSR1, lambda _signum, _frame: dump.set())

@@ -50,6 +50,29 @@ class ComputeDriver:
         """Release connections."""
 
 
+class FirewallComputeDriver(ComputeDriver):
+    """A compute driver that enforces provider rules through the firewall driver it owns.
+
+    As Nova's libvirt driver does with its ``firewall_driver``: the three provider-firewall calls go
+    straight to ``self.firewall_driver`` (a ``provfw.virt.firewall.base.FirewallDriver``), which
+    subclasses set in ``__init__``.
+    """
+
+    firewall_driver: Any
+
+    def refresh_provider_fw_rules(self, update: base.RuleUpdate, state: Any = None) -> base.Applied:
+        return self.firewall_driver.refresh_provider_fw_rules(update, state)
+
+    def check_provider_fw_rules(self, specs: Collection[RuleSpec]) -> None:
+        return self.firewall_driver.check_provider_fw_rules(specs)
+
+    def repair_provider_fw_drift(self, desired: Collection[RuleSpec], state: Any = None) -> base.Applied:
+        return self.firewall_driver.repair_drift(desired, state)
+
+    def describe(self) -> str:
+        return f"{self.name}/{self.firewall_driver.name}"
+
+
 def load_compute_driver(conf: cfg.ConfigOpts = provfw_conf.CONF) -> ComputeDriver:
     """Instantiate ``[compute] compute_driver``: a ``provfw.compute_drivers`` entry point or a dotted path.
 

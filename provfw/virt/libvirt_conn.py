@@ -83,7 +83,7 @@ class LibvirtConnector:
                 self._close()
 
 
-class LibvirtConnection(driver.ComputeDriver):
+class LibvirtConnection(driver.FirewallComputeDriver):
     name = "libvirt"
 
     def __init__(self, conf: cfg.ConfigOpts = provfw_conf.CONF, firewall_driver: firewall.FirewallDriver | None = None):
@@ -101,18 +101,6 @@ class LibvirtConnection(driver.ComputeDriver):
     def get_connection(self):
         """An open libvirt connection, reopened if libvirtd restarted."""
         return self._connector()
-
-    def refresh_provider_fw_rules(self, update, state=None):
-        return self.firewall_driver.refresh_provider_fw_rules(update, state)
-
-    def check_provider_fw_rules(self, specs):
-        return self.firewall_driver.check_provider_fw_rules(specs)
-
-    def repair_provider_fw_drift(self, desired, state=None):
-        return self.firewall_driver.repair_drift(desired, state)
-
-    def describe(self) -> str:
-        return f"{self.name}/{self.firewall_driver.name}"
 
     def close(self) -> None:
         self._connector.close()
