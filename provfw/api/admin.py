@@ -233,11 +233,16 @@ class AdminController:
                 raise exception.InvalidInput("format", "format and column apply to text bodies; a JSON body is "
                                                        "a list of values")
             entries, refused = [], []
+            # Per entry of lists of 120k: tuple.__new__ skips the NamedTuple's Python-level __new__.
+            add, make, entry, parse = entries.append, tuple.__new__, formats.Entry, formats.parse_value
             for number, item in enumerate(payload, start=1):
                 try:
-                    entries += [formats.Entry(number, network) for network in formats.parse_value(item)]
+                    networks = parse(item)
                 except exception.InvalidInput as exc:
                     refused.append(formats.Refused(number, str(item)[:100], exc.reason))
+                    continue
+                for network in networks:
+                    add(make(entry, (number, network)))
             distinct = list({entry.network: entry for entry in reversed(entries)}.values())[::-1]
             repeated, used_format = len(entries) - len(distinct), "json"
             entries = distinct

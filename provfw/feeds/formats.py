@@ -168,10 +168,11 @@ def _value(text: str) -> Network | list[Network]:
         except (OSError, ValueError):
             pass
         else:
+            # Of rules.check_network's refusals only "/0" can apply to an IPv4 network.
             if not slash:
-                return _checked(_IPv4Network(int.from_bytes(packed, "big")), text)
-            if mask.isascii() and mask.isdigit() and int(mask) <= 32:
-                return _checked(_IPv4Network((int.from_bytes(packed, "big"), int(mask)), strict=False), text)
+                return _IPv4Network(int.from_bytes(packed, "big"))
+            if mask.isascii() and mask.isdigit() and 0 < int(mask) <= 32:
+                return _IPv4Network((int.from_bytes(packed, "big"), int(mask)), strict=False)
     try:
         network = (_IPv6Network if ":" in text else _IPv4Network)(text, strict=False)
     except ValueError as exc:

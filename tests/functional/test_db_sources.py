@@ -210,6 +210,24 @@ def test_a_large_replace_reads_back_ids_for_the_cast(any_db):
     assert db.provider_fw_rule_count() == 3000 == len(db.provider_fw_rule_get_all(source="feed:big"))
 
 
+@pytest.mark.parametrize("held_elsewhere", [600, 4000], ids=["scan-of-live-rules", "lookup-by-cidr"])
+def test_a_large_add_finds_every_rule_another_source_holds_whichever_way_it_looks(any_db, held_elsewhere):
+    # 1,500 specs to add, of which 500 are live under another source.  With 600 live rules the sync scans
+    # the live rules (fewer than twice the look-ups); with 4,000 it looks them up by CIDR.  Both must find
+    # the 500, share them (no second live copy, no IntegrityError) and create only the other 1,000.
+    other = [make_spec(f"10.{i // 250}.{i % 250}.0/24") for i in range(held_elsewhere)]
+    db.provider_fw_rules_sync("feed:other", other, mode="replace")
+    wanted = other[:500] + [make_spec(f"172.16.{i // 250}.{i % 250}") for i in range(1000)]
+    before = {r.cidr: r.id for r in db.provider_fw_rule_get_all()}
+    result = db.provider_fw_rules_sync("import:mine", wanted)
+    assert (result.added, result.renewed) == (1000, 0)
+    assert db.provider_fw_rule_count() == held_elsewhere + 1000
+    after = live()
+    assert all(after[spec.cidr][0] == before[spec.cidr] for spec in other[:500])
+    assert all(after[spec.cidr][2] == ["feed:other", "import:mine"] for spec in other[:500])
+    assert {r.spec for r in result.changes.added} == set(wanted[500:])
+
+
 def test_concurrent_replaces_of_one_source_serialise(any_db):
     lists = [specs(20)[i:] for i in range(4)]
     errors = []

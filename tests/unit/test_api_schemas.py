@@ -182,3 +182,40 @@ def test_the_document_lists_routes_exactly_as_routes_would_match_them():
     for path in DOCUMENT["paths"]:
         mapper.connect(path, action="x")
     assert mapper.match("/v1/provider-fw-rules/42") == {"action": "x", "id": "42"}
+
+
+@pytest.mark.parametrize("body, where", [
+    (rb'{"description": "\ud800"}', "description"),
+    (rb'{"cidrs": ["192.0.2.1", "\uDFFF"]}', "cidrs[1]"),
+    (rb'{"\udbff": 1}', "\udbff"),
+    (rb'["x", {"a": ["\uDc00"]}]', "[1].a[0]"),
+])
+def test_decode_json_refuses_a_lone_surrogate_escape_wherever_it_is(body, where):
+    with pytest.raises(exception.InvalidInput) as caught:
+        wsgi.decode_json(body)
+    assert caught.value.field == where and "surrogate" in caught.value.reason
+
+
+@pytest.mark.parametrize("body, expected", [
+    (rb'{"description": "\ud83d\ude00"}', {"description": "\U0001F600"}),   # a pair is one code point
+    (rb'{"description": "\\ud800"}', {"description": "\\ud800"}),           # an escaped backslash, not an escape
+    (rb'{"description": "\ud7ff\ue000"}', {"description": "\ud7ff\ue000"}),   # just outside the surrogate block
+])
+def test_decode_json_keeps_text_that_only_looks_like_a_surrogate(body, expected):
+    assert wsgi.decode_json(body) == expected
+
+
+def test_decode_json_refuses_an_encoded_surrogate_as_not_utf8():
+    with pytest.raises(exception.InvalidInput, match="not UTF-8"):
+        wsgi.decode_json(b'{"description": "\xed\xa0\x80"}')
+
+
+@pytest.mark.parametrize("bad", [3, None, ["192.0.2.1"], {"cidr": "192.0.2.1"}, True])
+def test_a_long_import_list_with_one_item_that_is_not_a_string_is_refused_naming_the_item(bad):
+    cidrs = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(20_000)]
+    assert schemas.validate("RuleImport", {"cidrs": cidrs}) == {"cidrs": cidrs}
+    cidrs[19_998] = bad
+    with pytest.raises(exception.InvalidInput, match=r"^cidrs\[19998\]: must be a string$"):
+        schemas.validate("RuleImport", {"cidrs": cidrs})
+    with pytest.raises(exception.InvalidInput, match=r"^\[19998\]: must be a string$"):
+        schemas.validate("RuleImportList", cidrs)

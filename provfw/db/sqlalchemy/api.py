@@ -527,7 +527,7 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                 generation, live = _bump_generation(session)
                 if _before is not None:
                     _before(session, now)
-                held = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL)
+                held = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL, live)
                 plan = sources_mod.plan_sync(source, wanted, expires_at, held, now, replace, renew_slack, guard)
                 if replace and plan.guard is not None and plan.guard.tripped and not force and not dry_run:
                     raise exception.ReplaceGuardTripped(source, plan.guard.in_force, plan.guard.removing,
@@ -611,7 +611,7 @@ def _sync_result(source, mode, generation, changed, dry_run, plan: sources_mod.P
 
 
 def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
-                by_source: bool) -> dict[rules_mod.RuleSpec, sources_mod.Held]:
+                by_source: bool, live: int | None = None) -> dict[rules_mod.RuleSpec, sources_mod.Held]:
     """What the planner needs to know of the live rules a sync touches (see ``sources.plan_sync``).
 
     ``by_source``: read every rule ``source`` holds with one indexed query
@@ -643,7 +643,7 @@ def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
         lookup = [spec for spec in wanted if spec not in held]
     else:
         lookup = wanted
-    found = _existing_live(session, lookup)
+    found = _existing_live(session, lookup, live)
     full = _source_rows(session, [rule_id for rule_id, _ in found.values()])
     for spec, (rule_id, expires) in found.items():
         held[spec] = make_held(rule_id, spec, expires, full.get(rule_id))
@@ -685,13 +685,23 @@ def _write_plan(session: Session, plan: sources_mod.Plan, source: str, generatio
                        expires_at=expires_at, created_generation=generation, deleted=0) for spec in plan.create]
         _bulk_insert(session, values)
         r = ProviderFirewallRule
-        for row in session.execute(select(r.id, r.cidr, r.protocol, r.from_port, r.to_port)
-                                   .where(r.created_generation == generation, r.deleted == 0)):
-            created[_spec_of(row)] = row.id
-    inserts = [{"rule_id": rule_id, "source": source, "expires_at": expires_at, "created_at": now,
-                "created_by": actor} for rule_id in created.values()]
-    inserts += [{"rule_id": rule_id, "source": name, "expires_at": expires, "created_at": now, "created_by": actor}
-                for rule_id, name, expires in plan.source_insert]
+        mine = (r.created_generation == generation, r.deleted == 0)
+        # Core rows and tuple.__new__ (RuleSpec's own __new__ is Python): this loop runs per new rule.
+        new, spec_type = tuple.__new__, rules_mod.RuleSpec
+        for rule_id, *spec in session.connection().execute(
+                select(r.id, r.cidr, r.protocol, r.from_port, r.to_port).where(*mine)).all():
+            created[new(spec_type, spec)] = rule_id
+        # The new rules' source rows, written by the database from the rule rows it has just taken (their
+        # expires_at and created_at are the source's): one statement and nothing sent, where sending 120k
+        # rows as a COPY took longer than the server's insert.
+        session.execute(sa.insert(s).from_select(
+            ["rule_id", "source", "expires_at", "created_at", "created_by"],
+            select(r.id, sa.literal(source, sa.String), r.expires_at, r.created_at,
+                   sa.literal(actor, sa.String)).where(*mine)))
+        if len(created) > BULK_THRESHOLD and session.get_bind().dialect.name == "postgresql":
+            session.connection().exec_driver_sql("ANALYZE provider_fw_rule_sources")   # as _bulk_insert does
+    inserts = [{"rule_id": rule_id, "source": name, "expires_at": expires, "created_at": now, "created_by": actor}
+               for rule_id, name, expires in plan.source_insert]
     if inserts:
         _bulk_insert_sources(session, inserts)
     if plan.source_update:
@@ -775,17 +785,32 @@ def _copy(connection, table: str, columns: Sequence[str], values: list[dict]) ->
         cursor.close()
 
 
-def _existing_live(session: Session, specs: Sequence[rules_mod.RuleSpec]) -> dict:
-    """Map each spec in ``specs`` that is live to (id, expires_at)."""
+def _existing_live(session: Session, specs: Sequence[rules_mod.RuleSpec], live: int | None = None) -> dict:
+    """Map each spec in ``specs`` that is live to (id, expires_at).
+
+    ``live``: the live-rule counter, when the caller holds it.  When the table
+    has fewer than twice as many live rules as there are specs to look up (a
+    first import, an import into a small table), one scan of the live rules
+    is cheaper than the look-ups by CIDR in batches of 1,000 (0.7 s for 120k
+    specs on PostgreSQL against 0.1 s to scan an empty table; the counter only
+    picks the method, the answer is the same either way).
+    """
     found: dict = {}
     if not specs:
+        return found
+    cols = (ProviderFirewallRule.id, ProviderFirewallRule.cidr, ProviderFirewallRule.protocol,
+            ProviderFirewallRule.from_port, ProviderFirewallRule.to_port, ProviderFirewallRule.expires_at)
+    if live is not None and live < 2 * len(specs) and len(specs) > _SMALL:
+        wanted = set(specs)
+        for row in session.execute(select(*cols).where(_live())):
+            spec = _spec_of(row)
+            if spec in wanted:
+                found[spec] = (row.id, row.expires_at)
         return found
     by_cidr: dict[str, set] = {}
     for spec in specs:
         by_cidr.setdefault(spec.cidr, set()).add(spec)
     cidrs = list(by_cidr)
-    cols = (ProviderFirewallRule.id, ProviderFirewallRule.cidr, ProviderFirewallRule.protocol,
-            ProviderFirewallRule.from_port, ProviderFirewallRule.to_port, ProviderFirewallRule.expires_at)
     for start in range(0, len(cidrs), 1000):
         chunk = cidrs[start:start + 1000]
         for row in session.execute(select(*cols).where(_live(), ProviderFirewallRule.cidr.in_(chunk))):
