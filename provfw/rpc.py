@@ -53,7 +53,6 @@ import re
 import socket
 import threading
 import time
-import urllib.parse
 import uuid
 import zlib
 from typing import Any, Callable
@@ -540,7 +539,10 @@ class RpcClient:
     One connection and one exclusive reply queue per client, opened lazily
     and reopened after a bus failure.  ``call`` retries ``retries`` times with
     backoff when no reply arrives within ``timeout`` seconds or the bus is
-    down, then raises ``ConductorUnavailable``.
+    down, then raises ``ConductorUnavailable``.  ``close`` ends a call in
+    progress within a second (no further attempt, no backoff sleep), so a
+    stopping worker is not held for ``(retries + 1) * timeout`` by a conductor
+    that is down; calls after ``close`` raise ``ConductorUnavailable`` at once.
     """
 
     def __init__(self, host: str, conf: cfg.ConfigOpts = provfw_conf.CONF, url: str | None = None,
@@ -558,6 +560,7 @@ class RpcClient:
         self._reply_queue: str | None = None
         self._replies: dict[str, kombu.Message] = {}
         self._errors = bus_errors(conf, self.url)
+        self._closed = threading.Event()
         self.last_reply_bytes = 0
 
     # ------------------------------------------------------------ connection
@@ -592,8 +595,13 @@ class RpcClient:
         self._replies.clear()
 
     def close(self) -> None:
+        self._closed.set()                 # first: a call holding the lock gives up within a second
         with self._lock:
             self._reset()
+
+    def _refuse_when_closed(self, method: str) -> None:
+        if self._closed.is_set():
+            raise exception.ConductorUnavailable(f"{method}: the RPC client of {self.host} is closed (stopping)")
 
     # ------------------------------------------------------------ calls
 
@@ -608,6 +616,7 @@ class RpcClient:
 
     def cast(self, method: str, **args) -> None:
         """Send ``method(**args)`` to a conductor without waiting; raises a bus error when unreachable."""
+        self._refuse_when_closed(method)
         with self._lock:
             try:
                 self._publish(method, args)
@@ -621,12 +630,14 @@ class RpcClient:
         Raises ``ConductorUnavailable`` after ``retries + 1`` attempts of
         ``timeout`` seconds each without a reply (or with the bus down).
         """
+        self._refuse_when_closed(method)
         with self._lock:
             try:
                 return retrying(f"{method} to {self.exchange.name}", (TimeoutError, *self._errors),
-                                attempts=self.retries + 1, initial=0.5, maximum=5.0, log=LOG)(
-                    self._call_once, method, args)
+                                attempts=self.retries + 1, initial=0.5, maximum=5.0, stop_event=self._closed,
+                                log=LOG)(self._call_once, method, args)
             except (TimeoutError, *self._errors) as exc:
+                self._refuse_when_closed(method)
                 raise exception.ConductorUnavailable(
                     f"no conductor answered {method} on exchange {self.exchange.name} within {self.timeout:.0f}s "
                     f"({self.retries + 1} attempts; last: {type(exc).__name__}: {exc}); is provfw-conductor "
@@ -644,6 +655,8 @@ class RpcClient:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"no reply within {self.timeout:.1f}s")
+                if self._closed.is_set():
+                    raise TimeoutError("the client was closed while waiting for the reply")
                 try:
                     self._conn.drain_events(timeout=min(remaining, 1.0))
                 except socket.timeout:

@@ -268,6 +268,25 @@ def test_without_a_conductor_a_request_fails_with_a_clear_error_in_bounded_time(
     assert rpc.conductor_exchange(conf).name in str(info.value) and "provfw-conductor" in str(info.value)
 
 
+def test_a_worker_waiting_for_a_conductor_that_is_down_stops_within_seconds(conf, rabbit):
+    # Found stopping an all-in-one whose conductor had gone: SIGTERM waited for every retry of the
+    # start-up call (3 x 10 s) before the worker exited.  close() now ends the call in progress.
+    conf.set_override("call_timeout", 10.0, group="conductor")
+    conf.set_override("call_retries", 2, group="conductor")
+    with rpc.connection(conf) as conn:                     # the exchange exists, nobody consumes
+        rpc.conductor_exchange(conf)(conn.channel()).declare()
+    worker = make_worker(conf, "hv-stopping")
+    worker.start()
+    time.sleep(1.0)                                        # inside its first get_provider_fw_rules call
+    assert not worker.started.is_set()
+    stopping = time.monotonic()
+    worker.stop()
+    assert time.monotonic() - stopping < 4
+    assert not any(thread.is_alive() for thread in worker._threads)
+    with pytest.raises(exception.ConductorUnavailable, match="closed"):
+        worker.manager.conductor.get_provider_fw_rules(None)
+
+
 def test_handler_that_raises_does_not_kill_the_consumer(conf, rabbit, consumers):
     handled = []
 
