@@ -167,7 +167,9 @@ class AdminClient:
                     to_port: int | None = None, description: str | None = None, ttl: float | None = None,
                     expires_at: str | None = None, source: str | None = None,
                     allow_non_global: bool | None = None) -> dict:
-        """Create one rule, or renew the live one; returns it as ``get_rule`` does, with ``renewed`` (bool) added.
+        """Create one rule, or renew the live one; returns it as ``get_rule`` does, with ``renewed`` (bool) and
+        ``change_generation`` (the generation of this creation or renewal; the rule's own ``generation`` is the
+        one that created it) added.
 
         Raises AdminClientError 400 naming the bad field, 409 when the same rule is live for at least as long,
         a protected or non-global network overlaps, or ``max_rules`` is reached.
@@ -177,7 +179,7 @@ class AdminClient:
                                   "expires_at": expires_at, "source": source,
                                   "allow_non_global": allow_non_global}.items() if v is not None}
         answer = self._request("POST", "/v1/provider-fw-rules", expect=(200, 201), json=body)
-        return {**answer["rule"], "renewed": answer.get("renewed", False)}
+        return {**answer["rule"], "renewed": answer.get("renewed", False), "change_generation": answer.get("generation")}
 
     def get_rule(self, rule_id: int) -> dict:
         """One live rule: ``{"id", "cidr", "protocol", "from_port", "to_port", "description", "created_by",

@@ -125,6 +125,10 @@ def _object(properties: dict[str, Any], required: Iterable[str] = (), closed: bo
     return schema
 
 
+# A feed is fetched over HTTP(S) only (docs/feeds.md).
+FEED_URL_PATTERN = r"^https?://[^\s]+$"
+
+
 # --------------------------------------------------------------------------- schemas (components)
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -154,7 +158,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                required=["cidr"]),
     "FeedCreate": _object({
         "name": FEED_NAME,
-        "url": {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": r"^https?://[^\s]+$",
+        "url": {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": FEED_URL_PATTERN,
                 "description": "http:// or https://; fetched by the conductor with ETag / Last-Modified."},
         "format": FORMAT, "column": _nullable(COLUMN),
         "interval": {"type": "integer", "minimum": 1, "maximum": 7 * 86400,
@@ -166,7 +170,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "enabled": FLAG, "allow_non_global": ALLOW_NON_GLOBAL, "description": _nullable(DESCRIPTION),
     }, required=["name", "url", "interval"], description="A feed the conductor replace-syncs on schedule."),
     "FeedUpdate": _object({
-        "url": {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": r"^https?://[^\s]+$"},
+        "url": {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": FEED_URL_PATTERN},
         "format": FORMAT, "column": _nullable(COLUMN), "interval": {"type": "integer", "minimum": 1,
                                                                     "maximum": 7 * 86400},
         "protocol": _nullable(PROTOCOL), "from_port": _nullable(PORT), "to_port": _nullable(PORT),
@@ -317,6 +321,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 
 # Messages for patterns, so a refusal says what is wrong in words rather than as a regular expression.
 _PATTERN_MESSAGES = {
+    FEED_URL_PATTERN: "is not an http:// or https:// URL without whitespace (the conductor fetches feeds over "
+                      "HTTP only: no file://, ftp:// or other schemes)",
     rules.CIDR_PATTERN: "is not a plain IPv4/IPv6 address or CIDR: only digits, hex letters, '.' and ':' and "
                         "one '/prefix' (no whitespace, scope id or netmask)",
     rules.TEXT_PATTERN: "must not contain control characters (U+0000-U+001F, U+007F-U+009F)",

@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error, 0 after --help / --version
     command = COMMANDS[args.command]
+    problem = command.check(args) if command.check is not None else None
+    if problem:
+        parser.error(problem)
     mode = getattr(args, "output", "table")
     selected = getattr(args, "columns", None)
     if selected:

@@ -115,6 +115,8 @@ class Command:
     arguments: tuple[tuple[tuple[str, ...], dict[str, Any]], ...]
     columns: tuple[Column, ...]
     run: Callable[[AdminClient, argparse.Namespace], Result]
+    # A usage problem the parser cannot see (a combination of options): a message, or None.
+    check: Callable[[argparse.Namespace], str | None] | None = None
 
 
 COMMANDS: dict[str, Command] = {}
@@ -125,12 +127,16 @@ def arg(*flags: str, **options: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
     return flags, options
 
 
-def command(name: str, help: str, *arguments: tuple[tuple[str, ...], dict[str, Any]], columns: str):
-    """Register the decorated ``run(client, args) -> Result`` as ``provfw NAME``."""
+def command(name: str, help: str, *arguments: tuple[tuple[str, ...], dict[str, Any]], columns: str,
+            check: Callable[[argparse.Namespace], str | None] | None = None):
+    """Register the decorated ``run(client, args) -> Result`` as ``provfw NAME``.
+
+    ``check(args)``: a usage error the parser cannot see (exit status 2), or None.
+    """
     def register(run: Callable[[AdminClient, argparse.Namespace], Result]):
         if name in COMMANDS:
             raise ValueError(f"command {name!r} is registered twice")
-        COMMANDS[name] = Command(name, help, arguments, COLUMNS[columns], run)
+        COMMANDS[name] = Command(name, help, arguments, COLUMNS[columns], run, check)
         return run
     return register
 
@@ -230,8 +236,8 @@ def rule_add(client: AdminClient, args: argparse.Namespace) -> Result:
     rule = client.create_rule(args.cidr, args.protocol, args.from_port, args.to_port, args.description, args.ttl,
                               source=args.source, allow_non_global=args.allow_non_global)
     verb = "renewed" if rule.get("renewed") else "added"
-    message = f"{verb} rule {rule['id']}: {describe_rule(rule)}, generation {rule.get('generation')}" + \
-        _expiry(rule)
+    generation = rule.get("change_generation") or rule.get("generation")
+    message = f"{verb} rule {rule['id']}: {describe_rule(rule)}, generation {generation}" + _expiry(rule)
     return Result(rule, [rule], message)
 
 
@@ -355,10 +361,18 @@ def default_source(path: str) -> str:
 _LINE_FORMATS = ("plain", "spamhaus", "ipsum")
 
 
+def _replace_needs_a_source(args: argparse.Namespace) -> str | None:
+    # A replace deletes the source's rules that are not in the list: which list it replaces is said, never
+    # guessed from a file name (a renamed file would replace, or start, another list).  As the API requires.
+    if args.mode == "replace" and not args.source:
+        return "--mode replace needs --source NAME: the list it replaces (see provfw sources)"
+    return None
+
+
 @command("import", "import a block list (plain, FireHOL, Spamhaus, IPsum, DShield, CSV; docs/feeds.md) from a "
                    "file or - for stdin",
          arg("file", help="the file to read, or - for standard input"), _PROTOCOL, _DESCRIPTION, _TTL,
-         arg("--source", metavar="NAME", help="the source: import:NAME (default: import:<file name>)"),
+         arg("--source", metavar="NAME", help="the source: import:NAME (default: import:<file name>; required with --mode replace)"),
          arg("--mode", choices=("add", "replace"), default="add",
              help="add (default) to the source, or replace: the source's rules become exactly this list, in one "
                   "request (refused past the guard unless --force)"),
@@ -373,7 +387,7 @@ _LINE_FORMATS = ("plain", "spamhaus", "ipsum")
              help=f"add mode, one-entry-a-line formats: lines per request, each one transaction and one cast "
                   f"(default: {IMPORT_CHUNK_LINES})"),
          arg("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal"),
-         columns="imported")
+         columns="imported", check=_replace_needs_a_source)
 def import_(client: AdminClient, args: argparse.Namespace) -> Result:
     name, lines = read_source(args.file)
     source = args.source or default_source(args.file)
@@ -430,7 +444,7 @@ def _import_sentence(name: str, totals: Mapping[str, Any], args: argparse.Namesp
     counts = f"{totals['added']:,} added, {totals['renewed']:,} renewed, {totals['duplicate']:,} duplicate"
     if totals["mode"] == "replace":
         counts = (f"{totals['added']:,} added, {totals['removed']:,} removed ({totals['deleted']:,} deleted), "
-                  f"{totals['renewed']:,} renewed, {totals['duplicate']:,} unchanged")
+                  f"{totals['renewed']:,} renewed, {totals['duplicate']:,} duplicate")
     counts += f", {totals['refused']:,} refused"
     verb = f"replaced {totals['source']} with {name}" if totals["mode"] == "replace" else \
         f"imported {name} into {totals['source']}"

@@ -33,33 +33,33 @@ CONF = provfw_conf.CONF
 
 
 def _add_commands(subparsers) -> None:
-    dbp = subparsers.add_parser("db").add_subparsers(dest="action", required=True)
+    dbp = subparsers.add_parser("db", help="the schema: sync (migrate), version, check").add_subparsers(dest="action", required=True)
     dbp.add_parser("sync", help="create or upgrade the schema (alembic upgrade head)")
     dbp.add_parser("version", help="print the schema revision")
     dbp.add_parser("check", help="fail if models and migrations disagree (alembic check)")
 
-    token = subparsers.add_parser("token").add_subparsers(dest="action", required=True)
-    create = token.add_parser("create")
+    token = subparsers.add_parser("token", help="API tokens: create, list, revoke (only SHA-256 hashes are stored)").add_subparsers(dest="action", required=True)
+    create = token.add_parser("create", help="create a token and print its secret once")
     create.add_argument("--name", required=True)
     create.add_argument("--role", required=True, choices=["admin", "reader"])
-    token.add_parser("list")
-    revoke = token.add_parser("revoke")
+    token.add_parser("list", help="every token: name, role, active or revoked")
+    revoke = token.add_parser("revoke", help="revoke a token by name (API processes stop accepting it within [api] token_cache_ttl)")
     revoke.add_argument("--name", required=True)
 
-    config = subparsers.add_parser("config").add_subparsers(dest="action", required=True)
-    config.add_parser("sample")
+    config = subparsers.add_parser("config", help="the sample configuration file").add_subparsers(dest="action", required=True)
+    config.add_parser("sample", help="print every option with its default and help")
 
-    rules = subparsers.add_parser("rules").add_subparsers(dest="action", required=True)
-    purge = rules.add_parser("purge-expired")
+    rules = subparsers.add_parser("rules", help="rule housekeeping: purge-expired").add_subparsers(dest="action", required=True)
+    purge = rules.add_parser("purge-expired", help="delete expired rules now (the conductor does it periodically)")
     purge.add_argument("--older-than", type=float, default=0.0, help="seconds past expiry")
 
-    svc = subparsers.add_parser("service").add_subparsers(dest="action", required=True)
-    svc.add_parser("list")
-    delete = svc.add_parser("delete")
+    svc = subparsers.add_parser("service", help="the compute hosts' service rows: list, delete").add_subparsers(dest="action", required=True)
+    svc.add_parser("list", help="every host: state, applied generation, rules, driver, last error")
+    delete = svc.add_parser("delete", help="forget a decommissioned host")
     delete.add_argument("--host", required=True)
 
-    nwf = subparsers.add_parser("nwfilter").add_subparsers(dest="action", required=True)
-    nwf.add_parser("ensure-refs")
+    nwf = subparsers.add_parser("nwfilter", help="libvirt: ensure-refs (every domain's filter references nova-provider)").add_subparsers(dest="action", required=True)
+    nwf.add_parser("ensure-refs", help="make each domain's nwfilter reference nova-provider")
 
     bus = subparsers.add_parser("bus", help="RabbitMQ users with least privilege (runs rabbitmqctl)")
     bus_actions = bus.add_subparsers(dest="action", required=True)
@@ -77,7 +77,7 @@ def _add_commands(subparsers) -> None:
     delete_user = bus_actions.add_parser("delete-user")
     delete_user.add_argument("--user", required=True)
 
-    dataplane = subparsers.add_parser("dataplane").add_subparsers(dest="action", required=True)
+    dataplane = subparsers.add_parser("dataplane", help="this host's kernel rules: apply once, teardown").add_subparsers(dest="action", required=True)
     dataplane.add_parser("apply", help="apply the current rules to this host once")
     dataplane.add_parser("teardown", help="remove provfw's chains, jump, sets or filter from this host")
 

@@ -39,7 +39,7 @@ def test_a_replace_reports_what_it_removed_and_the_guard_stops_a_truncated_list(
     assert first.code == 0 and "replaced import:daily with" in first.out and "40 added" in first.out
     daily.write_bytes(data_file("feeds", "sync", "daily-2.txt"))
     second = admin(capsys, api, "import", str(daily), "--source", "daily", "--mode", "replace")
-    assert ": 3 added, 3 removed (3 deleted), 0 renewed, 37 unchanged, 0 refused, generation" in second.out
+    assert ": 3 added, 3 removed (3 deleted), 0 renewed, 37 duplicate, 0 refused, generation" in second.out
 
     daily.write_bytes(data_file("feeds", "sync", "daily-truncated.txt"))
     refused = admin(capsys, api, "import", str(daily), "--source", "daily", "--mode", "replace")
@@ -54,9 +54,13 @@ def test_a_replace_reports_what_it_removed_and_the_guard_stops_a_truncated_list(
 
 
 def test_reblocking_with_a_later_expiry_says_renewed(api, home, capsys):
-    assert admin(capsys, api, "rule-add", "192.0.2.50", "--ttl", "60").code == 0
+    added = admin(capsys, api, "rule-add", "192.0.2.50", "--ttl", "60")
+    created = db.provider_fw_generation_get()
+    assert added.code == 0 and f"generation {created}" in added.out
     renewed = admin(capsys, api, "rule-add", "192.0.2.50")
     assert renewed.code == 0 and renewed.out.startswith("renewed rule ") and "expires" not in renewed.out
+    # The renewal's own generation, not the one that created the rule (found printing the same number twice).
+    assert f"generation {created + 1}" in renewed.out and db.provider_fw_generation_get() == created + 1
     blocked = admin(capsys, api, "block", "198.51.100.7", "--ttl", "60")
     again = admin(capsys, api, "block", "198.51.100.7")
     assert blocked.code == again.code == 0 and "0 rules added, 3 rules renewed" in again.out

@@ -219,3 +219,10 @@ def test_a_long_import_list_with_one_item_that_is_not_a_string_is_refused_naming
         schemas.validate("RuleImport", {"cidrs": cidrs})
     with pytest.raises(exception.InvalidInput, match=r"^\[19998\]: must be a string$"):
         schemas.validate("RuleImportList", cidrs)
+
+
+@pytest.mark.parametrize("url", ["file:///tmp/drop.txt", "ftp://198.51.100.1/drop.txt", "https://x/a b"])
+def test_a_feed_url_the_conductor_cannot_fetch_is_refused_saying_which_urls_it_takes(url):
+    for name, body in (("FeedCreate", {"name": "drop", "url": url, "interval": 3600}), ("FeedUpdate", {"url": url})):
+        with pytest.raises(exception.InvalidInput, match=r"^url: .* is not an http:// or https:// URL"):
+            schemas.validate(name, body)

@@ -137,3 +137,13 @@ def test_the_chunk_size_must_be_positive():
         cli.build_parser().parse_args(["import", "f", "--chunk", "0"])
     with pytest.raises(argparse.ArgumentTypeError):
         commands._positive_int("x")
+
+
+@pytest.mark.parametrize("argv", [["import", "list.txt", "--mode", "replace"],
+                                  ["import", "-", "--mode", "replace", "--dry-run"]])
+def test_a_replace_without_a_source_is_a_usage_error_sent_nowhere(argv, capsys):
+    # Exit 2 before any token or URL is looked at: nothing was sent, and the message says what to add.
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--url", "http://127.0.0.1:9", "--token", "t"])
+    assert info.value.code == 2
+    assert "--mode replace needs --source NAME" in capsys.readouterr().err
