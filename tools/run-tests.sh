@@ -27,4 +27,11 @@ if [ -n "$bus_left" ]; then
     echo "$bus_left" >&2
     exit 1
 fi
+# ... and so must their directories (configurations with bus passwords, daemon logs).
+dirs_left=$(ls -d /tmp/provfw-bus-* /tmp/provfw-e2e-* 2>/dev/null || true)
+if [ -n "$dirs_left" ] && [ "${PROVFW_KEEP_E2E_DIRS:-}" != "1" ]; then
+    echo "run-tests: test directories left behind:" >&2
+    echo "$dirs_left" >&2
+    exit 1
+fi
 exit "$rc"

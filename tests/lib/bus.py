@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,7 @@ class RabbitVhost:
         for user in self.users:
             rabbitmqctl("delete_user", user, check=False)
         rabbitmqctl("delete_vhost", self.name, check=False)
+        shutil.rmtree(self._dir, ignore_errors=True)       # it holds the users' password files
 
     def __enter__(self):
         return self

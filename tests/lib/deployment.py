@@ -15,7 +15,7 @@ deleted and the database dropped on ``close()``.
 from __future__ import annotations
 
 import os
-import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -212,6 +212,9 @@ service_down_time = 5
         self.stop_conductors()
         self._drop_bus()
         self.database.drop()
+        # Configurations (bus passwords) and daemon logs; PROVFW_KEEP_E2E_DIRS=1 keeps them to read a failure.
+        if os.environ.get("PROVFW_KEEP_E2E_DIRS") != "1":
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def _drop_bus(self) -> None:
         if self.vhost is not None:
