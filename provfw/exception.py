@@ -161,6 +161,10 @@ class ConductorUnavailable(ProvfwError):
     code = 503
 
 
+class RpcClientClosed(ConductorUnavailable):
+    """The caller's own RPC client was closed (the process is stopping): nothing is wrong with the bus."""
+
+
 class FeedError(ProvfwError):
     """A feed could not be synced; the rules of its last good list stay in force.
 

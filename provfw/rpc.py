@@ -601,7 +601,7 @@ class RpcClient:
 
     def _refuse_when_closed(self, method: str) -> None:
         if self._closed.is_set():
-            raise exception.ConductorUnavailable(f"{method}: the RPC client of {self.host} is closed (stopping)")
+            raise exception.RpcClientClosed(f"{method}: the RPC client of {self.host} is closed (stopping)")
 
     # ------------------------------------------------------------ calls
 

@@ -129,6 +129,9 @@ class ComputeManager:
         since = None if full else self.reconciler.generation
         try:
             reply = self.conductor.get_provider_fw_rules(since, min_generation)
+        except exception.RpcClientClosed:
+            LOG.info("stopping: not asking the conductor")     # not an error to record or report
+            return None
         except exception.ConductorUnavailable as exc:
             self._record_error(f"ConductorUnavailable: {exc}")
             return None

@@ -283,8 +283,9 @@ def test_a_worker_waiting_for_a_conductor_that_is_down_stops_within_seconds(conf
     worker.stop()
     assert time.monotonic() - stopping < 4
     assert not any(thread.is_alive() for thread in worker._threads)
-    with pytest.raises(exception.ConductorUnavailable, match="closed"):
+    with pytest.raises(exception.RpcClientClosed, match="closed"):
         worker.manager.conductor.get_provider_fw_rules(None)
+    assert worker.manager.sync() is None and "closed" not in (worker.manager.last_error or "")
 
 
 def test_handler_that_raises_does_not_kill_the_consumer(conf, rabbit, consumers):
