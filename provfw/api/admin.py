@@ -157,9 +157,9 @@ class AdminController:
                                       action="rule.create", audit_detail=detail)
         if spec in result.unchanged:
             raise exception.DuplicateRule(spec)
-        (rule,) = db.provider_fw_rule_get_many([result.rule_ids[spec]])
+        rule, wants = result.rules[result.rule_ids[spec]]
         created = result.added == 1
-        return wsgi.json_response({"rule": rule_views([rule])[0], "generation": result.generation,
+        return wsgi.json_response({"rule": rule_view(rule, wants), "generation": result.generation,
                                    "renewed": result.renewed == 1, "notified": bool(notified)},
                                   201 if created else 200)
 
@@ -297,9 +297,10 @@ class AdminController:
         if set(result.unchanged) == set(specs):
             return wsgi.json_response({"status": "Failed", "message": "Duplicate rule. 0 rules added"}, 409)
         added_ids = {rule.id for rule in result.changes.added if rule.spec in result.preview["added"]}
-        rows = db.provider_fw_rule_get_many(sorted(added_ids))
+        rows = [result.rules[rule_id] for rule_id in sorted(added_ids) if rule_id in result.rules]
         message = f"Added {len(rows)} rules" + (f", renewed {result.renewed}" if result.renewed else "")
-        return wsgi.json_response({"status": "OK", "message": message, "rules": rule_views(rows),
+        return wsgi.json_response({"status": "OK", "message": message,
+                                   "rules": [rule_view(rule, wants) for rule, wants in rows],
                                    "renewed": result.renewed, "generation": result.generation})
 
     def list_blocks(self, request, context):

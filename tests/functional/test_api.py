@@ -101,6 +101,27 @@ def test_create_list_show_delete_round_trip_casts_each_generation(api):
     assert [c[1]["generation"] for c in api.drain_casts()] == [int(deleted.headers["X-Provfw-Generation"])]
 
 
+def test_a_create_answers_the_rule_exactly_as_a_read_shows_it_new_renewed_or_shared(api):
+    # The create's answer is read inside its own transaction (no second session): it must be what GET says.
+    def same_as_read(answer):
+        rule = answer.json["rule"]
+        assert rule == api.call("GET", f"/v1/provider-fw-rules/{rule['id']}").json["rule"], answer.text
+        return rule
+
+    new = api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.20", "ttl": 60, "description": "é x"})
+    assert new.status_int == 201 and same_as_read(new)["sources"][0]["source"] == "manual"
+    renewed = api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.20", "ttl": 3600})
+    assert renewed.status_int == 200 and renewed.json["renewed"] is True
+    assert same_as_read(renewed)["updated_generation"] == renewed.json["generation"]
+    shared = api.call("POST", "/v1/provider-fw-rules", {"cidr": "198.51.100.20", "source": "manual:ticket-7"})
+    assert shared.status_int == 200
+    assert [s["source"] for s in same_as_read(shared)["sources"]] == ["manual", "manual:ticket-7"]
+    block = api.call("POST", "/v1/block-external-addresses", {"cidr": "198.51.100.21"})   # the seed's three rules
+    assert block.status_int == 200 and len(block.json["rules"]) == 3, block.text
+    for rule in block.json["rules"]:
+        assert rule == api.call("GET", f"/v1/provider-fw-rules/{rule['id']}").json["rule"]
+
+
 def test_the_same_rule_twice_is_a_conflict(api):
     body = {"cidr": "198.51.100.0/24", "protocol": "udp", "from_port": 53}
     assert api.call("POST", "/v1/provider-fw-rules", body).status_int == 201

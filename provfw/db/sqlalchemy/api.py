@@ -428,6 +428,9 @@ class SyncResult:
     preview: dict[str, list[rules_mod.RuleSpec]]
     unchanged: list[rules_mod.RuleSpec]
     rule_ids: dict[rules_mod.RuleSpec, int]
+    # id -> (rule row, [(source, expires_at)]) of the wanted rules, read in the sync's own transaction, for
+    # calls of at most READ_BACK_LIMIT specs (an API create answers with them without another session).
+    rules: dict[int, tuple] = dataclasses.field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {"added": self.added, "renewed": self.renewed, "duplicate": self.duplicate, "removed": self.removed,
@@ -435,6 +438,7 @@ class SyncResult:
 
 
 PREVIEW_LIMIT = 1000
+READ_BACK_LIMIT = 16
 _SMALL = 1000      # an add of at most this many specs looks its rules up by spec, not by source
 
 
@@ -553,6 +557,13 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                     created, changes = {}, Changes(generation, generation, [], [])
                 if _after is not None:
                     _after(session, generation, plan)
+                ids: dict = {}
+                if len(wanted) <= BULK_THRESHOLD:
+                    retired = {h.rule_id for h in plan.retire}
+                    ids = {s: held[s].rule_id for s in wanted if s in held and held[s].rule_id not in retired}
+                    ids.update(created)
+                read_back = _rules_with_sources(session, list(ids.values())) if len(wanted) <= READ_BACK_LIMIT \
+                    else {}
         except _Unchanged as unchanged:
             ids = {} if dry_run or len(wanted) > BULK_THRESHOLD else {s: held[s].rule_id for s in wanted if s in held}
             return _sync_result(source, mode, generation - 1, False, dry_run, unchanged.plan,
@@ -566,12 +577,9 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                 LOG.debug("sync raced with another writer: %s", exc)
                 raise exception.DuplicateRule(wanted[0] if len(wanted) == 1 else None) from None
             raise exception.ProvfwError(f"the database refused the change: {exc.orig}") from exc
-    ids: dict = {}
-    if len(wanted) <= BULK_THRESHOLD:
-        retired = {h.rule_id for h in plan.retire}
-        ids = {s: held[s].rule_id for s in wanted if s in held and held[s].rule_id not in retired}
-        ids.update(created)
-    return _sync_result(source, mode, generation, plan.changes_anything, False, plan, changes, ids)
+    result = _sync_result(source, mode, generation, plan.changes_anything, False, plan, changes, ids)
+    result.rules.update(read_back)
+    return result
 
 
 def _sync_detail(plan: sources_mod.Plan, source: str, mode: str, created: dict, repeated: int, force: bool,
@@ -650,6 +658,31 @@ def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
     return held
 
 
+def _rules_with_sources(session: Session, rule_ids: Sequence[int]) -> dict[int, tuple]:
+    """rule_id -> (rule row, [(source, expires_at)] sorted by source) for a few live rules: one joined SELECT.
+
+    A rule without source rows (from a release before sources) is ``[("manual", its expires_at)]``, as in
+    ``provider_fw_rule_sources``.
+    """
+    if not rule_ids:
+        return {}
+    r, s = _RULES, ProviderFirewallRuleSource.__table__
+    rows = session.connection().execute(
+        select(r, s.c.source.label("source_name"), s.c.expires_at.label("source_expires_at"))
+        .select_from(r.outerjoin(s, s.c.rule_id == r.c.id))
+        .where(r.c.id.in_(list(rule_ids)), r.c.deleted == 0)).all()
+    found: dict[int, tuple] = {}
+    for row in rows:
+        rule, wants = found.setdefault(row.id, (row, []))
+        if row.source_name is not None:
+            wants.append((row.source_name, row.source_expires_at))
+    for rule_id, (rule, wants) in found.items():
+        if not wants:
+            wants.append((sources_mod.MANUAL, rule.expires_at))
+        wants.sort(key=lambda item: item[0])
+    return found
+
+
 def _source_rows(session: Session, rule_ids: Sequence[int]) -> dict[int, dict[str, datetime.datetime | None]]:
     """rule_id -> {source: expires_at} for the rules in ``rule_ids`` that have source rows."""
     found: dict[int, dict] = {}
@@ -683,14 +716,21 @@ def _write_plan(session: Session, plan: sources_mod.Plan, source: str, generatio
         values = [dict(cidr=spec.cidr, ip_version=spec.version, protocol=spec.protocol, from_port=spec.from_port,
                        to_port=spec.to_port, description=description, created_by=created_by, created_at=now,
                        expires_at=expires_at, created_generation=generation, deleted=0) for spec in plan.create]
-        _bulk_insert(session, values)
         r = ProviderFirewallRule
         mine = (r.created_generation == generation, r.deleted == 0)
-        # Core rows and tuple.__new__ (RuleSpec's own __new__ is Python): this loop runs per new rule.
-        new, spec_type = tuple.__new__, rules_mod.RuleSpec
-        for rule_id, *spec in session.connection().execute(
-                select(r.id, r.cidr, r.protocol, r.from_port, r.to_port).where(*mine)).all():
-            created[new(spec_type, spec)] = rule_id
+        dialect = session.get_bind().dialect
+        if len(values) <= BULK_THRESHOLD and dialect.insert_executemany_returning_sort_by_parameter_order:
+            # One statement writes the rows and answers their ids, in the order of the values.
+            inserted = session.connection().execute(
+                _RULES.insert().returning(_RULES.c.id, sort_by_parameter_order=True), values).all()
+            created.update(zip(plan.create, (rule_id for rule_id, in inserted)))
+        else:
+            _bulk_insert(session, values)
+            # Core rows and tuple.__new__ (RuleSpec's own __new__ is Python): this loop runs per new rule.
+            new, spec_type = tuple.__new__, rules_mod.RuleSpec
+            for rule_id, *spec in session.connection().execute(
+                    select(r.id, r.cidr, r.protocol, r.from_port, r.to_port).where(*mine)).all():
+                created[new(spec_type, spec)] = rule_id
         # The new rules' source rows, written by the database from the rule rows it has just taken (their
         # expires_at and created_at are the source's): one statement and nothing sent, where sending 120k
         # rows as a COPY took longer than the server's insert.
