@@ -47,3 +47,8 @@ def test_a_large_failed_restore_quotes_the_line_the_tool_named():
     with pytest.raises(exception.ProcessExecutionError) as info:
         Runner()(["sh", "-c", "cat >/dev/null; echo 'Error in line 12345' >&2; exit 1"], input=text)
     assert ">  12345: line 12345" in str(info.value)
+
+
+def test_a_namespace_is_entered_with_nsenter_net_only_and_no_namespace_runs_the_command_as_is():
+    assert Runner().wrap(["ipset", "save"]) == ["ipset", "save"]
+    assert Runner("pfw-hv1").wrap(["ipset", "save"]) == ["nsenter", "--net=/run/netns/pfw-hv1", "--", "ipset", "save"]

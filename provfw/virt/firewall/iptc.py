@@ -18,8 +18,8 @@ with one ``IPT_SO_SET_REPLACE``, atomically, never rule by rule.
 process-global state (libiptc handles, loaded xtables extensions).  The
 chain step is therefore a plan ``Command`` that runs a short-lived helper,
 this module run as ``python -m provfw.virt.firewall.iptc``, through the
-driver's ``Runner``: with ``[compute] dataplane_netns`` set that is ``ip
-netns exec NS python -m ...``, so the helper lives in the namespace from its
+driver's ``Runner``: with ``[compute] dataplane_netns`` set that is ``nsenter
+--net=/run/netns/NS -- python -m ...``, so the helper lives in the namespace from its
 first instruction and the worker process itself never changes namespace.
 The helper reads a JSON request on stdin and prints a JSON answer; a failed
 commit exits non-zero, which the runner turns into ``DriverError``.  A
