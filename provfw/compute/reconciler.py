@@ -136,6 +136,7 @@ class Reconciler:
         self._expiries: list[tuple[float, int, RuleSpec]] = []       # heap; stale entries skipped lazily
         self.generation: int | None = None
         self.driver_state: Any = None
+        self._commits = 0          # driver states recorded; a drift check only records over the one it read
 
     # ------------------------------------------------------------ reads
 
@@ -264,6 +265,7 @@ class Reconciler:
             for spec in due:
                 del self._rules[spec]
             self.driver_state = applied.state
+            self._commits += 1
             LOG.info("stopped enforcing %d expired rule(s)", len(due))
             return Outcome(self.generation, len(self._rules), True, "expiry", time.monotonic() - started,
                            len(self._quarantine))
@@ -274,9 +276,18 @@ class Reconciler:
             if self.generation is None:
                 return None
             started = time.monotonic()
-            applied: Applied = self.driver.repair_provider_fw_drift(_PendingSpecs(self._rules), self.driver_state)
+            # A copy, and the lock released while the driver reads the kernel: a cast arriving meanwhile is
+            # applied at once (the driver then drops this check instead of writing what it read before).
+            desired, state, commits = frozenset(self._rules), self.driver_state, self._commits
+        applied: Applied = self.driver.repair_provider_fw_drift(desired, state)
+        with self._lock:
+            if self._commits != commits:
+                return Outcome(self.generation, len(self._rules), False, "none", time.monotonic() - started,
+                               len(self._quarantine))
             self.driver_state = applied.state
-            return Outcome(self.generation, len(self._rules), applied.changed, "repair",
+            self._commits += 1
+            return Outcome(self.generation, len(self._rules), applied.changed,
+                           "none" if applied.mode == "none" else "repair",
                            time.monotonic() - started, len(self._quarantine))
 
     # ------------------------------------------------------------ internals
@@ -334,6 +345,7 @@ class Reconciler:
                 refused: Mapping[RuleSpec, str]) -> Outcome:
         self.generation = generation
         self.driver_state = applied.state
+        self._commits += 1
         return Outcome(generation, len(self._rules), applied.changed or bool(refused), applied.mode,
                        time.monotonic() - started, len(self._quarantine), tuple(refused))
 

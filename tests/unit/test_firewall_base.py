@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 
@@ -205,6 +206,39 @@ def test_repair_rebuilds_from_the_rules_it_is_given(model):
     model.kernel.discard(WEB4)                          # someone else changed the kernel
     assert rules.repair().changed is True and model.kernel == {BLOCK4, WEB4}
     assert rules.repair().changed is False
+
+
+def test_a_change_arriving_while_a_drift_check_reads_the_kernel_is_applied_at_once_and_never_undone(conf):
+    # The drift check reads the kernel outside the dataplane lock (0.5-1.5 s at 120k rules); a delta
+    # arriving meanwhile must not wait for it, and the check must not then write what it planned from the
+    # older rules (here: a rebuild without WEB4, which would unblock what the delta just blocked).
+    class SlowRead(SetModel):
+        reading, release, slow = threading.Event(), threading.Event(), False
+
+        def plan_full(self, desired):
+            if self.slow:
+                self.reading.set()
+                assert self.release.wait(5)
+            return super().plan_full(desired)
+
+    driver = SlowRead(conf)
+    rules = AppliedRules(driver)
+    rules.block(BLOCK4)
+    driver.slow = True
+    checked = []
+    check = threading.Thread(target=lambda: checked.append(driver.repair_drift(frozenset({BLOCK4}), rules.state)))
+    check.start()
+    assert driver.reading.wait(5)
+    started = time.monotonic()
+    assert rules.block(WEB4).mode == "delta"                  # not blocked by the check's read
+    assert time.monotonic() - started < 1 and driver.kernel == {BLOCK4, WEB4}
+    driver.release.set()
+    check.join(5)
+    assert checked[0].mode == "none" and checked[0].changed is False and checked[0].state == frozenset({BLOCK4})
+    assert driver.kernel == {BLOCK4, WEB4}
+    driver.slow = False
+    driver.kernel.discard(BLOCK4)                             # real drift, with no apply in between: repaired
+    assert rules.repair().changed is True and driver.kernel == {BLOCK4, WEB4}
 
 
 def test_a_check_executes_the_check_plan_under_the_lock(conf):

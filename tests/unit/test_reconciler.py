@@ -9,6 +9,8 @@ state is the count of specs it holds (what a set driver's state would track).
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from provfw import exception
@@ -222,6 +224,36 @@ def test_drift_repair_rewrites_what_someone_else_changed_from_the_reconcilers_ow
     outcome = reconciler.repair_drift()
     assert outcome.changed and model.kernel == {A, B}
     assert reconciler.repair_drift().changed is False
+
+
+def test_a_cast_arriving_during_a_drift_check_is_applied_at_once_and_the_check_keeps_its_state(conf, clock):
+    # The reconciler's lock is free while the driver reads the kernel for a drift check: the cast's change
+    # is applied at once, and the check (which read the older rules) neither writes nor records its state.
+    reading, release = threading.Event(), threading.Event()
+
+    class SlowRead(ModelKernel):
+        slow = False
+
+        def plan_full(self, desired):
+            if self.slow:
+                reading.set()
+                assert release.wait(5)
+            return super().plan_full(desired)
+
+    model = SlowRead(conf)
+    reconciler = Reconciler(LibvirtConnection(conf, firewall_driver=model), conf, clock=clock)
+    reconciler.apply_snapshot(Snapshot(1, [rule(1, A)]))
+    model.slow = True
+    checked = []
+    check = threading.Thread(target=lambda: checked.append(reconciler.repair_drift()))
+    check.start()
+    assert reading.wait(5)
+    outcome = reconciler.apply_change(Changes(1, 2, [rule(2, B)], []))
+    assert outcome.mode == "delta" and model.kernel == {A, B}
+    release.set()
+    check.join(5)
+    assert checked[0].mode == "none" and not checked[0].changed
+    assert model.kernel == {A, B} and reconciler.driver_state == 2 and reconciler.generation == 2
 
 
 def test_a_compute_driver_without_a_firewall_raises_not_implemented(conf):
