@@ -51,7 +51,10 @@ def main(argv=None) -> None:
         systemd.notify("READY=1", f"STATUS=serving on http://{conf.api.bind_host}:{conf.api.bind_port}")
         watchdog.start()
 
+    common.exit_on_sigterm(LOG)
     serve(conf, on_listening=listening)
+    systemd.notify("STOPPING=1")
+    watchdog.stop()
 
 
 if __name__ == "__main__":

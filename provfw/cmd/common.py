@@ -99,3 +99,18 @@ def stop_on_signals(log: logging.Logger, message: str = "stopping") -> threading
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     return stopping
+
+
+def exit_on_sigterm(log: logging.Logger, message: str = "stopping") -> None:
+    """Make SIGTERM end an eventlet WSGI server the way Ctrl-C does: cleanly, with its ``finally`` blocks.
+
+    The handler raises SystemExit in the main greenthread, where ``eventlet.wsgi.server`` waits in accept;
+    the server catches it, logs "wsgi exiting" and returns, and the caller stops what it started (the
+    all-in-one: its worker and conductor).  Without it SIGTERM - systemd's stop - killed the process
+    outright.  Call from the main thread.
+    """
+    def _exit(signum, _frame):
+        log.info("signal %s: %s", signum, message)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)

@@ -63,18 +63,21 @@ def _add_commands(subparsers) -> None:
 
     bus = subparsers.add_parser("bus", help="RabbitMQ users with least privilege (runs rabbitmqctl)")
     bus_actions = bus.add_subparsers(dest="action", required=True)
+    helps = {"create-user": "create a RabbitMQ user for one role, with exactly its permissions (docs/deployment.md)",
+             "permissions": "print the permission patterns (configure, write, read) a role's user gets"}
     for name in ("create-user", "permissions"):
-        cmd = bus_actions.add_parser(name)
-        cmd.add_argument("--role", required=True, choices=["compute", "control"])
+        cmd = bus_actions.add_parser(name, help=helps[name])
+        cmd.add_argument("--role", required=True, choices=["compute", "control"],
+                         help="compute: one hypervisor's worker; control: provfw-api and provfw-conductor")
         cmd.add_argument("--host", help="the compute host ([compute] host) this user may speak for")
         cmd.add_argument("--user", help="user name (compute default: [conductor] compute_user_prefix + host)")
-        cmd.add_argument("--vhost", default="/")
+        cmd.add_argument("--vhost", default="/", help="the RabbitMQ virtual host (default /)")
         if name == "create-user":
             cmd.add_argument("--password-file", help="read the password from this file (default: generate one "
                                                      "and print it once)")
             cmd.add_argument("--print", dest="print_only", action="store_true",
                              help="print the rabbitmqctl commands instead of running them")
-    delete_user = bus_actions.add_parser("delete-user")
+    delete_user = bus_actions.add_parser("delete-user", help="delete a bus user (rabbitmqctl delete_user)")
     delete_user.add_argument("--user", required=True)
 
     dataplane = subparsers.add_parser("dataplane", help="this host's kernel rules: apply once, teardown").add_subparsers(dest="action", required=True)
@@ -83,7 +86,10 @@ def _add_commands(subparsers) -> None:
 
 
 def _command_args(argv):
-    parser = argparse.ArgumentParser(prog="provfw-manage")
+    parser = argparse.ArgumentParser(
+        prog="provfw-manage", usage="provfw-manage [--config-file PATH ...] [--config-dir DIR] COMMAND ...",
+        epilog="--config-file / --config-dir (oslo.config) come before the command; default: "
+               "/etc/provfw/provfw.conf when it exists.")
     sub = parser.add_subparsers(dest="category", required=True)
     _add_commands(sub)
     return parser.parse_args(argv)

@@ -73,10 +73,12 @@ firewall_driver = iptables
             token = (workdir / "state" / "admin-token").read_text().strip()
             assert oct((workdir / "state" / "admin-token").stat().st_mode & 0o777) == "0o600"
             yield {"url": url, "token": token, "topo": topo, "workdir": workdir,
-                   "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "notifications": notifications}
+                   "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "notifications": notifications,
+                   "proc": proc}
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(10)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(10)
             notify.close()
 
 
@@ -189,3 +191,18 @@ def test_systemd_hears_ready_after_the_first_apply_and_then_watchdog_pings(aio):
     assert all(line.startswith("STATUS=") for line in lines[:lines.index("READY=1")])
     pings = [at for at, line in aio["notifications"] if line == "WATCHDOG=1"]
     assert all(0.5 < later - earlier < 2.0 for earlier, later in zip(pings, pings[1:]))     # WatchdogSec/2 = 1 s
+
+
+def test_sigterm_stops_the_all_in_one_cleanly_and_the_kernel_keeps_the_rules(aio):
+    # Last in this module: it stops the shared all-in-one.  SIGTERM is systemd's stop; it used to kill the
+    # process outright (exit -15, the worker and conductor never stopped, nothing logged).
+    assert cli(aio, "block", "198.51.100.77").returncode == 0
+    assert deploy.netns_wait(lambda: deploy.kernel_has_source(aio["topo"].hv, "198.51.100.77/32"), 10)
+    proc = aio["proc"]
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(10) == 0 and time.monotonic() - started < 5
+    log = (aio["workdir"] / "aio.log").read_text()
+    assert "signal 15: stopping the API, the worker and the conductor" in log
+    assert any(line == "STOPPING=1" for _, line in aio["notifications"])
+    assert deploy.kernel_has_source(aio["topo"].hv, "198.51.100.77/32")            # still enforced

@@ -139,6 +139,17 @@ def test_unblock_with_a_source_keeps_rules_other_sources_want(any_db):
 
 # --------------------------------------------------------------------------- replace-sync
 
+def test_source_counts_leave_out_expired_rules_before_the_purge_as_every_listing_does(any_db):
+    # Found by a newcomer: `provfw sources` said 2500 for a list whose rules had expired half an hour
+    # before, while `provfw rules --source` showed none (no conductor had purged them yet).
+    db.provider_fw_rules_sync("import:short", specs(3), expires_at=later(1))
+    db.provider_fw_rules_sync("import:long", specs(2, "203.0.113"), expires_at=later(3600))
+    assert db.provider_fw_source_counts() == [("import:long", 2), ("import:short", 3)]
+    time.sleep(1.5)
+    assert db.provider_fw_source_counts() == [("import:long", 2)]
+    assert db.provider_fw_rule_get_all(source="import:short") == []
+
+
 def test_replace_makes_a_source_exactly_the_new_list_in_one_generation(any_db):
     old, new = specs(40), specs(40)[4:] + specs(4, "192.0.2")
     other = make_spec("203.0.113.1")

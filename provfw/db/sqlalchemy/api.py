@@ -976,13 +976,18 @@ def provider_fw_rule_sources(rule_ids: Sequence[int]) -> dict[int, list[tuple[st
 
 
 def provider_fw_source_counts() -> list[tuple[str, int]]:
-    """[(source, live rules it wants)] for every source, sorted by name (older rules count as manual)."""
+    """[(source, rules in force it wants)] for every source, sorted by name (older rules count as manual).
+
+    Rules past their expiry are not counted, as no listing shows them (``_in_force``), whether or not the
+    conductor's purge has retired them yet.
+    """
     s, r = ProviderFirewallRuleSource, ProviderFirewallRule
+    now = _now()
     with _session() as session:
         counts = dict(session.execute(select(s.source, func.count()).join(r, r.id == s.rule_id)
-                                      .where(r.deleted == 0).group_by(s.source)).all())
+                                      .where(_in_force(now)).group_by(s.source)).all())
         legacy = session.execute(select(func.count()).select_from(r).where(
-            r.deleted == 0, ~sa.exists().where(s.rule_id == r.id))).scalar_one()
+            _in_force(now), ~sa.exists().where(s.rule_id == r.id))).scalar_one()
     if legacy:
         counts[sources_mod.MANUAL] = counts.get(sources_mod.MANUAL, 0) + legacy
     return sorted(counts.items())
