@@ -44,7 +44,7 @@ def test_expired_rules_stop_on_every_host_within_a_second_with_api_conductor_and
         spec = rules.make_spec(src, "all")
         keeper = rules.make_spec("198.51.100.0/24", "all")   # a rule without expiry keeps the set alive
         dep.client.create_rule(keeper.cidr, "all")
-        rule = dep.client.create_rule(src, "all", ttl=3)
+        rule = dep.client.create_rule(src, "all", ttl=6)     # covers the set-up below (about 3 s)
         expires_at = datetime.datetime.fromisoformat(rule["expires_at"].rstrip("Z")).replace(
             tzinfo=datetime.timezone.utc).timestamp()
         dep.wait_in_sync()
