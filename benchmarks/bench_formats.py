@@ -11,7 +11,7 @@ The baseline is what ``import_rules`` does with plain text today: split off
 ``rules.non_global_overlap`` over every parsed network, which the importer
 will add per entry.
 
-    .venv/bin/python benchmarks/bench_formats.py [/work/shared/data/ipsum-levels1-2026-08-22.txt] [--runs 5]
+    .venv/bin/python benchmarks/bench_formats.py [PATH (default ../shared/data/ipsum-levels1-2026-08-22.txt)] [--runs 5]
 
 No root, no database, no network.
 """
@@ -25,10 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.feed import DEFAULT_IPSUM as DEFAULT_PATH  # noqa: E402  (../shared/data beside the repository)
 from provfw import rules  # noqa: E402
 from provfw.feeds import formats  # noqa: E402
-
-DEFAULT_PATH = "/work/shared/data/ipsum-levels1-2026-08-22.txt"
 
 
 def best_of(runs: int, work) -> tuple[float, object]:
