@@ -17,6 +17,7 @@ from provfw import rpc, rules
 from provfw.api import router, schemas
 from provfw.compute import api as compute_api
 from provfw.db import api as db
+from tests.lib import bus
 
 pytestmark = pytest.mark.functional
 
@@ -57,12 +58,7 @@ class Api:
         return request.get_response(self.app)
 
     def drain_casts(self, timeout: float = 0.15) -> list:
-        found = []
-        while True:
-            try:
-                found.append(self.casts.get(timeout=timeout))
-            except queue.Empty:
-                return found
+        return bus.drain(self.casts, timeout)
 
     def close(self):
         self.consumer.stop()

@@ -18,6 +18,7 @@ from provfw.conductor import feeds as conductor_feeds
 from provfw.db import api as db
 from provfw.db.sqlalchemy import models
 from provfw.rules import make_spec
+from tests.lib import bus
 from tests.lib.httpserver import FeedServer, data_file
 
 pytestmark = pytest.mark.functional
@@ -59,12 +60,7 @@ class Rig:
         return {o.feed: o for o in self.syncer.run_due()}
 
     def drain(self, timeout=0.3):
-        found = []
-        while True:
-            try:
-                found.append(self.casts.get(timeout=timeout))
-            except queue.Empty:
-                return found
+        return bus.drain(self.casts, timeout)
 
     def close(self):
         self.consumer.stop()

@@ -11,6 +11,7 @@ users and the vhost (which drops every queue and exchange in it).
 from __future__ import annotations
 
 import os
+import queue
 import secrets
 import shutil
 import subprocess
@@ -104,3 +105,13 @@ class ConductorThread:
 
     def stop(self) -> None:
         self.service.stop()
+
+
+def drain(received: queue.Queue, timeout: float) -> list:
+    """Everything ``received`` gets until it has been quiet for ``timeout`` seconds (casts a consumer recorded)."""
+    found = []
+    while True:
+        try:
+            found.append(received.get(timeout=timeout))
+        except queue.Empty:
+            return found

@@ -738,12 +738,12 @@ def _write_plan(session: Session, plan: sources_mod.Plan, source: str, generatio
             ["rule_id", "source", "expires_at", "created_at", "created_by"],
             select(r.id, sa.literal(source, sa.String), r.expires_at, r.created_at,
                    sa.literal(actor, sa.String)).where(*mine)))
-        if len(created) > BULK_THRESHOLD and session.get_bind().dialect.name == "postgresql":
+        if len(created) > BULK_THRESHOLD and dialect.name == "postgresql":
             session.connection().exec_driver_sql("ANALYZE provider_fw_rule_sources")   # as _bulk_insert does
     inserts = [{"rule_id": rule_id, "source": name, "expires_at": expires, "created_at": now, "created_by": actor}
                for rule_id, name, expires in plan.source_insert]
     if inserts:
-        _bulk_insert_sources(session, inserts)
+        _bulk_insert(session, inserts, ProviderFirewallRuleSource.__table__, _SOURCE_COLUMNS)
     if plan.source_update:
         session.connection().execute(
             update(s).where(s.c.rule_id == sa.bindparam("b_rule_id"), s.c.source == sa.bindparam("b_source"))
@@ -775,8 +775,10 @@ _BULK_COLUMNS = ("cidr", "ip_version", "protocol", "from_port", "to_port", "desc
 _SOURCE_COLUMNS = ("rule_id", "source", "expires_at", "created_at", "created_by")
 
 
-def _bulk_insert(session: Session, values: list[dict]) -> None:
-    """Insert rule rows without reading them back (ids: select by created_generation).
+def _bulk_insert(session: Session, values: list[dict], table: sa.Table = _RULES,
+                 columns: Sequence[str] = _BULK_COLUMNS) -> None:
+    """Insert rows into ``table`` (default: rule rows) without reading them back (ids: select by
+    created_generation).
 
     PostgreSQL gets one COPY past BULK_THRESHOLD rows (about 4x faster than
     multi-row INSERTs for an import of 120k rules), and the table's
@@ -787,21 +789,11 @@ def _bulk_insert(session: Session, values: list[dict]) -> None:
     """
     connection = session.connection()
     if connection.dialect.name == "postgresql" and len(values) > BULK_THRESHOLD:
-        _copy(connection, "provider_fw_rules", _BULK_COLUMNS, values)
-        connection.exec_driver_sql("ANALYZE provider_fw_rules")
+        _copy(connection, table.name, columns, values)
+        connection.exec_driver_sql(f"ANALYZE {table.name}")
         return
     for start in range(0, len(values), 5000):
-        session.execute(ProviderFirewallRule.__table__.insert(), values[start:start + 5000])
-
-
-def _bulk_insert_sources(session: Session, values: list[dict]) -> None:
-    connection = session.connection()
-    if connection.dialect.name == "postgresql" and len(values) > BULK_THRESHOLD:
-        _copy(connection, "provider_fw_rule_sources", _SOURCE_COLUMNS, values)
-        connection.exec_driver_sql("ANALYZE provider_fw_rule_sources")
-        return
-    for start in range(0, len(values), 5000):
-        session.execute(ProviderFirewallRuleSource.__table__.insert(), values[start:start + 5000])
+        session.execute(table.insert(), values[start:start + 5000])
 
 
 def _copy(connection, table: str, columns: Sequence[str], values: list[dict]) -> None:
