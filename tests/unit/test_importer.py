@@ -1,0 +1,69 @@
+"""From parsed entries to rule specs (provfw.feeds.importer): the policy half of an import.
+
+``build_from_entries`` reads IPv4 networks on a fast path (bounds and text from integers); these tests hold it
+to the one-rule checks (``importer.check_one``, ``rules.cidr_text``) for any network, protected or not.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from provfw import exception, rules
+from provfw.feeds import formats, importer
+
+PROTECTED = [ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/48")]
+
+
+def networks():
+    v4 = st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 32)).map(
+        lambda t: ipaddress.IPv4Network(t, strict=False))
+    v6 = st.tuples(st.integers(0, 2**128 - 1), st.integers(1, 128)).map(
+        lambda t: ipaddress.IPv6Network(t, strict=False))
+    interesting = st.sampled_from([item.network for item in rules.NON_GLOBAL_RANGES] + PROTECTED
+                                  + [ipaddress.ip_network("192.0.0.0/16"), ipaddress.ip_network("8.8.8.8/32")])
+    return st.one_of(v4, v6, interesting)
+
+
+@settings(max_examples=400, deadline=None)
+@given(network=networks(), allow=st.booleans())
+@example(network=ipaddress.ip_network("10.0.0.0/8"), allow=False)
+@example(network=ipaddress.ip_network("192.0.2.128/25"), allow=True)
+@example(network=ipaddress.ip_network("0.0.0.0/1"), allow=False)
+def test_an_entry_becomes_the_rule_or_the_refusal_a_single_rule_would(network, allow):
+    like = importer.template("tcp", 22, 22)
+    built = importer.build_from_entries([formats.Entry(7, network)], [], 0, like, PROTECTED, allow)
+    spec = rules.RuleSpec(network.with_prefixlen, "tcp", 22, 22)
+    try:
+        hit = importer.check_one(spec, PROTECTED, allow)
+    except (exception.ProtectedNetwork, exception.NonGlobalNetwork) as refusal:
+        assert built.specs == [] and [r.line for r in built.refused] == [7]
+        assert built.refused[0].value == network.with_prefixlen
+        if isinstance(refusal, exception.ProtectedNetwork):
+            assert built.refused[0].reason == refusal.message
+        else:
+            assert "allow_non_global" in built.refused[0].reason
+        return
+    assert built.specs == [spec] and built.refused == []
+    assert built.non_global == ([(7, network.with_prefixlen, hit)] if hit else [])
+    assert built.non_global_count == (1 if hit else 0)
+
+
+def test_the_same_network_twice_is_one_spec_and_the_list_order_is_kept():
+    entries = [formats.Entry(1, ipaddress.ip_network("203.0.113.9/32")),
+               formats.Entry(2, ipaddress.ip_network("198.51.100.0/24")),
+               formats.Entry(3, ipaddress.ip_network("2001:db8:ff::/48")),
+               formats.Entry(4, ipaddress.ip_network("203.0.113.9/32"))]
+    built = importer.build_from_entries(entries, [], 0, importer.template(), [], False)
+    assert [s.cidr for s in built.specs] == ["203.0.113.9/32", "198.51.100.0/24", "2001:db8:ff::/48"]
+    assert built.entries == 4
+
+
+@pytest.mark.parametrize("text", ["192.0.2.1\n", "10.1.2.3/8\n", "0.0.0.0/8\n"])
+def test_parsed_lists_and_single_rules_agree_on_what_is_refused(text):
+    parsed = formats.parse(text, "plain")
+    built = importer.build_specs(parsed, importer.template(), PROTECTED, False)
+    assert built.specs == [] and len(built.refused) == 1
