@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from provfw import exception, sources
 from provfw.rules import make_spec
@@ -152,6 +154,37 @@ def test_the_guard_ignores_small_removals_and_rules_no_longer_in_force():
     lapsed = {s: held(i, s, PAST, feed__f=PAST) for i, s in enumerate((A, B, C, D))}
     report = plan_sync("feed:f", [], None, lapsed, NOW, replace=True, guard=Guard(0.1, 1)).guard
     assert (report.in_force, report.removing, report.tripped) == (0, 0, False)
+
+
+def split_own(source, wanted, current):
+    """``current`` as a replace reads it from the database: the source's rules as rows (``own``), and in
+    ``held`` only the others that matter plus, with all their sources, the source's rules that leave."""
+    own = {tuple(spec): (*spec, h.rule_id, h.expires_at, h.sources[source])
+           for spec, h in current.items() if h.sources is not None and source in h.sources}
+    held = {spec: h for spec, h in current.items() if tuple(spec) not in own or spec not in set(wanted)}
+    return held, own
+
+
+EXPIRIES = st.sampled_from([None, PAST, MINUTE, DAY])
+
+
+@settings(max_examples=300, deadline=None)
+@given(rules=st.lists(st.tuples(st.sampled_from([A, B, C, D]), EXPIRIES,
+                                st.dictionaries(st.sampled_from(["feed:f", "manual", "import:x"]), EXPIRIES,
+                                                max_size=3) | st.none()),
+                      unique_by=lambda t: t[0], max_size=4),
+       wanted=st.lists(st.sampled_from([A, B, C, D]), unique=True),
+       expires=EXPIRIES, replace=st.booleans(), slack=st.sampled_from([0.0, 120.0]))
+def test_a_plan_from_the_sources_own_rows_is_the_plan_from_held_rules(rules, wanted, expires, replace, slack):
+    current = {spec: Held(i, spec, rule_expires, sources_) for i, (spec, rule_expires, sources_) in enumerate(rules)}
+    held_, own = split_own("feed:f", wanted, current)
+    expected = plan_sync("feed:f", wanted, expires, current, NOW, replace, slack)
+    got = plan_sync("feed:f", wanted, expires, held_, NOW, replace, slack, own=own)
+    # Retired rules carry what the planner was given of their sources; everything else is the same plan.
+    assert [(h.rule_id, h.spec, h.expires_at) for h in got.retire] == \
+        [(h.rule_id, h.spec, h.expires_at) for h in expected.retire]
+    got.retire, expected.retire = [], []
+    assert got == expected
 
 
 # --------------------------------------------------------------------------- releasing

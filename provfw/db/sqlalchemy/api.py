@@ -532,8 +532,9 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                 live_before = live
                 if _before is not None:
                     _before(session, now)
-                held = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL, live)
-                plan = sources_mod.plan_sync(source, wanted, expires_at, held, now, replace, renew_slack, guard)
+                held, own = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL, live)
+                plan = sources_mod.plan_sync(source, wanted, expires_at, held, now, replace, renew_slack, guard,
+                                             own if own else None)
                 if replace and plan.guard is not None and plan.guard.tripped and not force and not dry_run:
                     raise exception.ReplaceGuardTripped(source, plan.guard.in_force, plan.guard.removing,
                                                         plan.guard.max_fraction)
@@ -547,7 +548,7 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                 if plan.changes_anything:
                     created = _write_plan(session, plan, source, generation, now, expires_at, description,
                                           created_by, audit.actor if audit else created_by, live_before)
-                    changes = _plan_changes(plan, held, created, generation, expires_at)
+                    changes = _plan_changes(plan, held, own, created, generation, expires_at)
                     _audit(session, audit, action, generation,
                            _sync_detail(plan, source, mode, created, repeated, force, audit_detail))
                 else:
@@ -560,13 +561,12 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                     _after(session, generation, plan)
                 ids: dict = {}
                 if len(wanted) <= BULK_THRESHOLD:
-                    retired = {h.rule_id for h in plan.retire}
-                    ids = {s: held[s].rule_id for s in wanted if s in held and held[s].rule_id not in retired}
+                    ids = _rule_ids(wanted, held, own, {h.rule_id for h in plan.retire})
                     ids.update(created)
                 read_back = _rules_with_sources(session, list(ids.values())) if len(wanted) <= READ_BACK_LIMIT \
                     else {}
         except _Unchanged as unchanged:
-            ids = {} if dry_run or len(wanted) > BULK_THRESHOLD else {s: held[s].rule_id for s in wanted if s in held}
+            ids = {} if dry_run or len(wanted) > BULK_THRESHOLD else _rule_ids(wanted, held, own)
             return _sync_result(source, mode, generation - 1, False, dry_run, unchanged.plan,
                                 Changes(generation - 1, generation - 1, [], []), ids)
         except sa_exc.IntegrityError as exc:
@@ -619,44 +619,62 @@ def _sync_result(source, mode, generation, changed, dry_run, plan: sources_mod.P
         unchanged=list(plan.unchanged), rule_ids=ids)
 
 
-def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
-                by_source: bool, live: int | None = None) -> dict[rules_mod.RuleSpec, sources_mod.Held]:
-    """What the planner needs to know of the live rules a sync touches (see ``sources.plan_sync``).
+def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec], by_source: bool,
+                live: int | None = None) -> tuple[dict[rules_mod.RuleSpec, sources_mod.Held], dict[tuple, tuple]]:
+    """What the planner needs to know of the live rules a sync touches: ``(held, own)`` for
+    ``sources.plan_sync``.
 
     ``by_source``: read every rule ``source`` holds with one indexed query
-    (a replace, or a large add that is usually a re-import), then look up
-    only the wanted specs the source does not hold.  Rules that may lose the
-    source, and rules found by spec, get every source row; a rule the source
-    keeps needs only its own.  Rows are read through Core (no ORM objects):
-    at 120k rules a replace is mostly this loop.
+    (a replace, or a large add that is usually a re-import) into ``own``, as
+    the database's rows (``sources.OwnRow``, keyed by their spec's fields),
+    then look up only the wanted specs the source does not hold.  Rules that
+    may lose the source, and rules found by spec, go into ``held`` with every
+    source row.  At 120k rules a replace is mostly this read: the rows are
+    Core rows, kept as they come (no Python object per row beyond the key).
     """
     held: dict[rules_mod.RuleSpec, sources_mod.Held] = {}
-    spec_of, make_held = rules_mod.RuleSpec, sources_mod.Held
+    own: dict[tuple, tuple] = {}
+    make_held = sources_mod.Held
     if by_source:
         s, r = ProviderFirewallRuleSource.__table__.c, ProviderFirewallRule.__table__.c
         rows = session.connection().execute(
-            select(r.id, r.cidr, r.protocol, r.from_port, r.to_port, r.expires_at, s.expires_at)
+            select(r.cidr, r.protocol, r.from_port, r.to_port, r.id, r.expires_at, s.expires_at)
             .select_from(ProviderFirewallRuleSource.__table__.join(ProviderFirewallRule.__table__, r.id == s.rule_id))
             .where(s.source == source, r.deleted == 0)).all()      # fetchall: row by row costs 6 us a row
-        # Keyed by plain tuples: a RuleSpec is a tuple and finds them, and most of these rows (the list's
-        # unchanged majority) are only ever looked up.  The rows that leave become RuleSpecs below.
-        new = tuple.__new__       # Held's own __new__ is a Python function: a third of this loop's time
-        for rule_id, cidr, protocol, from_port, to_port, expires, mine in rows:
-            key = (cidr, protocol, from_port, to_port)
-            held[key] = new(make_held, (rule_id, key, expires, {source: mine}))
+        # Keyed by plain tuples: a RuleSpec is a tuple and finds them.
+        own = {row[:4]: row for row in rows}
         wanted_set = set(wanted)
-        by_id = {h.rule_id: h for key, h in held.items() if key not in wanted_set}
-        for rule_id, full in _source_rows(session, list(by_id)).items():
-            h = by_id[rule_id]
-            held[h.spec] = h._replace(spec=spec_of(*h.spec), sources=full)
-        lookup = [spec for spec in wanted if spec not in held]
+        leaving = [row for key, row in own.items() if key not in wanted_set]
+        full = _source_rows(session, [row[sources_mod.OWN_RULE_ID] for row in leaving])
+        spec_of = rules_mod.RuleSpec
+        for row in leaving:
+            rule_id = row[sources_mod.OWN_RULE_ID]
+            held[row[:4]] = make_held(rule_id, spec_of(*row[:4]), row[sources_mod.OWN_EXPIRES], full[rule_id])
+        lookup = [spec for spec in wanted if spec not in own]
     else:
         lookup = wanted
     found = _existing_live(session, lookup, live)
     full = _source_rows(session, [rule_id for rule_id, _ in found.values()])
     for spec, (rule_id, expires) in found.items():
         held[spec] = make_held(rule_id, spec, expires, full.get(rule_id))
-    return held
+    return held, own
+
+
+def _rule_ids(specs: Iterable[rules_mod.RuleSpec], held: dict, own: dict, skip: set | frozenset = frozenset()) -> dict:
+    """spec -> id of the live rule for each of ``specs`` that ``held`` or ``own`` has (not in ``skip``)."""
+    ids = {}
+    for spec in specs:
+        rule = held.get(spec)
+        if rule is not None:
+            rule_id = rule.rule_id
+        else:
+            row = own.get(spec)
+            if row is None:
+                continue
+            rule_id = row[sources_mod.OWN_RULE_ID]
+        if rule_id not in skip:
+            ids[spec] = rule_id
+    return ids
 
 
 def _rules_with_sources(session: Session, rule_ids: Sequence[int]) -> dict[int, tuple]:
@@ -766,12 +784,19 @@ def _write_plan(session: Session, plan: sources_mod.Plan, source: str, generatio
     return created
 
 
-def _plan_changes(plan: sources_mod.Plan, held: dict, created: dict, generation: int, expires_at) -> Changes:
-    by_id = {h.rule_id: h for h in held.values()}
+def _plan_changes(plan: sources_mod.Plan, held: dict, own: dict, created: dict, generation: int,
+                  expires_at) -> Changes:
+    """The generation's delta as hosts receive it: rules created or with a new expiry, rules gone."""
+    expiring = plan.rule_expiry
+    spec_of: dict[int, tuple] = {}
+    if expiring:
+        spec_of = {h.rule_id: h.spec for h in held.values() if h.rule_id in expiring}
+        spec_of.update((row[sources_mod.OWN_RULE_ID], row[:4]) for row in own.values()
+                       if row[sources_mod.OWN_RULE_ID] in expiring)
     epoch = _epoch(expires_at)
     added = [rules_mod.Rule(rule_id, spec, epoch) for spec, rule_id in created.items()]
-    added += [rules_mod.Rule(rule_id, rules_mod.RuleSpec(*by_id[rule_id].spec), _epoch(expires))
-              for rule_id, expires in plan.rule_expiry.items()]
+    added += [rules_mod.Rule(rule_id, rules_mod.RuleSpec(*spec_of[rule_id]), _epoch(expires))
+              for rule_id, expires in expiring.items()]
     removed = [rules_mod.Rule(h.rule_id, h.spec, _epoch(h.expires_at)) for h in (*plan.retire, *plan.delete)]
     return Changes(generation - 1, generation, added, removed)
 
