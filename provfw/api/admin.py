@@ -255,7 +255,7 @@ class AdminController:
             # As bytes, so the parser's checks for binary data apply as they do to a download.
             parsed = formats.parse(payload.encode("utf-8"), options.get("format", formats.AUTO),
                                    options.get("column"))
-            entries, refused, repeated, used_format = parsed.entries, parsed.refused, parsed.duplicates, parsed.format
+            entries, refused, repeated, used_format = parsed.items, parsed.refused, parsed.duplicates, parsed.format
         mode = options.get("mode") or "add"
         if mode == "replace" and not options.get("source"):
             raise exception.InvalidInput("source", "mode=replace needs a source: the list it replaces")

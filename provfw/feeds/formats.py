@@ -100,26 +100,42 @@ class Parsed:
 
     ``format``: the canonical format used (one of ``FORMATS``); ``detected``:
     whether it was chosen by ``detect_format`` rather than given.
-    ``entries``: distinct networks in the order of the list; a range
-    contributes several entries with the same line.  ``duplicates``: how many
-    networks were left out of ``entries`` because an earlier line already
-    gave exactly that network (overlapping networks are all kept).
-    ``refused``: lines that yield nothing, in order.  ``lines``: the number of
-    lines read.  ``header``: the column names of a CSV or DShield header, or
-    ``None``.
+    ``entries``: distinct networks in the order of the list, as ``Entry``
+    values; a range contributes several entries with the same line.
+    ``duplicates``: how many networks were left out of ``entries`` because an
+    earlier line already gave exactly that network (overlapping networks are
+    all kept).  ``refused``: lines that yield nothing, in order.  ``lines``:
+    the number of lines read.  ``header``: the column names of a CSV or
+    DShield header, or ``None``.
+
+    ``items`` holds the entries as parsed: ``(line, network)`` pairs where an
+    IPv4 network read from a bare line is the integer ``address << 6 |
+    prefixlen`` (``compact_v4``) instead of an ``IPv4Network``.  A 120k-entry
+    list is read into rules straight from them (``importer.build_specs``);
+    ``entries`` builds the ``ipaddress`` networks, on every access.
     """
 
     format: str
     detected: bool
-    entries: list[Entry]
+    items: list[tuple[int, Network | int]]
     refused: list[Refused]
     duplicates: int
     lines: int
     header: tuple[str, ...] | None = None
 
     @property
+    def entries(self) -> list[Entry]:
+        return [Entry(line, _v4_network(network >> 6, network & 63) if type(network) is int else network)
+                for line, network in self.items]
+
+    @property
     def networks(self) -> list[Network]:
         return [entry.network for entry in self.entries]
+
+
+def compact_v4(address: int, prefixlen: int) -> int:
+    """The ``Parsed.items`` form of the IPv4 network ``address/prefixlen`` (no host bits set)."""
+    return address << 6 | prefixlen
 
 
 class _Bad(Exception):
@@ -491,11 +507,11 @@ def _seen_key(network: Network) -> object:
     """What makes two networks the same entry: for IPv4 an integer (address and prefix length; ``ipaddress``'
     own ``__hash__`` is Python code, a third of the cost of de-duplicating 120k entries), else the network."""
     if network.version == 4:
-        return int(network.network_address) << 6 | network.prefixlen
+        return compact_v4(int(network.network_address), network.prefixlen)
     return network
 
 
-def _collect(number: int, result: Network | list[Network], seen: set, entries: list[Entry]) -> int:
+def _collect(number: int, result: Network | list[Network], seen: set, entries: list[tuple]) -> int:
     """Append the networks of line ``number`` not ``seen`` before to ``entries``; return how many were."""
     duplicates = 0
     for network in (result if type(result) is list else (result,)):
@@ -516,14 +532,14 @@ _BARE_ADDRESS_FORMATS = {"plain": False, "spamhaus": False, "ipsum": True}
 
 def _parse_lines(lines: list[str], name: str, detected: bool) -> Parsed:
     parse_line, comment = _LINE_FORMATS[name]
-    entries: list[Entry] = []
+    entries: list[tuple[int, Network | int]] = []
     refused: list[Refused] = []
     seen: set = set()
     duplicates = 0
     header = None
     bare = name in _BARE_ADDRESS_FORMATS
     counted = _BARE_ADDRESS_FORMATS.get(name, False)
-    pton, inet, from_bytes, v4, make, entry = _inet_pton, _AF_INET, int.from_bytes, _v4_network, tuple.__new__, Entry
+    pton, inet, from_bytes = _inet_pton, _AF_INET, int.from_bytes
     masks = [int(mask) for mask, _ in _V4_MASKS]
     for number, raw in enumerate(lines, 1):
         if len(raw) > MAX_LINE_CHARS:
@@ -547,13 +563,13 @@ def _parse_lines(lines: list[str], name: str, detected: bool) -> Parsed:
                     pass
                 else:
                     prefixlen = int(length) if slash else 32
-                    start = from_bytes(packed, "big") & masks[prefixlen]
+                    key = (from_bytes(packed, "big") & masks[prefixlen]) << 6 | prefixlen     # compact_v4
                     size = len(seen)
-                    seen.add(start << 6 | prefixlen)
+                    seen.add(key)
                     if len(seen) == size:
                         duplicates += 1
                     else:
-                        entries.append(make(entry, (number, v4(start, prefixlen))))
+                        entries.append((number, key))
                     continue
         try:
             result = parse_line(line)
@@ -583,7 +599,7 @@ def _parse_csv(lines: list[str], column: str | None, detected: bool) -> Parsed:
     first = next((line for line in lines if line.strip() and line.strip()[0] != "#"), "")
     delimiter = next((d for d in (",", "\t", ";") if d in first), ",")
     reader = csv.reader(data_lines(), delimiter=delimiter)
-    entries: list[Entry] = []
+    entries: list[tuple[int, Network | int]] = []
     refused: list[Refused] = []
     seen: set = set()
     duplicates = 0

@@ -56,12 +56,14 @@ def template(protocol: object = "all", from_port: object = None, to_port: object
 def build_specs(parsed: formats.Parsed, like: rules.RuleSpec, protected: Sequence[rules.Network],
                 allow_non_global: bool) -> Built:
     """The rule specs ``parsed`` asks for, with ``like``'s protocol and ports, and the refusals."""
-    return build_from_entries(parsed.entries, parsed.refused, parsed.duplicates, like, protected, allow_non_global)
+    return build_from_entries(parsed.items, parsed.refused, parsed.duplicates, like, protected, allow_non_global)
 
 
-def build_from_entries(entries: Iterable[formats.Entry], refused: Iterable[formats.Refused], duplicates: int,
-                       like: rules.RuleSpec, protected: Sequence[rules.Network], allow_non_global: bool) -> Built:
-    """As ``build_specs``, for entries read some other way (a JSON list)."""
+def build_from_entries(entries: Iterable[tuple[int, rules.Network | int]], refused: Iterable[formats.Refused],
+                       duplicates: int, like: rules.RuleSpec, protected: Sequence[rules.Network],
+                       allow_non_global: bool) -> Built:
+    """As ``build_specs``, for entries read some other way (a JSON list): ``formats.Entry`` values, or
+    ``(line, network)`` pairs in the form of ``formats.Parsed.items``."""
     specs: dict[rules.RuleSpec, None] = {}
     out = list(refused)
     non_global: list[tuple[int, str, str]] = []
@@ -74,7 +76,12 @@ def build_from_entries(entries: Iterable[formats.Entry], refused: Iterable[forma
     protocol, low_port, high_port = like.protocol, like.from_port, like.to_port
     for line, network in entries:
         count += 1
-        if type(network) is v4:
+        if type(network) is int:
+            # formats.compact_v4: a bare IPv4 line of a parsed list, read without an ipaddress object.
+            version, start, length = 4, network >> 6, network & 63
+            end = start | ((1 << (32 - length)) - 1)
+            cidr = f"{ntoa(start.to_bytes(4, 'big'))}/{length}"
+        elif type(network) is v4:
             # IPv4 (nearly every entry of a real list): the bounds and the text from integers, in C.
             version, start, length = 4, int(network.network_address), network.prefixlen
             end = start | ((1 << (32 - length)) - 1)
