@@ -73,6 +73,7 @@ def build_from_entries(entries: Iterable[tuple[int, rules.Network | int]], refus
     guarded = [(net.version, int(net.network_address), int(net.broadcast_address), net) for net in protected]
     text, between, ntoa, v4 = rules.cidr_text, rules.non_global_between, socket.inet_ntoa, ipaddress.IPv4Network
     make = tuple.__new__
+    suffix = [f"/{length}" for length in range(33)]     # an f-string per entry was a seventh of this loop
     protocol, low_port, high_port = like.protocol, like.from_port, like.to_port
     for line, network in entries:
         count += 1
@@ -80,12 +81,12 @@ def build_from_entries(entries: Iterable[tuple[int, rules.Network | int]], refus
             # formats.compact_v4: a bare IPv4 line of a parsed list, read without an ipaddress object.
             version, start, length = 4, network >> 6, network & 63
             end = start | ((1 << (32 - length)) - 1)
-            cidr = f"{ntoa(start.to_bytes(4, 'big'))}/{length}"
+            cidr = ntoa(start.to_bytes(4, "big")) + suffix[length]
         elif type(network) is v4:
             # IPv4 (nearly every entry of a real list): the bounds and the text from integers, in C.
             version, start, length = 4, int(network.network_address), network.prefixlen
             end = start | ((1 << (32 - length)) - 1)
-            cidr = f"{ntoa(start.to_bytes(4, 'big'))}/{length}"
+            cidr = ntoa(start.to_bytes(4, "big")) + suffix[length]
         else:
             version = network.version
             start = int(network.network_address)
