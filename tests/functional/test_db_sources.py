@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import ipaddress
 import json
 import threading
@@ -219,6 +220,7 @@ def test_a_large_replace_reads_back_ids_for_the_cast(any_db):
     assert (result.added, result.removed) == (30, 30)
     assert {r.spec for r in result.changes.added} == set(specs(30))
     assert db.provider_fw_rule_count() == 3000 == len(db.provider_fw_rule_get_all(source="feed:big"))
+    assert gc.isenabled()       # a large sync pauses the collector (provfw.gcpause) and only while it runs
 
 
 @pytest.mark.parametrize("held_elsewhere", [600, 4000], ids=["scan-of-live-rules", "lookup-by-cidr"])

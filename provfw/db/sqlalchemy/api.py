@@ -24,6 +24,7 @@ each function opens its own session.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -42,7 +43,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc as sa_exc, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from provfw import exception, metrics, rules as rules_mod, sources as sources_mod
+from provfw import exception, gcpause, metrics, rules as rules_mod, sources as sources_mod
 from provfw.db.sqlalchemy import models
 from provfw.db.sqlalchemy.models import (ApiToken, AuditRecord, Feed, FirewallGeneration, ProviderFirewallRule,
                                          ProviderFirewallRuleSource, Service)
@@ -521,66 +522,68 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
     """
     if mode not in ("add", "replace"):
         raise exception.InvalidInput("mode", f"{mode!r} is not 'add' or 'replace'")
-    wanted = list(dict.fromkeys(specs))
-    repeated = len(specs) - len(wanted)
-    replace = mode == "replace"
-    now = _now()
-    with _session() as session:
-        try:
-            with session.begin():
-                generation, live = _bump_generation(session)
-                live_before = live
-                if _before is not None:
-                    _before(session, now)
-                held, own = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL, live)
-                plan = sources_mod.plan_sync(source, wanted, expires_at, held, now, replace, renew_slack, guard,
-                                             own if own else None)
-                if replace and plan.guard is not None and plan.guard.tripped and not force and not dry_run:
-                    raise exception.ReplaceGuardTripped(source, plan.guard.in_force, plan.guard.removing,
-                                                        plan.guard.max_fraction)
-                if max_rules is not None and plan.create:
-                    live -= len(plan.retire) + len(plan.delete)
-                    if live + len(plan.create) > max_rules:
-                        raise exception.RuleLimitExceeded(
-                            f"max_rules: {live} live + {len(plan.create)} new exceeds the limit of {max_rules}")
-                if dry_run or not plan.changes_anything and _after is None:
-                    raise _Unchanged(plan)
-                if plan.changes_anything:
-                    created = _write_plan(session, plan, source, generation, now, expires_at, description,
-                                          created_by, audit.actor if audit else created_by, live_before)
-                    changes = _plan_changes(plan, held, own, created, generation, expires_at)
-                    _audit(session, audit, action, generation,
-                           _sync_detail(plan, source, mode, created, repeated, force, audit_detail))
-                else:
-                    # Nothing for the rules; undo our bump (we still hold the row lock), commit what _after writes.
-                    session.execute(update(FirewallGeneration).where(FirewallGeneration.id == 1)
-                                    .values(generation=FirewallGeneration.generation - 1))
-                    generation -= 1
-                    created, changes = {}, Changes(generation, generation, [], [])
-                if _after is not None:
-                    _after(session, generation, plan)
-                ids: dict = {}
-                if len(wanted) <= BULK_THRESHOLD:
-                    ids = _rule_ids(wanted, held, own, {h.rule_id for h in plan.retire})
-                    ids.update(created)
-                read_back = _rules_with_sources(session, list(ids.values())) if len(wanted) <= READ_BACK_LIMIT \
-                    else {}
-        except _Unchanged as unchanged:
-            ids = {} if dry_run or len(wanted) > BULK_THRESHOLD else _rule_ids(wanted, held, own)
-            return _sync_result(source, mode, generation - 1, False, dry_run, unchanged.plan,
-                                Changes(generation - 1, generation - 1, [], []), ids)
-        except sa_exc.IntegrityError as exc:
-            # Mutations serialise on the generation row, so only a writer that does not (a previous
-            # release during an upgrade) can race us to a live copy; anything else is a server error.
-            with _session() as check:
-                raced = _existing_live(check, wanted)
-            if raced:
-                LOG.debug("sync raced with another writer: %s", exc)
-                raise exception.DuplicateRule(wanted[0] if len(wanted) == 1 else None) from None
-            raise exception.ProvfwError(f"the database refused the change: {exc.orig}") from exc
-    result = _sync_result(source, mode, generation, plan.changes_anything, False, plan, changes, ids)
-    result.rules.update(read_back)
-    return result
+    # A large sync allocates per entry (rows read back, the plan): gcpause says why the collector waits.
+    with gcpause.paused() if len(specs) > BULK_THRESHOLD else contextlib.nullcontext():
+        wanted = list(dict.fromkeys(specs))
+        repeated = len(specs) - len(wanted)
+        replace = mode == "replace"
+        now = _now()
+        with _session() as session:
+            try:
+                with session.begin():
+                    generation, live = _bump_generation(session)
+                    live_before = live
+                    if _before is not None:
+                        _before(session, now)
+                    held, own = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL, live)
+                    plan = sources_mod.plan_sync(source, wanted, expires_at, held, now, replace, renew_slack, guard,
+                                                 own if own else None)
+                    if replace and plan.guard is not None and plan.guard.tripped and not force and not dry_run:
+                        raise exception.ReplaceGuardTripped(source, plan.guard.in_force, plan.guard.removing,
+                                                            plan.guard.max_fraction)
+                    if max_rules is not None and plan.create:
+                        live -= len(plan.retire) + len(plan.delete)
+                        if live + len(plan.create) > max_rules:
+                            raise exception.RuleLimitExceeded(
+                                f"max_rules: {live} live + {len(plan.create)} new exceeds the limit of {max_rules}")
+                    if dry_run or not plan.changes_anything and _after is None:
+                        raise _Unchanged(plan)
+                    if plan.changes_anything:
+                        created = _write_plan(session, plan, source, generation, now, expires_at, description,
+                                              created_by, audit.actor if audit else created_by, live_before)
+                        changes = _plan_changes(plan, held, own, created, generation, expires_at)
+                        _audit(session, audit, action, generation,
+                               _sync_detail(plan, source, mode, created, repeated, force, audit_detail))
+                    else:
+                        # Nothing for the rules; undo our bump (we still hold the row lock), commit what _after writes.
+                        session.execute(update(FirewallGeneration).where(FirewallGeneration.id == 1)
+                                        .values(generation=FirewallGeneration.generation - 1))
+                        generation -= 1
+                        created, changes = {}, Changes(generation, generation, [], [])
+                    if _after is not None:
+                        _after(session, generation, plan)
+                    ids: dict = {}
+                    if len(wanted) <= BULK_THRESHOLD:
+                        ids = _rule_ids(wanted, held, own, {h.rule_id for h in plan.retire})
+                        ids.update(created)
+                    read_back = _rules_with_sources(session, list(ids.values())) if len(wanted) <= READ_BACK_LIMIT \
+                        else {}
+            except _Unchanged as unchanged:
+                ids = {} if dry_run or len(wanted) > BULK_THRESHOLD else _rule_ids(wanted, held, own)
+                return _sync_result(source, mode, generation - 1, False, dry_run, unchanged.plan,
+                                    Changes(generation - 1, generation - 1, [], []), ids)
+            except sa_exc.IntegrityError as exc:
+                # Mutations serialise on the generation row, so only a writer that does not (a previous
+                # release during an upgrade) can race us to a live copy; anything else is a server error.
+                with _session() as check:
+                    raced = _existing_live(check, wanted)
+                if raced:
+                    LOG.debug("sync raced with another writer: %s", exc)
+                    raise exception.DuplicateRule(wanted[0] if len(wanted) == 1 else None) from None
+                raise exception.ProvfwError(f"the database refused the change: {exc.orig}") from exc
+        result = _sync_result(source, mode, generation, plan.changes_anything, False, plan, changes, ids)
+        result.rules.update(read_back)
+        return result
 
 
 def _sync_detail(plan: sources_mod.Plan, source: str, mode: str, created: dict, repeated: int, force: bool,
