@@ -20,10 +20,8 @@ guard and writes, in one transaction.  Nothing here touches the database.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
-import operator
 import re
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
@@ -282,16 +280,14 @@ def _plan_release(plan: Plan, source: str, wanted: set, held: Mapping[RuleSpec, 
     in_force = removing = 0
     absent = _ABSENT
     if own is not None:
-        # The source's rules are the rows of own; the full picture of those that leave is in held.  Rules in
-        # force are counted per distinct (expiry, wish) pair, in C: a list's rules share a handful of them.
-        pairs = collections.Counter(map(operator.itemgetter(OWN_EXPIRES, OWN_MINE), own.values()))
-        in_force = sum(count for (rule_expires, mine), count in pairs.items()
-                       if (mine is None or mine > now) and (rule_expires is None or rule_expires > now))
-        leaving = sorted(own.keys() - wanted, key=lambda key: own[key][OWN_RULE_ID])
-        for key in leaving:
-            row = own[key]
+        # The source's rules are the rows of own; the full picture of those that leave is in held.
+        for key, row in own.items():
             mine, rule_expires = row[OWN_MINE], row[OWN_EXPIRES]
-            removing += (mine is None or mine > now) and (rule_expires is None or rule_expires > now)
+            counts = (mine is None or mine > now) and (rule_expires is None or rule_expires > now)
+            in_force += counts
+            if key in wanted:
+                continue
+            removing += counts
             _release_one(plan, source, held[key], now)
     else:
         for spec, rule in held.items():
