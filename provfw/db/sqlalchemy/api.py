@@ -647,14 +647,14 @@ def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
         # Keyed by plain tuples: a RuleSpec is a tuple and finds them.
         own = {row[:4]: row for row in rows}
         wanted_set = set(wanted)
-        # Set operations in C over the 120k keys; the few that leave go in rule-id order.
-        leaving = sorted((own[key] for key in own.keys() - wanted_set), key=lambda row: row[sources_mod.OWN_RULE_ID])
+        # One membership test per key (a set difference in C copies all 120k keys first: slower, measured).
+        leaving = [row for key, row in own.items() if key not in wanted_set]
         full = _source_rows(session, [row[sources_mod.OWN_RULE_ID] for row in leaving])
         spec_of = rules_mod.RuleSpec
         for row in leaving:
             rule_id = row[sources_mod.OWN_RULE_ID]
             held[row[:4]] = make_held(rule_id, spec_of(*row[:4]), row[sources_mod.OWN_EXPIRES], full[rule_id])
-        lookup = list(wanted_set.difference(own))       # looked up in batches: their order does not matter
+        lookup = [spec for spec in wanted if spec not in own]
     else:
         lookup = wanted
     found = _existing_live(session, lookup, live)
