@@ -35,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import machine  # noqa: E402
 from benchmarks.feed import DEFAULT_IPSUM, load_specs  # noqa: E402
 from provfw import rules  # noqa: E402
 from provfw.db import api as db  # noqa: E402
@@ -228,6 +229,7 @@ def main() -> int:
     args = parser.parse_args()
     specs = load_specs(args.feed)
     feed = [spec.cidr for spec in specs]
+    print(machine.describe())
     if args.part in ("db", "all"):
         print(f"db layer: {len(specs):,} rules, {args.churn:.0%} churn, replace-sync and why (no API, no hosts)")
         rows = run_db(specs, args.churn)
@@ -255,6 +257,7 @@ def main() -> int:
         if churn:
             print(f"churn sync -> 3 hosts: median {statistics.median(r['hosts'] for r in churn):.2f} s "
                   f"(goal <= 1 s)")
+    print(machine.describe())
     return 0
 
 
