@@ -392,6 +392,7 @@ def detect_format(text: str) -> str:
        that are the DShield header (``Start``, ``End``, ...) or two addresses
        and a prefix length;
     3. ``ipsum``: the first data line is a value, whitespace, and a count;
+
     4. ``plain``: the first data line is one value (address, CIDR, netmask
        CIDR or range);
     5. ``csv``: the first data line has a comma or a tab, or the second data
@@ -399,6 +400,11 @@ def detect_format(text: str) -> str:
        (it is a one-column header; a mistyped first entry such as
        ``10.0.0.300`` is refused as plain, not dropped as a header);
     6. ``plain`` otherwise (including an empty or comment-only text).
+
+    In rules 1-3 "value" and "address" include a mistyped one (a digit and a
+    ``.`` or ``:``, starting like an address: ``01.2.3.4``, ``10.0.0.300``),
+    so that a bad first entry is refused on its line by the list's own
+    format, not read as a CSV header or as a plain line with extra fields.
     """
     head = text[:_DETECT_CHARS].lstrip("\ufeff")
     data: list[str] = []
@@ -416,15 +422,20 @@ def detect_format(text: str) -> str:
     if not data:
         return "plain"
     first = data[0]
-    if ";" in first and _is_value(first.partition(";")[0].strip()):
+    # The layouts are told by their shape, with "looks like an address" for the address fields: a mistyped
+    # first entry (01.2.3.4, 10.0.0.300) must be refused on its line by the right format, not turn an IPsum
+    # or DShield list into CSV (its first line dropped as a header) or a Spamhaus list into plain text (every
+    # line refused for its "; SBL" field).
+    if ";" in first and _address_like(first.partition(";")[0].strip()):
         return "spamhaus"
     tabbed = [field.strip() for field in first.split("\t")]
     if len(tabbed) >= 3 and (
             (tabbed[0].lower(), tabbed[1].lower()) == ("start", "end")
-            or (_is_address(tabbed[0]) and _is_address(tabbed[1]) and tabbed[2].isascii() and tabbed[2].isdigit())):
+            or (_address_like(tabbed[0]) and _address_like(tabbed[1]) and tabbed[2].isascii()
+                and tabbed[2].isdigit())):
         return "dshield"
     fields = first.split()
-    if len(fields) == 2 and fields[1].isascii() and fields[1].isdigit() and _is_value(fields[0]):
+    if len(fields) == 2 and fields[1].isascii() and fields[1].isdigit() and _address_like(fields[0]):
         return "ipsum"
     if _is_value(first):
         return "plain"
@@ -433,6 +444,11 @@ def detect_format(text: str) -> str:
     if len(data) == 2 and not _looks_like_value(first) and _is_value(_first_cell(data[1])):
         return "csv"
     return "plain"
+
+
+def _address_like(text: str) -> bool:
+    """A value, or an attempt at one (``_looks_like_value``)."""
+    return _looks_like_value(text) or _is_value(text)
 
 
 def _looks_like_value(text: str) -> bool:

@@ -423,6 +423,23 @@ def test_detection_rules(text, kind):
     assert detect_format(text) == kind
 
 
+@pytest.mark.parametrize("bad", ["01.2.3.4", "10.0.0.300", "1.2.3.4/33", "1.2.3.4/0", "fe80::1%eth0",
+                                 "198.51.100.9-198.51.100.5", "1.2.3", "::ffff:192.0.2.1"])
+@pytest.mark.parametrize("layout, kind", [
+    ("{}\t3\n203.0.113.7\t2\n198.51.100.7\t1\n", "ipsum"),
+    ("{} ; SBL1\n203.0.113.0/24 ; SBL2\n198.51.100.0/24 ; SBL3\n", "spamhaus"),
+    ("{}\t203.0.113.255\t24\n198.51.100.0\t198.51.100.255\t24\n192.0.2.0\t192.0.2.255\t24\n", "dshield"),
+    ("{}\n203.0.113.7\n", "plain"),
+])
+def test_a_mistyped_first_entry_is_refused_on_its_line_and_the_rest_of_the_list_is_read(bad, layout, kind):
+    # Found by a newcomer: an IPsum list whose first address was mistyped was read as CSV (its first line
+    # dropped as a header, nothing refused), and a header-less Spamhaus one as plain (every line refused).
+    parsed = parse(layout.format(bad))
+    assert parsed.format == kind
+    assert [r.line for r in parsed.refused] == [1], parsed.refused
+    assert len(parsed.entries) == (1 if kind == "plain" else 2)
+
+
 def test_detection_looks_only_at_the_head_of_the_text():
     text = "203.0.113.1\n" * 10 + "; a late comment\n" + "203.0.113.2\n"
     assert detect_format(text) == "plain"
