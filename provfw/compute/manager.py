@@ -216,6 +216,10 @@ class ComputeManager:
     def _reconcile(self, func: Callable[[], Any], what: str) -> reconciler_mod.Outcome | None:
         try:
             outcome = func()
+        except reconciler_mod.AlreadyApplied as exc:
+            # A cast and the conductor's answer raced for the lock and the other one won: not a gap.
+            LOG.debug("%s: %s", what, exc)
+            return None
         except reconciler_mod.GenerationGap as exc:
             LOG.info("%s: %s; asking the conductor", what, exc)
             return self.sync()

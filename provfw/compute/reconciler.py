@@ -71,6 +71,11 @@ class GenerationGap(Exception):
     """A change does not follow the applied generation; the caller must fetch from the conductor."""
 
 
+class AlreadyApplied(GenerationGap):
+    """A change whose generation is already applied (another path applied it first, e.g. the conductor's
+    delta while the cast waited for the lock): nothing to do and nothing to fetch."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Quarantined:
     rule: Rule
@@ -182,8 +187,12 @@ class Reconciler:
             return self._commit(snapshot.generation, applied, started, refused)
 
     def apply_change(self, change: Changes) -> Outcome:
-        """Apply ``change``, which must follow the applied generation; GenerationGap otherwise."""
+        """Apply ``change``, which must follow the applied generation; GenerationGap otherwise (its subclass
+        AlreadyApplied when the change's generation is applied already)."""
         with self._lock:
+            if self.generation is not None and change.generation <= self.generation:
+                raise AlreadyApplied(f"change {change.since}->{change.generation}: generation {self.generation} "
+                                     "is applied already")
             if self.generation is None or change.since != self.generation:
                 raise GenerationGap(f"change {change.since}->{change.generation} does not follow the applied "
                                     f"generation {self.generation}")
