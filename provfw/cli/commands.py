@@ -461,11 +461,19 @@ def _import_details(totals: Mapping[str, Any], args: argparse.Namespace) -> list
         details.append(f"  the replace guard {verdict}: "
                        f"it removes {guard['removing']:,} of the {guard['in_force']:,} rules in force "
                        f"(more than {guard['max_fraction']:.0%})")
-    details += [f"  line {r['line']}: {r['reason']}" for r in totals["refused_lines"][:REFUSED_SHOWN]]
+    details += _refused_details(totals["refused_lines"][:REFUSED_SHOWN])
     if totals["refused"] > len(totals["refused_lines"][:REFUSED_SHOWN]):
         more = count(totals["refused"] - min(len(totals["refused_lines"]), REFUSED_SHOWN), "more refused line")
         details.append(f"  ... {more} (-o json lists up to 1,000 per request)")
+    if any("allow_non_global" in r["reason"] for r in totals["refused_lines"]) and not args.allow_non_global:
+        details.append("  (non-global ranges are blocked only with --allow-non-global, which is audited)")
     return details
+
+
+def _refused_details(refused: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per refused line of a list: its number, the text it had (when it had any) and the reason."""
+    return [f"  line {r['line']}: {r['value']}: {r['reason']}" if r.get("value") else
+            f"  line {r['line']}: {r['reason']}" for r in refused]
 
 
 # ---------------------------------------------------------------- feeds
@@ -501,8 +509,7 @@ def feed_list(client: AdminClient, args: argparse.Namespace) -> Result:
 def feed_show(client: AdminClient, args: argparse.Namespace) -> Result:
     feed = client.get_feed(args.name)
     refused = (feed.get("counts") or {}).get("refused_lines") or []
-    details = [f"  line {r['line']}: {r['reason']}" for r in refused]
-    return Result(feed, [feed], record=True, details=details)
+    return Result(feed, [feed], record=True, details=_refused_details(refused))
 
 
 @command("feed add", "subscribe to a block list: the conductor fetches it every INTERVAL seconds and replace-syncs "

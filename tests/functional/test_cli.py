@@ -208,6 +208,22 @@ def test_the_audit_log_shows_who_blocked_what_and_why(api, home, capsys):
     assert value.out.splitlines()[0] == "cli-admin\tcidr.block\t203.0.113.0/24\t3\tscanner"
 
 
+def test_refused_lines_show_their_text_and_the_cli_flag_that_lets_non_global_ranges_through(api, home, capsys,
+                                                                                            tmp_path):
+    # Found by a newcomer: the table output gave only the line number and the reason, and the reason named
+    # the API's allow_non_global, not the CLI's flag.
+    feed = tmp_path / "mixed.txt"
+    feed.write_text("203.0.113.7\n192.168.1.1\n1.2.3.4 5 6\n")
+    result = admin(capsys, api, "import", str(feed), "--dry-run")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[1].startswith("  line 2: 192.168.1.1/32: ") and "private" in lines[1]
+    assert lines[2].startswith("  line 3: 1.2.3.4 5 6: expected one address")
+    assert lines[3] == "  (non-global ranges are blocked only with --allow-non-global, which is audited)"
+    allowed = admin(capsys, api, "import", str(feed), "--dry-run", "--allow-non-global")
+    assert "--allow-non-global" not in allowed.out and allowed.out.count("\n  line ") == 1
+
+
 def test_import_counts_and_lists_refused_lines_numbered_across_chunks(api, home, capsys, tmp_path):
     feed = tmp_path / "blocklist.txt"
     feed.write_text("# feed\n192.0.2.1\n192.0.2.2\nbogus\n192.0.2.1\n10.0.0.0/0\n192.0.2.3\n")
