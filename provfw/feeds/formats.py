@@ -540,9 +540,9 @@ def _collect(number: int, result: Network | list[Network], seen: set, entries: l
     return duplicates
 
 
-# Formats whose line parser reads a line that is only a dotted quad as that address (a /32): the shared
-# loop reads such lines itself, without the per-line function calls.  IPsum's "address<TAB>count" lines
-# are read so too.
+# Formats whose line parser reads a line that is only a dotted quad, or a dotted quad and a prefix length, as
+# that network: the shared loop reads such lines itself, without the per-line function calls.  IPsum's
+# "address<TAB>count" lines are read so too (the value is True for formats with that count).
 _BARE_ADDRESS_FORMATS = {"plain": False, "spamhaus": False, "ipsum": True}
 
 
