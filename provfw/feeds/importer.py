@@ -83,7 +83,7 @@ def build_from_entries(entries: Iterable[tuple[int, rules.Network | int]], refus
             end = start | ((1 << (32 - length)) - 1)
             cidr = ntoa(start.to_bytes(4, "big")) + suffix[length]
         elif type(network) is v4:
-            # IPv4 (nearly every entry of a real list): the bounds and the text from integers, in C.
+            # An IPv4 network (from a range, a netmask, a JSON list): the bounds and the text from integers, in C.
             version, start, length = 4, int(network.network_address), network.prefixlen
             end = start | ((1 << (32 - length)) - 1)
             cidr = ntoa(start.to_bytes(4, "big")) + suffix[length]
