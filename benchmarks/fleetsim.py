@@ -311,9 +311,10 @@ class LightConductorAPI(conductor_api.ConductorAPI):
     client returns replies undecoded (``HubRpcClient(decode=False)``).
     """
 
-    def get_provider_fw_rules(self, since_generation, min_generation=None):
+    def get_provider_fw_rules(self, since_generation, min_generation=None, fresh=False):
+        extra = {"fresh": True} if fresh else {}
         body, headers = self.client.call("get_provider_fw_rules", host=self.host,
-                                         since_generation=since_generation, min_generation=min_generation)
+                                         since_generation=since_generation, min_generation=min_generation, **extra)
         if not LIGHT_PHASE.is_set():
             return conductor_api.parse_rules_reply(rpc.decode_reply(body))
         generation = headers.get("generation")
@@ -342,8 +343,8 @@ class DatabaseRules:
         self.last_arrival = 0.0
         self.last_rows = 0
 
-    def get_provider_fw_rules(self, since_generation, min_generation=None):
-        from provfw.db import api as db
+    def get_provider_fw_rules(self, since_generation, min_generation=None, fresh=False):
+        from provfw.db import api as db     # reads the database: always fresh
         try:
             if self.light_host and LIGHT_PHASE.is_set():
                 return self._unparsed(since_generation)

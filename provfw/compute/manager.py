@@ -124,11 +124,15 @@ class ComputeManager:
             raise _LastError(self.last_error or "the initial sync failed")
         return outcome
 
-    def sync(self, full: bool = False, min_generation: int | None = None) -> reconciler_mod.Outcome | None:
-        """Ask the conductor what changed since the applied generation (everything with ``full``); apply it."""
+    def sync(self, full: bool = False, min_generation: int | None = None,
+             fresh: bool = False) -> reconciler_mod.Outcome | None:
+        """Ask the conductor what changed since the applied generation (everything with ``full``); apply it.
+
+        ``fresh``: see ``ConductorAPI.get_provider_fw_rules`` (after the cast consumer (re)connects).
+        """
         since = None if full else self.reconciler.generation
         try:
-            reply = self.conductor.get_provider_fw_rules(since, min_generation)
+            reply = self.conductor.get_provider_fw_rules(since, min_generation, fresh=fresh)
         except exception.RpcClientClosed:
             LOG.info("stopping: not asking the conductor")     # not an error to record or report
             return None
@@ -154,13 +158,16 @@ class ComputeManager:
             # Another thread applied something meanwhile; the next cast or check converges.
             LOG.info("conductor delta %s->%s no longer follows generation %s; fetching again", reply.since,
                      reply.generation, self.reconciler.generation)
-            return self.sync(full=self.reconciler.generation is None, min_generation=min_generation)
+            return self.sync(full=self.reconciler.generation is None, min_generation=min_generation, fresh=fresh)
         return self._reconcile(lambda: self.reconciler.apply_change(reply), "conductor delta")
 
-    def periodic_check(self) -> None:
-        """Converge on the conductor's generation; if already there (and due), repair kernel drift."""
+    def periodic_check(self, fresh: bool = False) -> None:
+        """Converge on the conductor's generation; if already there (and due), repair kernel drift.
+
+        ``fresh``: ask for a generation read after the request (see ``sync``).
+        """
         before = self.reconciler.generation
-        outcome = self.sync(full=before is None)
+        outcome = self.sync(full=before is None, fresh=fresh)
         if outcome is None or self.last_error or outcome.generation != before or outcome.mode != "none":
             return
         if time.monotonic() < self._next_drift_check:

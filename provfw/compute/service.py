@@ -63,9 +63,12 @@ class ComputeService:
             bus_connected=lambda: 1 if self.consumer.connected.is_set() else 0)
 
     def _on_bus_connect(self) -> None:
-        # Casts sent while we were not listening are gone; the generation check finds them.
+        # Casts sent while we were not listening are gone; the generation check finds them.  It must
+        # not be answered from the conductor's cached generation: a cast lost between the initial
+        # snapshot and this moment is younger than the cache's TTL (found by the e2e test that restarts
+        # a worker and unblocks at once: the unblock waited for the next periodic check).
         if self.started.is_set():
-            self.manager.periodic_check()
+            self.manager.periodic_check(fresh=True)
 
     def start(self) -> None:
         self._spawn(self._initial_sync_then_serve, "provfw-main")

@@ -63,16 +63,21 @@ class ConductorAPI:
         self.host = host or conf.compute.host
         self.client = client or rpc.RpcClient(self.host, conf)
 
-    def get_provider_fw_rules(self, since_generation: int | None,
-                              min_generation: int | None = None) -> Snapshot | Changes:
+    def get_provider_fw_rules(self, since_generation: int | None, min_generation: int | None = None,
+                              fresh: bool = False) -> Snapshot | Changes:
         """The rules changed since ``since_generation`` (None: everything), as a delta or a snapshot.
 
         ``min_generation``: a generation the caller knows exists (from a cast);
         the conductor reads the database again if its cached generation is older.
+        ``fresh``: the answer must be at least as new as the database when the
+        request reached the conductor (its cached generation is not trusted
+        for its age alone) - for a catch-up after casts may have been lost.
         Raises ``ConductorUnavailable`` when no conductor answers.
         """
+        extra = {"fresh": True} if fresh else {}
         payload, _headers = self.client.call("get_provider_fw_rules", host=self.host,
-                                             since_generation=since_generation, min_generation=min_generation)
+                                             since_generation=since_generation, min_generation=min_generation,
+                                             **extra)
         return parse_rules_reply(payload)
 
     def report_provider_fw_state(self, **state) -> None:

@@ -8,7 +8,7 @@ off the database to nova-conductor for this; Calico's Felix reads through
 Typha).  The conductor answers exactly two things, and nothing a compute
 user sends can create, change or delete a rule, a token or an audit record:
 
-* ``get_provider_fw_rules(host, since_generation, min_generation)`` (a call):
+* ``get_provider_fw_rules(host, since_generation, min_generation, fresh)`` (a call):
   the rules added and removed since the host's generation, or - when that
   delta is larger than ``[conductor] max_delta_rules`` or the generation is
   unknown - a full snapshot.  Replies are encoded once (zlib JSON) and cached:
@@ -101,13 +101,15 @@ class ConductorManager:
         args = incoming.args
         if incoming.method == "get_provider_fw_rules":
             since, minimum = args.get("since_generation"), args.get("min_generation")
-            if not (since is None or _is_int(since)) or not (minimum is None or _is_int(minimum)):
-                LOG.warning("get_provider_fw_rules from bus user %r with malformed generations %r",
+            fresh = args.get("fresh", False)
+            if (not (since is None or _is_int(since)) or not (minimum is None or _is_int(minimum))
+                    or not isinstance(fresh, bool)):
+                LOG.warning("get_provider_fw_rules from bus user %r with malformed arguments %r",
                             incoming.user_id, args)
-                return {"error": "since_generation and min_generation must be integers or null"}
+                return {"error": "since_generation and min_generation must be integers or null, fresh a boolean"}
             self.stats["requests"] += 1
             try:
-                reply = self.get_provider_fw_rules(since, minimum, incoming.received_at)
+                reply = self.get_provider_fw_rules(since, minimum, incoming.received_at, fresh=fresh)
             except Exception as exc:  # noqa: BLE001 - answer at once rather than let the worker time out
                 LOG.exception("get_provider_fw_rules(since=%s) failed", since)
                 return {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
@@ -166,15 +168,25 @@ class ConductorManager:
             self._generation = (generation, time.monotonic())
 
     def get_provider_fw_rules(self, since: int | None, min_generation: int | None = None,
-                              received_at: float | None = None) -> rpc.Reply:
+                              received_at: float | None = None, fresh: bool = False) -> rpc.Reply:
         """A delta since ``since`` or a snapshot, encoded (and cached) for the wire.
 
         ``received_at``: ``time.monotonic()`` when the request reached this process (None: now).
+        ``fresh``: the generation compared with ``since`` is one read after
+        ``received_at`` (a worker catching up after its bus connection came
+        back: a cast it missed may be younger than the cached generation's
+        ``generation_cache_ttl``, and "unchanged" would leave it behind until
+        its next periodic check).
         """
         # A host that already applied ``since`` knows the database is at least there: a cached generation
         # older than that is stale and must be read again (answering from it would roll the host back).
         known = max((g for g in (since, min_generation) if g is not None), default=None)
-        current = self.current_generation(known) if since is not None else -1
+        if since is None:
+            current = -1
+        elif fresh:
+            current = self.current_generation(read_after=received_at if received_at is not None else time.monotonic())
+        else:
+            current = self.current_generation(known)
         if since is not None and since == current:
             self.stats["unchanged"] += 1
             return self._encode({"kind": "delta", "since": since, "generation": current, "added": [],

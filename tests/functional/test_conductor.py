@@ -57,6 +57,33 @@ def test_a_small_delta_is_read_once_for_every_host_that_asks(conf, pg_db):
     assert (manager.stats["delta_reads"], manager.stats["delta_hits"], manager.stats["snapshot_reads"]) == (1, 49, 0)
 
 
+def test_a_fresh_request_is_not_answered_unchanged_from_a_cached_generation(conf, pg_db):
+    """A worker whose consumer just (re)connected may have missed a cast younger than the cache's TTL."""
+    conf.set_override("generation_cache_ttl", 60.0, group="conductor")
+    manager = conductor_manager.ConductorManager(conf)
+    _, before = db.provider_fw_rule_create(make_spec("203.0.113.5"))
+    assert kind_and_generation(manager.get_provider_fw_rules(before)) == ("delta", before)   # caches `before`
+    received = time.monotonic()
+    _, after = db.provider_fw_rule_create(make_spec("203.0.113.6"))     # the cast the worker did not hear
+
+    cached = rpc.decode_reply(manager.get_provider_fw_rules(before, None, received).body)
+    fresh = manager.handle(rpc.Incoming("get_provider_fw_rules",
+                                        {"host": "hv-1", "since_generation": before, "fresh": True},
+                                        "guest", "reply-queue", "c-1", received_at=received))
+
+    assert (cached["generation"], cached["added"]) == (before, []), "a periodic check may use the cache"
+    payload = rpc.decode_reply(fresh.body)
+    assert (payload["kind"], payload["since"], payload["generation"]) == ("delta", before, after)
+    assert [rule[1] for rule in payload["added"]] == ["203.0.113.6/32"]
+
+
+def test_a_malformed_fresh_flag_is_refused(conf, pg_db):
+    manager = conductor_manager.ConductorManager(conf)
+    reply = manager.handle(rpc.Incoming("get_provider_fw_rules", {"host": "hv-1", "since_generation": 1,
+                                                                  "fresh": "yes"}, "guest", "reply-queue", "c-1"))
+    assert "fresh a boolean" in reply["error"]
+
+
 def test_counters_include_what_the_process_asked_of_the_database(conf, pg_db):
     manager = conductor_manager.ConductorManager(conf)
     db.provider_fw_rule_create(make_spec("203.0.113.5"))

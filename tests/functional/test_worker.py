@@ -147,6 +147,21 @@ def test_the_periodic_check_applies_a_generation_whose_cast_was_lost(conf, bus):
     assert manager.applied_generation == generation and A in manager.reconciler.enforced()
 
 
+def test_the_resync_after_the_consumer_connects_is_not_answered_from_the_conductors_cache(conf, bus):
+    """A cast lost between the initial snapshot and the consumer's binding is younger than the cache's TTL."""
+    conf.set_override("generation_cache_ttl", 3600.0, group="conductor")
+    service = compute_service.ComputeService(conf, noop_manager(conf))
+    service.manager.init_host()
+    service.started.set()
+    service.manager.periodic_check()                   # the conductor now caches this generation
+    _, generation = db.provider_fw_rule_create(A)      # its cast reaches nobody
+
+    service.manager.periodic_check()
+    assert A not in service.manager.reconciler.enforced(), "a periodic check may be answered from the cache"
+    service._on_bus_connect()
+    assert service.manager.applied_generation == generation and A in service.manager.reconciler.enforced()
+
+
 def test_the_periodic_check_repairs_drift_when_nothing_changed(conf, bus):
     class Drifting(NoopFirewallDriver):
         repaired = 0
