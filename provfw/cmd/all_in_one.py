@@ -61,9 +61,10 @@ def main(argv=None) -> None:
     def listening() -> None:
         threading.Thread(target=announce_when_ready, name="systemd-ready", daemon=True).start()
 
-    common.exit_on_sigterm(LOG, "stopping the API, the worker and the conductor (the kernel keeps the rules)")
+    signalled = common.StopRequest(LOG, "stopping the API, the worker and the conductor (the kernel keeps the "
+                                           "rules)").install()
     try:
-        api_cmd.serve(conf, compute, stop, on_listening=listening)
+        api_cmd.serve(conf, compute, signalled, on_listening=listening)
     finally:
         systemd.notify("STOPPING=1")
         stop.set()

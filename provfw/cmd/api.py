@@ -10,7 +10,6 @@ for gunicorn or uWSGI.
 from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
 
 import logging  # noqa: E402
-import threading  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import eventlet  # noqa: E402
@@ -23,9 +22,16 @@ from provfw.cmd import common  # noqa: E402
 LOG = logging.getLogger("provfw.api")
 
 
-def serve(conf, compute=None, stop: threading.Event | None = None,
+STOP_POLL = 0.25        # seconds between looks at the stop request
+
+
+def serve(conf, compute=None, stop: common.StopRequest | None = None,
           on_listening: Callable[[], None] | None = None) -> None:
-    """Serve the API until the process ends; ``on_listening`` runs once the socket is bound."""
+    """Serve the API until ``stop`` is requested (or forever); ``on_listening`` runs once the socket is bound.
+
+    On stop the server greenthread is killed in ``accept``: idle keep-alive connections are closed,
+    requests in flight finish (eventlet.wsgi.server's ``finally``), then this returns.
+    """
     from provfw.compute import api as compute_api
 
     compute = compute or compute_api.ComputeAPI(conf)
@@ -36,8 +42,13 @@ def serve(conf, compute=None, stop: threading.Event | None = None,
         on_listening()
     # The access log is provfw.api.middleware's (one line per request, with its request id and token);
     # eventlet's own would repeat it without them.
-    eventlet.wsgi.server(sock, app, log=logging.getLogger("provfw.api.eventlet"), log_output=False,
-                         max_size=1000, keepalive=True, socket_timeout=60)
+    server = eventlet.spawn(eventlet.wsgi.server, sock, app, log=logging.getLogger("provfw.api.eventlet"),
+                            log_output=False, max_size=1000, keepalive=True, socket_timeout=60)
+    while not server.dead and not (stop is not None and stop.requested):
+        eventlet.sleep(STOP_POLL)
+    if not server.dead:
+        server.kill(SystemExit)      # caught by eventlet.wsgi.server: "wsgi exiting", then its finally
+    server.wait()
 
 
 def main(argv=None) -> None:
@@ -51,8 +62,8 @@ def main(argv=None) -> None:
         systemd.notify("READY=1", f"STATUS=serving on http://{conf.api.bind_host}:{conf.api.bind_port}")
         watchdog.start()
 
-    common.exit_on_sigterm(LOG)
-    serve(conf, on_listening=listening)
+    stop = common.StopRequest(LOG).install()
+    serve(conf, stop=stop, on_listening=listening)
     systemd.notify("STOPPING=1")
     watchdog.stop()
 

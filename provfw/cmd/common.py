@@ -101,16 +101,25 @@ def stop_on_signals(log: logging.Logger, message: str = "stopping") -> threading
     return stopping
 
 
-def exit_on_sigterm(log: logging.Logger, message: str = "stopping") -> None:
-    """Make SIGTERM end an eventlet WSGI server the way Ctrl-C does: cleanly, with its ``finally`` blocks.
+class StopRequest:
+    """SIGTERM/SIGINT, noted for an eventlet server's main greenthread to poll (``requested``).
 
-    The handler raises SystemExit in the main greenthread, where ``eventlet.wsgi.server`` waits in accept;
-    the server catches it, logs "wsgi exiting" and returns, and the caller stops what it started (the
-    all-in-one: its worker and conductor).  Without it SIGTERM - systemd's stop - killed the process
-    outright.  Call from the main thread.
+    The handler only logs and sets a plain attribute: no lock, no exception.  Raising SystemExit from
+    the handler (what this replaced) was swallowed whenever the signal landed in a weakref callback or a
+    ``__del__`` - "Exception ignored in: <function WeakKeyDictionary...>" - and the API kept serving
+    until systemd's SIGKILL (found stopping the API under load in ``benchmarks/bench_api.py``).
     """
-    def _exit(signum, _frame):
-        log.info("signal %s: %s", signum, message)
-        raise SystemExit(0)
 
-    signal.signal(signal.SIGTERM, _exit)
+    def __init__(self, log: logging.Logger, message: str = "stopping"):
+        self.requested = False
+        self._log, self._message = log, message
+
+    def install(self) -> "StopRequest":
+        """Install the handlers (call from the main thread: ``signal.signal`` requires it); returns self."""
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.requested = True
+        self._log.info("signal %s: %s", signum, self._message)
