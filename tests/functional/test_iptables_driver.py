@@ -19,7 +19,7 @@ from provfw.virt.firewall.iptables import IptablesFirewallDriver
 from tests.lib import services
 from tests.lib.applied import AppliedRules
 from tests.lib.fake_iptables import FakeIptables
-from tests.lib.netns import RoutedTopology, netns_exec
+from tests.lib.netns import RoutedTopology, netns_exec, save_rule_set
 
 pytestmark = pytest.mark.functional
 
@@ -201,10 +201,6 @@ def test_nova_local_contents_survive_applies(dataplane):
     assert dataplane.reachable(ATTACKER4, INSTANCE4)
 
 
-def without_comments(text):      # iptables-save stamps the time in its comment lines
-    return [line for line in text.splitlines() if not line.startswith("#")]
-
-
 def test_refused_transaction_changes_nothing_and_the_old_block_holds(dataplane):
     dataplane.rules.block(make_spec(ATTACKER4))
     saved = dataplane.save(4)
@@ -217,7 +213,7 @@ def test_refused_transaction_changes_nothing_and_the_old_block_holds(dataplane):
         broken.block(make_spec(ATTACKER4), make_spec(OTHER4))
     assert "failing input" in str(info.value) and "nova-missing" in str(info.value)
 
-    assert without_comments(dataplane.save(4)) == without_comments(saved)
+    assert save_rule_set(dataplane.save(4)) == save_rule_set(saved)
     assert dataplane.blocked(ATTACKER4, INSTANCE4)
     assert dataplane.reachable(OTHER4, INSTANCE4)
 
@@ -235,23 +231,23 @@ def test_teardown_removes_what_the_driver_added(dataplane):
 
 def test_a_check_of_rules_the_kernel_takes_passes_and_changes_nothing(dataplane):
     dataplane.rules.block(make_spec(ATTACKER4))
-    saved = without_comments(dataplane.save(4)), without_comments(dataplane.save(6))
+    saved = save_rule_set(dataplane.save(4)), save_rule_set(dataplane.save(6))
     dataplane.runner.commands.clear()
     dataplane.driver.check_provider_fw_rules([make_spec(OTHER4), make_spec(ATTACKER6, "icmp", 128, 0),
                                               make_spec("192.0.2.0/24", "tcp", 1000, 2000)])
     assert [c for c in dataplane.runner.restores() if "--test" not in c] == []
-    assert (without_comments(dataplane.save(4)), without_comments(dataplane.save(6))) == saved
+    assert (save_rule_set(dataplane.save(4)), save_rule_set(dataplane.save(6))) == saved
     assert dataplane.blocked(ATTACKER4, INSTANCE4) and dataplane.reachable(OTHER4, INSTANCE4)
 
 
 def test_a_check_of_a_rule_the_kernel_refuses_raises_and_leaves_everything_as_it_was(dataplane):
     dataplane.rules.block(make_spec(ATTACKER4), make_spec(ATTACKER6))
-    saved = without_comments(dataplane.save(4)), without_comments(dataplane.save(6))
+    saved = save_rule_set(dataplane.save(4)), save_rule_set(dataplane.save(6))
     refused = RuleSpec("fe80::1%eth0/128", "all", -1, -1)         # bypasses validation
     for _ in range(2):
         with pytest.raises(exception.DriverError, match="fe80::1%eth0"):
             dataplane.driver.check_provider_fw_rules([make_spec(OTHER6), refused])
-    assert (without_comments(dataplane.save(4)), without_comments(dataplane.save(6))) == saved
+    assert (save_rule_set(dataplane.save(4)), save_rule_set(dataplane.save(6))) == saved
     assert "provfw-check" not in dataplane.save(6)
     assert dataplane.blocked(ATTACKER6, INSTANCE6) and dataplane.reachable(OTHER6, INSTANCE6)
 

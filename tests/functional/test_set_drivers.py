@@ -10,7 +10,6 @@ and remembers it, so a test can say what kind of apply happened.
 from __future__ import annotations
 
 import ipaddress
-import re
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from provfw.virt.firewall.iptc import IptcFirewallDriver
 from provfw.virt.firewall.nftables import NftablesFirewallDriver
 from tests.lib import services
 from tests.lib.applied import AppliedRules
-from tests.lib.netns import RoutedTopology, netns_exec, wait_until
+from tests.lib.netns import RoutedTopology, netns_exec, save_rule_set, wait_until
 from tests.lib.traffic import Flood, InstanceCounter
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(240)]
@@ -80,12 +79,8 @@ def dataplane_snapshot(topo) -> tuple:
     def out(*cmd):
         return netns_exec(topo.hv, *cmd).stdout
 
-    def without_comments(text):
-        # iptables-save stamps the time in comment lines and counts packets in chain headers.
-        return [re.sub(r"\[\d+:\d+\]$", "", line) for line in text.splitlines() if not line.startswith("#")]
-
     return (out("ipset", "save"), out("nft", "list", "ruleset"),
-            *(without_comments(out(tool, "-t", "filter")) for tool in
+            *(save_rule_set(out(tool, "-t", "filter")) for tool in
               ("iptables-save", "ip6tables-save", "iptables-legacy-save", "ip6tables-legacy-save")))
 
 

@@ -17,6 +17,7 @@ state and processes inside them.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -60,6 +61,13 @@ def run(*cmd: str, check: bool = True, input: str | None = None) -> subprocess.C
 
 def netns_exec(ns: str, *cmd: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
     return run("ip", "netns", "exec", ns, *cmd, check=check, input=input)
+
+
+def save_rule_set(text: str) -> list[str]:
+    """The rule set of an ``iptables-save`` text, for comparing two saves: no comment lines (they stamp the
+    time) and no chain counters (``:FORWARD ACCEPT [2:104]``: the topology's own IPv6 neighbour traffic
+    moves them while a test runs)."""
+    return [re.sub(r" ?\[\d+:\d+\]$", "", line) for line in text.splitlines() if not line.startswith("#")]
 
 
 def unique_tag() -> str:
