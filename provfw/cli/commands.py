@@ -446,8 +446,11 @@ def _import_sentence(name: str, totals: Mapping[str, Any], args: argparse.Namesp
         counts = (f"{totals['added']:,} added, {totals['removed']:,} removed ({totals['deleted']:,} deleted), "
                   f"{totals['renewed']:,} renewed, {totals['duplicate']:,} duplicate")
     counts += f", {totals['refused']:,} refused"
-    verb = f"replaced {totals['source']} with {name}" if totals["mode"] == "replace" else \
-        f"imported {name} into {totals['source']}"
+    # The format the list was read as, so a mis-detected one shows at once (a header-less CSV read as plain).
+    detected = args.format == formats.AUTO and args.csv_column is None
+    what = f"{name} ({totals['format']}{', detected' if detected else ''})"
+    verb = f"replaced {totals['source']} with {what}" if totals["mode"] == "replace" else \
+        f"imported {what} into {totals['source']}"
     if totals["dry_run"]:
         return f"dry run, nothing changed: {verb} would give {counts} (generation stays {totals['generation']})"
     return f"{verb}: {counts}, generation {totals['generation']}"

@@ -25,11 +25,21 @@ def test_import_detects_the_format_and_names_the_source_after_the_file(api, home
     drop.write_bytes(data_file("feeds", "spamhaus-drop.txt"))
     result = admin(capsys, api, "import", str(drop))
     assert result.code == 0, result.err
-    assert lines_of(result)[0].startswith(f"imported {drop} into import:drop.txt: 4 added, 0 renewed, 0 duplicate, "
+    assert lines_of(result)[0].startswith(f"imported {drop} (spamhaus, detected) into import:drop.txt: 4 added, 0 renewed, 0 duplicate, "
                                           "0 refused, generation ")
     rows = json.loads(admin(capsys, api, "rules", "--source", "import:drop.txt", "-o", "json").out)
     assert len(rows) == 4 and all(r["sources"][0]["source"] == "import:drop.txt" for r in rows)
     assert admin(capsys, api, "sources", "-o", "value").out == "import:drop.txt\t4\n"
+
+
+def test_import_says_which_format_it_read_and_whether_it_was_detected(api, home, capsys, tmp_path):
+    drop = tmp_path / "drop.txt"
+    drop.write_bytes(data_file("feeds", "spamhaus-drop.txt"))
+    chosen = admin(capsys, api, "import", str(drop), "--format", "drop", "--dry-run")
+    assert chosen.code == 0 and lines_of(chosen)[0].startswith(
+        f"dry run, nothing changed: imported {drop} (spamhaus) into import:drop.txt would give 4 added")
+    detected = admin(capsys, api, "import", str(drop), "--dry-run")
+    assert f"imported {drop} (spamhaus, detected) into" in lines_of(detected)[0]
 
 
 def test_a_replace_reports_what_it_removed_and_the_guard_stops_a_truncated_list(api, home, capsys, tmp_path):
