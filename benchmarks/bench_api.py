@@ -30,6 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import machine  # noqa: E402
 from provfw.db import api as db  # noqa: E402
 from provfw.db import migration  # noqa: E402
 from tests.lib import services  # noqa: E402
@@ -206,6 +207,7 @@ def main() -> None:
         database.drop()
 
     gunicorn = f"gunicorn {args.workers}x gthread/{args.threads}"
+    print(machine.describe())
     print(f"\nAPI throughput, {args.clients} clients, block/unblock mix, PostgreSQL, casts over "
           f"{'RabbitMQ' if rabbit else 'the in-process bus'}, {args.seconds:.0f} s per server")
     print(f"{'server':<24}{'ops/s':>10}{'p50':>10}{'p99':>10}{'CPU/op':>10}{'errors':>8}{'vs eventlet':>13}")

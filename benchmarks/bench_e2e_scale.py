@@ -41,6 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import machine  # noqa: E402
 from benchmarks.feed import DEFAULT_IPSUM, load_specs  # noqa: E402
 from provfw import rules  # noqa: E402
 from provfw.db import api as db  # noqa: E402
@@ -174,6 +175,7 @@ def main() -> int:
         print("bench_e2e_scale: run as root (network namespaces)", file=sys.stderr)
         return 2
     feed = load_feed(args.feed, args.generate)
+    print(machine.describe())
     print(f"{len(feed):,} entries, {HOSTS} hosts, real provfw-api + provfw-compute on RabbitMQ + PostgreSQL")
     results = {}
     for driver in args.drivers.split(","):
