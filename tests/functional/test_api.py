@@ -98,7 +98,8 @@ def test_create_list_show_delete_round_trip_casts_each_generation(api):
 
 
 def test_a_create_answers_the_rule_exactly_as_a_read_shows_it_new_renewed_or_shared(api):
-    # The create's answer is read inside its own transaction (no second session): it must be what GET says.
+    # The answer comes from its own transaction (new rules from the insert's RETURNING, others read back): it must
+    # be what GET says.
     def same_as_read(answer):
         rule = answer.json["rule"]
         assert rule == api.call("GET", f"/v1/provider-fw-rules/{rule['id']}").json["rule"], answer.text

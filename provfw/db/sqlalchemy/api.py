@@ -347,7 +347,8 @@ _IN_FORCE_AT = sa.and_(_RULES.c.deleted == 0,
 _IN_FORCE_BY_ID = select(*_WIRE_COLUMNS).where(_RULES.c.id == sa.bindparam("b_id"), _IN_FORCE_AT)
 _IN_FORCE_BY_CIDR = (select(*_WIRE_COLUMNS).where(_RULES.c.cidr == sa.bindparam("b_cidr"), _IN_FORCE_AT)
                      .order_by(_RULES.c.id))
-_INSERT_RULES_RETURNING = _RULES.insert().returning(_RULES.c.id, sort_by_parameter_order=True)
+# Every column: the rows as stored are the API's answer for new rules, without reading them back.
+_INSERT_RULES_RETURNING = _RULES.insert().returning(*_RULES.c, sort_by_parameter_order=True)
 # The new rules' source rows, written by the database from the rule rows just taken (their expires_at
 # and created_at are the source's).
 _SOURCES_OF_NEW_RULES = sa.insert(_SOURCES).from_select(
@@ -628,9 +629,11 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                                 f"max_rules: {live} live + {len(plan.create)} new exceeds the limit of {max_rules}")
                     if dry_run or not plan.changes_anything and _after is None:
                         raise _Unchanged(plan)
+                    new_rows: dict = {}
                     if plan.changes_anything:
                         created = _write_plan(session, plan, source, generation, now, expires_at, description,
-                                              created_by, audit.actor if audit else created_by, live_before)
+                                              created_by, audit.actor if audit else created_by, live_before,
+                                              new_rows)
                         changes = _plan_changes(plan, held, own, created, generation, expires_at)
                         _audit(session, audit, action, generation,
                                _sync_detail(plan, source, mode, created, repeated, force, audit_detail))
@@ -646,8 +649,14 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
                     if len(wanted) <= BULK_THRESHOLD:
                         ids = _rule_ids(wanted, held, own, {h.rule_id for h in plan.retire})
                         ids.update(created)
-                    read_back = _rules_with_sources(session, list(ids.values())) if len(wanted) <= READ_BACK_LIMIT \
-                        else {}
+                    read_back: dict = {}
+                    if len(wanted) <= READ_BACK_LIMIT:
+                        # A rule this call created has one source, this one, with the rule's own expiry (the
+                        # source row was copied from it); only rules that existed before are read back.
+                        read_back = {rule_id: (new_rows[rule_id], [(source, new_rows[rule_id].expires_at)])
+                                     for rule_id in ids.values() if rule_id in new_rows}
+                        read_back.update(_rules_with_sources(
+                            session, [rule_id for rule_id in ids.values() if rule_id not in new_rows]))
             except _Unchanged as unchanged:
                 ids = {} if dry_run or len(wanted) > BULK_THRESHOLD else _rule_ids(wanted, held, own)
                 return _sync_result(source, mode, generation - 1, False, dry_run, unchanged.plan,
@@ -795,11 +804,14 @@ def _source_rows(session: Session, rule_ids: Sequence[int]) -> dict[int, dict[st
 
 
 def _write_plan(session: Session, plan: sources_mod.Plan, source: str, generation: int, now: datetime.datetime,
-                expires_at, description, created_by, actor, live: int) -> dict[rules_mod.RuleSpec, int]:
+                expires_at, description, created_by, actor, live: int,
+                new_rows: dict | None = None) -> dict[rules_mod.RuleSpec, int]:
     """Write ``plan`` inside the caller's transaction; return spec -> id of the rules created.
 
     ``live``: the live rules before the plan (the counter), which says whether the insert is large enough
-    to refresh the tables' statistics (``_worth_analyzing``).
+    to refresh the tables' statistics (``_worth_analyzing``).  ``new_rows``: filled with id -> the created
+    rule's row as stored (every column), when the insert could answer them (at most BULK_THRESHOLD rules, on
+    a database with ordered INSERT .. RETURNING).
     """
     gone = [h.rule_id for h in plan.retire] + [h.rule_id for h in plan.delete]
     if plan.retire:
@@ -825,7 +837,9 @@ def _write_plan(session: Session, plan: sources_mod.Plan, source: str, generatio
         if len(values) <= BULK_THRESHOLD and dialect.insert_executemany_returning_sort_by_parameter_order:
             # One statement writes the rows and answers their ids, in the order of the values.
             inserted = session.connection().execute(_INSERT_RULES_RETURNING, values).all()
-            created.update(zip(plan.create, (rule_id for rule_id, in inserted)))
+            created.update(zip(plan.create, (row.id for row in inserted)))
+            if new_rows is not None:
+                new_rows.update((row.id, row) for row in inserted)
         else:
             _bulk_insert(session, values, analyze=_worth_analyzing(len(values), live))
             # Core rows and tuple.__new__ (RuleSpec's own __new__ is Python): this loop runs per new rule.
