@@ -347,6 +347,12 @@ _IN_FORCE_AT = sa.and_(_RULES.c.deleted == 0,
 _IN_FORCE_BY_ID = select(*_WIRE_COLUMNS).where(_RULES.c.id == sa.bindparam("b_id"), _IN_FORCE_AT)
 _IN_FORCE_BY_CIDR = (select(*_WIRE_COLUMNS).where(_RULES.c.cidr == sa.bindparam("b_cidr"), _IN_FORCE_AT)
                      .order_by(_RULES.c.id))
+# An unblock of a CIDR by every source: the soft delete finds the rules and answers them (PostgreSQL, SQLite).
+_RETIRE_BY_CIDR = (update(_RULES).where(_RULES.c.cidr == sa.bindparam("b_cidr"), _IN_FORCE_AT)
+                   .values(deleted=_RULES.c.id, deleted_at=sa.bindparam("b_now"),
+                           deleted_generation=sa.bindparam("b_generation"), deleted_by=sa.bindparam("b_actor"),
+                           updated_at=sa.bindparam("b_now"))
+                   .returning(*_WIRE_COLUMNS))
 # Every column: the rows as stored are the API's answer for new rules, without reading them back.
 _INSERT_RULES_RETURNING = _RULES.insert().returning(*_RULES.c, sort_by_parameter_order=True)
 # The new rules' source rows, written by the database from the rule rows just taken (their expires_at
@@ -1182,8 +1188,22 @@ def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None, sour
     now = _now()
     with _session() as session, session.begin():
         generation, _count = _bump_generation(session)
+        connection = session.connection()
+        if source is None and connection.dialect.update_returning:
+            # Every source lets go, so every rule found goes: one UPDATE .. RETURNING finds and retires them.
+            rows = sorted(connection.execute(_RETIRE_BY_CIDR, {"b_cidr": cidr, "b_now": now, "b_generation": generation,
+                                                               "b_actor": audit.actor if audit else None}).all(),
+                          key=lambda row: row.id)
+            if not rows:
+                raise exception.NotFound(f"no provider firewall rules for {cidr}")
+            connection.execute(_lists(connection).forget_sources, {"b_ids": [row.id for row in rows]})
+            _adjust_live_rules(session, -len(rows))
+            changes = Changes(generation - 1, generation, [], [rule_of(row) for row in rows])
+            _audit(session, audit, "cidr.unblock", generation,
+                   {"cidr": cidr, "count": len(rows), "ids": [row.id for row in rows]})
+            return changes
         if source is None:
-            rows = session.connection().execute(_IN_FORCE_BY_CIDR, {"b_cidr": cidr, "b_now": now}).all()
+            rows = connection.execute(_IN_FORCE_BY_CIDR, {"b_cidr": cidr, "b_now": now}).all()
         else:
             rows = session.execute(select(*_RULE_COLUMNS).where(ProviderFirewallRule.cidr == cidr, _in_force(now),
                                                                 _has_source(source))
