@@ -45,7 +45,8 @@ credentials:
 
 exit status:
   0  success
-  1  error: the server refused, the API could not be reached, or a file could not be read
+  1  error: the server refused, the API could not be reached, a file could not be read, or every
+     entry of an import was refused (its answer is printed first)
   2  usage: bad command line, or no token
 """
 
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = command.run(AdminClient(url, token), args)
         _write(output.render(result, command.columns, mode, selected))
+        if result.failed:
+            print(f"provfw: {result.failed}", file=sys.stderr)
+            return EXIT_ERROR
     except AdminClientError as exc:
         hint = f" (the token came from {token_source})" if exc.status == 401 else ""
         print(f"provfw: {exc}{hint}", file=sys.stderr)

@@ -437,7 +437,13 @@ def import_(client: AdminClient, args: argparse.Namespace) -> Result:
             _progress(min(start + step, len(lines)), len(lines), started)
     if show:
         sys.stderr.write("\n")
-    return Result(totals, [totals], _import_sentence(name, totals, args), _import_details(totals, args))
+    accepted = totals["added"] + totals["renewed"] + totals["duplicate"]
+    # Some refused lines are a list's normal state (one bad line never costs the rest); all of them refused
+    # is an import that went wrong (the wrong --format, the wrong file), and a script must be able to tell.
+    failed = (f"every entry of {name} was refused ({totals['refused']:,}); nothing was imported"
+              if totals["refused"] and not accepted else None)
+    return Result(totals, [totals], _import_sentence(name, totals, args), _import_details(totals, args),
+                  failed=failed)
 
 
 def _import_sentence(name: str, totals: Mapping[str, Any], args: argparse.Namespace) -> str:

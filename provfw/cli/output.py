@@ -58,6 +58,8 @@ class Result:
     ``empty``: what ``table`` prints when there are no rows.
     ``heading``: a line ``table`` prints above the rows (and ``details`` below them), for an answer that is
     both a sentence and a table (``provfw why``).
+    ``failed``: the answer printed is a failure all the same (an import whose every entry was refused): the
+    CLI says this on stderr after the output and exits 1.
     """
 
     payload: Any
@@ -67,6 +69,7 @@ class Result:
     record: bool = False
     empty: str = "(none)"
     heading: str | None = None
+    failed: str | None = None
 
 
 def cell(value: Any) -> str:

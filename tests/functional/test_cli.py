@@ -244,9 +244,22 @@ def test_import_counts_and_lists_refused_lines_numbered_across_chunks(api, home,
 def test_import_of_many_refused_lines_shows_the_first_ones_and_counts_the_rest(api, home, capsys, tmp_path):
     feed = tmp_path / "junk.txt"
     feed.write_text("".join(f"junk{i}\n" for i in range(25)))
-    lines = admin(capsys, api, "import", str(feed)).out.splitlines()
+    result = admin(capsys, api, "import", str(feed))
+    lines = result.out.splitlines()
     assert lines[0].endswith("0 added, 0 renewed, 0 duplicate, 25 refused, generation 0")
     assert len(lines) == 1 + 20 + 1 and lines[-1].startswith("  ... 5 more refused lines")
+    # Every entry refused is an import that went wrong: scripts see it in the exit status (newcomer trial).
+    assert result.code == 1 and result.err == f"provfw: every entry of {feed} was refused (25); nothing was imported\n"
+
+
+def test_an_import_read_in_the_wrong_format_fails_and_one_bad_line_does_not(api, home, capsys, tmp_path):
+    ipsum = tmp_path / "ipsum.txt"
+    ipsum.write_text("# IPsum\n198.51.100.7\t3\n198.51.100.8\t2\n")
+    wrong = admin(capsys, api, "import", str(ipsum), "--format", "plain", "--dry-run", "-o", "json")
+    assert wrong.code == 1 and json.loads(wrong.out)["refused"] == 2 and "was refused (2)" in wrong.err
+    ipsum.write_text("# IPsum\n198.51.100.7\t3\nbogus\t2\n")
+    partly = admin(capsys, api, "import", str(ipsum))
+    assert partly.code == 0 and "(ipsum, detected)" in partly.out and "1 added" in partly.out and partly.err == ""
 
 
 def test_an_import_refused_part_way_says_which_lines_were_imported(api, home, capsys, conf, tmp_path):
