@@ -71,6 +71,7 @@ def main(argv=None) -> None:
         watchdog.stop()
         worker.stop()
         conductor.stop()
+        LOG.info("provfw-all-in-one stopped: the kernel keeps the rules it enforces")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,4 @@ def test_sigterm_under_load_stops_the_api_within_seconds_each_time():
             assert code == 0, dep.tail("api")
             assert took < 3.0, f"attempt {attempt}: stopping took {took:.1f} s"
             assert failures == [], f"5xx answers while stopping: {failures}\n{dep.tail('api')}"
+            assert dep.tail("api", 5).count("provfw-api stopped") == 1, dep.tail("api")
