@@ -86,12 +86,14 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of every registered command; a parsed namespace's ``command`` names the one to run."""
+    """The parser of every registered command; a parsed namespace's ``command`` names the one to run, and
+    ``parser.command_parsers[command]`` is its own parser (whose usage a mistake in its options prints)."""
     common = _common_options()
     parser = argparse.ArgumentParser(prog="provfw", description="provfw admin client: block CIDRs on every "
                                      "hypervisor, list and remove rules, watch the workers.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
     groups = {(): parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)}
+    parser.command_parsers = {}
     for name, command in COMMANDS.items():
         words = tuple(name.split())
         for depth in range(1, len(words)):  # "feed list": the group "feed" first
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         for flags, options in command.arguments:
             sub.add_argument(*flags, **options)
         sub.set_defaults(command=name)
+        parser.command_parsers[name] = sub
     return parser
 
 
@@ -146,18 +149,23 @@ def _write(lines: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run ``provfw`` with ``argv`` (default: sys.argv[1:]); returns the exit status (see EPILOG)."""
     parser = build_parser()
-    args = parser.parse_args(argv)  # exits 2 on a usage error, 0 after --help / --version
+    args, extra = parser.parse_known_args(argv)  # exits 2 on a usage error, 0 after --help / --version
     command = COMMANDS[args.command]
+    # A mistake in a command's options prints that command's usage, not provfw's (newcomer trial: `provfw rules
+    # --bogus` showed the top-level usage while `provfw rules -o yaml` showed the command's).
+    command_parser = parser.command_parsers[args.command]
+    if extra:
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     problem = command.check(args) if command.check is not None else None
     if problem:
-        parser.error(problem)
+        command_parser.error(problem)
     mode = getattr(args, "output", "table")
     selected = getattr(args, "columns", None)
     if selected:
         try:
             output.visible_columns(command.columns, [], selected)
         except ValueError as exc:
-            parser.error(str(exc))
+            command_parser.error(str(exc))
     try:
         url = _url(getattr(args, "url", None))
         token, token_source = _token(getattr(args, "token", None))

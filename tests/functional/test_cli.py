@@ -336,8 +336,11 @@ def test_exit_status_is_0_ok_1_error_2_usage(api, home, tmp_path, refused_port):
 
     usage = run("rules", "--no-such-option", *credentials)
     assert usage.code == 2 and "unrecognized arguments: --no-such-option" in usage.err
-    assert run("rules", "-o", "yaml", *credentials).code == 2
-    assert run("rules", "-c", "colour", *credentials).code == 2
+    # Each mistake in a command's options prints that command's usage (newcomer trial: some printed provfw's).
+    for argv in (["--no-such-option"], ["stray"], ["-o", "yaml"], ["-c", "colour"], ["-c", "colour", "-o", "value"]):
+        mistake = run("rules", *argv, *credentials)
+        assert mistake.code == 2 and mistake.err.startswith("usage: provfw rules "), (argv, mistake.err)
+    assert run("feed", "show", "x", "--no-such-option", *credentials).err.startswith("usage: provfw feed show ")
     assert run("rules", "--url", "127.0.0.1:8774", "--token", api.admin).code == 2
     no_token = run("rules", "--url", api.url, env={"HOME": str(home)})
     assert no_token.code == 2 and "provfw-manage token create" in no_token.err
