@@ -11,5 +11,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi
+# pip runs quietly; say what the first half-minute is (a newcomer took the silence for a hang).
+echo "run-all-in-one: installing provfw into .venv (about 30 s the first time)..." >&2
 .venv/bin/pip install -q -e . 2>&1 | grep -v -E "^WARNING: Location|is ignored" || true
+echo "run-all-in-one: starting provfw-all-in-one on http://127.0.0.1:8774 (Ctrl-C stops it; the kernel keeps the rules)" >&2
 exec .venv/bin/provfw-all-in-one "$@"
