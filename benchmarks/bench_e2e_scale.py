@@ -145,7 +145,8 @@ def run_driver(driver: str, feed: list[str], adds: int, linear_adds: int) -> dic
         apply_ms = sorted(1000 * float(sec) for gen, sec in APPLY_SECONDS_RE.findall(worker_log)
                           if int(gen) in add_generations)
         rss = [rss_mb(proc.pid) for proc in dep.workers.values()]
-        return {"apply_ms": statistics.median(apply_ms) if apply_ms else float("nan"),"added": result["added"], "api": api_seconds, "import": import_seconds,
+        return {"apply_ms": statistics.median(apply_ms) if apply_ms else float("nan"),
+                "added": result["added"], "api": api_seconds, "import": import_seconds,
                 "p50": statistics.median(latencies), "p99": _p99(latencies),
                 "api_ms": statistics.median(api_ms) if api_ms else float("nan"),
                 "snapshot": (snapshot_at - started - api_seconds) if snapshot_at else float("nan"),

@@ -312,9 +312,7 @@ class LightConductorAPI(conductor_api.ConductorAPI):
     """
 
     def get_provider_fw_rules(self, since_generation, min_generation=None, fresh=False):
-        extra = {"fresh": True} if fresh else {}
-        body, headers = self.client.call("get_provider_fw_rules", host=self.host,
-                                         since_generation=since_generation, min_generation=min_generation, **extra)
+        body, headers = self._call_rules(since_generation, min_generation, fresh)
         if not LIGHT_PHASE.is_set():
             return conductor_api.parse_rules_reply(rpc.decode_reply(body))
         generation = headers.get("generation")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=2"
 
 def python_loop_seconds(steps: int = 10_000_000) -> float:
     """Seconds for ``steps`` additions in a plain Python loop (best of two)."""
@@ -31,7 +30,12 @@ def pg_round_trip_us(count: int = 2000) -> float | None:
     """Median microseconds of ``SELECT 1`` on the local PostgreSQL (psycopg2, one connection), or None."""
     try:
         import psycopg2
-        connection = psycopg2.connect(PG_DSN)
+        import sqlalchemy as sa
+
+        from tests.lib.services import PG_ADMIN_URL       # the server the benchmarks use ($PROVFW_TEST_PG)
+        url = sa.engine.make_url(PG_ADMIN_URL)
+        connection = psycopg2.connect(connect_timeout=2,
+                                      **url.translate_connect_args(username="user", database="dbname"))
     except Exception:  # noqa: BLE001 - no PostgreSQL, no driver: the probe says so
         return None
     try:

@@ -74,11 +74,14 @@ class ConductorAPI:
         for its age alone) - for a catch-up after casts may have been lost.
         Raises ``ConductorUnavailable`` when no conductor answers.
         """
-        extra = {"fresh": True} if fresh else {}
-        payload, _headers = self.client.call("get_provider_fw_rules", host=self.host,
-                                             since_generation=since_generation, min_generation=min_generation,
-                                             **extra)
+        payload, _headers = self._call_rules(since_generation, min_generation, fresh)
         return parse_rules_reply(payload)
+
+    def _call_rules(self, since_generation: int | None, min_generation: int | None, fresh: bool):
+        """The ``get_provider_fw_rules`` call as the client returns it: (payload, headers)."""
+        extra = {"fresh": True} if fresh else {}     # sent only when set: a conductor of the last release ignores it
+        return self.client.call("get_provider_fw_rules", host=self.host, since_generation=since_generation,
+                                min_generation=min_generation, **extra)
 
     def report_provider_fw_state(self, **state) -> None:
         """Cast this host's state (applied generation, rule count, driver, last error, quarantine).

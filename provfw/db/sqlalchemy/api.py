@@ -348,11 +348,12 @@ _IN_FORCE_BY_ID = select(*_WIRE_COLUMNS).where(_RULES.c.id == sa.bindparam("b_id
 _IN_FORCE_BY_CIDR = (select(*_WIRE_COLUMNS).where(_RULES.c.cidr == sa.bindparam("b_cidr"), _IN_FORCE_AT)
                      .order_by(_RULES.c.id))
 # An unblock of a CIDR by every source: the soft delete finds the rules and answers them (PostgreSQL, SQLite).
-_RETIRE_BY_CIDR = (update(_RULES).where(_RULES.c.cidr == sa.bindparam("b_cidr"), _IN_FORCE_AT)
-                   .values(deleted=_RULES.c.id, deleted_at=sa.bindparam("b_now"),
+# A soft delete: ``deleted`` takes the row's id, so the unique key on (cidr, ..., deleted) lets a new live copy in.
+_SOFT_DELETE_VALUES = dict(deleted=_RULES.c.id, deleted_at=sa.bindparam("b_now"),
                            deleted_generation=sa.bindparam("b_generation"), deleted_by=sa.bindparam("b_actor"),
                            updated_at=sa.bindparam("b_now"))
-                   .returning(*_WIRE_COLUMNS))
+_RETIRE_BY_CIDR = (update(_RULES).where(_RULES.c.cidr == sa.bindparam("b_cidr"), _IN_FORCE_AT)
+                   .values(**_SOFT_DELETE_VALUES).returning(*_WIRE_COLUMNS))
 # Every column: the rows as stored are the API's answer for new rules, without reading them back.
 _INSERT_RULES_RETURNING = _RULES.insert().returning(*_RULES.c, sort_by_parameter_order=True)
 # The new rules' source rows, written by the database from the rule rows just taken (their expires_at
@@ -396,10 +397,7 @@ class _ListStatements:
     def build(cls, postgresql: bool) -> "_ListStatements":
         ids = functools.partial(_one_of, name="b_ids", element_type=sa.BigInteger(), postgresql=postgresql)
         return cls(
-            soft_delete=(update(_RULES).where(ids(_RULES.c.id), _RULES.c.deleted == 0)
-                         .values(deleted=_RULES.c.id, deleted_at=sa.bindparam("b_now"),
-                                 deleted_generation=sa.bindparam("b_generation"), deleted_by=sa.bindparam("b_actor"),
-                                 updated_at=sa.bindparam("b_now"))),
+            soft_delete=update(_RULES).where(ids(_RULES.c.id), _RULES.c.deleted == 0).values(**_SOFT_DELETE_VALUES),
             forget_sources=sa.delete(_SOURCES).where(ids(_SOURCES.c.rule_id)),
             source_rows=select(_SOURCES.c.rule_id, _SOURCES.c.source, _SOURCES.c.expires_at).where(
                 ids(_SOURCES.c.rule_id)),
@@ -1122,10 +1120,6 @@ def provider_fw_rule_get_all_by_cidr(cidr: str) -> list[ProviderFirewallRule]:
     return provider_fw_rule_get_all(cidr=cidr)
 
 
-_RULE_COLUMNS = (ProviderFirewallRule.id, ProviderFirewallRule.cidr, ProviderFirewallRule.protocol,
-                 ProviderFirewallRule.from_port, ProviderFirewallRule.to_port, ProviderFirewallRule.expires_at)
-
-
 def _release(session: Session, rows: Sequence, source: str | None, generation: int, now: datetime.datetime,
              actor: str | None) -> tuple[Changes, list[dict]]:
     """``source`` (None: every source) lets go of the live rules ``rows``; return (Changes, audit items)."""
@@ -1205,7 +1199,7 @@ def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None, sour
         if source is None:
             rows = connection.execute(_IN_FORCE_BY_CIDR, {"b_cidr": cidr, "b_now": now}).all()
         else:
-            rows = session.execute(select(*_RULE_COLUMNS).where(ProviderFirewallRule.cidr == cidr, _in_force(now),
+            rows = session.execute(select(*_WIRE_COLUMNS).where(ProviderFirewallRule.cidr == cidr, _in_force(now),
                                                                 _has_source(source))
                                    .order_by(ProviderFirewallRule.id)).all()
         if not rows:
@@ -1234,7 +1228,7 @@ def provider_fw_rule_purge_expired(now: datetime.datetime | None = None, older_t
     s = ProviderFirewallRuleSource
     with _session() as session, session.begin():
         session.execute(select(FirewallGeneration.generation).where(FirewallGeneration.id == 1).with_for_update())
-        rows = session.execute(select(*_RULE_COLUMNS).where(
+        rows = session.execute(select(*_WIRE_COLUMNS).where(
             _live(), ProviderFirewallRule.expires_at.is_not(None), ProviderFirewallRule.expires_at <= cutoff)).all()
         lapsed = session.execute(sa.delete(s).where(s.expires_at.is_not(None), s.expires_at <= cutoff)
                                  .execution_options(synchronize_session=False)).rowcount
@@ -1299,7 +1293,7 @@ def provider_fw_snapshot(now: datetime.datetime | None = None, attempts: int = 5
     for attempt in range(attempts):
         with _session() as session:
             before = _current_generation(session)
-            rows = session.execute(select(*_RULE_COLUMNS).where(_live(), _not_expired(now))).all()
+            rows = session.execute(select(*_WIRE_COLUMNS).where(_live(), _not_expired(now))).all()
             session.rollback()
             after = _current_generation(session)
         if before == after:
@@ -1337,14 +1331,14 @@ def provider_fw_changes_since(generation: int, attempts: int = 5) -> Changes:
     for attempt in range(attempts):
         with _session() as session:
             before = _current_generation(session)
-            added = session.execute(select(*_RULE_COLUMNS, ProviderFirewallRule.deleted_generation).where(
+            added = session.execute(select(*_WIRE_COLUMNS, ProviderFirewallRule.deleted_generation).where(
                 ProviderFirewallRule.created_generation > generation)).all()
             # Two indexed queries rather than one OR, which not every database plans as an index union.
             seen = {row.id for row in added}
             added += [row for row in session.execute(
-                select(*_RULE_COLUMNS, ProviderFirewallRule.deleted_generation).where(
+                select(*_WIRE_COLUMNS, ProviderFirewallRule.deleted_generation).where(
                     ProviderFirewallRule.updated_generation > generation)) if row.id not in seen]
-            removed = session.execute(select(*_RULE_COLUMNS, ProviderFirewallRule.created_generation).where(
+            removed = session.execute(select(*_WIRE_COLUMNS, ProviderFirewallRule.created_generation).where(
                 ProviderFirewallRule.deleted_generation > generation)).all()
             session.rollback()
             after = _current_generation(session)
