@@ -92,6 +92,10 @@ CASTS_FAILED = Counter(
     "provfw_casts_failed",
     "trigger_provider_fw_rules casts that could not be sent (workers converge on their periodic check).",
     registry=CONTROL)
+DB_GROUP_COMMIT_MUTATIONS = Histogram(
+    "provfw_db_group_commit_mutations",
+    "Mutations that shared one transaction, generation and cast (the db layer's group commit).",
+    buckets=(1, 2, 4, 8, 16, 32, 64), registry=CONTROL)
 DB_DEADLOCKS = Counter(
     "provfw_db_deadlocks",
     "Database transactions the server rolled back for a deadlock or serialisation failure, by operation "

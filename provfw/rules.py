@@ -160,8 +160,8 @@ class Snapshot:
 class Changes:
     """What changed between generation ``since`` and ``generation``: rules added and removed.
 
-    Every mutation bumps the generation by exactly one, so the change of a
-    single mutation has ``since == generation - 1``.  ``added`` may name a
+    Every transaction (one mutation, or a group commit of several: ``merge_changes``) bumps the generation by
+    exactly one, so the change it commits has ``since == generation - 1``.  ``added`` may name a
     spec a host already enforces under an older id (re-created, renewed):
     hosts match removals by rule id, not by spec.
     """
@@ -174,6 +174,35 @@ class Changes:
     @property
     def size(self) -> int:
         return len(self.added) + len(self.removed)
+
+
+def merge_changes(changes: Sequence[Changes]) -> Changes:
+    """The one change hosts get for several mutations committed in ONE transaction (a group commit).
+
+    ``changes`` (at least one, in the order the mutations ran) all go from
+    ``since`` to ``generation``.  Rule ids are never reused (a deleted row
+    stays deleted), so a rule removed by any of them is removed, whatever an
+    earlier one added for it; of several ``added`` entries for one id (created
+    then renewed) the last wins.  Raises ValueError for an empty list or
+    changes of different generations.
+    """
+    if not changes:
+        raise ValueError("merge_changes needs at least one change")
+    since, generation = changes[0].since, changes[0].generation
+    if len(changes) == 1:
+        return changes[0]
+    removed: dict[int, Rule] = {}
+    for change in changes:
+        if (change.since, change.generation) != (since, generation):
+            raise ValueError(f"change {change.since}->{change.generation} is not {since}->{generation}")
+        for rule in change.removed:
+            removed[rule.id] = rule
+    added: dict[int, Rule] = {}
+    for change in changes:
+        for rule in change.added:
+            if rule.id not in removed:
+                added[rule.id] = rule
+    return Changes(since, generation, list(added.values()), list(removed.values()))
 
 
 def normalise_cidr(value: Any, field: str = "cidr") -> str:

@@ -140,9 +140,8 @@ class AdminController:
         result = db.provider_fw_rules_sync(
             source, specs, expires_at=expires_at, description=description, created_by=context.actor,
             audit=context.audit(description), max_rules=self.conf.max_rules, action=action,
-            audit_detail=audit_detail, **options)
-        notified = self._notify(result.changes) if result.changed else None
-        return result, notified
+            audit_detail=audit_detail, notify=self._notify, **options)
+        return result, result.notified
 
     def create(self, request, context):
         body = self._body(request)
@@ -207,8 +206,8 @@ class AdminController:
         source = wsgi.query(request).get("source")
         if source is not None:
             source = sources.parse_source(source, sources.MANUAL, allowed=sources.KINDS)
-        changes = db.provider_fw_rule_destroy(self._rule_id(id), audit=context.audit(), source=source)
-        self._notify(changes)
+        changes = db.provider_fw_rule_destroy(self._rule_id(id), audit=context.audit(), source=source,
+                                              notify=self._notify)
         response = webob.Response(status=204)
         response.headers["X-Provfw-Generation"] = str(changes.generation)
         return response
@@ -320,8 +319,8 @@ class AdminController:
         source = body.get("source")
         if source is not None:
             source = sources.parse_source(source, sources.MANUAL, allowed=sources.KINDS)
-        changes = db.provider_fw_rule_destroy_by_cidr(cidr, audit=context.audit(reason), source=source)
-        self._notify(changes)
+        changes = db.provider_fw_rule_destroy_by_cidr(cidr, audit=context.audit(reason), source=source,
+                                                      notify=self._notify)
         count = len(changes.removed)
         # "cidr" and "deleted" let clients report the result without parsing the seed's message text.
         return wsgi.json_response({"status": "OK", "message": f"Deleted {count} rules", "cidr": cidr,

@@ -61,7 +61,8 @@ def provider_fw_rules_create_many(specs, description=None, created_by=None, expi
 def provider_fw_rules_sync(source, specs, **options):
     """Add ``specs`` to ``source`` or (``mode="replace"``) make them its exact list, in one transaction and one
     generation; return SyncResult.  Options: mode, expires_at, description, created_by, audit, max_rules,
-    action, guard (sources.Guard), force, dry_run, renew_slack (seconds), audit_detail.  ReplaceGuardTripped,
+    action, guard (sources.Guard), force, dry_run, renew_slack (seconds), audit_detail, notify (called with the
+    committed Changes; a small call with it may share a group commit).  ReplaceGuardTripped,
     RuleLimitExceeded (both 409) change nothing."""
     return IMPL.provider_fw_rules_sync(source, specs, **options)
 
@@ -103,16 +104,17 @@ def provider_fw_rule_get_all_by_cidr(cidr):
     return IMPL.provider_fw_rule_get_all_by_cidr(cidr)
 
 
-def provider_fw_rule_destroy(rule_id, audit=None, source=None):
+def provider_fw_rule_destroy(rule_id, audit=None, source=None, notify=None):
     """Delete one live, unexpired rule (with ``source``: only that source's wish; the rule stays while another source
-    wants it); return Changes.  RuleNotFound if it is not live, NotFound if it lacks ``source``."""
-    return IMPL.provider_fw_rule_destroy(rule_id, audit, source)
+    wants it); return Changes.  RuleNotFound if it is not live, NotFound if it lacks ``source``.  ``notify``: as
+    in provider_fw_rules_sync."""
+    return IMPL.provider_fw_rule_destroy(rule_id, audit, source, notify)
 
 
-def provider_fw_rule_destroy_by_cidr(cidr, audit=None, source=None):
+def provider_fw_rule_destroy_by_cidr(cidr, audit=None, source=None, notify=None):
     """Delete every live, unexpired rule of ``cidr`` (with ``source``: that source's wishes); return Changes.
-    NotFound when none."""
-    return IMPL.provider_fw_rule_destroy_by_cidr(cidr, audit, source)
+    NotFound when none.  ``notify``: as in provider_fw_rules_sync."""
+    return IMPL.provider_fw_rule_destroy_by_cidr(cidr, audit, source, notify)
 
 
 def provider_fw_rule_purge_expired(now=None, older_than=None, audit=None):

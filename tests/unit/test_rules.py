@@ -312,3 +312,38 @@ def test_expiry_is_ttl_or_expires_at_ahead_and_within_ten_years():
         with pytest.raises(exception.InvalidInput) as info:
             rules.expiry(now=NOW, **kwargs)
         assert info.value.field == field and fragment in str(info.value), kwargs
+
+
+# --------------------------------------------------------------------------- merge_changes (group commit)
+
+def _rule(rule_id: int, cidr: str, expires_at: float | None = None) -> rules.Rule:
+    return rules.Rule(rule_id, make_spec(cidr), expires_at)
+
+
+def test_merged_change_keeps_every_addition_and_removal_of_its_mutations():
+    one = rules.Changes(4, 5, [_rule(10, "192.0.2.1")], [])
+    two = rules.Changes(4, 5, [_rule(11, "192.0.2.2")], [_rule(3, "198.51.100.0/24")])
+    merged = rules.merge_changes([one, two])
+    assert (merged.since, merged.generation) == (4, 5)
+    assert [r.id for r in merged.added] == [10, 11] and [r.id for r in merged.removed] == [3]
+
+
+def test_a_rule_created_and_removed_in_one_group_is_only_removed():
+    merged = rules.merge_changes([rules.Changes(4, 5, [_rule(10, "192.0.2.1")], []),
+                                  rules.Changes(4, 5, [], [_rule(10, "192.0.2.1")])])
+    assert merged.added == [] and [r.id for r in merged.removed] == [10]
+
+
+def test_the_last_addition_of_a_rule_wins():
+    merged = rules.merge_changes([rules.Changes(4, 5, [_rule(10, "192.0.2.1", 100.0)], []),
+                                  rules.Changes(4, 5, [_rule(10, "192.0.2.1", 900.0)], [])])
+    assert [(r.id, r.expires_at) for r in merged.added] == [(10, 900.0)]
+
+
+def test_a_single_change_is_its_own_merge_and_mixed_generations_are_refused():
+    one = rules.Changes(4, 5, [_rule(10, "192.0.2.1")], [])
+    assert rules.merge_changes([one]) is one
+    with pytest.raises(ValueError):
+        rules.merge_changes([one, rules.Changes(5, 6, [], [])])
+    with pytest.raises(ValueError):
+        rules.merge_changes([])

@@ -24,6 +24,7 @@ each function opens its own session.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -73,11 +74,13 @@ def is_deadlock(error: BaseException) -> bool:
     return bool(args) and isinstance(args[0], int) and args[0] in _MYSQL_RETRY_ERRNOS
 
 
-def _retry_on_deadlock(func):
-    """Run the whole of ``func`` (one transaction) again when the database rolled it back for a deadlock."""
-    operation = func.__name__
+def _retried(operation: str, func, *args, **kwargs):
+    """Run ``func`` (one whole transaction) again when the database rolled it back for a deadlock.
 
-    def attempt(*args, **kwargs):
+    ``operation`` names it in the log and in ``provfw_db_deadlocks``.  Raises DBDeadlock after
+    DEADLOCK_ATTEMPTS attempts.
+    """
+    def attempt():
         try:
             return func(*args, **kwargs)
         except sa_exc.DBAPIError as exc:
@@ -87,10 +90,15 @@ def _retry_on_deadlock(func):
             raise exception.DBDeadlock(f"{operation}: the database kept rolling the transaction back "
                                        f"({type(exc.orig).__name__}); try again") from exc
 
+    return retrying(f"database transaction {operation}", exception.DBDeadlock, attempts=DEADLOCK_ATTEMPTS,
+                    initial=0.05, maximum=1.0, log=LOG)(attempt)
+
+
+def _retry_on_deadlock(func):
+    """``_retried`` as a decorator, the operation named after ``func``."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        return retrying(f"database transaction {operation}", exception.DBDeadlock, attempts=DEADLOCK_ATTEMPTS,
-                        initial=0.05, maximum=1.0, log=LOG)(attempt, *args, **kwargs)
+        return _retried(func.__name__, func, *args, **kwargs)
     return wrapper
 
 
@@ -253,6 +261,15 @@ def _session() -> Session:
     return _sessionmaker()
 
 
+@event.listens_for(Session, "before_commit")
+def _write_audit_rows(session: Session) -> None:
+    """The transaction's audit rows (``_audit``), in one statement just before COMMIT: inside the transaction
+    (a row that cannot be written rolls the mutation back), and one round trip for a whole group commit."""
+    rows = session.info.pop("audit_rows", None)
+    if rows:
+        session.connection().execute(_AUDIT_INSERT, rows)
+
+
 @event.listens_for(Session, "after_commit")
 def _log_audit_lines(session: Session) -> None:
     for line in session.info.pop("audit_lines", ()):
@@ -262,6 +279,7 @@ def _log_audit_lines(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _drop_audit_lines(session: Session) -> None:
     session.info.pop("audit_lines", None)
+    session.info.pop("audit_rows", None)
 
 
 # --------------------------------------------------------------------------- values
@@ -363,6 +381,7 @@ _SOURCES_OF_NEW_RULES = sa.insert(_SOURCES).from_select(
     select(_RULES.c.id, sa.bindparam("b_source", type_=sa.String), _RULES.c.expires_at, _RULES.c.created_at,
            sa.bindparam("b_actor", type_=sa.String))
     .where(_RULES.c.created_generation == sa.bindparam("b_generation"), _RULES.c.deleted == 0))
+_INSERT_SOURCES = _SOURCES.insert()
 _RULES_WITH_SOURCES = (
     select(_RULES, _SOURCES.c.source.label("source_name"), _SOURCES.c.expires_at.label("source_expires_at"))
     .select_from(_RULES.outerjoin(_SOURCES, _SOURCES.c.rule_id == _RULES.c.id))
@@ -446,13 +465,209 @@ def _audit(session: Session, audit: Audit | None, action: str, generation: int |
         return
     if audit.reason:
         detail = {**detail, "reason": audit.reason}
-    session.connection().execute(_AUDIT_INSERT, {
+    # Written by _write_audit_rows when the transaction commits.
+    session.info.setdefault("audit_rows", []).append({
         "actor": audit.actor, "request_id": audit.request_id, "action": action, "generation": generation,
         "detail": json.dumps(detail, default=str, sort_keys=True)})
     # Logged by _log_audit_lines once the transaction committed.
     session.info.setdefault("audit_lines", []).append(
         json.dumps({"actor": audit.actor, "request_id": audit.request_id, "action": action,
                     "generation": generation, **detail}, default=str, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- group commit
+
+@dataclasses.dataclass
+class _Mutation:
+    """One transaction that holds the generation row lock: its generation, the live rules, what its steps did."""
+
+    generation: int
+    live_before: int
+    live_delta: int = 0     # written once, before COMMIT (_commit_group)
+    changed: bool = False   # some step changed rules: commit; otherwise roll back and the generation stays
+    wrote: bool = False     # the running step has written, so an error of it spoils the transaction
+
+    @property
+    def live(self) -> int:
+        """Live rules now, with what the transaction's earlier steps did."""
+        return self.live_before + self.live_delta
+
+
+# A step of a group commit: run inside the transaction, return (the caller's answer, the change or None).
+# It raises a ProvfwError (NotFound, DuplicateRule, the guards) only before it writes, or sets m.wrote first.
+Step = Callable[[Session, _Mutation], tuple]
+
+
+class _NothingChanged(Exception):
+    """Roll a group commit back: no step changed anything."""
+
+
+def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
+    """Run ``steps`` in ONE transaction under one generation bump; return (outcomes, merged change or None).
+
+    An outcome is a step's answer, or the ProvfwError it raised before writing (that step changed nothing;
+    the others commit).  Any other error - a database error, or a step's error after it wrote - rolls the
+    whole transaction back and propagates.  When no step changed anything the transaction (the bump) is
+    rolled back and the change is None.
+    """
+    outcomes: list = []
+    changes: list[Changes] = []
+    with _session() as session:
+        try:
+            with session.begin():
+                m = _Mutation(*_bump_generation(session))
+                for step in steps:
+                    m.wrote = False
+                    try:
+                        answer, change = step(session, m)
+                    except exception.ProvfwError as exc:
+                        if m.wrote:
+                            raise
+                        outcomes.append(exc)
+                        continue
+                    outcomes.append(answer)
+                    if change is not None:
+                        changes.append(change)
+                if not m.changed:
+                    raise _NothingChanged()
+                _adjust_live_rules(session, m.live_delta)
+        except _NothingChanged:
+            return outcomes, None
+    metrics.DB_GROUP_COMMIT_MUTATIONS.observe(len(steps))
+    return outcomes, rules_mod.merge_changes(changes) if changes else Changes(m.generation - 1, m.generation, [], [])
+
+
+def _alone(operation: str, step: Step, notify: Callable[[Changes], bool] | None) -> tuple:
+    """``step`` in a transaction of its own, then ``notify`` of its change; return (answer, notified or None)."""
+    outcomes, change = _retried(operation, _commit_group, [step])
+    if isinstance(outcomes[0], BaseException):
+        raise outcomes[0]
+    return outcomes[0], notify(change) if notify is not None and change is not None else None
+
+
+def _mutate(operation: str, step: Step, notify: Callable[[Changes], bool] | None):
+    """Run a mutation ``step``: through the group commit when the caller casts with ``notify``, else alone."""
+    if notify is not None and _GROUP.accepts(True):
+        return _GROUP.run(step, functools.partial(_alone, operation, step, notify), notify)[0]
+    return _alone(operation, step, notify)[0]
+
+
+class _Waiter:
+    __slots__ = ("step", "alone", "notify", "done", "lead", "answer", "notified", "error")
+
+    def __init__(self, step: Step, alone: Callable[[], tuple], notify: Callable[[Changes], bool]):
+        self.step, self.alone, self.notify = step, alone, notify
+        self.done = threading.Event()
+        self.lead = False
+        self.answer = self.notified = self.error = None
+
+
+class GroupCommit:
+    """Leader/follower group commit of the mutations that cast their change (the API's).
+
+    Every mutation holds the generation row lock from its first statement to
+    its COMMIT, so concurrent mutations queue on that lock, each paying a bump,
+    a COMMIT (a WAL flush) and a cast, and under eventlet each round trip of
+    the lock holder waits behind the other requests' CPU work.  Here the first
+    caller leads: it runs every mutation queued by then (at most
+    ``max_batch``) as steps of ONE transaction (``_commit_group``: one bump,
+    one COMMIT), calls each distinct ``notify`` once with the merged change
+    (``rules.merge_changes``: hosts get one cast per generation, as always),
+    answers the callers, and hands the lead to the first caller that queued
+    meanwhile.  The idea is PostgreSQL's own group commit (``commit_delay``),
+    one level up, where the lock is.
+
+    A step's error raised before it wrote (NotFound, DuplicateRule, the
+    guards) answers its caller only.  Any other failure rolls the transaction
+    back and every step of it runs again alone, so one caller's error never
+    undoes another's change.  Only databases whose INSERT .. RETURNING
+    answers rows in order (PostgreSQL, SQLite) group: elsewhere a created rule
+    is found by its generation, which a group shares.
+
+    Thread-safety: any number of threads or green threads call ``run``.
+    """
+
+    def __init__(self, max_batch: int = 64):
+        self.max_batch = max_batch
+        self._mutex = threading.Lock()
+        self._queue: collections.deque[_Waiter] = collections.deque()
+        self._leading = False
+
+    def accepts(self, batchable: bool) -> bool:
+        """Whether a call may group (``batchable``: small and without callbacks) on this database."""
+        return (batchable and self.max_batch > 1
+                and get_engine().dialect.insert_executemany_returning_sort_by_parameter_order)
+
+    def run(self, step: Step, alone: Callable[[], tuple], notify: Callable[[Changes], bool]) -> tuple:
+        """Run ``step`` in a group; return (its answer, what ``notify`` said or None); raise its error.
+
+        ``alone()``: the same mutation in a transaction of its own, with its
+        own notify, returning (answer, notified): the way out when the group's
+        transaction failed.
+        """
+        waiter = _Waiter(step, alone, notify)
+        with self._mutex:
+            self._queue.append(waiter)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            waiter.done.wait()
+        if lead or waiter.lead:
+            self._lead()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.answer, waiter.notified
+
+    def _lead(self) -> None:
+        with self._mutex:
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+        try:
+            self._commit(batch)
+        finally:
+            with self._mutex:
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.lead = True
+                    successor.done.set()
+                else:
+                    self._leading = False
+            for waiter in batch:
+                if waiter.answer is None and waiter.error is None:
+                    waiter.error = exception.ProvfwError("the group commit was interrupted; try again")
+                waiter.done.set()
+
+    @staticmethod
+    def _commit(batch: list[_Waiter]) -> None:
+        try:
+            outcomes, change = _retried("group_commit", _commit_group, [waiter.step for waiter in batch])
+        except Exception as exc:  # noqa: BLE001 - whatever spoiled the group, each mutation gets its own try
+            if len(batch) > 1:
+                LOG.warning("a group commit of %d mutations failed (%s: %s); running each alone", len(batch),
+                            type(exc).__name__, exc)
+            for waiter in batch:
+                try:
+                    waiter.answer, waiter.notified = waiter.alone()
+                except Exception as own:  # noqa: BLE001 - handed to its caller
+                    waiter.error = own
+            return
+        answered: list[tuple[Callable, bool]] = []
+        for waiter, outcome in zip(batch, outcomes):
+            if isinstance(outcome, BaseException):
+                waiter.error = outcome
+                continue
+            waiter.answer = outcome
+            if change is None:
+                continue
+            for notify, said in answered:
+                if notify == waiter.notify:
+                    waiter.notified = said
+                    break
+            else:
+                waiter.notified = waiter.notify(change)
+                answered.append((waiter.notify, waiter.notified))
+
+
+_GROUP = GroupCommit()
 
 
 def _live():
@@ -517,6 +732,8 @@ class SyncResult:
     # id -> (rule row, [(source, expires_at)]) of the wanted rules, read in the sync's own transaction, for
     # calls of at most READ_BACK_LIMIT specs (an API create answers with them without another session).
     rules: dict[int, tuple] = dataclasses.field(default_factory=dict)
+    # What ``notify`` answered for the committed change (None: not called - nothing changed, or no notify).
+    notified: bool | None = None
 
     def counts(self) -> dict[str, int]:
         return {"added": self.added, "renewed": self.renewed, "duplicate": self.duplicate, "removed": self.removed,
@@ -577,12 +794,12 @@ def provider_fw_rules_create_many(specs: Sequence[rules_mod.RuleSpec], descripti
     )
 
 
-@_retry_on_deadlock
 def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, mode: str = "add",
                            expires_at: datetime.datetime | None = None, description: str | None = None,
                            created_by: str | None = None, audit: Audit | None = None, max_rules: int | None = None,
                            action: str = "rule.import", guard: sources_mod.Guard | None = None, force: bool = False,
                            dry_run: bool = False, renew_slack: float = 0.0, audit_detail: dict | None = None,
+                           notify: Callable[[Changes], bool] | None = None,
                            _before: Callable[[Session, datetime.datetime], None] | None = None,
                            _after: Callable[[Session, int, sources_mod.Plan], None] | None = None) -> SyncResult:
     """Add ``specs`` to ``source`` (``mode="add"``) or make them its exact list (``mode="replace"``).
@@ -600,6 +817,13 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
     what would happen.  When nothing would change the transaction is rolled
     back and the generation stays.
 
+    ``notify(changes) -> bool`` (the compute API's cast): called once the
+    change committed, its answer in ``SyncResult.notified``.  A small call
+    (at most READ_BACK_LIMIT specs) with ``notify`` goes through the group
+    commit (``group_commit``): it may share its transaction, generation and
+    cast with other mutations made at the same moment, and ``notify`` then
+    receives their merged change.
+
     ``_before(session, now)`` and ``_after(session, generation, plan)``
     run inside the same transaction (the feeds' claim check and state); with
     ``_after`` an unchanged sync still commits what it wrote, the generation
@@ -607,76 +831,174 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
     """
     if mode not in ("add", "replace"):
         raise exception.InvalidInput("mode", f"{mode!r} is not 'add' or 'replace'")
+    call = _SyncCall(source, list(dict.fromkeys(specs)), len(specs), mode, expires_at, description, created_by, audit,
+                     max_rules, action, guard, force, dry_run, renew_slack, audit_detail, _before, _after)
+    if notify is not None and _GROUP.accepts(call.batchable):
+        result, notified = _GROUP.run(functools.partial(_sync_step, call),
+                                      functools.partial(_sync_alone_answer, call, notify), notify)
+        return dataclasses.replace(result, notified=notified) if result.changed else result
+    return _sync_alone(call, notify)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SyncCall:
+    """The arguments of one ``provider_fw_rules_sync`` (``wanted``: the specs without repeats)."""
+
+    source: str
+    wanted: list[rules_mod.RuleSpec]
+    given: int
+    mode: str
+    expires_at: datetime.datetime | None
+    description: str | None
+    created_by: str | None
+    audit: Audit | None
+    max_rules: int | None
+    action: str
+    guard: sources_mod.Guard | None
+    force: bool
+    dry_run: bool
+    renew_slack: float
+    audit_detail: dict | None
+    before: Callable[[Session, datetime.datetime], None] | None
+    after: Callable[[Session, int, sources_mod.Plan], None] | None
+
+    @property
+    def replace(self) -> bool:
+        return self.mode == "replace"
+
+    @property
+    def batchable(self) -> bool:
+        """Small, no dry run, no feed callbacks: may share a transaction with other mutations."""
+        return (len(self.wanted) <= READ_BACK_LIMIT and not self.dry_run and self.before is None
+                and self.after is None)
+
+
+@dataclasses.dataclass
+class _SyncDone:
+    """What ``_sync_in`` did inside the transaction."""
+
+    plan: sources_mod.Plan
+    changes: Changes
+    ids: dict
+    read_back: dict
+
+
+def _sync_in(session: Session, m: "_Mutation", call: _SyncCall, now: datetime.datetime) -> _SyncDone:
+    """Plan and write ``call`` inside the caller's transaction (which holds the generation row lock, ``m``).
+
+    Raises ``_Unchanged`` - before writing anything - for a dry run or when
+    nothing changes (unless ``call.after``); ReplaceGuardTripped and
+    RuleLimitExceeded, also before writing.
+    """
+    source, wanted, replace = call.source, call.wanted, call.replace
+    if call.before is not None:
+        call.before(session, now)
+    held, own = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL, m.live)
+    plan = sources_mod.plan_sync(source, wanted, call.expires_at, held, now, replace, call.renew_slack, call.guard,
+                                 own if own else None)
+    if replace and plan.guard is not None and plan.guard.tripped and not call.force and not call.dry_run:
+        raise exception.ReplaceGuardTripped(source, plan.guard.in_force, plan.guard.removing, plan.guard.max_fraction)
+    if call.max_rules is not None and plan.create:
+        live = m.live - len(plan.retire) - len(plan.delete)
+        if live + len(plan.create) > call.max_rules:
+            raise exception.RuleLimitExceeded(
+                f"max_rules: {live} live + {len(plan.create)} new exceeds the limit of {call.max_rules}")
+    if call.dry_run or not plan.changes_anything and call.after is None:
+        raise _Unchanged(plan, held, own)
+    new_rows: dict = {}
+    generation = m.generation
+    if plan.changes_anything:
+        m.wrote = m.changed = True
+        actor = call.audit.actor if call.audit else call.created_by
+        created = _write_plan(session, m, plan, source, now, call.expires_at, call.description, call.created_by,
+                              actor, new_rows)
+        changes = _plan_changes(plan, held, own, created, generation, call.expires_at)
+        _audit(session, call.audit, call.action, generation,
+               _sync_detail(plan, source, call.mode, created, call.given - len(wanted), call.force,
+                            call.audit_detail))
+    else:
+        # Nothing for the rules; undo our bump (we still hold the row lock), commit what `after` writes.
+        session.execute(update(FirewallGeneration).where(FirewallGeneration.id == 1)
+                        .values(generation=FirewallGeneration.generation - 1))
+        m.generation = generation = generation - 1
+        created, changes = {}, Changes(generation, generation, [], [])
+    if call.after is not None:
+        m.wrote = True
+        call.after(session, generation, plan)
+    ids: dict = {}
+    if len(wanted) <= BULK_THRESHOLD:
+        ids = _rule_ids(wanted, held, own, {h.rule_id for h in plan.retire})
+        ids.update(created)
+    read_back: dict = {}
+    if len(wanted) <= READ_BACK_LIMIT:
+        # A rule this call created has one source, this one, with the rule's own expiry (the source row was
+        # copied from it); only rules that existed before are read back.
+        read_back = {rule_id: (new_rows[rule_id], [(source, new_rows[rule_id].expires_at)])
+                     for rule_id in ids.values() if rule_id in new_rows}
+        read_back.update(_rules_with_sources(
+            session, [rule_id for rule_id in ids.values() if rule_id not in new_rows]))
+    return _SyncDone(plan, changes, ids, read_back)
+
+
+def _unchanged_result(call: _SyncCall, generation: int, unchanged: "_Unchanged") -> SyncResult:
+    """The answer of a sync that changed nothing (or a dry run): ``generation`` is the one in force."""
+    ids = {} if call.dry_run or len(call.wanted) > BULK_THRESHOLD else \
+        _rule_ids(call.wanted, unchanged.held, unchanged.own)
+    return _sync_result(call.source, call.mode, generation, False, call.dry_run, unchanged.plan,
+                        Changes(generation, generation, [], []), ids)
+
+
+def _done_result(call: _SyncCall, generation: int, done: _SyncDone) -> SyncResult:
+    result = _sync_result(call.source, call.mode, generation, done.plan.changes_anything, False, done.plan,
+                          done.changes, done.ids)
+    result.rules.update(done.read_back)
+    return result
+
+
+def _sync_step(call: _SyncCall, session: Session, m: "_Mutation") -> tuple[SyncResult, Changes | None]:
+    """``provider_fw_rules_sync`` as a step of a group commit: (result, change or None)."""
+    try:
+        done = _sync_in(session, m, call, _now())
+    except _Unchanged as unchanged:
+        return _unchanged_result(call, m.generation - 1, unchanged), None
+    return _done_result(call, m.generation, done), done.changes if done.plan.changes_anything else None
+
+
+def _sync_alone_answer(call: _SyncCall, notify: Callable[[Changes], bool]) -> tuple[SyncResult, bool | None]:
+    result = _sync_alone(call, notify)
+    return result, result.notified
+
+
+def _sync_alone(call: _SyncCall, notify: Callable[[Changes], bool] | None = None) -> SyncResult:
+    """``provider_fw_rules_sync`` in a transaction of its own (then ``notify``, when the change committed)."""
+    result = _retried("provider_fw_rules_sync", _sync_once, call)
+    if notify is not None and result.changed:
+        return dataclasses.replace(result, notified=notify(result.changes))
+    return result
+
+
+def _sync_once(call: _SyncCall) -> SyncResult:
     # A large sync allocates per entry (rows read back, the plan): gcpause says why the collector waits.
-    with gcpause.paused() if len(specs) > BULK_THRESHOLD else contextlib.nullcontext():
-        wanted = list(dict.fromkeys(specs))
-        repeated = len(specs) - len(wanted)
-        replace = mode == "replace"
+    with gcpause.paused() if len(call.wanted) > BULK_THRESHOLD else contextlib.nullcontext():
         now = _now()
         with _session() as session:
             try:
                 with session.begin():
-                    generation, live = _bump_generation(session)
-                    live_before = live
-                    if _before is not None:
-                        _before(session, now)
-                    held, own = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL, live)
-                    plan = sources_mod.plan_sync(source, wanted, expires_at, held, now, replace, renew_slack, guard,
-                                                 own if own else None)
-                    if replace and plan.guard is not None and plan.guard.tripped and not force and not dry_run:
-                        raise exception.ReplaceGuardTripped(source, plan.guard.in_force, plan.guard.removing,
-                                                            plan.guard.max_fraction)
-                    if max_rules is not None and plan.create:
-                        live -= len(plan.retire) + len(plan.delete)
-                        if live + len(plan.create) > max_rules:
-                            raise exception.RuleLimitExceeded(
-                                f"max_rules: {live} live + {len(plan.create)} new exceeds the limit of {max_rules}")
-                    if dry_run or not plan.changes_anything and _after is None:
-                        raise _Unchanged(plan)
-                    new_rows: dict = {}
-                    if plan.changes_anything:
-                        created = _write_plan(session, plan, source, generation, now, expires_at, description,
-                                              created_by, audit.actor if audit else created_by, live_before,
-                                              new_rows)
-                        changes = _plan_changes(plan, held, own, created, generation, expires_at)
-                        _audit(session, audit, action, generation,
-                               _sync_detail(plan, source, mode, created, repeated, force, audit_detail))
-                    else:
-                        # Nothing for the rules; undo our bump (we still hold the row lock), commit what _after writes.
-                        session.execute(update(FirewallGeneration).where(FirewallGeneration.id == 1)
-                                        .values(generation=FirewallGeneration.generation - 1))
-                        generation -= 1
-                        created, changes = {}, Changes(generation, generation, [], [])
-                    if _after is not None:
-                        _after(session, generation, plan)
-                    ids: dict = {}
-                    if len(wanted) <= BULK_THRESHOLD:
-                        ids = _rule_ids(wanted, held, own, {h.rule_id for h in plan.retire})
-                        ids.update(created)
-                    read_back: dict = {}
-                    if len(wanted) <= READ_BACK_LIMIT:
-                        # A rule this call created has one source, this one, with the rule's own expiry (the
-                        # source row was copied from it); only rules that existed before are read back.
-                        read_back = {rule_id: (new_rows[rule_id], [(source, new_rows[rule_id].expires_at)])
-                                     for rule_id in ids.values() if rule_id in new_rows}
-                        read_back.update(_rules_with_sources(
-                            session, [rule_id for rule_id in ids.values() if rule_id not in new_rows]))
+                    m = _Mutation(*_bump_generation(session))
+                    done = _sync_in(session, m, call, now)
+                    _adjust_live_rules(session, m.live_delta)
             except _Unchanged as unchanged:
-                ids = {} if dry_run or len(wanted) > BULK_THRESHOLD else _rule_ids(wanted, held, own)
-                return _sync_result(source, mode, generation - 1, False, dry_run, unchanged.plan,
-                                    Changes(generation - 1, generation - 1, [], []), ids)
+                return _unchanged_result(call, m.generation - 1, unchanged)
             except sa_exc.IntegrityError as exc:
                 # Mutations serialise on the generation row, so only a writer that does not (a previous
                 # release during an upgrade) can race us to a live copy; anything else is a server error.
                 with _session() as check:
-                    raced = _existing_live(check, wanted)
+                    raced = _existing_live(check, call.wanted)
                 if raced:
                     LOG.debug("sync raced with another writer: %s", exc)
-                    raise exception.DuplicateRule(wanted[0] if len(wanted) == 1 else None) from None
+                    raise exception.DuplicateRule(call.wanted[0] if len(call.wanted) == 1 else None) from None
                 raise exception.ProvfwError(f"the database refused the change: {exc.orig}") from exc
-        result = _sync_result(source, mode, generation, plan.changes_anything, False, plan, changes, ids)
-        result.rules.update(read_back)
-        return result
+        return _done_result(call, m.generation, done)
 
 
 def _sync_detail(plan: sources_mod.Plan, source: str, mode: str, created: dict, repeated: int, force: bool,
@@ -698,10 +1020,12 @@ def _sync_detail(plan: sources_mod.Plan, source: str, mode: str, created: dict, 
 
 
 class _Unchanged(Exception):
-    """Roll the transaction back: a dry run, or nothing to change."""
+    """Roll the transaction back: a dry run, or nothing to change (raised before anything was written)."""
 
-    def __init__(self, plan: sources_mod.Plan):
+    def __init__(self, plan: sources_mod.Plan, held: dict, own: dict):
         self.plan = plan
+        self.held = held
+        self.own = own
 
 
 def _sync_result(source, mode, generation, changed, dry_run, plan: sources_mod.Plan, changes: Changes,
@@ -807,16 +1131,17 @@ def _source_rows(session: Session, rule_ids: Sequence[int]) -> dict[int, dict[st
     return found
 
 
-def _write_plan(session: Session, plan: sources_mod.Plan, source: str, generation: int, now: datetime.datetime,
-                expires_at, description, created_by, actor, live: int,
+def _write_plan(session: Session, m: "_Mutation", plan: sources_mod.Plan, source: str, now: datetime.datetime,
+                expires_at, description, created_by, actor,
                 new_rows: dict | None = None) -> dict[rules_mod.RuleSpec, int]:
-    """Write ``plan`` inside the caller's transaction; return spec -> id of the rules created.
+    """Write ``plan`` inside the caller's transaction (``m``: its generation and live-rule count, which say
+    whether the insert is large enough to refresh the tables' statistics, ``_worth_analyzing``, and which
+    gets the plan's change to the live rules); return spec -> id of the rules created.
 
-    ``live``: the live rules before the plan (the counter), which says whether the insert is large enough
-    to refresh the tables' statistics (``_worth_analyzing``).  ``new_rows``: filled with id -> the created
-    rule's row as stored (every column), when the insert could answer them (at most BULK_THRESHOLD rules, on
-    a database with ordered INSERT .. RETURNING).
+    ``new_rows``: filled with id -> the created rule's row as stored (every column), when the insert could
+    answer them (at most BULK_THRESHOLD rules, on a database with ordered INSERT .. RETURNING).
     """
+    generation, live = m.generation, m.live
     gone = [h.rule_id for h in plan.retire] + [h.rule_id for h in plan.delete]
     if plan.retire:
         _soft_delete(session, [h.rule_id for h in plan.retire], generation, now, "expiry")
@@ -844,6 +1169,10 @@ def _write_plan(session: Session, plan: sources_mod.Plan, source: str, generatio
             created.update(zip(plan.create, (row.id for row in inserted)))
             if new_rows is not None:
                 new_rows.update((row.id, row) for row in inserted)
+            # By id, not by generation: a group commit's other mutations create rules of the same generation.
+            session.connection().execute(_INSERT_SOURCES, [
+                {"rule_id": row.id, "source": source, "expires_at": row.expires_at, "created_at": row.created_at,
+                 "created_by": actor} for row in inserted])
         else:
             _bulk_insert(session, values, analyze=_worth_analyzing(len(values), live))
             # Core rows and tuple.__new__ (RuleSpec's own __new__ is Python): this loop runs per new rule.
@@ -851,9 +1180,10 @@ def _write_plan(session: Session, plan: sources_mod.Plan, source: str, generatio
             for rule_id, *spec in session.connection().execute(
                     select(r.id, r.cidr, r.protocol, r.from_port, r.to_port).where(*mine)).all():
                 created[new(spec_type, spec)] = rule_id
-        # One statement and nothing sent, where sending 120k rows as a COPY took longer than the server's insert.
-        session.connection().execute(_SOURCES_OF_NEW_RULES, {"b_source": source, "b_actor": actor,
-                                                             "b_generation": generation})
+            # One statement and nothing sent, where sending 120k rows as a COPY took longer than the server's
+            # insert.  Alone in its generation: group_commit shares transactions only where RETURNING is used.
+            session.connection().execute(_SOURCES_OF_NEW_RULES, {"b_source": source, "b_actor": actor,
+                                                                 "b_generation": generation})
         if len(created) > BULK_THRESHOLD and dialect.name == "postgresql" and _worth_analyzing(len(created), live):
             session.connection().exec_driver_sql("ANALYZE provider_fw_rule_sources")   # as _bulk_insert does
     inserts = [{"rule_id": rule_id, "source": name, "expires_at": expires, "created_at": now, "created_by": actor}
@@ -873,7 +1203,7 @@ def _write_plan(session: Session, plan: sources_mod.Plan, source: str, generatio
             update(t).where(t.c.id == sa.bindparam("b_id"), t.c.deleted == 0)
             .values(expires_at=sa.bindparam("b_expires"), updated_generation=generation, updated_at=now),
             [{"b_id": rule_id, "b_expires": expires} for rule_id, expires in plan.rule_expiry.items()])
-    _adjust_live_rules(session, len(created) - len(gone))
+    m.live_delta += len(created) - len(gone)
     return created
 
 
@@ -1120,9 +1450,10 @@ def provider_fw_rule_get_all_by_cidr(cidr: str) -> list[ProviderFirewallRule]:
     return provider_fw_rule_get_all(cidr=cidr)
 
 
-def _release(session: Session, rows: Sequence, source: str | None, generation: int, now: datetime.datetime,
+def _release(session: Session, m: "_Mutation", rows: Sequence, source: str | None, now: datetime.datetime,
              actor: str | None) -> tuple[Changes, list[dict]]:
     """``source`` (None: every source) lets go of the live rules ``rows``; return (Changes, audit items)."""
+    generation = m.generation
     full = _source_rows(session, [row.id for row in rows]) if source is not None else {}
     delete, shorten, items = [], {}, []
     for row in rows:
@@ -1133,8 +1464,9 @@ def _release(session: Session, rows: Sequence, source: str | None, generation: i
         else:
             shorten[row.id] = (row, expires)
         items.append({"id": row.id, **_spec_of(row).as_dict(), **({} if gone else {"kept_by_other_sources": True})})
+    m.wrote = True
     if delete:
-        _adjust_live_rules(session, -_soft_delete(session, [row.id for row in delete], generation, now, actor))
+        m.live_delta -= _soft_delete(session, [row.id for row in delete], generation, now, actor)
     if shorten:
         s = ProviderFirewallRuleSource.__table__
         t = ProviderFirewallRule.__table__
@@ -1148,8 +1480,8 @@ def _release(session: Session, rows: Sequence, source: str | None, generation: i
     return Changes(generation - 1, generation, added, [rule_of(row) for row in delete]), items
 
 
-@_retry_on_deadlock
-def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None, source: str | None = None) -> Changes:
+def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None, source: str | None = None,
+                             notify: Callable[[Changes], bool] | None = None) -> Changes:
     """Delete one live, unexpired rule, or with ``source`` only that source's wish for it; return the change.
 
     Without ``source`` the rule goes whoever wants it (a feed that still
@@ -1157,58 +1489,73 @@ def provider_fw_rule_destroy(rule_id: int, audit: Audit | None = None, source: s
     stays while another source wants it (its expiry may become earlier: the
     latest remaining wish).  RuleNotFound if it is not live or has expired
     (already out of force; the purge retires its row); NotFound if it does
-    not have ``source``.
+    not have ``source``.  ``notify``: as in ``provider_fw_rules_sync`` (the
+    call may share a group commit).
     """
-    now = _now()
     if not _storable_id(rule_id):
         raise exception.RuleNotFound(rule_id)
-    with _session() as session, session.begin():
-        generation, _count = _bump_generation(session)
-        row = session.connection().execute(_IN_FORCE_BY_ID, {"b_id": rule_id, "b_now": now}).first()
-        if row is None:
-            raise exception.RuleNotFound(rule_id)
-        changes, items = _release(session, [row], source, generation, now, audit.actor if audit else None)
-        _audit(session, audit, "rule.delete", generation,
-               {"rules": items, **({"source": source} if source else {})})
-    return changes
+    return _mutate("provider_fw_rule_destroy", functools.partial(_destroy_step, rule_id, audit, source), notify)
 
 
-@_retry_on_deadlock
-def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None, source: str | None = None) -> Changes:
+def _destroy_step(rule_id: int, audit: Audit | None, source: str | None, session: Session,
+                  m: "_Mutation") -> tuple[Changes, Changes]:
+    now = _now()
+    row = session.connection().execute(_IN_FORCE_BY_ID, {"b_id": rule_id, "b_now": now}).first()
+    if row is None:
+        raise exception.RuleNotFound(rule_id)
+    changes, items = _release(session, m, [row], source, now, audit.actor if audit else None)
+    _audit(session, audit, "rule.delete", m.generation, {"rules": items, **({"source": source} if source else {})})
+    m.changed = True
+    return changes, changes
+
+
+def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None, source: str | None = None,
+                                     notify: Callable[[Changes], bool] | None = None) -> Changes:
     """Delete every live, unexpired rule of ``cidr`` (with ``source``: that source's wish for each); return the change.
 
-    NotFound when there is none (with ``source``: none that ``source`` wants).
+    NotFound when there is none (with ``source``: none that ``source`` wants).  ``notify``: as in
+    ``provider_fw_rules_sync`` (the call may share a group commit).
     """
+    return _mutate("provider_fw_rule_destroy_by_cidr", functools.partial(_destroy_by_cidr_step, cidr, audit, source),
+                   notify)
+
+
+def _destroy_by_cidr_step(cidr: str, audit: Audit | None, source: str | None, session: Session,
+                          m: "_Mutation") -> tuple[Changes, Changes]:
     now = _now()
-    with _session() as session, session.begin():
-        generation, _count = _bump_generation(session)
-        connection = session.connection()
-        if source is None and connection.dialect.update_returning:
-            # Every source lets go, so every rule found goes: one UPDATE .. RETURNING finds and retires them.
-            rows = sorted(connection.execute(_RETIRE_BY_CIDR, {"b_cidr": cidr, "b_now": now, "b_generation": generation,
-                                                               "b_actor": audit.actor if audit else None}).all(),
-                          key=lambda row: row.id)
-            if not rows:
-                raise exception.NotFound(f"no provider firewall rules for {cidr}")
-            connection.execute(_lists(connection).forget_sources, {"b_ids": [row.id for row in rows]})
-            _adjust_live_rules(session, -len(rows))
-            changes = Changes(generation - 1, generation, [], [rule_of(row) for row in rows])
-            _audit(session, audit, "cidr.unblock", generation,
-                   {"cidr": cidr, "count": len(rows), "ids": [row.id for row in rows]})
-            return changes
-        if source is None:
-            rows = connection.execute(_IN_FORCE_BY_CIDR, {"b_cidr": cidr, "b_now": now}).all()
-        else:
-            rows = session.execute(select(*_WIRE_COLUMNS).where(ProviderFirewallRule.cidr == cidr, _in_force(now),
-                                                                _has_source(source))
-                                   .order_by(ProviderFirewallRule.id)).all()
+    generation = m.generation
+    connection = session.connection()
+    if source is None and connection.dialect.update_returning:
+        # Every source lets go, so every rule found goes: one UPDATE .. RETURNING finds and retires them.
+        m.wrote = True
+        rows = sorted(connection.execute(_RETIRE_BY_CIDR, {"b_cidr": cidr, "b_now": now, "b_generation": generation,
+                                                           "b_actor": audit.actor if audit else None}).all(),
+                      key=lambda row: row.id)
         if not rows:
-            raise exception.NotFound(f"no provider firewall rules for {cidr}" + (f" from {source}" if source else ""))
-        changes, items = _release(session, rows, source, generation, now, audit.actor if audit else None)
+            # Nothing was written: the UPDATE matched no row.
+            m.wrote = False
+            raise exception.NotFound(f"no provider firewall rules for {cidr}")
+        connection.execute(_lists(connection).forget_sources, {"b_ids": [row.id for row in rows]})
+        m.live_delta -= len(rows)
+        changes = Changes(generation - 1, generation, [], [rule_of(row) for row in rows])
         _audit(session, audit, "cidr.unblock", generation,
-               {"cidr": cidr, "count": len(changes.removed), "ids": [row.id for row in rows],
-                **({"source": source, "kept": len(changes.added)} if source else {})})
-    return changes
+               {"cidr": cidr, "count": len(rows), "ids": [row.id for row in rows]})
+        m.changed = True
+        return changes, changes
+    if source is None:
+        rows = connection.execute(_IN_FORCE_BY_CIDR, {"b_cidr": cidr, "b_now": now}).all()
+    else:
+        rows = session.execute(select(*_WIRE_COLUMNS).where(ProviderFirewallRule.cidr == cidr, _in_force(now),
+                                                            _has_source(source))
+                               .order_by(ProviderFirewallRule.id)).all()
+    if not rows:
+        raise exception.NotFound(f"no provider firewall rules for {cidr}" + (f" from {source}" if source else ""))
+    changes, items = _release(session, m, rows, source, now, audit.actor if audit else None)
+    _audit(session, audit, "cidr.unblock", generation,
+           {"cidr": cidr, "count": len(changes.removed), "ids": [row.id for row in rows],
+            **({"source": source, "kept": len(changes.added)} if source else {})})
+    m.changed = True
+    return changes, changes
 
 
 @_retry_on_deadlock

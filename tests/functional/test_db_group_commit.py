@@ -1,0 +1,228 @@
+"""The group commit (``provfw.db.sqlalchemy.api.GroupCommit``) on real databases.
+
+Each test holds the generation row lock from another connection, as a long
+mutation would: the first provfw mutation then leads and waits on the lock
+with a group of one, while the next ones queue behind it.  When the lock is
+released the leader commits, and the queued mutations must commit as ONE
+group: one generation, one COMMIT, one notify with their merged change, each
+caller answered with its own result or its own error.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from provfw import exception, rules
+from provfw.db import api as db
+from provfw.db.sqlalchemy import api as db_impl
+from provfw.rules import make_spec
+from tests.conftest import _empty
+
+pytestmark = pytest.mark.functional
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def grouping_db(request, _session_databases):
+    """The databases that group (ordered INSERT .. RETURNING); MariaDB commits each mutation alone."""
+    yield _empty(_session_databases, request.param)
+
+
+class Recorder:
+    """A notify callback: records every change it is given and says it was cast."""
+
+    def __init__(self):
+        self.changes: list[rules.Changes] = []
+
+    def __call__(self, changes: rules.Changes) -> bool:
+        self.changes.append(changes)
+        return True
+
+
+class GenerationLock:
+    """Hold the generation row's lock from a connection of our own until ``release``."""
+
+    def __init__(self, database):
+        self.database = database
+        if database.kind == "sqlite":
+            self.conn = sqlite3.connect(sa.engine.make_url(database.url).database, isolation_level=None)
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("UPDATE provider_fw_generation SET live_rules = live_rules WHERE id = 1")
+        else:
+            self.engine = sa.create_engine(database.url, poolclass=sa.pool.NullPool)
+            self.conn = self.engine.connect()
+            self.conn.exec_driver_sql("SELECT generation FROM provider_fw_generation WHERE id = 1 FOR UPDATE")
+
+    def release(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+        if self.database.kind != "sqlite":
+            self.engine.dispose()
+
+
+def in_thread(outcomes: dict, name: str, call, *args, **kwargs) -> threading.Thread:
+    def run():
+        try:
+            outcomes[name] = call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            outcomes[name] = exc
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    return thread
+
+
+def wait_for(condition, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def leader_waiting_and_queued(count: int):
+    group = db_impl._GROUP
+    return lambda: group._leading and len(group._queue) == count
+
+
+def block(cidr: str, notify) -> db.SyncResult:
+    return db.provider_fw_rules_sync("manual", rules.external_block_specs(cidr), action="cidr.block",
+                                     audit=db.Audit("group-test"), notify=notify)
+
+
+def unblock(cidr: str, notify) -> rules.Changes:
+    return db.provider_fw_rule_destroy_by_cidr(cidr, audit=db.Audit("group-test"), notify=notify)
+
+
+def as_state(snapshot) -> dict:
+    return {rule.id: (rule.spec, rule.expires_at) for rule in snapshot.rules}
+
+
+def applied(state: dict, change: rules.Changes) -> dict:
+    """What a host holds after applying ``change`` to ``state`` (removals by id, then additions)."""
+    after = {rule_id: value for rule_id, value in state.items() if rule_id not in {r.id for r in change.removed}}
+    after.update((rule.id, (rule.spec, rule.expires_at)) for rule in change.added)
+    return after
+
+
+def test_mutations_queued_behind_the_lock_commit_as_one_group_with_one_merged_cast(grouping_db):
+    block("192.0.2.0/24", None)
+    start = db.provider_fw_generation_get()
+    recorder, outcomes, threads = Recorder(), {}, []
+    before = as_state(db.provider_fw_snapshot())
+    lock = GenerationLock(grouping_db)
+    try:
+        threads.append(in_thread(outcomes, "leader", block, "198.51.100.1/32", recorder))
+        wait_for(leader_waiting_and_queued(0), "the leader to take its group")
+        for name, call, cidr in [("new", block, "198.51.100.2/32"), ("unblock", unblock, "192.0.2.0/24"),
+                                 ("missing", unblock, "203.0.113.0/24"), ("again", block, "198.51.100.2/32")]:
+            threads.append(in_thread(outcomes, name, call, cidr, recorder))
+            wait_for(leader_waiting_and_queued(len(threads) - 1), f"{name} to queue")
+    finally:
+        lock.release()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+
+    # The leader went alone (start+1); the four queued behind it share start+2.
+    assert outcomes["leader"].generation == start + 1 and outcomes["leader"].notified is True
+    assert outcomes["new"].generation == start + 2 and outcomes["new"].added == 3
+    assert isinstance(outcomes["unblock"], rules.Changes) and len(outcomes["unblock"].removed) == 3
+    assert outcomes["unblock"].generation == start + 2
+    assert isinstance(outcomes["missing"], exception.NotFound)
+    assert outcomes["again"].changed is False and outcomes["again"].duplicate == 3
+    assert db.provider_fw_generation_get() == start + 2
+
+    # One notify per generation; the group's is the merge of its changes and takes a host from one
+    # snapshot to the next.
+    assert [(c.since, c.generation) for c in recorder.changes] == [(start, start + 1), (start + 1, start + 2)]
+    group = recorder.changes[1]
+    assert sorted(r.id for r in group.added) == sorted(r.id for r in outcomes["new"].changes.added)
+    assert sorted(r.id for r in group.removed) == sorted(r.id for r in outcomes["unblock"].removed)
+    after_leader = applied(before, recorder.changes[0])
+    assert applied(after_leader, group) == as_state(db.provider_fw_snapshot())
+
+    # Every mutation that changed something has its own audit row, with the generation it committed in.
+    audited = [(row.action, row.generation) for row in db.audit_get_all() if row.actor == "group-test"]
+    assert sorted(audited) == sorted([("cidr.block", start), ("cidr.block", start + 1), ("cidr.block", start + 2),
+                                      ("cidr.unblock", start + 2)])
+    assert db.provider_fw_rule_count() == 6
+
+
+def test_a_cidr_blocked_and_unblocked_in_one_group_is_only_removed_in_the_cast(grouping_db):
+    start = db.provider_fw_generation_get()
+    recorder, outcomes, threads = Recorder(), {}, []
+    lock = GenerationLock(grouping_db)
+    try:
+        threads.append(in_thread(outcomes, "leader", block, "198.51.100.1/32", recorder))
+        wait_for(leader_waiting_and_queued(0), "the leader to take its group")
+        threads.append(in_thread(outcomes, "block", block, "203.0.113.9/32", recorder))
+        wait_for(leader_waiting_and_queued(1), "the block to queue")
+        threads.append(in_thread(outcomes, "unblock", unblock, "203.0.113.9/32", recorder))
+        wait_for(leader_waiting_and_queued(2), "the unblock to queue")
+    finally:
+        lock.release()
+    for thread in threads:
+        thread.join(30)
+
+    created = {rule.id for rule in outcomes["block"].changes.added}
+    assert {rule.id for rule in outcomes["unblock"].removed} == created and len(created) == 3
+    group = recorder.changes[-1]
+    assert (group.since, group.generation) == (start + 1, start + 2)
+    assert not {rule.id for rule in group.added} & created
+    assert {rule.id for rule in group.removed} == created
+    assert db.provider_fw_rule_get_all(cidr="203.0.113.9/32") == []
+
+
+def test_a_step_that_fails_after_writing_spoils_no_other_mutation(grouping_db):
+    """A failure that leaves the transaction unusable rolls the group back; each mutation then runs alone."""
+    recorder, outcomes, threads = Recorder(), {}, []
+
+    def spoiling_step(session, m):
+        m.wrote = True
+        session.connection().execute(sa.insert(db_impl.AuditRecord.__table__).values(
+            actor="spoiler", action="test", detail="{}"))
+        raise exception.ProvfwError("failed after writing")
+
+    def spoiling_alone():
+        raise exception.ProvfwError("failed alone too")
+
+    lock = GenerationLock(grouping_db)
+    try:
+        threads.append(in_thread(outcomes, "leader", block, "198.51.100.1/32", recorder))
+        wait_for(leader_waiting_and_queued(0), "the leader to take its group")
+        threads.append(in_thread(outcomes, "block", block, "198.51.100.2/32", recorder))
+        wait_for(leader_waiting_and_queued(1), "the block to queue")
+        threads.append(in_thread(outcomes, "spoiler", db_impl._GROUP.run, spoiling_step, spoiling_alone, recorder))
+        wait_for(leader_waiting_and_queued(2), "the spoiler to queue")
+    finally:
+        lock.release()
+    for thread in threads:
+        thread.join(30)
+
+    assert str(outcomes["spoiler"]) == "failed alone too"
+    assert outcomes["block"].added == 3 and outcomes["block"].notified is True
+    assert [rule.cidr for rule in db.provider_fw_rule_get_all()] == ["198.51.100.1/32"] * 3 + ["198.51.100.2/32"] * 3
+    assert not [row for row in db.audit_get_all() if row.actor == "spoiler"]
+    # The block ran alone after the group failed: its own generation and its own cast.
+    assert [(c.generation, len(c.added)) for c in recorder.changes][-1] == (outcomes["block"].generation, 3)
+    assert not db_impl._GROUP._leading and not db_impl._GROUP._queue
+
+
+def test_callers_without_notify_never_group(grouping_db):
+    """Callers that cast their own change (the conductor, provfw-manage) get a generation of their own."""
+    outcomes, threads = {}, []
+    lock = GenerationLock(grouping_db)
+    try:
+        for index in range(3):
+            threads.append(in_thread(outcomes, str(index), block, f"198.51.100.{index}/32", None))
+        time.sleep(0.3)
+        assert not db_impl._GROUP._queue
+    finally:
+        lock.release()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(result.generation for result in outcomes.values()) == [1, 2, 3]
