@@ -88,6 +88,26 @@ def leader_waiting_and_queued(count: int):
     return lambda: group._leading and len(group._queue) == count
 
 
+def queued_behind_the_lock(database, leader: tuple, queued: list[tuple]) -> dict:
+    """Hold the generation lock; start ``leader`` (name, call, *args), wait until it leads, then start each of
+    ``queued`` in order, each waiting until queued; release the lock; return every call's answer or error."""
+    outcomes: dict = {}
+    threads = []
+    lock = GenerationLock(database)
+    try:
+        threads.append(in_thread(outcomes, *leader))
+        wait_for(leader_waiting_and_queued(0), "the leader to take its group")
+        for name, *call in queued:
+            threads.append(in_thread(outcomes, name, *call))
+            wait_for(leader_waiting_and_queued(len(threads) - 1), f"{name} to queue")
+    finally:
+        lock.release()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    return outcomes
+
+
 def block(cidr: str, notify) -> db.SyncResult:
     return db.provider_fw_rules_sync("manual", rules.external_block_specs(cidr), action="cidr.block",
                                      audit=db.Audit("group-test"), notify=notify)
@@ -111,21 +131,11 @@ def applied(state: dict, change: rules.Changes) -> dict:
 def test_mutations_queued_behind_the_lock_commit_as_one_group_with_one_merged_cast(grouping_db):
     block("192.0.2.0/24", None)
     start = db.provider_fw_generation_get()
-    recorder, outcomes, threads = Recorder(), {}, []
+    recorder = Recorder()
     before = as_state(db.provider_fw_snapshot())
-    lock = GenerationLock(grouping_db)
-    try:
-        threads.append(in_thread(outcomes, "leader", block, "198.51.100.1/32", recorder))
-        wait_for(leader_waiting_and_queued(0), "the leader to take its group")
-        for name, call, cidr in [("new", block, "198.51.100.2/32"), ("unblock", unblock, "192.0.2.0/24"),
-                                 ("missing", unblock, "203.0.113.0/24"), ("again", block, "198.51.100.2/32")]:
-            threads.append(in_thread(outcomes, name, call, cidr, recorder))
-            wait_for(leader_waiting_and_queued(len(threads) - 1), f"{name} to queue")
-    finally:
-        lock.release()
-    for thread in threads:
-        thread.join(30)
-    assert not any(thread.is_alive() for thread in threads)
+    outcomes = queued_behind_the_lock(grouping_db, ("leader", block, "198.51.100.1/32", recorder), [
+        ("new", block, "198.51.100.2/32", recorder), ("unblock", unblock, "192.0.2.0/24", recorder),
+        ("missing", unblock, "203.0.113.0/24", recorder), ("again", block, "198.51.100.2/32", recorder)])
 
     # The leader went alone (start+1); the four queued behind it share start+2.
     assert outcomes["leader"].generation == start + 1 and outcomes["leader"].notified is True
@@ -154,19 +164,9 @@ def test_mutations_queued_behind_the_lock_commit_as_one_group_with_one_merged_ca
 
 def test_a_cidr_blocked_and_unblocked_in_one_group_is_only_removed_in_the_cast(grouping_db):
     start = db.provider_fw_generation_get()
-    recorder, outcomes, threads = Recorder(), {}, []
-    lock = GenerationLock(grouping_db)
-    try:
-        threads.append(in_thread(outcomes, "leader", block, "198.51.100.1/32", recorder))
-        wait_for(leader_waiting_and_queued(0), "the leader to take its group")
-        threads.append(in_thread(outcomes, "block", block, "203.0.113.9/32", recorder))
-        wait_for(leader_waiting_and_queued(1), "the block to queue")
-        threads.append(in_thread(outcomes, "unblock", unblock, "203.0.113.9/32", recorder))
-        wait_for(leader_waiting_and_queued(2), "the unblock to queue")
-    finally:
-        lock.release()
-    for thread in threads:
-        thread.join(30)
+    recorder = Recorder()
+    outcomes = queued_behind_the_lock(grouping_db, ("leader", block, "198.51.100.1/32", recorder), [
+        ("block", block, "203.0.113.9/32", recorder), ("unblock", unblock, "203.0.113.9/32", recorder)])
 
     created = {rule.id for rule in outcomes["block"].changes.added}
     assert {rule.id for rule in outcomes["unblock"].removed} == created and len(created) == 3
@@ -179,7 +179,7 @@ def test_a_cidr_blocked_and_unblocked_in_one_group_is_only_removed_in_the_cast(g
 
 def test_a_step_that_fails_after_writing_spoils_no_other_mutation(grouping_db):
     """A failure that leaves the transaction unusable rolls the group back; each mutation then runs alone."""
-    recorder, outcomes, threads = Recorder(), {}, []
+    recorder = Recorder()
 
     def spoiling_step(session, m):
         m.wrote = True
@@ -190,18 +190,9 @@ def test_a_step_that_fails_after_writing_spoils_no_other_mutation(grouping_db):
     def spoiling_alone():
         raise exception.ProvfwError("failed alone too")
 
-    lock = GenerationLock(grouping_db)
-    try:
-        threads.append(in_thread(outcomes, "leader", block, "198.51.100.1/32", recorder))
-        wait_for(leader_waiting_and_queued(0), "the leader to take its group")
-        threads.append(in_thread(outcomes, "block", block, "198.51.100.2/32", recorder))
-        wait_for(leader_waiting_and_queued(1), "the block to queue")
-        threads.append(in_thread(outcomes, "spoiler", db_impl._GROUP.run, spoiling_step, spoiling_alone, recorder))
-        wait_for(leader_waiting_and_queued(2), "the spoiler to queue")
-    finally:
-        lock.release()
-    for thread in threads:
-        thread.join(30)
+    outcomes = queued_behind_the_lock(grouping_db, ("leader", block, "198.51.100.1/32", recorder), [
+        ("block", block, "198.51.100.2/32", recorder),
+        ("spoiler", db_impl._GROUP.run, spoiling_step, spoiling_alone, recorder)])
 
     assert str(outcomes["spoiler"]) == "failed alone too"
     assert outcomes["block"].added == 3 and outcomes["block"].notified is True
