@@ -7,7 +7,9 @@ fixed time: each client blocks a CIDR of its own (3 rules, one transaction,
 one cast) and unblocks it again (one transaction, one cast), so every
 request is a mutation that takes the generation row lock.  Casts go over
 RabbitMQ when it is reachable (as in production), else over the in-process
-bus.  Printed side by side: ops/s, p50/p99 latency and the ratio to the
+bus.  Printed side by side: ops/s, p50/p99 latency, the server's CPU per
+operation, operations per generation (the group commit's average group:
+how many mutations shared a transaction and a cast) and the ratio to the
 eventlet server.  All the servers run at once and take turns under load
 (``--rounds`` slices each, the order rotated every round), so a slow or
 fast minute of the shared machine is spread over all of them.
@@ -148,9 +150,11 @@ def summarise(slices: list[dict]) -> dict:
     latencies = [value for one in slices for value in one["latencies"]]
     elapsed = sum(one["elapsed"] for one in slices)
     errors = [error for one in slices for error in one["errors"]]
+    generations = sum(one.get("generations", 0) for one in slices)
     return {"ops": len(latencies) / elapsed, "cpu_ms_per_op": 1000.0 * sum(one["cpu"] for one in slices)
             / max(len(latencies), 1), "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
-            "errors": len(errors), "first_errors": errors[:3]}
+            "errors": len(errors), "first_errors": errors[:3],
+            "per_generation": len(latencies) / generations if generations else 0.0}
 
 
 def start_server(kind: str, config: str, port: int, workers: int, threads: int, log_path: str,
@@ -192,7 +196,6 @@ def main() -> None:
         migration.db_sync(database.url)
         db.configure(database.url)
         token = db.api_token_create("bench-" + secrets.token_hex(3), "admin")
-        db.dispose()
         rabbit = services.port_open("127.0.0.1", 5672)
         transport = services.RABBIT_URL if rabbit else "memory://"
         # Every server runs at once (idle ones cost nothing) and they take turns under load: measured one
@@ -222,7 +225,10 @@ def main() -> None:
                 for kind in kinds[round_number % len(kinds):] + kinds[:round_number % len(kinds)]:
                     port, proc, _, workdir = servers[kind]
                     profile = os.path.join(workdir, f"profile-{round_number}.txt") if args.profile else None
+                    before = db.provider_fw_generation_get()
                     slices[kind].append(run_load(port, token, args.clients, args.seconds / rounds, profile, proc.pid))
+                    # Mutations per generation: how many the group commit put in one transaction on average.
+                    slices[kind][-1]["generations"] = db.provider_fw_generation_get() - before
             for kind in kinds:
                 results[kind] = summarise(slices[kind])
                 print(f"{kind}: {results[kind]}  (log {servers[kind][2]})", file=sys.stderr)
@@ -232,6 +238,7 @@ def main() -> None:
             for _, proc, _, _ in servers.values():
                 proc.wait(20)
     finally:
+        db.dispose()
         database.drop()
 
     gunicorn = f"gunicorn {args.workers}x gthread/{args.threads}"
@@ -239,13 +246,14 @@ def main() -> None:
     print(f"\nAPI throughput, {args.clients} clients, block/unblock mix, PostgreSQL, casts over "
           f"{'RabbitMQ' if rabbit else 'the in-process bus'}, {args.seconds:.0f} s per server in {args.rounds} "
           "turns")
-    print(f"{'server':<24}{'ops/s':>10}{'p50':>10}{'p99':>10}{'CPU/op':>10}{'errors':>8}{'vs eventlet':>13}")
+    print(f"{'server':<24}{'ops/s':>10}{'p50':>10}{'p99':>10}{'CPU/op':>10}{'ops/gen':>9}{'errors':>8}"
+          f"{'vs eventlet':>13}")
     base = results.get("eventlet", {}).get("ops")
     for kind, result in results.items():
         name = {"gunicorn": gunicorn, "baseline": "baseline (eventlet)"}.get(kind, "eventlet (provfw-api)")
         ratio = f"{result['ops'] / base:.2f}x" if base else "-"
         print(f"{name:<24}{result['ops']:>10.0f}{result['p50'] * 1000:>8.1f}ms{result['p99'] * 1000:>8.1f}ms"
-              f"{result['cpu_ms_per_op']:>8.2f}ms{result['errors']:>8}{ratio:>13}")
+              f"{result['cpu_ms_per_op']:>8.2f}ms{result['per_generation']:>9.2f}{result['errors']:>8}{ratio:>13}")
 
 
 if __name__ == "__main__":
