@@ -192,7 +192,7 @@ def main() -> int:
         ratio_add = f"{r['p50'] / baseline['p50']:.3f}x" if baseline else "-"
         print(f"{driver:<10} {r['added']:>8,} {r['api']:>10.2f}s {r['import']:>15.2f}s {ratio_import:>10} "
               f"{r['p50'] * 1000:>10.1f}ms {r['p99'] * 1000:>7.1f}ms {ratio_add:>10} {r['api_ms']:>7.1f}ms "
-              f"{r['apply_ms']:>9.1f}ms "
+              f"{r['apply_ms']:>9.2f}ms "
               f"{r['rss']:>9.0f}MB")
         before = BEFORE.get(driver)
         if before:

@@ -255,7 +255,7 @@ class ComputeManager:
             if outcome.changed or changed_generation:
                 self.applied_at = time.time()
         if outcome.changed or outcome.newly_quarantined:
-            LOG.info("applied generation %s: %d rules (%d quarantined), %s in %.3fs", outcome.generation,
+            LOG.info("applied generation %s: %d rules (%d quarantined), %s in %.4fs", outcome.generation,
                      outcome.rule_count, outcome.quarantined, outcome.mode, outcome.seconds)
         if outcome.changed or changed_generation or had_error or outcome.newly_quarantined:
             self.report_state()

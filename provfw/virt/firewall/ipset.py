@@ -35,6 +35,10 @@ pure functions here:
   computed from the caller's ``SetSize`` values alone (no kernel read), or
   ``None`` when the change is structural - a set appears, empties, or would
   outgrow its ``maxelem`` - so the caller plans a full rebuild instead.
+  The drivers send those lines as netlink messages (``member_step``,
+  ``ipset_netlink``): a one-CIDR delta costs tens of microseconds instead
+  of a 2-6 ms ``ipset`` (and ``nsenter``) process; the restore stays for
+  deltas past NETLINK_MAX_CHANGES and wherever no netlink socket can be had.
 
 ``IpsetFirewallDriver`` puts each match key's sources in one set
 (``pfw4-tcp-1-65535``) and ``nova-provider`` holds ONE rule per group::
@@ -69,7 +73,7 @@ from oslo_config import cfg
 from provfw import conf as provfw_conf
 from provfw import exception, names, runner as runner_mod
 from provfw.rules import RuleSpec
-from provfw.virt.firewall import base, iptables
+from provfw.virt.firewall import base, ipset_netlink, iptables
 from provfw.virt.firewall import sets as sets_mod
 from provfw.virt.firewall.sets import MatchKey
 
@@ -341,6 +345,38 @@ def plan_members(adds: Mapping[str, Collection[str]], dels: Mapping[str, Collect
     return step, base.frozen_mapping(after)
 
 
+NETLINK_MAX_CHANGES = 4096    # larger deltas go to ipset restore, which reads its input in one go
+
+
+def netlink_for(runner: runner_mod.Runner) -> ipset_netlink.IpsetNetlink | None:
+    """The netlink client for the namespace of ``runner``, or None for a runner that is not the real one (a
+    test's fake dataplane interprets the ipset tool's input instead of a kernel)."""
+    return ipset_netlink.IpsetNetlink(runner.netns) if isinstance(runner, runner_mod.Runner) else None
+
+
+def member_step(step: base.Command, runner: runner_mod.Runner,
+                netlink: ipset_netlink.IpsetNetlink | None) -> base.Step:
+    """``plan_members``' restore as netlink messages (``ipset_netlink``): the same changes without a process.
+
+    The restore itself where there is no netlink client or the delta is larger than NETLINK_MAX_CHANGES;
+    also, per call, when the netlink socket cannot be opened or used (logged).  A refusal of the kernel
+    raises as the restore's would (``DriverError``).
+    """
+    if netlink is None or step.input is None or step.input.count("\n") > NETLINK_MAX_CHANGES:
+        return step
+    changes = ipset_netlink.parse_lines(step.input.splitlines())
+
+    def write() -> bool:
+        try:
+            netlink.change(changes)
+        except OSError as exc:
+            LOG.warning("ipset over netlink failed (%s); running ipset restore instead", exc)
+            runner(list(step.argv), input=step.input)
+        return True
+
+    return base.Call(write, f"{step.describe()} over netlink")
+
+
 def scratch_lines(name: str, family: str, members: Collection[str]) -> list[str]:
     """A check's scratch set: a leftover destroyed (``-exist`` accepts a missing one), created, filled."""
     return [f"destroy {name}", create_line(name, family, max(1024, len(members))),
@@ -359,6 +395,7 @@ class IpsetFirewallDriver(base.PlannedFirewallDriver):
         super().__init__(conf, runner)
         self.layout = iptables.layout_from_conf(conf)
         self.tools = iptables.Tools.from_conf(conf)
+        self.netlink = netlink_for(self.runner)
 
     # ------------------------------------------------------------ plans
 
@@ -375,7 +412,7 @@ class IpsetFirewallDriver(base.PlannedFirewallDriver):
         if planned is None:
             return None
         step, sizes = planned
-        return base.Plan(SetsState(sizes), sets=(step,), mode="delta")
+        return base.Plan(SetsState(sizes), sets=(member_step(step, self.runner, self.netlink),), mode="delta")
 
     def plan_check(self, specs: Collection[RuleSpec]) -> base.Plan:
         sets_mod.check_capacity(len(specs), self.conf, self.name)
@@ -425,5 +462,7 @@ class IpsetFirewallDriver(base.PlannedFirewallDriver):
             owned = sorted(read_sets(self.runner, self.naming.owns))
             base.execute(base.Plan(None, chains=self.removal_steps(), deletions=destroy_steps(owned)), self.runner)
             left = sorted(read_sets(self.runner, self.naming.owns))
+            if self.netlink is not None:
+                self.netlink.close()
         if left:
             raise exception.DriverError(f"{self.name}: teardown could not destroy set(s) {left} (still referenced?)")

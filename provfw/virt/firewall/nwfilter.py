@@ -170,6 +170,7 @@ class NWFilterFirewall(base.PlannedFirewallDriver):
             self.naming = ipset.SetNaming(conf.libvirt.ipset_prefix)
         except exception.ConfigError as exc:
             raise exception.ConfigError(f"[libvirt] ipset_prefix: {exc}") from None
+        self.netlink = ipset.netlink_for(self.runner)
         self._own_connector = None
         if get_connection is None:
             self._own_connector = LibvirtConnector(conf.libvirt.uri)
@@ -293,7 +294,8 @@ class NWFilterFirewall(base.PlannedFirewallDriver):
         if planned is None:
             return None
         step, sizes = planned
-        return base.Plan(NWFilterState("ipset", sizes), sets=(step,), mode="delta")
+        return base.Plan(NWFilterState("ipset", sizes), sets=(ipset.member_step(step, self.runner, self.netlink),),
+                         mode="delta")
 
     def _set_members(self, specs: Iterable[RuleSpec]) -> dict[str, set[str]] | None:
         """{set name: members} of ``specs``; None if one of them is not set-matchable (a per-CIDR rule)."""

@@ -1,0 +1,89 @@
+"""ipset over netlink against the real kernel, inside a namespace of the test's own.
+
+The same member changes as ``ipset restore -exist`` (what the ipset tool then
+saves is the proof), the kernel's refusals as the driver errors the
+reconciler decides on, and the fall-back to the tool when no netlink socket
+can be had.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from provfw import exception, runner as runner_mod
+from provfw.virt.firewall import base, ipset, ipset_netlink
+from tests.lib import services
+from tests.lib.netns import netns_exec, run, unique_tag
+
+pytestmark = pytest.mark.functional
+
+
+@pytest.fixture
+def ns():
+    services.require_root_netns()
+    services.require_tools("ipset")
+    name = f"pfwnl-{unique_tag()}"
+    run("ip", "netns", "add", name)
+    try:
+        netns_exec(name, "ipset", "create", "pfw4-all-any", "hash:net", "family", "inet", "maxelem", "300")
+        netns_exec(name, "ipset", "create", "pfw6-all-any", "hash:net", "family", "inet6")
+        yield name
+    finally:
+        run("ip", "netns", "del", name, check=False)
+
+
+def members(ns: str, name: str) -> set[str]:
+    saved = netns_exec(ns, "ipset", "save", name).stdout
+    return {line.split()[2] for line in saved.splitlines() if line.startswith("add ")}
+
+
+def test_member_changes_reach_the_namespaces_sets_as_restore_exist_would(ns):
+    client = ipset_netlink.IpsetNetlink(ns)
+    try:
+        client.change([("add", "pfw4-all-any", "192.0.2.1"), ("add", "pfw4-all-any", "198.51.100.0/24"),
+                       ("add", "pfw4-all-any", "192.0.2.1"),        # present already: -exist
+                       ("del", "pfw4-all-any", "203.0.113.5"),      # absent already: -exist
+                       ("add", "pfw6-all-any", "2001:db8::/32"), ("add", "pfw6-all-any", "2001:db8:1::1")])
+        assert members(ns, "pfw4-all-any") == {"192.0.2.1", "198.51.100.0/24"}
+        assert members(ns, "pfw6-all-any") == {"2001:db8::/32", "2001:db8:1::1"}
+        client.change([("del", "pfw4-all-any", "192.0.2.1")])
+        assert members(ns, "pfw4-all-any") == {"198.51.100.0/24"}
+        # More changes than one send carries: every one is sent and acknowledged.
+        many = [("add", "pfw4-all-any", f"10.1.{i // 256}.{i % 256}") for i in range(250)]
+        client.change(many)
+        assert len(members(ns, "pfw4-all-any")) == 251
+        # The host's own namespace saw none of it.
+        assert "pfw4-all-any" not in run("ipset", "list", "-n").stdout.split()
+    finally:
+        client.close()
+
+
+def test_the_kernels_refusals_are_driver_errors_naming_the_change(ns):
+    client = ipset_netlink.IpsetNetlink(ns)
+    try:
+        with pytest.raises(exception.KernelObjectMissing, match="add pfw4-nosuch 192.0.2.1: The set"):
+            client.change([("add", "pfw4-nosuch", "192.0.2.1")])
+        client.change([("add", "pfw4-all-any", f"10.2.{i // 256}.{i % 256}") for i in range(300)])
+        with pytest.raises(exception.DriverError, match="192.0.2.9: Hash is full") as refused:
+            client.change([("add", "pfw4-all-any", "192.0.2.9"), ("del", "pfw4-all-any", "10.2.0.0")])
+        assert not isinstance(refused.value, exception.KernelObjectMissing)
+        # The kernel answers each change on its own: the del after the refused add was applied.
+        assert "10.2.0.0" not in members(ns, "pfw4-all-any")
+        # The socket is still good after refusals.
+        client.change([("add", "pfw4-all-any", "192.0.2.9")])
+        assert "192.0.2.9" in members(ns, "pfw4-all-any")
+    finally:
+        client.close()
+
+
+def test_without_a_netlink_socket_the_delta_runs_ipset_restore(ns):
+    runner = runner_mod.Runner(ns)
+    command = base.Command(("ipset", "restore", "-exist"), "add pfw4-all-any 192.0.2.77\n", what="ipset restore")
+    unreachable = ipset_netlink.IpsetNetlink(f"pfwnl-missing-{unique_tag()}")   # no such namespace: OSError
+    step = ipset.member_step(command, runner, unreachable)
+    assert isinstance(step, base.Call)
+    assert base.execute(base.Plan(None, sets=(step,)), runner) is True
+    assert "192.0.2.77" in members(ns, "pfw4-all-any")
+    # A runner that is not the real one (a test's fake dataplane) keeps the command itself.
+    assert ipset.netlink_for(object()) is None
+    assert ipset.member_step(command, runner, None) is command

@@ -1,0 +1,55 @@
+"""ipset over netlink (provfw.virt.firewall.ipset_netlink): the messages, byte by byte, and the answers."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from provfw.virt.firewall import ipset_netlink as nl
+
+
+def test_an_add_of_an_ipv4_host_is_the_message_ipset_restore_sends():
+    message = nl.member_message("add", "pfw4-all-any", "192.0.2.1", 7)
+    # nlmsghdr: length, type (NFNL_SUBSYS_IPSET << 8 | IPSET_CMD_ADD), NLM_F_REQUEST | NLM_F_ACK, seq, port
+    expected_body = (
+        bytes([2, 0, 0, 0])                                                   # nfgenmsg: AF_INET, v0, res_id 0
+        + struct.pack("=HH", 5, 1) + bytes([7]) + b"\0" * 3                   # PROTOCOL = 7, padded
+        + struct.pack("=HH", 17, 2) + b"pfw4-all-any\0" + b"\0" * 3           # SETNAME, NUL-terminated, padded
+        + struct.pack("=HH", 24, 7 | 0x8000)                                  # DATA, nested
+        + struct.pack("=HH", 12, 1 | 0x8000)                                  #   IP, nested
+        + struct.pack("=HH", 8, 1 | 0x4000) + bytes([192, 0, 2, 1])           #     IPADDR_IPV4, network order
+        + struct.pack("=HH", 5, 3) + bytes([32]) + b"\0" * 3)                 #   CIDR = 32
+    assert message == struct.pack("=IHHII", 16 + len(expected_body), (6 << 8) | 9, 0x1 | 0x4, 7, 0) + expected_body
+
+
+def test_a_del_of_an_ipv6_network_carries_its_16_bytes_and_prefix():
+    message = nl.member_message("del", "pfw6-tcp-22", "2001:db8::/32", 1)
+    length, kind, flags, sequence, _ = struct.unpack_from("=IHHII", message)
+    assert (length, kind, flags, sequence) == (len(message), (6 << 8) | 10, 0x5, 1)
+    assert message[16] == 10                                                  # AF_INET6
+    assert struct.pack("=HH", 20, 2 | 0x4000) + bytes.fromhex("20010db8" + "00" * 12) in message
+    assert struct.pack("=HH", 5, 3) + bytes([32]) in message
+
+
+@pytest.mark.parametrize("command, member", [("swap", "192.0.2.1"), ("add", "192.0.2.1/24"), ("add", "not-an-ip")])
+def test_what_is_not_a_member_change_of_a_canonical_network_is_refused(command, member):
+    with pytest.raises(ValueError):
+        nl.member_message(command, "pfw4-all-any", member, 1)
+
+
+def test_acknowledgements_and_errors_are_read_by_sequence():
+    def error_message(sequence: int, error: int) -> bytes:
+        return struct.pack("=IHHII", 36, nl.NLMSG_ERROR, 0, sequence, 0) + struct.pack("=i", error) + b"\0" * 16
+
+    answers = nl.parse_acks(error_message(3, 0) + error_message(4, -4352))
+    assert answers == [(3, 0), (4, 4352)]
+    assert nl.error_text(4352) == "Hash is full, cannot add more elements"
+    assert nl.error_text(2) == "The set with the given name does not exist"
+
+
+def test_restore_lines_become_changes_and_anything_else_is_refused():
+    assert nl.parse_lines(["add pfw4-all-any 192.0.2.1", "del pfw4-all-any 198.51.100.0/24"]) == [
+        ("add", "pfw4-all-any", "192.0.2.1"), ("del", "pfw4-all-any", "198.51.100.0/24")]
+    with pytest.raises(ValueError):
+        nl.parse_lines(["flush pfw4-all-any x"])
