@@ -229,14 +229,13 @@ class ConductorManager:
         if cached is not None:
             self.stats["snapshot_hits"] += 1
             return cached
-        snapshot = db.provider_fw_snapshot()
+        generation, wire = db.provider_fw_snapshot_wire()
         self.stats["snapshot_reads"] += 1
-        self.note_generation(snapshot.generation)
-        reply = self._encode({"kind": "snapshot", "generation": snapshot.generation,
-                              "rules": [r.to_wire() for r in snapshot.rules]})
-        self._remember(self._snapshots, snapshot.generation, reply, self.conf.conductor.snapshot_cache_size)
-        LOG.info("built the snapshot of generation %s: %d rules, %d bytes compressed", snapshot.generation,
-                 len(snapshot.rules), len(reply.body))
+        self.note_generation(generation)
+        reply = self._encode({"kind": "snapshot", "generation": generation, "rules": wire})
+        self._remember(self._snapshots, generation, reply, self.conf.conductor.snapshot_cache_size)
+        LOG.info("built the snapshot of generation %s: %d rules, %d bytes compressed", generation, len(wire),
+                 len(reply.body))
         return reply
 
     @staticmethod

@@ -142,6 +142,12 @@ def provider_fw_snapshot(now=None):
     return IMPL.provider_fw_snapshot(now)
 
 
+def provider_fw_snapshot_wire(now=None):
+    """The same as (generation, [rule in wire form: (id, cidr, protocol, from_port, to_port, expires_at)]),
+    for a reply to hosts."""
+    return IMPL.provider_fw_snapshot_wire(now)
+
+
 def provider_fw_changes_count_since(generation):
     """How many rule rows were created or deleted after ``generation`` (an upper bound of the delta's size)."""
     return IMPL.provider_fw_changes_count_since(generation)

@@ -243,6 +243,20 @@ def test_snapshot_has_live_unexpired_rules_at_one_generation(any_db):
     assert [rule.spec for rule in snapshot.rules] == [A]
 
 
+def test_the_snapshots_wire_form_is_its_rules_to_wire_and_serialises(any_db):
+    """What the conductor sends (read without Rule objects) is exactly the snapshot's rules in wire form."""
+    expires = (now() + datetime.timedelta(hours=1)).replace(microsecond=0)
+    db.provider_fw_rule_create(A)
+    db.provider_fw_rule_create(B, expires_at=expires)
+    db.provider_fw_rule_create(C, expires_at=now() - datetime.timedelta(seconds=1))
+    snapshot = db.provider_fw_snapshot()
+    wire_generation, wire = db.provider_fw_snapshot_wire()
+    assert wire_generation == snapshot.generation == generation()
+    assert sorted(map(list, wire)) == sorted(rule.to_wire() for rule in snapshot.rules)
+    assert [rule[5] for rule in sorted(wire)] == [None, expires.replace(tzinfo=datetime.timezone.utc).timestamp()]
+    assert json.loads(json.dumps(wire)) == [list(rule) for rule in wire]
+
+
 def test_purge_soft_deletes_expired_rules_in_one_generation(any_db):
     past = now() - datetime.timedelta(minutes=1)
     db.provider_fw_rule_create(A, expires_at=past)

@@ -1057,10 +1057,10 @@ def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
     make_held = sources_mod.Held
     if by_source:
         s, r = ProviderFirewallRuleSource.__table__.c, ProviderFirewallRule.__table__.c
-        rows = session.connection().execute(
+        rows = _all_tuples(session.connection(), (
             select(r.cidr, r.protocol, r.from_port, r.to_port, r.id, r.expires_at, s.expires_at)
             .select_from(ProviderFirewallRuleSource.__table__.join(ProviderFirewallRule.__table__, r.id == s.rule_id))
-            .where(s.source == source, r.deleted == 0)).all()      # fetchall: row by row costs 6 us a row
+            .where(s.source == source, r.deleted == 0)))      # fetchall: row by row costs 6 us a row
         # Keyed by plain tuples: a RuleSpec is a tuple and finds them.
         own = {row[:4]: row for row in rows}
         wanted_set = set(wanted)
@@ -1629,6 +1629,46 @@ def ping() -> int:
         raise exception.DatabaseUnavailable(f"database unreachable ({type(cause).__name__})") from exc
 
 
+def _all_tuples(connection: sa.Connection, statement) -> Sequence[tuple]:
+    """Every row of a large SELECT, as plain tuples (index, slice and unpack them; no attribute access).
+
+    On PostgreSQL straight from psycopg2's cursor, in the connection's transaction: SQLAlchemy's Row objects
+    cost as much as the query (120k rows of a source: 0.29-0.33 s through ``Connection.execute().all()``,
+    0.19 s from the cursor; a 120k-rule snapshot's read 0.15-0.33 s against 0.08 s; measured 2026-12-01).
+    Elsewhere through SQLAlchemy, whose result processing SQLite's timestamps need.  Counted in
+    ``statement_counts`` either way.
+    """
+    if connection.dialect.name != "postgresql":
+        return [tuple(row) for row in connection.execute(statement)]
+    compiled = statement.compile(dialect=connection.dialect)
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(compiled.string, compiled.construct_params())
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
+    with _counts_lock:
+        _counts["statements"] += 1
+        _counts["rows_read"] += len(rows)
+    return rows
+
+
+def _snapshot_rows(now: datetime.datetime | None, attempts: int) -> tuple[int, Sequence[tuple]]:
+    """(generation, rows of _WIRE_COLUMNS) of every live, unexpired rule, consistent with that generation."""
+    now = now or _now()
+    statement = select(*_WIRE_COLUMNS).where(_live(), _not_expired(now))
+    for attempt in range(attempts):
+        with _session() as session:
+            before = _current_generation(session)
+            rows = _all_tuples(session.connection(), statement)
+            session.rollback()
+            after = _current_generation(session)
+        if before == after:
+            return after, rows
+        time.sleep(0.01 * (attempt + 1))
+    raise exception.ProvfwError("rules kept changing while reading a snapshot; try again")
+
+
 def provider_fw_snapshot(now: datetime.datetime | None = None, attempts: int = 5) -> Snapshot:
     """Every live, unexpired rule, consistent with one generation.
 
@@ -1636,18 +1676,17 @@ def provider_fw_snapshot(now: datetime.datetime | None = None, attempts: int = 5
     committed in between, so the result never mixes two generations whatever
     the isolation level.
     """
-    now = now or _now()
-    for attempt in range(attempts):
-        with _session() as session:
-            before = _current_generation(session)
-            rows = session.execute(select(*_WIRE_COLUMNS).where(_live(), _not_expired(now))).all()
-            session.rollback()
-            after = _current_generation(session)
-        if before == after:
-            return Snapshot(after, [rules_mod.Rule(i, rules_mod.RuleSpec(c, p, f, t), _epoch(e))
-                                    for i, c, p, f, t, e in rows])
-        time.sleep(0.01 * (attempt + 1))
-    raise exception.ProvfwError("rules kept changing while reading a snapshot; try again")
+    generation, rows = _snapshot_rows(now, attempts)
+    spec = rules_mod.RuleSpec
+    return Snapshot(generation, [rules_mod.Rule(i, spec(c, p, f, t), _epoch(e)) for i, c, p, f, t, e in rows])
+
+
+def provider_fw_snapshot_wire(now: datetime.datetime | None = None, attempts: int = 5) -> tuple[int, list]:
+    """``provider_fw_snapshot`` as (generation, rules in ``Rule``'s wire form, tuples for lists): what the
+    conductor sends, without a ``Rule`` built per row only to be taken apart again (120k rules: the objects
+    and ``to_wire`` cost 0.4 s, measured 2026-12-01)."""
+    generation, rows = _snapshot_rows(now, attempts)
+    return generation, [row if row[5] is None else (*row[:5], _epoch(row[5])) for row in rows]
 
 
 def provider_fw_changes_count_since(generation: int) -> int:
