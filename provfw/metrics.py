@@ -94,7 +94,7 @@ CASTS_FAILED = Counter(
     registry=CONTROL)
 DB_GROUP_COMMIT_MUTATIONS = Histogram(
     "provfw_db_group_commit_mutations",
-    "Mutations that shared one transaction, generation and cast (the db layer's group commit).",
+    "Mutations that shared one transaction, generation and cast (the API's group commit; 1 when one ran alone).",
     buckets=(1, 2, 4, 8, 16, 32, 64), registry=CONTROL)
 DB_DEADLOCKS = Counter(
     "provfw_db_deadlocks",

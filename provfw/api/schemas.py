@@ -79,7 +79,9 @@ TIMESTAMP = {"type": "string", "format": "date-time", "maxLength": rules.MAX_TIM
                             "years ahead. Not with ttl."}
 RULE_ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
 GENERATION = {"type": "integer", "minimum": 0,
-              "description": "The rule-set generation: every change to the rules increments it."}
+              "description": "The rule-set generation: every transaction that changes the rules increments it "
+                             "by one. Changes made at the same moment may share one (the API commits them "
+                             "together), so two answers can name the same generation."}
 OUT_TIMESTAMP = {"type": "string", "format": "date-time"}
 
 SOURCE = {"type": "string", "maxLength": sources.MAX_SOURCE_LENGTH, "pattern": sources.SOURCE_PATTERN,

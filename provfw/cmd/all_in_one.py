@@ -71,6 +71,7 @@ def main(argv=None) -> None:
         watchdog.stop()
         worker.stop()
         conductor.stop()
+        common.close_database()
         LOG.info("provfw-all-in-one stopped: the kernel keeps the rules it enforces")
 
 

@@ -66,6 +66,7 @@ def main(argv=None) -> None:
     serve(conf, stop=stop, on_listening=listening)
     systemd.notify("STOPPING=1")
     watchdog.stop()
+    common.close_database()
     LOG.info("provfw-api stopped")
 
 

@@ -63,6 +63,14 @@ def prepare(argv=None, database: bool = True) -> None:
         db.configure(provfw_conf.database_url(), CONF.database.pool_size)
 
 
+def close_database() -> None:
+    """At a clean stop, close the pooled database connections: the last close of a SQLite database
+    checkpoints its write-ahead log and removes the ``-wal`` / ``-shm`` files."""
+    from provfw.db import api as db
+
+    db.dispose()
+
+
 def wait_for_database(what: str, stop: threading.Event | None = None) -> int:
     """Block until the database answers; return its generation.
 

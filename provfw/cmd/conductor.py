@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     systemd.notify("STOPPING=1")
     watchdog.stop()
     conductor.stop()
+    common.close_database()
     return 0
 
 

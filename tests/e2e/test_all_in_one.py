@@ -207,3 +207,5 @@ def test_sigterm_stops_the_all_in_one_cleanly_and_the_kernel_keeps_the_rules(aio
     assert log.index("provfw-all-in-one stopped: the kernel keeps the rules it enforces") > log.index("signal 15")
     assert any(line == "STOPPING=1" for _, line in aio["notifications"])
     assert deploy.kernel_has_source(aio["topo"].hv, "198.51.100.77/32")            # still enforced
+    # A clean stop closes the database: SQLite checkpoints its write-ahead log and removes -wal / -shm.
+    assert sorted(path.name for path in (aio["workdir"] / "state").glob("provfw.sqlite*")) == ["provfw.sqlite"]
