@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,9 @@ def main() -> None:
                              "round), so a slow or fast minute of the machine falls on every server alike")
     parser.add_argument("--profile", action="store_true",
                         help="record the servers with py-spy (collapsed stacks in /tmp/provfw-bench-api-*/profile-ROUND.txt)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each server's directory (/tmp/provfw-bench-api-*: config, log) after the run; "
+                             "always kept with --profile or when a server had errors")
     args = parser.parse_args()
 
     database = services.TestDatabase("postgresql")
@@ -237,6 +241,9 @@ def main() -> None:
                 os.killpg(proc.pid, signal.SIGTERM)
             for _, proc, _, _ in servers.values():
                 proc.wait(20)
+            for kind, (_, _, _, workdir) in servers.items():
+                if not (args.keep or args.profile or results.get(kind, {}).get("errors", 1)):
+                    shutil.rmtree(workdir, ignore_errors=True)
     finally:
         db.dispose()
         database.drop()
