@@ -203,13 +203,20 @@ def test_a_step_that_fails_after_writing_spoils_no_other_mutation(grouping_db):
     assert not db_impl._GROUP._leading and not db_impl._GROUP._queue
 
 
-def test_callers_without_notify_never_group(grouping_db):
-    """Callers that cast their own change (the conductor, provfw-manage) get a generation of their own."""
+def replace(cidr: str, notify) -> db.SyncResult:
+    return db.provider_fw_rules_sync(f"import:{cidr.replace('/', '_')}", [make_spec(cidr)], mode="replace",
+                                     notify=notify)
+
+
+@pytest.mark.parametrize("call, notify", [(block, None), (replace, Recorder())], ids=["no-notify", "replace"])
+def test_callers_without_notify_and_replaces_never_group(grouping_db, call, notify):
+    """Callers that cast their own change (the conductor, provfw-manage) get a generation of their own, and so
+    does a replace, whose short list may still remove a whole source."""
     outcomes, threads = {}, []
     lock = GenerationLock(grouping_db)
     try:
         for index in range(3):
-            threads.append(in_thread(outcomes, str(index), block, f"198.51.100.{index}/32", None))
+            threads.append(in_thread(outcomes, str(index), call, f"198.51.100.{index}/32", notify))
         time.sleep(0.3)
         assert not db_impl._GROUP._queue
     finally:

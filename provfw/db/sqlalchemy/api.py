@@ -818,9 +818,9 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
     back and the generation stays.
 
     ``notify(changes) -> bool`` (the compute API's cast): called once the
-    change committed, its answer in ``SyncResult.notified``.  A small call
+    change committed, its answer in ``SyncResult.notified``.  A small add
     (at most READ_BACK_LIMIT specs) with ``notify`` goes through the group
-    commit (``group_commit``): it may share its transaction, generation and
+    commit (``GroupCommit``): it may share its transaction, generation and
     cast with other mutations made at the same moment, and ``notify`` then
     receives their merged change.
 
@@ -868,9 +868,10 @@ class _SyncCall:
 
     @property
     def batchable(self) -> bool:
-        """Small, no dry run, no feed callbacks: may share a transaction with other mutations."""
-        return (len(self.wanted) <= READ_BACK_LIMIT and not self.dry_run and self.before is None
-                and self.after is None)
+        """A small add (no dry run, no feed callbacks): may share a transaction with other mutations.  Not a
+        replace, which removes whatever its source held (a replace with an empty list wipes 120k rules)."""
+        return (self.mode == "add" and len(self.wanted) <= READ_BACK_LIMIT and not self.dry_run
+                and self.before is None and self.after is None)
 
 
 @dataclasses.dataclass
