@@ -157,13 +157,18 @@ def run(args) -> int:
             if args.action == "apply":
                 # provfw-manage has database access (a worker has not): read the live rules directly.
                 snapshot = db.provider_fw_snapshot()
-                applied = compute.refresh_provider_fw_rules(RuleUpdate.rebuild([s for s, _ in snapshot.rules]))
+                applied = compute.refresh_provider_fw_rules(RuleUpdate.rebuild([r.spec for r in snapshot.rules]))
                 print(json.dumps({"generation": snapshot.generation, "rules": len(snapshot.rules),
                                   "changed": applied.changed, "mode": applied.mode,
                                   "seconds": round(applied.seconds, 3)}))
             else:
-                compute.firewall_driver.teardown()
-                print("removed")
+                driver = compute.firewall_driver
+                driver.teardown()
+                where = f"network namespace {CONF.compute.dataplane_netns}" if CONF.compute.dataplane_netns \
+                    else "this host"
+                kept = ("; nova-local, the security groups' chain, is left in place"
+                        if getattr(driver, "layout", None) is not None else "")      # the iptables-based drivers
+                print(f"removed provfw's {driver.name} rules from {where}{kept}")
         finally:
             compute.close()
         return 0
