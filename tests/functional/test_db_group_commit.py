@@ -224,3 +224,16 @@ def test_callers_without_notify_and_replaces_never_group(grouping_db, call, noti
     for thread in threads:
         thread.join(30)
     assert sorted(result.generation for result in outcomes.values()) == [1, 2, 3]
+
+
+def test_a_notify_that_raises_costs_no_caller_its_answer(grouping_db):
+    """The change committed before notify ran: every caller of the group gets its result, notified False."""
+    def broken(changes):
+        raise RuntimeError("bus exploded")
+
+    outcomes = queued_behind_the_lock(grouping_db, ("leader", block, "198.51.100.1/32", broken), [
+        ("one", block, "198.51.100.2/32", broken), ("two", block, "198.51.100.3/32", broken)])
+    assert [(outcomes[name].added, outcomes[name].notified) for name in ("leader", "one", "two")] == [
+        (3, False), (3, False), (3, False)]
+    assert outcomes["one"].generation == outcomes["two"].generation == outcomes["leader"].generation + 1
+    assert not db_impl._GROUP._leading and not db_impl._GROUP._queue

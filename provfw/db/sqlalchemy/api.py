@@ -663,7 +663,12 @@ class GroupCommit:
                     waiter.notified = said
                     break
             else:
-                waiter.notified = waiter.notify(change)
+                try:
+                    waiter.notified = waiter.notify(change)
+                except Exception:  # noqa: BLE001 - the change committed: its callers get their answers anyway
+                    LOG.exception("notifying generation %s failed; workers will pick it up on their next periodic "
+                                  "check", change.generation)
+                    waiter.notified = False
                 answered.append((waiter.notify, waiter.notified))
 
 
