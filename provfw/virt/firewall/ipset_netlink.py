@@ -14,7 +14,7 @@ lines (the ipset tool's ``lib/session.c``; the layout is the kernel's
 or ``_IPV6`` in network byte order}, ``IPSET_ATTR_CIDR``}.  Without
 ``NLM_F_EXCL`` the kernel ignores an add already present and a del already
 gone, which is what ``-exist`` means.  Every message asks for an
-acknowledgement; all of them go in one ``send`` and each is answered.
+acknowledgement; they go MAX_BATCH to a ``send`` and each is answered.
 
 Only ``hash:net`` members (an address or a network) are spoken here, the
 only set type provfw creates.  Whole-set work (create, swap, destroy, the
