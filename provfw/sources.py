@@ -169,7 +169,8 @@ class Plan:
     * ``delete``: live rules no source wants any more;
     * the specs behind the answer's counts: ``renewed`` (the rule's expiry moved later: hosts are told),
       ``duplicate`` (live already, hosts see no change) and within it ``unchanged`` (this source already
-      wanted it at least as long: the request changed nothing at all), ``removed`` (this source let go).
+      wanted it at least as long: the request changed nothing at all), ``removed`` (this source let go);
+    * ``settled``: how many more wanted rules changed nothing, counted but not listed (``plan_sync``).
     """
 
     create: list[RuleSpec] = dataclasses.field(default_factory=list)
@@ -184,6 +185,12 @@ class Plan:
     unchanged: list[RuleSpec] = dataclasses.field(default_factory=list)
     removed: list[RuleSpec] = dataclasses.field(default_factory=list)
     guard: GuardReport | None = None
+    settled: int = 0
+
+    @property
+    def duplicates(self) -> int:
+        """How many wanted rules were live already and kept their expiry: ``duplicate`` and ``settled``."""
+        return len(self.duplicate) + self.settled
 
     @property
     def changes_anything(self) -> bool:
@@ -199,7 +206,7 @@ OwnRow = tuple
 
 def plan_sync(source: str, wanted: Sequence[RuleSpec], expires_at: Expiry, held: Mapping[RuleSpec, Held],
               now: datetime.datetime, replace: bool = False, slack: float = 0.0,
-              guard: Guard | None = None, own: Mapping[tuple, OwnRow] | None = None) -> Plan:
+              guard: Guard | None = None, own: Mapping[tuple, OwnRow] | None = None, settled: int = 0) -> Plan:
     """Plan making ``source`` want ``wanted`` until ``expires_at`` (and, with ``replace``, nothing else).
 
     ``held`` maps every spec that has a live rule and matters - each wanted
@@ -219,11 +226,16 @@ def plan_sync(source: str, wanted: Sequence[RuleSpec], expires_at: Expiry, held:
     120k-entry list whose rows are mostly unchanged then builds no ``Held``
     for them (retired rules of ``own`` carry only this source's wish).
 
+    ``settled``: how many wanted rules the caller left out of ``wanted``
+    and ``own`` because the source holds them with neither the rule nor
+    its wish expiring (nothing can change for them, whatever
+    ``expires_at``): counted as duplicates, unchanged and in force.
+
     Linear in ``wanted`` plus ``held`` (and ``own``); the loops are written
     for a 120k-entry list whose entries mostly change nothing (about 0.1 s
     for such a list).
     """
-    plan = Plan()
+    plan = Plan(settled=settled)
     # A wish later than the current one by more than slack (None is latest) moves it: the bound to beat.
     beat = None if expires_at is None else expires_at - datetime.timedelta(seconds=slack)
     absent = _ABSENT
@@ -277,7 +289,7 @@ def plan_sync(source: str, wanted: Sequence[RuleSpec], expires_at: Expiry, held:
 def _plan_release(plan: Plan, source: str, wanted: set, held: Mapping[RuleSpec, Held], now: datetime.datetime,
                   guard: Guard, own: Mapping[tuple, OwnRow] | None) -> None:
     """The replace half of ``plan_sync``: release what ``source`` holds and no longer wants."""
-    in_force = removing = 0
+    in_force, removing = plan.settled, 0
     absent = _ABSENT
     if own is not None:
         # The source's rules are the rows of own; the full picture of those that leave is in held.

@@ -75,18 +75,23 @@ def build_from_entries(entries: Iterable[tuple[int, rules.Network | int]], refus
     make = tuple.__new__
     suffix = [f"/{length}" for length in range(33)]     # an f-string per entry was a seventh of this loop
     protocol, low_port, high_port = like.protocol, like.from_port, like.to_port
+    clear = _clear_first_octets(guarded)
     for line, network in entries:
         count += 1
-        if type(network) is int:
-            # formats.compact_v4: a bare IPv4 line of a parsed list, read without an ipaddress object.
-            version, start, length = 4, network >> 6, network & 63
-            end = start | ((1 << (32 - length)) - 1)
+        if type(network) is int or type(network) is v4:
+            if type(network) is int:
+                # formats.compact_v4: a bare IPv4 line of a parsed list, read without an ipaddress object.
+                start, length = network >> 6, network & 63
+            else:
+                # An IPv4 network (from a range, a netmask, a JSON list): bounds and text from integers, in C.
+                start, length = int(network.network_address), network.prefixlen
             cidr = ntoa(start.to_bytes(4, "big")) + suffix[length]
-        elif type(network) is v4:
-            # An IPv4 network (from a range, a netmask, a JSON list): the bounds and the text from integers, in C.
-            version, start, length = 4, int(network.network_address), network.prefixlen
+            if length >= 8 and clear[start >> 24]:
+                # Inside a /8 that no protected or non-global range touches: most entries of a public list.
+                specs[make(rules.RuleSpec, (cidr, protocol, low_port, high_port))] = None
+                continue
+            version = 4
             end = start | ((1 << (32 - length)) - 1)
-            cidr = ntoa(start.to_bytes(4, "big")) + suffix[length]
         else:
             version = network.version
             start = int(network.network_address)
@@ -112,6 +117,17 @@ def build_from_entries(entries: Iterable[tuple[int, rules.Network | int]], refus
         specs[make(rules.RuleSpec, (cidr, protocol, low_port, high_port))] = None
     out.sort(key=lambda item: item.line)
     return Built(list(specs), out, non_global, non_global_count, count, duplicates)
+
+
+def _clear_first_octets(guarded: list[tuple[int, int, int, rules.Network]]) -> list[bool]:
+    """For each first octet of IPv4: True when no protected network (``guarded``' bounds) and no non-global
+    range overlaps its /8, so an entry of prefix length 8 or more starting there needs neither check."""
+    clear = []
+    for octet in range(256):
+        low, high = octet << 24, (octet << 24) | 0xFFFFFF
+        clear.append(rules.non_global_between(4, low, high) is None and not any(
+            version == 4 and guard_low <= high and low <= guard_high for version, guard_low, guard_high, _ in guarded))
+    return clear
 
 
 def check_one(spec: rules.RuleSpec, protected: Sequence[rules.Network], allow_non_global: bool) -> str | None:

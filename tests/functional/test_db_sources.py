@@ -393,3 +393,60 @@ def test_upgrading_from_0003_gives_every_live_rule_a_manual_source(fresh_db):
     assert db.provider_fw_rule_sources([1, 2]) == {1: [("manual", None)]}
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT COUNT(*) FROM provider_fw_rule_sources")).scalar_one() == 1
+
+
+@pytest.mark.parametrize("settle", [True, False], ids=["split-by-cidr", "planned-entry-by-entry"])
+def test_a_large_replace_plans_the_same_whether_or_not_it_first_sets_aside_what_stays(any_db, monkeypatch, settle):
+    # Above BULK_THRESHOLD entries of one protocol and port range, _held_rules sets aside by CIDR the rules the
+    # source holds for good (neither the rule nor its wish expires) and plans only the rest.  Every kind of
+    # rule a source can hold must come out of the replace as it does when each entry is planned.
+    if not settle:
+        monkeypatch.setattr("provfw.db.sqlalchemy.api._SETTLE_ABOVE", 10 ** 9)
+    net = iter(ipaddress.ip_network("100.0.0.0/8").subnets(new_prefix=32))
+    group = {name: [make_spec(str(next(net))) for _ in range(n)] for name, n in [
+        ("for_good", 1200), ("timed", 100), ("dropped", 50), ("also_manual", 20), ("held_elsewhere", 40),
+        ("new", 60), ("also_timed_elsewhere", 10), ("lapsed", 5)]}
+    group["tcp"] = [make_spec(str(next(net)), "tcp") for _ in range(30)]
+    source = "import:big"
+    db.provider_fw_rules_sync(source, group["for_good"] + group["dropped"] + group["also_manual"]
+                              + group["also_timed_elsewhere"] + group["tcp"])
+    db.provider_fw_rules_sync(source, group["timed"], expires_at=later(3600))
+    db.provider_fw_rules_sync(source, group["lapsed"], expires_at=later(1))
+    db.provider_fw_rules_create_many(group["also_manual"])
+    db.provider_fw_rules_sync("feed:other", group["held_elsewhere"])
+    db.provider_fw_rules_sync("feed:other", group["also_timed_elsewhere"], expires_at=later(600))
+    ids = {r.cidr: r.id for r in db.provider_fw_rule_get_all()}
+    time.sleep(1.2)                                     # the lapsed rules expire (not purged: still rows)
+    wanted = [spec for name in ("for_good", "timed", "held_elsewhere", "new", "also_timed_elsewhere", "lapsed")
+              for spec in group[name]]
+
+    preview = db.provider_fw_rules_sync(source, wanted, mode="replace", dry_run=True)
+    result = db.provider_fw_rules_sync(source, wanted, mode="replace")
+
+    for answer in (preview, result):
+        assert (answer.added, answer.renewed, answer.duplicate, answer.removed, answer.deleted) == (
+            60 + 5, 100, 1200 + 40 + 10, 50 + 20 + 30, 50 + 30 + 5)
+        assert (answer.guard.in_force, answer.guard.removing) == (1200 + 100 + 50 + 20 + 30 + 10, 100)
+    # Split by CIDR, the rules that stay as they are are counted, not listed (SyncResult.unchanged).
+    assert len(result.unchanged) == (0 if settle else 1210)
+    assert {r.spec for r in result.changes.added} == set(group["new"] + group["lapsed"] + group["timed"])
+    assert {r.spec for r in result.changes.removed} == set(group["dropped"] + group["tcp"] + group["lapsed"])
+    after = live()
+    assert {(r.cidr, r.protocol, r.from_port, r.to_port) for r in db.provider_fw_rule_get_all(source=source)} \
+        == set(map(tuple, wanted))
+    for spec in group["for_good"] + group["timed"] + group["held_elsewhere"] + group["also_timed_elsewhere"]:
+        assert after[spec.cidr][0] == ids[spec.cidr] and after[spec.cidr][1] is None
+    for spec in group["lapsed"]:
+        assert after[spec.cidr][0] != ids[spec.cidr] and after[spec.cidr][1] is None
+    assert all(after[s.cidr][2] == ["feed:other", source] for s in group["held_elsewhere"])
+    assert all(after[s.cidr][2] == ["feed:other", source] for s in group["also_timed_elsewhere"])
+    assert all(after[s.cidr][2] == ["manual"] for s in group["also_manual"])
+    assert not any(s.cidr in after for s in group["dropped"] + group["tcp"])
+
+
+def test_a_large_reimport_of_rules_held_for_good_changes_nothing_and_counts_them(any_db):
+    big = specs(250, "198.51.100") + specs(250, "203.0.113") + specs(250, "192.0.2") + specs(250, "198.18.0") \
+        + specs(250, "198.18.1")
+    first = db.provider_fw_rules_sync("import:big", big)
+    again = db.provider_fw_rules_sync("import:big", big, expires_at=later(60))    # never shortens
+    assert (again.changed, again.generation, again.added, again.duplicate) == (False, first.generation, 0, 1250)

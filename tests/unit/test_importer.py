@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from provfw import exception, rules
 from provfw.feeds import formats, importer
 
-PROTECTED = [ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8:1::/48")]
+# 203.0.113.0/24 lies in a /8 no non-global range touches: only the protected check can refuse it.
+PROTECTED = [ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("203.0.113.0/24"),
+             ipaddress.ip_network("2001:db8:1::/48")]
 
 
 def networks():
@@ -29,13 +31,22 @@ def networks():
 
 
 @settings(max_examples=400, deadline=None)
-@given(network=networks(), allow=st.booleans())
-@example(network=ipaddress.ip_network("10.0.0.0/8"), allow=False)
-@example(network=ipaddress.ip_network("192.0.2.128/25"), allow=True)
-@example(network=ipaddress.ip_network("0.0.0.0/1"), allow=False)
-def test_an_entry_becomes_the_rule_or_the_refusal_a_single_rule_would(network, allow):
+@given(network=networks(), allow=st.booleans(), compact=st.booleans())
+@example(network=ipaddress.ip_network("10.0.0.0/8"), allow=False, compact=True)
+@example(network=ipaddress.ip_network("192.0.2.128/25"), allow=True, compact=True)
+@example(network=ipaddress.ip_network("192.0.3.0/24"), allow=False, compact=True)
+@example(network=ipaddress.ip_network("203.0.113.7/32"), allow=True, compact=True)
+@example(network=ipaddress.ip_network("203.0.114.7/32"), allow=False, compact=True)
+@example(network=ipaddress.ip_network("0.0.0.0/1"), allow=False, compact=False)
+@example(network=ipaddress.ip_network("8.0.0.0/7"), allow=False, compact=True)
+@example(network=ipaddress.ip_network("11.0.0.0/8"), allow=False, compact=True)
+def test_an_entry_becomes_the_rule_or_the_refusal_a_single_rule_would(network, allow, compact):
+    # Both forms an IPv4 entry arrives in: an IPv4Network, and a parsed list's compact integer (whose /8 is
+    # checked once for every entry in it: _clear_first_octets).
     like = importer.template("tcp", 22, 22)
-    built = importer.build_from_entries([formats.Entry(7, network)], [], 0, like, PROTECTED, allow)
+    value = formats.compact_v4(int(network.network_address), network.prefixlen) \
+        if compact and network.version == 4 else network
+    built = importer.build_from_entries([(7, value)], [], 0, like, PROTECTED, allow)
     spec = rules.RuleSpec(network.with_prefixlen, "tcp", 22, 22)
     try:
         hit = importer.check_one(spec, PROTECTED, allow)

@@ -148,6 +148,18 @@ def test_the_guard_trips_when_too_large_a_share_would_be_removed():
     assert plan.guard.removing == 15 and not plan.guard.tripped
 
 
+def test_rules_set_aside_as_settled_count_as_duplicates_and_in_force_and_dilute_the_guard():
+    # The caller left 60 wanted rules the source holds for good out of wanted and held (settled): removing 25
+    # of the 40 planned ones is then 25 of 100 in force, under the guard's half.
+    current = {make_spec(f"198.51.100.{i}"): held(i, make_spec(f"198.51.100.{i}"), None, feed__f=None)
+               for i in range(1, 41)}
+    keep = list(current)[:15]
+    plan = plan_sync("feed:f", keep, None, current, NOW, replace=True, guard=Guard(0.5, 10), settled=60)
+    assert (plan.guard.in_force, plan.guard.removing, plan.guard.tripped) == (100, 25, False)
+    assert (plan.duplicates, len(plan.duplicate), len(plan.unchanged)) == (75, 15, 15)
+    assert plan_sync("feed:f", keep, None, current, NOW, replace=True, guard=Guard(0.5, 10)).guard.tripped
+
+
 def test_the_guard_ignores_small_removals_and_rules_no_longer_in_force():
     current = {A: held(1, A, None, feed__f=None), B: held(2, B, None, feed__f=None)}
     assert not plan_sync("feed:f", [], None, current, NOW, replace=True, guard=Guard(0.5, 10)).guard.tripped

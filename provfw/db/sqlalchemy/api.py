@@ -34,11 +34,12 @@ import hashlib
 import io
 import json
 import logging
+import operator
 import secrets
 import threading
 import time
 import uuid
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc as sa_exc, func, select, update
@@ -298,7 +299,7 @@ class CreateResult:
     """``added`` holds the new rows for small creates; bulk creates only count them (``added_count``).
 
     ``duplicates``: specs whose source already wanted the live rule at least as
-    long (nothing changed for them).  ``renewed``: live rules whose expiry the
+    long (nothing changed for them; for small creates, as ``added``).  ``renewed``: live rules whose expiry the
     call moved later (rows for small creates; ``renewed_count`` always).
     ``kept``: live rules that gained the source (or a longer wish of it)
     without their expiry moving.  ``retired`` are live but expired copies of
@@ -714,9 +715,11 @@ class SyncResult:
     when nothing changed (``changed`` False) or for a dry run.  ``preview``
     names the specs behind added / renewed / removed, at most ``PREVIEW_LIMIT``
     each.  ``unchanged``: wanted specs this source already wanted at least as
-    long (the call changed nothing for them).  ``rule_ids``: the live rule of
-    every wanted spec, for calls of at most BULK_THRESHOLD specs (empty for
-    larger ones and for a dry run).
+    long (the call changed nothing for them), listed in full for calls of at
+    most BULK_THRESHOLD specs (larger ones may only count some of them in
+    ``duplicate``: ``_held_rules``).  ``rule_ids``: the live rule of every
+    wanted spec, for calls of at most BULK_THRESHOLD specs (empty for larger
+    ones and for a dry run).
     """
 
     source: str
@@ -899,9 +902,9 @@ def _sync_in(session: Session, m: "_Mutation", call: _SyncCall, now: datetime.da
     source, wanted, replace = call.source, call.wanted, call.replace
     if call.before is not None:
         call.before(session, now)
-    held, own = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL, m.live)
-    plan = sources_mod.plan_sync(source, wanted, call.expires_at, held, now, replace, call.renew_slack, call.guard,
-                                 own if own else None)
+    held, own, planned, settled = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL, m.live)
+    plan = sources_mod.plan_sync(source, planned, call.expires_at, held, now, replace, call.renew_slack, call.guard,
+                                 own if own else None, settled)
     if replace and plan.guard is not None and plan.guard.tripped and not call.force and not call.dry_run:
         raise exception.ReplaceGuardTripped(source, plan.guard.in_force, plan.guard.removing, plan.guard.max_fraction)
     if call.max_rules is not None and plan.create:
@@ -1017,8 +1020,8 @@ def _sync_detail(plan: sources_mod.Plan, source: str, mode: str, created: dict, 
             detail["forced_past_guard"] = plan.guard.as_dict()
     if created and len(created) <= 10:
         detail["rules"] = [{"id": rule_id, **spec.as_dict()} for spec, rule_id in created.items()]
-    if plan.duplicate or repeated:
-        detail["duplicates"] = len(plan.duplicate) + repeated
+    if plan.duplicates or repeated:
+        detail["duplicates"] = plan.duplicates + repeated
     if plan.retire:
         detail["retired_expired"] = len(plan.retire)
     detail.update(extra or {})
@@ -1038,17 +1041,26 @@ def _sync_result(source, mode, generation, changed, dry_run, plan: sources_mod.P
                  ids: dict) -> SyncResult:
     return SyncResult(
         source=source, mode=mode, generation=generation, changed=changed, dry_run=dry_run,
-        added=len(plan.create), renewed=len(plan.renewed), duplicate=len(plan.duplicate), removed=len(plan.removed),
+        added=len(plan.create), renewed=len(plan.renewed), duplicate=plan.duplicates, removed=len(plan.removed),
         deleted=len(plan.delete) + len(plan.retire), changes=changes, guard=plan.guard,
         preview={"added": plan.create[:PREVIEW_LIMIT], "renewed": plan.renewed[:PREVIEW_LIMIT],
                  "removed": plan.removed[:PREVIEW_LIMIT]},
         unchanged=list(plan.unchanged), rule_ids=ids)
 
 
+class _HeldRules(NamedTuple):
+    """What ``_held_rules`` read: the planner's ``held`` and ``own``, the wanted specs left to plan, and how
+    many wanted specs the source already holds for good (``settled``, see ``sources.plan_sync``)."""
+
+    held: dict
+    own: dict
+    wanted: list
+    settled: int
+
+
 def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec], by_source: bool,
-                live: int | None = None) -> tuple[dict[rules_mod.RuleSpec, sources_mod.Held], dict[tuple, tuple]]:
-    """What the planner needs to know of the live rules a sync touches: ``(held, own)`` for
-    ``sources.plan_sync``.
+                live: int | None = None) -> _HeldRules:
+    """What the planner needs to know of the live rules a sync touches (``sources.plan_sync``'s arguments).
 
     ``by_source``: read every rule ``source`` holds with one indexed query
     (a replace, or a large add that is usually a re-import) into ``own``, as
@@ -1057,16 +1069,39 @@ def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
     may lose the source, and rules found by spec, go into ``held`` with every
     source row.  At 120k rules a replace is mostly this read: the rows are
     Core rows, kept as they come (no Python object per row beyond the key).
+
+    A list of more than BULK_THRESHOLD specs that share one protocol and port
+    range (an import: ``importer.template``) is first split by CIDR with set
+    operations: the wanted rules the source already holds with neither the
+    rule nor the source's wish expiring are ``settled`` (the plan leaves them
+    as they are, whatever the new expiry) and stay out of ``wanted`` and
+    ``own``.  A replace with 1 % churn then plans the 2 % that change instead
+    of 120k entries (0.35 s -> 0.1 s for read and plan; docs/feeds.md).
     """
     held: dict[rules_mod.RuleSpec, sources_mod.Held] = {}
     own: dict[tuple, tuple] = {}
     make_held = sources_mod.Held
+    settled: set | frozenset = frozenset()
     if by_source:
         s, r = ProviderFirewallRuleSource.__table__.c, ProviderFirewallRule.__table__.c
+        columns = [r.cidr, r.protocol, r.from_port, r.to_port, r.id, r.expires_at, s.expires_at]
+        template = _shared_template(wanted) if len(wanted) > _SETTLE_ABOVE else None
+        if template is not None:
+            # An 8th column: the row is for good (no expiry, either way) and of the list's protocol and ports.
+            columns.append(sa.and_(r.expires_at.is_(None), s.expires_at.is_(None), r.protocol == template[0],
+                                   r.from_port == template[1], r.to_port == template[2]))
         rows = _all_tuples(session.connection(), (
-            select(r.cidr, r.protocol, r.from_port, r.to_port, r.id, r.expires_at, s.expires_at)
+            select(*columns)
             .select_from(ProviderFirewallRuleSource.__table__.join(ProviderFirewallRule.__table__, r.id == s.rule_id))
             .where(s.source == source, r.deleted == 0)))      # fetchall: row by row costs 6 us a row
+        if template is not None:
+            # One CIDR is one spec here, so a set of CIDRs finds what stays as it is.
+            for_good = {row[0]: row for row in rows if row[7]}
+            settled = set(map(_CIDR, wanted)).intersection(for_good)
+            if settled:
+                wanted = [spec for spec in wanted if spec[0] not in settled]
+                rows = [row for row in rows if not row[7]]
+                rows += [for_good[cidr] for cidr in for_good.keys() - settled]
         # Keyed by plain tuples: a RuleSpec is a tuple and finds them.
         own = {row[:4]: row for row in rows}
         wanted_set = set(wanted)
@@ -1084,7 +1119,25 @@ def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
     full = _source_rows(session, [rule_id for rule_id, _ in found.values()])
     for spec, (rule_id, expires) in found.items():
         held[spec] = make_held(rule_id, spec, expires, full.get(rule_id))
-    return held, own
+    return _HeldRules(held, own, wanted, len(settled))
+
+
+#: Lists longer than this are split by CIDR first (``_held_rules``); BULK_THRESHOLD, above which a sync's answer
+#: counts what it left unchanged instead of listing it.
+_SETTLE_ABOVE = BULK_THRESHOLD
+_CIDR = operator.itemgetter(0)
+_FIELDS = tuple(map(operator.itemgetter, range(1, 4)))
+
+
+def _shared_template(specs: Sequence[rules_mod.RuleSpec]) -> tuple | None:
+    """(protocol, from_port, to_port) when every spec has the same, else None."""
+    template = []
+    for field in _FIELDS:
+        values = set(map(field, specs))
+        if len(values) != 1:
+            return None
+        template.append(values.pop())
+    return tuple(template)
 
 
 def _rule_ids(specs: Iterable[rules_mod.RuleSpec], held: dict, own: dict, skip: set | frozenset = frozenset()) -> dict:
@@ -2090,7 +2143,7 @@ def feed_sync(claim: FeedClaim, specs: Sequence[rules_mod.RuleSpec], state: dict
         _hold_claim(session, feed.id, claim.token, now)
 
     def after(session: Session, generation: int, plan: sources_mod.Plan) -> None:
-        done = {"added": len(plan.create), "renewed": len(plan.renewed), "duplicate": len(plan.duplicate),
+        done = {"added": len(plan.create), "renewed": len(plan.renewed), "duplicate": plan.duplicates,
                 "removed": len(plan.removed), "deleted": len(plan.delete) + len(plan.retire)}
         _release_claim(session, feed.id, claim.token, {
             **state, "last_generation": generation,
