@@ -1083,25 +1083,19 @@ def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
     make_held = sources_mod.Held
     settled: set | frozenset = frozenset()
     if by_source:
-        s, r = ProviderFirewallRuleSource.__table__.c, ProviderFirewallRule.__table__.c
-        columns = [r.cidr, r.protocol, r.from_port, r.to_port, r.id, r.expires_at, s.expires_at]
         template = _shared_template(wanted) if len(wanted) > _SETTLE_ABOVE else None
-        if template is not None:
-            # An 8th column: the row is for good (no expiry, either way) and of the list's protocol and ports.
-            columns.append(sa.and_(r.expires_at.is_(None), s.expires_at.is_(None), r.protocol == template[0],
-                                   r.from_port == template[1], r.to_port == template[2]))
-        rows = _all_tuples(session.connection(), (
-            select(*columns)
-            .select_from(ProviderFirewallRuleSource.__table__.join(ProviderFirewallRule.__table__, r.id == s.rule_id))
-            .where(s.source == source, r.deleted == 0)))      # fetchall: row by row costs 6 us a row
-        if template is not None:
-            # One CIDR is one spec here, so a set of CIDRs finds what stays as it is.
-            for_good = {row[0]: row for row in rows if row[7]}
-            settled = set(map(_CIDR, wanted)).intersection(for_good)
+        if template is None:
+            rows = _all_tuples(session.connection(), _own_rows(source))
+        else:
+            # One CIDR is one spec here, so sets of CIDRs find the rules that stay as they are.
+            for_good, rows = _own_rows_split(session.connection(), source, template)
+            wanted_cidrs = set(map(_CIDR, wanted))
+            settled = wanted_cidrs.intersection(for_good)
             if settled:
                 wanted = [spec for spec in wanted if spec[0] not in settled]
-                rows = [row for row in rows if not row[7]]
-                rows += [for_good[cidr] for cidr in for_good.keys() - settled]
+            # The few held for good that leave: their ids (the live rule of a spec is unique).
+            leaving = [rules_mod.RuleSpec(cidr, *template) for cidr in for_good - wanted_cidrs]
+            rows += [(*spec, rule_id, None, None) for spec, (rule_id, _) in _existing_live(session, leaving).items()]
         # Keyed by plain tuples: a RuleSpec is a tuple and finds them.
         own = {row[:4]: row for row in rows}
         wanted_set = set(wanted)
@@ -1126,6 +1120,42 @@ def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
 #: counts what it left unchanged instead of listing it.
 _SETTLE_ABOVE = BULK_THRESHOLD
 _CIDR = operator.itemgetter(0)
+
+
+def _own_rows(source: str) -> sa.Select:
+    """Every live rule ``source`` holds, as ``sources.OwnRow`` (spec fields, id, expiry, the source's own):
+    read with ``_all_tuples`` (row by row costs 6 us a row)."""
+    s, r = _SOURCES.c, _RULES.c
+    return (select(r.cidr, r.protocol, r.from_port, r.to_port, r.id, r.expires_at, s.expires_at)
+            .select_from(_SOURCES.join(_RULES, r.id == s.rule_id))
+            .where(s.source == source, r.deleted == 0))
+
+
+def _own_rows_split(connection: sa.Connection, source: str, template: tuple) -> tuple[set[str], list[tuple]]:
+    """(CIDRs of the rules ``source`` holds for good with ``template``'s protocol and ports, ``OwnRow`` of
+    the others).  For good: neither the rule nor the source's wish expires.
+
+    On PostgreSQL one aggregate row: the CIDRs held for good as one text, the others as arrays.  120k rows
+    a source holds then cost no Python object each (0.1 s of fetch and dictionary less per replace of
+    120k entries, measured 2026-12-01).  Elsewhere the rows with a mark.
+    """
+    s, r = _SOURCES.c, _RULES.c
+    for_good = sa.and_(r.expires_at.is_(None), s.expires_at.is_(None), r.protocol == template[0],
+                       r.from_port == template[1], r.to_port == template[2])
+    columns = (r.cidr, r.protocol, r.from_port, r.to_port, r.id, r.expires_at, s.expires_at)
+    if connection.dialect.name == "postgresql":
+        statement = (select(func.string_agg(r.cidr, sa.literal("\n", sa.String)).filter(for_good),
+                            *[func.array_agg(pg_types.aggregate_order_by(column, r.id)).filter(~for_good)
+                              for column in columns])
+                     .select_from(_SOURCES.join(_RULES, r.id == s.rule_id))
+                     .where(s.source == source, r.deleted == 0))
+        text, *arrays = _all_tuples(connection, statement)[0]
+        return set(text.split("\n")) if text else set(), list(zip(*arrays)) if arrays[0] is not None else []
+    rows = _all_tuples(connection, select(*columns, for_good).select_from(_SOURCES.join(_RULES, r.id == s.rule_id))
+                       .where(s.source == source, r.deleted == 0))
+    return {row[0] for row in rows if row[7]}, [row[:7] for row in rows if not row[7]]
+
+
 _FIELDS = tuple(map(operator.itemgetter, range(1, 4)))
 
 
