@@ -21,16 +21,18 @@ import socket
 from oslo_config import cfg
 from oslo_log import log as oslo_log
 
+import provfw
 from provfw import exception
 
 CONF = cfg.CONF
 
 default_opts = [
-    cfg.StrOpt("state_path", default=os.path.expanduser("~/.local/state/provfw"),
+    cfg.StrOpt("state_path", default=provfw.default_state_path(),
                sample_default="<home>/.local/state/provfw",
                help="Directory for the embedded SQLite database, the bootstrap admin token "
-                    "and the per-host apply lock. Default: .local/state/provfw in the home "
-                    "directory of the user running provfw."),
+                    "and the per-host apply lock. Default: $PROVFW_STATE_PATH when set (the "
+                    "provfw CLI looks for the admin token there too), else .local/state/provfw "
+                    "in the home directory of the user running provfw."),
     cfg.StrOpt("transport_url", default="memory://",
                help="Message bus URL. 'memory://' is the in-process bus of provfw-all-in-one; "
                     "use rabbit://guest:guest@127.0.0.1:5672// (RabbitMQ) for a real deployment."),

@@ -65,7 +65,7 @@ def version() -> str:
 
 def state_path() -> str:
     """Where provfw-all-in-one keeps its state (and admin-token): $PROVFW_STATE_PATH or the default."""
-    return os.environ.get("PROVFW_STATE_PATH") or os.path.expanduser(DEFAULT_STATE_PATH)
+    return provfw.default_state_path()
 
 
 def _common_options() -> argparse.ArgumentParser:
