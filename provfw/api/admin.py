@@ -229,7 +229,8 @@ class AdminController:
     def _import_rules(self, request, context):
         payload = wsgi.body(request)
         options: dict[str, Any] = dict(wsgi.query(request))
-        if wsgi.media_type(request) == schemas.JSON:
+        is_json = wsgi.media_type(request) == schemas.JSON
+        if is_json:
             if isinstance(payload, dict):
                 options.update({k: v for k, v in payload.items() if k != "cidrs"})
                 payload = payload["cidrs"]
@@ -250,11 +251,6 @@ class AdminController:
             distinct = list({entry.network: entry for entry in reversed(entries)}.values())[::-1]
             repeated, used_format = len(entries) - len(distinct), "json"
             entries = distinct
-        else:
-            # As bytes, so the parser's checks for binary data apply as they do to a download.
-            parsed = formats.parse(payload.encode("utf-8"), options.get("format", formats.AUTO),
-                                   options.get("column"))
-            entries, refused, repeated, used_format = parsed.items, parsed.refused, parsed.duplicates, parsed.format
         mode = options.get("mode") or "add"
         if mode == "replace" and not options.get("source"):
             raise exception.InvalidInput("source", "mode=replace needs a source: the list it replaces")
@@ -263,7 +259,14 @@ class AdminController:
         description = rules.validate_description(options.get("description"))
         expires_at = parse_expiry(options)
         allow = self._allow_non_global(options)
-        built = importer.build_from_entries(entries, refused, repeated, like, self.protected, allow)
+        if is_json:
+            built = importer.build_from_entries(entries, refused, repeated, like, self.protected, allow)
+        else:
+            # As bytes, so the parser's checks for binary data apply as they do to a download.  Parsed with
+            # the rule template: most entries of a large list come out of the parser as rules (parse_specs).
+            parsed, built = importer.parse_specs(payload.encode("utf-8"), options.get("format", formats.AUTO),
+                                                 options.get("column"), like, self.protected, allow)
+            used_format = parsed.format
         detail: dict[str, Any] = {"format": used_format, "refused": len(built.refused)}
         if built.non_global:
             detail.update(allow_non_global=True, non_global_allowed=[

@@ -63,7 +63,7 @@ from provfw import exception, gcpause, metrics, rules, sources
 from provfw.compute import api as compute_api_mod
 from provfw.db import api as db
 from provfw.feeds import fetch as fetch_mod
-from provfw.feeds import formats, importer
+from provfw.feeds import importer
 
 LOG = logging.getLogger(__name__)
 
@@ -182,13 +182,12 @@ class FeedSyncer:
 
         # Parsing, planning and the rows read back allocate per entry of lists of 120k: gcpause says why.
         with gcpause.paused():
+            like = importer.template(feed.protocol, feed.from_port, feed.to_port)
             try:
-                parsed = formats.parse(fetched.body, feed.format, feed.csv_column)
+                parsed, built = importer.parse_specs(fetched.body, feed.format, feed.csv_column, like, self.protected,
+                                                     feed.allow_non_global or self.conf.allow_non_global)
             except exception.FeedFormatError as exc:
                 return self._failed(claim, "refused", f"the list cannot be read: {exc.message}", started)
-            like = importer.template(feed.protocol, feed.from_port, feed.to_port)
-            built = importer.build_specs(parsed, like, self.protected,
-                                         feed.allow_non_global or self.conf.allow_non_global)
             force = bool(feed.force_next)
             if not built.specs and not force and db.provider_fw_rule_get_all(limit=1, source=db.feed_source(feed.name)):
                 return self._failed(claim, "refused", f"the list has no usable entry ({parsed.lines:,} lines, "

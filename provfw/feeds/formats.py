@@ -42,7 +42,7 @@ import csv
 import dataclasses
 import ipaddress
 import socket
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 from provfw import exception, gcpause, rules
 from provfw.rules import Network
@@ -110,14 +110,16 @@ class Parsed:
 
     ``items`` holds the entries as parsed: ``(line, network)`` pairs where an
     IPv4 network read from a bare line is the integer ``address << 6 |
-    prefixlen`` (``compact_v4``) instead of an ``IPv4Network``.  A 120k-entry
-    list is read into rules straight from them (``importer.build_specs``);
-    ``entries`` builds the ``ipaddress`` networks, on every access.
+    prefixlen`` (``compact_v4``) instead of an ``IPv4Network``, or, when
+    ``parse`` was given ``ready``, already the rule spec it becomes.  A
+    120k-entry list is read into rules straight from them
+    (``importer.parse_specs``); ``entries`` builds the ``ipaddress`` networks,
+    on every access.
     """
 
     format: str
     detected: bool
-    items: list[tuple[int, Network | int]]
+    items: list[tuple[int, Network | int | rules.RuleSpec]]
     refused: list[Refused]
     duplicates: int
     lines: int
@@ -125,12 +127,23 @@ class Parsed:
 
     @property
     def entries(self) -> list[Entry]:
-        return [Entry(line, _v4_network(network >> 6, network & 63) if type(network) is int else network)
+        return [Entry(line, _v4_network(network >> 6, network & 63) if type(network) is int
+                      else network.network if type(network) is rules.RuleSpec else network)
                 for line, network in self.items]
 
     @property
     def networks(self) -> list[Network]:
         return [entry.network for entry in self.entries]
+
+
+class Ready(NamedTuple):
+    """What lets ``parse`` hand over an IPv4 entry of a bare line as the rule it becomes, skipping the
+    importer's per-entry work: the rule's protocol and ports (``like``), and for each first octet whether an
+    entry of prefix length 8 or more there needs no policy check (``clear``: 256 booleans).  Built by
+    ``importer.parse_specs``, which owns the policy."""
+
+    like: rules.RuleSpec
+    clear: Sequence[bool]
 
 
 def compact_v4(address: int, prefixlen: int) -> int:
@@ -489,7 +502,7 @@ def _resolve(format: str, column: str | None, text: str) -> tuple[str, bool]:
     return name, False
 
 
-def parse(data: bytes | str, format: str = AUTO, column: str | None = None) -> Parsed:
+def parse(data: bytes | str, format: str = AUTO, column: str | None = None, ready: Ready | None = None) -> Parsed:
     """Parse a block list.
 
     ``data``: the list as bytes (decoded by ``decode``) or text.  ``format``:
@@ -504,6 +517,8 @@ def parse(data: bytes | str, format: str = AUTO, column: str | None = None) -> P
     ``a-b`` (split into the minimal CIDRs), IPv4 or IPv6; a byte-order mark,
     CRLF line ends, blank lines and surrounding whitespace.
 
+    ``ready``: see ``Ready`` (only the line formats use it; CSV ignores it).
+
     Raises ``exception.FeedFormatError`` for what makes the whole list
     unreadable (unknown ``format``, ``column`` not in the header or given for
     another format, compressed or binary ``data``); each bad line is only
@@ -516,7 +531,7 @@ def parse(data: bytes | str, format: str = AUTO, column: str | None = None) -> P
     with gcpause.paused():
         if name == "csv":
             return _parse_csv(lines, column, detected)
-        return _parse_lines(lines, name, detected)
+        return _parse_lines(lines, name, detected, ready)
 
 
 def _seen_key(network: Network) -> object:
@@ -546,7 +561,7 @@ def _collect(number: int, result: Network | list[Network], seen: set, entries: l
 _BARE_ADDRESS_FORMATS = {"plain": False, "spamhaus": False, "ipsum": True}
 
 
-def _parse_lines(lines: list[str], name: str, detected: bool) -> Parsed:
+def _parse_lines(lines: list[str], name: str, detected: bool, ready: Ready | None = None) -> Parsed:
     parse_line, comment = _LINE_FORMATS[name]
     entries: list[tuple[int, Network | int]] = []
     refused: list[Refused] = []
@@ -557,6 +572,11 @@ def _parse_lines(lines: list[str], name: str, detected: bool) -> Parsed:
     counted = _BARE_ADDRESS_FORMATS.get(name, False)
     pton, inet, from_bytes = _inet_pton, _AF_INET, int.from_bytes
     masks = [int(mask) for mask, _ in _V4_MASKS]
+    clear = ready.clear if ready is not None else None
+    if ready is not None:
+        spec, make, ntoa = rules.RuleSpec, tuple.__new__, socket.inet_ntoa
+        fields = (ready.like.protocol, ready.like.from_port, ready.like.to_port)
+        suffix = [f"/{length}" for length in range(33)]
     for number, raw in enumerate(lines, 1):
         if len(raw) > MAX_LINE_CHARS:
             refused.append(Refused(number, _clip(raw.strip()),
@@ -579,11 +599,18 @@ def _parse_lines(lines: list[str], name: str, detected: bool) -> Parsed:
                     pass
                 else:
                     prefixlen = int(length) if slash else 32
-                    key = (from_bytes(packed, "big") & masks[prefixlen]) << 6 | prefixlen     # compact_v4
+                    given = from_bytes(packed, "big")
+                    start = given & masks[prefixlen]
+                    key = start << 6 | prefixlen     # compact_v4
                     size = len(seen)
                     seen.add(key)
                     if len(seen) == size:
                         duplicates += 1
+                    elif clear is not None and prefixlen >= 8 and clear[start >> 24]:
+                        # The rule itself (Ready); the address as written is the canonical dotted quad
+                        # (inet_pton took it) unless host bits were cleared.
+                        cidr = (address if start == given else ntoa(start.to_bytes(4, "big"))) + suffix[prefixlen]
+                        entries.append((number, make(spec, (cidr, *fields))))
                     else:
                         entries.append((number, key))
                     continue

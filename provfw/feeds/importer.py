@@ -59,11 +59,23 @@ def build_specs(parsed: formats.Parsed, like: rules.RuleSpec, protected: Sequenc
     return build_from_entries(parsed.items, parsed.refused, parsed.duplicates, like, protected, allow_non_global)
 
 
-def build_from_entries(entries: Iterable[tuple[int, rules.Network | int]], refused: Iterable[formats.Refused],
-                       duplicates: int, like: rules.RuleSpec, protected: Sequence[rules.Network],
-                       allow_non_global: bool) -> Built:
+def parse_specs(data: bytes | str, format: str, column: str | None, like: rules.RuleSpec,
+                protected: Sequence[rules.Network], allow_non_global: bool) -> tuple[formats.Parsed, Built]:
+    """``formats.parse`` then ``build_specs``, in one pass over most entries of a large list: the parser
+    hands over each IPv4 entry in a /8 no protected or non-global range touches as its rule spec
+    (``formats.Ready``).  The same ``Built`` as the two steps; 0.1 s less for a 120k-entry list
+    (docs/feeds.md).  Raises what ``formats.parse`` raises."""
+    guarded = [(net.version, int(net.network_address), int(net.broadcast_address), net) for net in protected]
+    parsed = formats.parse(data, format, column, formats.Ready(like, _clear_first_octets(guarded)))
+    return parsed, build_specs(parsed, like, protected, allow_non_global)
+
+
+def build_from_entries(entries: Iterable[tuple[int, rules.Network | int | rules.RuleSpec]],
+                       refused: Iterable[formats.Refused], duplicates: int, like: rules.RuleSpec,
+                       protected: Sequence[rules.Network], allow_non_global: bool) -> Built:
     """As ``build_specs``, for entries read some other way (a JSON list): ``formats.Entry`` values, or
-    ``(line, network)`` pairs in the form of ``formats.Parsed.items``."""
+    ``(line, network)`` pairs in the form of ``formats.Parsed.items`` (a ``RuleSpec`` there was built by the
+    parser for this ``like`` and ``protected``: ``parse_specs``)."""
     specs: dict[rules.RuleSpec, None] = {}
     out = list(refused)
     non_global: list[tuple[int, str, str]] = []
@@ -76,8 +88,13 @@ def build_from_entries(entries: Iterable[tuple[int, rules.Network | int]], refus
     suffix = [f"/{length}" for length in range(33)]     # an f-string per entry was a seventh of this loop
     protocol, low_port, high_port = like.protocol, like.from_port, like.to_port
     clear = _clear_first_octets(guarded)
+    spec_type = rules.RuleSpec
     for line, network in entries:
         count += 1
+        if type(network) is spec_type:
+            # Built by the parser (formats.Ready, parse_specs): in a clear /8, with like's protocol and ports.
+            specs[network] = None
+            continue
         if type(network) is int or type(network) is v4:
             if type(network) is int:
                 # formats.compact_v4: a bare IPv4 line of a parsed list, read without an ipaddress object.

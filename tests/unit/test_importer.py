@@ -78,3 +78,30 @@ def test_parsed_lists_and_single_rules_agree_on_what_is_refused(text):
     parsed = formats.parse(text, "plain")
     built = importer.build_specs(parsed, importer.template(), PROTECTED, False)
     assert built.specs == [] and len(built.refused) == 1
+
+
+def _list_lines():
+    """Lines of a block list: bare IPv4 addresses and CIDRs (some with host bits set, some protected or
+    non-global, some in /8s that are clear), other values, comments, junk."""
+    octet = st.sampled_from([0, 1, 8, 10, 45, 77, 127, 169, 172, 192, 198, 203, 224, 255]) | st.integers(0, 255)
+    address = st.tuples(octet, st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)).map(
+        lambda t: ".".join(map(str, t)))
+    cidr = st.tuples(address, st.sampled_from(["", "/32", "/24", "/8", "/7", "/1", "/16"])).map("".join)
+    other = st.sampled_from(["# comment", "", "2001:db8::/32", "198.51.100.1-198.51.100.9", "not an address",
+                             "203.0.113.0/255.255.255.0", "01.2.3.4", "192.0.2.1/33"])
+    return st.lists(st.one_of(cidr, cidr, cidr, other), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=_list_lines(), allow=st.booleans(), counted=st.booleans())
+def test_parsing_with_the_rule_template_builds_what_parsing_then_building_does(lines, allow, counted):
+    # importer.parse_specs lets the parser hand over entries in clear /8s as rules (formats.Ready); the
+    # answer must be the two steps' answer, refusals, order, counts and all.
+    text = "\n".join(f"{line}\t{n}" if counted and line and line[0].isdigit() else line
+                     for n, line in enumerate(lines))
+    fmt = "ipsum" if counted else "plain"
+    like = importer.template("udp", 53, 53)
+    parsed, built = importer.parse_specs(text, fmt, None, like, PROTECTED, allow)
+    two_steps = importer.build_specs(formats.parse(text, fmt), like, PROTECTED, allow)
+    assert built == two_steps
+    assert parsed.entries == formats.parse(text, fmt).entries
