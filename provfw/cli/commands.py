@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from provfw import rules
+from provfw import rules, sources
 from provfw.feeds import formats
 from provfw.adminclient import AdminClient, AdminClientError, APIUnreachable
 from provfw.cli.output import Column, Result
@@ -264,7 +264,11 @@ def rule_show(client: AdminClient, args: argparse.Namespace) -> Result:
          columns="rule")
 def rules_list(client: AdminClient, args: argparse.Namespace) -> Result:
     rows = list(client.iter_rules(args.cidr, args.protocol, source=args.source))
-    return Result(rows, rows, empty="no rules")
+    empty = "no rules"
+    if args.source:
+        # The server read a bare name as manual:NAME (an import's --source NAME is import:NAME): say so.
+        empty += f" of source {sources.parse_source(args.source, sources.MANUAL, allowed=sources.KINDS)}"
+    return Result(rows, rows, empty=empty)
 
 
 @command("sources", "every source (manual, import:NAME, feed:NAME) and how many rules it wants", columns="source")
