@@ -32,6 +32,7 @@ import datetime
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import operator
@@ -1082,6 +1083,7 @@ def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
     own: dict[tuple, tuple] = {}
     make_held = sources_mod.Held
     settled: set | frozenset = frozenset()
+    leaving_for_good: list[rules_mod.RuleSpec] = []
     if by_source:
         template = _shared_template(wanted) if len(wanted) > _SETTLE_ABOVE else None
         if template is None:
@@ -1092,25 +1094,30 @@ def _held_rules(session: Session, source: str, wanted: list[rules_mod.RuleSpec],
             wanted_cidrs = set(map(_CIDR, wanted))
             settled = wanted_cidrs.intersection(for_good)
             if settled:
-                wanted = [spec for spec in wanted if spec[0] not in settled]
-            # The few held for good that leave: their ids (the live rule of a spec is unique).
-            leaving = [rules_mod.RuleSpec(cidr, *template) for cidr in for_good - wanted_cidrs]
-            rows += [(*spec, rule_id, None, None) for spec, (rule_id, _) in _existing_live(session, leaving).items()]
+                rest = wanted_cidrs - settled
+                wanted = list(itertools.compress(wanted, map(rest.__contains__, map(_CIDR, wanted))))
+            # The few held for good that leave: their ids come with the look-up below (a spec's live rule
+            # is unique).
+            leaving_for_good = [rules_mod.RuleSpec(cidr, *template) for cidr in for_good - wanted_cidrs]
         # Keyed by plain tuples: a RuleSpec is a tuple and finds them.
         own = {row[:4]: row for row in rows}
-        wanted_set = set(wanted)
-        # One membership test per key (a set difference in C copies all 120k keys first: slower, measured).
-        leaving = [row for key, row in own.items() if key not in wanted_set]
-        full = _source_rows(session, [row[sources_mod.OWN_RULE_ID] for row in leaving])
-        spec_of = rules_mod.RuleSpec
-        for row in leaving:
-            rule_id = row[sources_mod.OWN_RULE_ID]
-            held[row[:4]] = make_held(rule_id, spec_of(*row[:4]), row[sources_mod.OWN_EXPIRES], full[rule_id])
         lookup = [spec for spec in wanted if spec not in own]
     else:
         lookup = wanted
-    found = _existing_live(session, lookup, live)
-    full = _source_rows(session, [rule_id for rule_id, _ in found.values()])
+    found = _existing_live(session, leaving_for_good + lookup, live)
+    for spec in leaving_for_good:
+        hit = found.pop(spec, None)
+        if hit is not None:
+            own[tuple(spec)] = (*spec, hit[0], None, None)
+    # One membership test per key (a set difference in C copies all 120k keys first: slower, measured).
+    wanted_set = set(wanted) if own else frozenset()
+    leaving = [row for key, row in own.items() if key not in wanted_set]
+    full = _source_rows(session, [row[sources_mod.OWN_RULE_ID] for row in leaving]
+                        + [rule_id for rule_id, _ in found.values()])
+    spec_of = rules_mod.RuleSpec
+    for row in leaving:
+        rule_id = row[sources_mod.OWN_RULE_ID]
+        held[row[:4]] = make_held(rule_id, spec_of(*row[:4]), row[sources_mod.OWN_EXPIRES], full[rule_id])
     for spec, (rule_id, expires) in found.items():
         held[spec] = make_held(rule_id, spec, expires, full.get(rule_id))
     return _HeldRules(held, own, wanted, len(settled))
