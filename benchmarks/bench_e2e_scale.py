@@ -55,20 +55,8 @@ HOSTS = 3
 BEFORE = {"ipset": {"p50": 0.0315, "p99": 0.0451, "import": 6.5}}
 API_MS_RE = re.compile(r"POST /v1/provider-fw-rules status=201 .*?duration_ms=([0-9.]+)")
 SNAPSHOT_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) .* built the snapshot of generation (\d+):", re.M)
-APPLIED_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) .* applied generation (\d+):", re.M)
 # The worker's own time for one apply (reconciler + driver + kernel), as its "applied generation" line says.
 APPLY_SECONDS_RE = re.compile(r" applied generation (\d+): .* in ([0-9.]+)s", re.M)
-
-
-def applied_at(dep, host: str, generation: int, timeout: float = 600.0) -> float:
-    """POSIX time at which ``host``'s worker logged that it applied ``generation`` (or a later one)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for stamp, applied in APPLIED_RE.findall(dep.tail(f"compute-{host}", 400)):
-            if int(applied) >= generation:
-                return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
-        time.sleep(0.005)
-    raise RuntimeError(f"{host} never applied generation {generation}: {dep.tail('compute-' + host)}")
 
 
 def load_feed(path: str | None, generate: int | None) -> list[str]:
@@ -120,7 +108,7 @@ def run_driver(driver: str, feed: list[str], adds: int, linear_adds: int) -> dic
         started = time.time()
         result = dep.client.import_rules(feed, protocol="all")
         api_seconds = time.time() - started
-        import_seconds = max(applied_at(dep, h, result["generation"]) for h in hosts) - started
+        import_seconds = max(dep.applied_at(h, result["generation"]) for h in hosts) - started
 
         base = int(ipaddress.IPv4Address("198.19.0.0"))
         latencies, add_generations = [], set()
@@ -129,7 +117,7 @@ def run_driver(driver: str, feed: list[str], adds: int, linear_adds: int) -> dic
             called = time.time()
             generation = dep.client._request("POST", "/v1/provider-fw-rules", expect=(201,),
                                              json={"cidr": spec.cidr, "protocol": "all"})["generation"]
-            latencies.append(applied_at(dep, hosts[0], generation, 120) - called)
+            latencies.append(dep.applied_at(hosts[0], generation, 120) - called)
             add_generations.add(generation)
             if driver == "ipset" and not enforced(driver, topologies[0].hv, spec, hosts[0], generation):
                 raise RuntimeError(f"{hosts[0]} logged generation {generation} applied, but {spec.cidr} is not "

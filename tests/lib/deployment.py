@@ -14,7 +14,9 @@ deleted and the database dropped on ``close()``.
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +33,8 @@ from tests.lib import services
 from tests.lib.bus import RabbitVhost
 
 BIN = os.path.dirname(sys.executable)
+# A worker's line once its kernel accepted a generation (provfw/compute/manager.py), with oslo.log's stamp.
+APPLIED_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) .* applied generation (\d+):", re.M)
 
 
 def free_port() -> int:
@@ -194,6 +198,18 @@ service_down_time = 5
                     raise RuntimeError(f"provfw-compute {h} exited: {self.tail('compute-' + h)}")
             time.sleep(0.05)
         raise RuntimeError(f"workers {hosts} not in sync: {self.client.services()}")
+
+    def applied_at(self, host: str, generation: int, timeout: float = 600.0) -> float:
+        """POSIX time (to the millisecond of the log's stamp) at which ``host``'s worker logged that its kernel
+        holds ``generation`` or a later one: when the host enforces it, before its state report reaches the
+        conductor.  Raises RuntimeError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for stamp, applied in APPLIED_RE.findall(self.tail(f"compute-{host}", 400)):
+                if int(applied) >= generation:
+                    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            time.sleep(0.005)
+        raise RuntimeError(f"{host} never applied generation {generation}: {self.tail('compute-' + host)}")
 
     def tail(self, name: str, lines: int = 40) -> str:
         path = os.path.join(self.dir, f"{name}.log")
