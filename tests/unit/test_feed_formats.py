@@ -541,6 +541,49 @@ def test_the_fast_path_and_the_format_parser_de_duplicate_together():
     assert parsed.duplicates == 5
 
 
+# --------------------------------------------------------------------------- uniform lists
+
+def _uniform_lines():
+    """Lines a program writes (dotted quads, some repeated, some in /8s the policy checks), now and then one
+    that is not uniform: a leading zero, an octet above 255, a comment, a blank, a CRLF, another length."""
+    octet = st.sampled_from([0, 10, 45, 127, 192, 203, 255]) | st.integers(0, 255)
+    address = st.tuples(octet, st.integers(0, 255), st.integers(0, 3), st.integers(0, 3)).map(
+        lambda t: ".".join(map(str, t)))
+    odd = st.sampled_from(["01.2.3.4", "1.2.3.256", "# comment", "", "1.2.3.4\r", "1.2.3.0/24", " 1.2.3.4",
+                           "1.2.3.4/32/32", "::1", "1.2.3.4\t", "1.2.3.4\t3\t4", "1.2.3", "1.2.3.4\x00"])
+    return st.lists(st.one_of(address, address, address, address, odd), max_size=30)
+
+
+READY = formats.Ready(rules.RuleSpec("0.0.0.0/8", "udp", 53, 53),
+                      [octet not in (0, 10, 127, 192) for octet in range(256)])
+
+
+@settings(max_examples=400, deadline=None)
+@given(lines=_uniform_lines(), fmt=st.sampled_from(["plain", "ipsum"]), suffix=st.sampled_from(["", "/32", "\t7"]),
+       newline=st.booleans())
+@example(lines=["45.1.2.3", "45.1.2.3", "10.0.0.1", "10.0.0.1"], fmt="plain", suffix="/32", newline=True)
+@example(lines=["45.1.2.3", "10.0.0.1"], fmt="ipsum", suffix="\t7", newline=False)
+@example(lines=[], fmt="plain", suffix="", newline=True)
+def test_a_uniform_list_parses_item_for_item_as_the_line_loop_does(lines, fmt, suffix, newline):
+    # parse reads a list whose every line is uniform with whole-text operations (_parse_uniform); the answer
+    # must be the loop's: items (rules and the networks the policy checks), their line numbers, duplicates.
+    text = "\n".join(line + suffix if line[:1].isdigit() else line for line in lines) + ("\n" if newline else "")
+    loop = formats._parse_lines(formats._lines(text), fmt, False, READY)
+    assert parse(text, fmt, ready=READY) == loop
+
+
+def test_a_uniform_list_is_read_without_the_line_loop(monkeypatch):
+    def loop(*args):
+        raise AssertionError("the line loop read a uniform list")
+
+    monkeypatch.setattr(formats, "_parse_lines", loop)
+    parsed = parse("45.1.2.3\n10.0.0.1/32\n45.1.2.3\n", "plain", ready=READY)
+    assert parsed.items == [(1, rules.RuleSpec("45.1.2.3/32", "udp", 53, 53)),
+                            (2, formats.compact_v4(int(ipaddress.IPv4Address("10.0.0.1")), 32))]
+    assert parsed.duplicates == 1 and parsed.lines == 3
+    assert parse("45.1.2.3\t9\n", "ipsum", ready=READY).items == [(1, rules.RuleSpec("45.1.2.3/32", "udp", 53, 53))]
+
+
 # --------------------------------------------------------------------------- non-global sources
 
 @pytest.mark.parametrize("item", rules.NON_GLOBAL_RANGES, ids=lambda item: str(item.network))
