@@ -76,6 +76,26 @@ def test_the_kernels_refusals_are_driver_errors_naming_the_change(ns):
         client.close()
 
 
+def test_refusals_anywhere_in_a_send_are_read_though_only_its_last_change_asks_for_an_answer(ns):
+    # Only the last message of a send carries NLM_F_ACK; the kernel answers refusals unasked.  A refusal in
+    # the middle of a send and one of its last change are both read, and every other change is applied.
+    client = ipset_netlink.IpsetNetlink(ns)
+    try:
+        last = ipset_netlink.MAX_BATCH - 1
+        changes = [("add", "pfw4-all-any", f"10.3.0.{i}") for i in range(last + 1)]
+        for index in (5, last):
+            changes[index] = ("add", "pfw4-nosuch", f"10.3.0.{index}")
+        with pytest.raises(exception.KernelObjectMissing, match=r"add pfw4-nosuch 10\.3\.0\.5: .*and 1 more"):
+            client.change(changes)
+        applied = {f"10.3.0.{i}" for i in range(last + 1)} - {"10.3.0.5", f"10.3.0.{last}"}
+        assert members(ns, "pfw4-all-any") == applied
+        # Nothing of those answers is left on the socket for the next change to misread.
+        client.change([("del", "pfw4-all-any", "10.3.0.0")])
+        assert members(ns, "pfw4-all-any") == applied - {"10.3.0.0"}
+    finally:
+        client.close()
+
+
 def test_without_a_netlink_socket_the_delta_runs_ipset_restore(ns):
     runner = runner_mod.Runner(ns)
     command = base.Command(("ipset", "restore", "-exist"), "add pfw4-all-any 192.0.2.77\n", what="ipset restore")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from provfw.virt.firewall import ipset_netlink as nl
 
@@ -53,3 +56,39 @@ def test_restore_lines_become_changes_and_anything_else_is_refused():
         ("add", "pfw4-all-any", "192.0.2.1"), ("del", "pfw4-all-any", "198.51.100.0/24")]
     with pytest.raises(ValueError):
         nl.parse_lines(["flush pfw4-all-any x"])
+
+
+def _reference_message(command: str, set_name: str, member: str, sequence: int) -> bytes:
+    """member_message as first written: every member through ipaddress, the message built field by field."""
+    network = ipaddress.ip_network(member, strict=True)
+    kind = nl.IPSET_ATTR_IPADDR_IPV4 if network.version == 4 else nl.IPSET_ATTR_IPADDR_IPV6
+    address = nl._attr(kind | nl.NLA_F_NET_BYTEORDER, network.network_address.packed)
+    cidr = nl._attr(nl.IPSET_ATTR_CIDR, bytes([network.prefixlen]))
+    data = nl._attr(nl.IPSET_ATTR_IP | nl.NLA_F_NESTED, address) + cidr
+    body = (struct.pack("=BBH", 2 if network.version == 4 else 10, 0, 0)
+            + nl._attr(nl.IPSET_ATTR_PROTOCOL, bytes([nl.IPSET_PROTOCOL]))
+            + nl._attr(nl.IPSET_ATTR_SETNAME, set_name.encode("ascii") + b"\0")
+            + nl._attr(nl.IPSET_ATTR_DATA | nl.NLA_F_NESTED, data))
+    return struct.pack("=IHHII", 16 + len(body), (6 << 8) | nl.COMMANDS[command], 0x5, sequence, 0) + body
+
+
+@settings(max_examples=500, deadline=None)
+@given(member=st.one_of(
+    st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32)).map(
+        lambda t: str(ipaddress.IPv4Network(t, strict=False)) if t[1] % 3 else str(ipaddress.IPv4Address(t[0]))),
+    st.text(alphabet="0123456789./:af", max_size=20),
+    st.sampled_from(["1.2.3.4/", "1.2.3.4/032", "1.2.3.0/255.255.255.0", "01.2.3.4", "1.2.3.4/33", "::/0",
+                     "2001:db8::/32", "1.2.3.4/24", "0.0.0.0/0", "1.2.3.4 ", "::ffff:1.2.3.4"])))
+def test_a_member_message_is_the_one_ipaddress_spells_or_both_refuse(member):
+    # IPv4 members are read with inet_pton and integers, not ipaddress: the bytes, and what is refused, must
+    # not change.
+    try:
+        expected = _reference_message("add", "pfw4-all-any", member, 9)
+    except ValueError:
+        with pytest.raises(ValueError):
+            nl.member_message("add", "pfw4-all-any", member, 9)
+        return
+    assert nl.member_message("add", "pfw4-all-any", member, 9) == expected
+    unacknowledged = nl.member_message("add", "pfw4-all-any", member, 9, ack=False)
+    assert unacknowledged[:6] + unacknowledged[8:] == expected[:6] + expected[8:]
+    assert struct.unpack_from("=H", unacknowledged, 6) == (0x1,)

@@ -13,8 +13,12 @@ lines (the ipset tool's ``lib/session.c``; the layout is the kernel's
 ``IPSET_ATTR_DATA`` {nested ``IPSET_ATTR_IP`` {``IPSET_ATTR_IPADDR_IPV4``
 or ``_IPV6`` in network byte order}, ``IPSET_ATTR_CIDR``}.  Without
 ``NLM_F_EXCL`` the kernel ignores an add already present and a del already
-gone, which is what ``-exist`` means.  Every message asks for an
-acknowledgement; they go MAX_BATCH to a ``send`` and each is answered.
+gone, which is what ``-exist`` means.  They go MAX_BATCH to a ``send``; only
+the last of a batch asks for an acknowledgement (``NLM_F_ACK``).  The kernel
+answers every refused message whatever its flags and handles a send's
+messages in order (``netlink_rcv_skb``), so once the last one is answered
+every refusal of the batch has been read: one ``recv`` per batch instead of
+one per change (2,408 changes: 57-63 -> 12-13 ms, docs/scale.md).
 
 Only ``hash:net`` members (an address or a network) are spoken here, the
 only set type provfw creates.  Whole-set work (create, swap, destroy, the
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -78,28 +83,54 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
 
 
-def member_message(command: str, set_name: str, member: str, sequence: int) -> bytes:
-    """The netlink message of ``ipset -exist <command> <set_name> <member>`` (``add`` or ``del``).
+def member_message(command: str, set_name: str, member: str, sequence: int, ack: bool = True) -> bytes:
+    """The netlink message of ``ipset -exist <command> <set_name> <member>`` (``add`` or ``del``), asking for
+    an acknowledgement unless ``ack`` is false (a refusal is answered either way).
 
     ``member``: an address or ``address/prefix`` in ipset's spelling.  Raises ValueError for another
     command or a member that is not an address or network.
     """
     if command not in COMMANDS:
         raise ValueError(f"{command!r} is not a member change (add, del)")
-    network = ipaddress.ip_network(member, strict=True)
-    if network.version == 4:
-        family, address = socket.AF_INET, _attr(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER,
-                                                network.network_address.packed)
-    else:
-        family, address = socket.AF_INET6, _attr(IPSET_ATTR_IPADDR_IPV6 | NLA_F_NET_BYTEORDER,
-                                                 network.network_address.packed)
-    data = _attr(IPSET_ATTR_IP | NLA_F_NESTED, address) + _attr(IPSET_ATTR_CIDR, bytes([network.prefixlen]))
-    body = (struct.pack("=BBH", family, 0, 0)                                   # nfgenmsg, NFNETLINK_V0
-            + _attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
-            + _attr(IPSET_ATTR_SETNAME, set_name.encode("ascii") + b"\0")
-            + _attr(IPSET_ATTR_DATA | NLA_F_NESTED, data))
+    family, data = _member_data(member)
+    body = _head(family, set_name) + _attr(IPSET_ATTR_DATA | NLA_F_NESTED, data)
     kind = (NFNL_SUBSYS_IPSET << 8) | COMMANDS[command]
-    return struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, sequence, 0) + body
+    flags = NLM_F_REQUEST | NLM_F_ACK if ack else NLM_F_REQUEST
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, sequence, 0) + body
+
+
+@functools.lru_cache(maxsize=64)
+def _head(family: int, set_name: str) -> bytes:
+    """What every message to one set starts with: nfgenmsg (NFNETLINK_V0), the protocol and the set's name."""
+    return (struct.pack("=BBH", family, 0, 0) + _attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
+            + _attr(IPSET_ATTR_SETNAME, set_name.encode("ascii") + b"\0"))
+
+
+_V4_ADDRESS_HEADER = struct.pack("=HH", 8, IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER)
+_V4_IP_HEADER = struct.pack("=HH", 12, IPSET_ATTR_IP | NLA_F_NESTED)
+_V4_CIDR = tuple(_attr(IPSET_ATTR_CIDR, bytes([length])) for length in range(33))
+
+
+def _member_data(member: str) -> tuple[int, bytes]:
+    """(address family, the IPSET_ATTR_DATA payload) of ``member``; ValueError unless it is an address or a
+    network without host bits.  IPv4 from inet_pton and integers (a delta of 2,400 members built 2,400
+    ``ipaddress`` networks), anything else through ``ipaddress``."""
+    address, slash, length = member.partition("/")
+    if ":" not in address and (not slash or length.isascii() and length.isdigit() and int(length) <= 32):
+        try:
+            packed = socket.inet_pton(socket.AF_INET, address)
+        except OSError:
+            packed = None                       # ipaddress below says what is wrong with it
+        if packed is not None:
+            prefixlen = int(length) if slash else 32
+            if int.from_bytes(packed, "big") & ((1 << (32 - prefixlen)) - 1):
+                raise ValueError(f"{member!r} has host bits set")
+            return socket.AF_INET, _V4_IP_HEADER + _V4_ADDRESS_HEADER + packed + _V4_CIDR[prefixlen]
+    network = ipaddress.ip_network(member, strict=True)
+    kind = IPSET_ATTR_IPADDR_IPV4 if network.version == 4 else IPSET_ATTR_IPADDR_IPV6
+    address_attr = _attr(kind | NLA_F_NET_BYTEORDER, network.network_address.packed)
+    return (socket.AF_INET if network.version == 4 else socket.AF_INET6,
+            _attr(IPSET_ATTR_IP | NLA_F_NESTED, address_attr) + _attr(IPSET_ATTR_CIDR, bytes([network.prefixlen])))
 
 
 def parse_acks(data: bytes) -> list[tuple[int, int]]:
@@ -209,19 +240,20 @@ class IpsetNetlink:
 
     def _send(self, changes: Sequence[tuple[str, str, str]]) -> None:
         first = self._sequence + 1
+        last = first + len(changes) - 1
         messages = []
         for offset, (command, name, member) in enumerate(changes):
-            messages.append(member_message(command, name, member, first + offset))
-        self._sequence += len(changes)
+            messages.append(member_message(command, name, member, first + offset, ack=first + offset == last))
+        self._sequence = last
         self._socket.sendall(b"".join(messages))
-        pending = set(range(first, first + len(changes)))
         refused: list[tuple[int, int]] = []
-        while pending:
+        answered = False
+        while not answered:
             for sequence, code in parse_acks(self._socket.recv(1 << 16)):
-                if sequence in pending:
-                    pending.discard(sequence)
+                if first <= sequence <= last:
                     if code:
                         refused.append((sequence, code))
+                    answered = answered or sequence == last
         if refused:
             sequence, code = min(refused)
             command, name, member = changes[sequence - first]
