@@ -89,6 +89,44 @@ def test_upgrade_is_idempotent(fresh_db):
     migration.db_check(fresh_db.url)
 
 
+def _index_definitions(engine) -> dict[str, str]:
+    with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            return dict(connection.execute(sa.text(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'provider_fw_rules'")).all())
+        return dict(connection.execute(sa.text(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'provider_fw_rules'")).all())
+
+
+def _delta_plan(engine, column: str) -> str:
+    with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(sa.text("SET enable_seqscan = off"))
+            rows = connection.execute(sa.text(f"EXPLAIN SELECT id FROM provider_fw_rules WHERE {column} > 5"))
+        else:
+            rows = connection.execute(sa.text(
+                f"EXPLAIN QUERY PLAN SELECT id FROM provider_fw_rules WHERE {column} > 5"))
+        return " ".join(str(row[-1]) for row in rows)
+
+
+@pytest.mark.parametrize("fresh_db", ["sqlite", "postgresql"], indirect=True)
+def test_the_generation_indexes_hold_only_rules_deleted_or_renewed_and_the_deltas_use_them(fresh_db):
+    # Migration 0005: NULL (never deleted, never renewed: every rule an import writes) is not indexed, and the
+    # deltas' "column > N" still reads the index.  A downgrade gives the previous release's full indexes back.
+    from alembic import command
+
+    engine = db.get_engine()
+    for column in ("deleted_generation", "updated_generation"):
+        name = f"ix_provider_fw_rules_{column}"
+        assert f"{column} IS NOT NULL" in _index_definitions(engine)[name]
+        assert name in _delta_plan(engine, column)
+    command.downgrade(migration.alembic_config(fresh_db.url), "0004")
+    assert "IS NOT NULL" not in "".join(_index_definitions(engine)[f"ix_provider_fw_rules_{column}"]
+                                        for column in ("deleted_generation", "updated_generation"))
+    migration.db_sync(fresh_db.url)
+    assert migration.db_version(fresh_db.url) == "0005"
+
+
 # --------------------------------------------------------------------------- CRUD
 
 def test_create_get_list_and_delete(any_db):

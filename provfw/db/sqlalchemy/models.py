@@ -14,7 +14,7 @@ import datetime
 from typing import Annotated, Optional
 
 from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData,
-                        String, Text, UniqueConstraint)
+                        String, Text, UniqueConstraint, text)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -54,9 +54,15 @@ class ProviderFirewallRule(Base):
                         name="port_range"),
         CheckConstraint("ip_version IN (4, 6)", name="ip_version"),
         Index("ix_provider_fw_rules_created_generation", "created_generation"),
-        Index("ix_provider_fw_rules_deleted_generation", "deleted_generation"),
+        # Partial where the database has them (migration 0005): NULL for every rule never deleted or renewed,
+        # and the deltas only ask "column > N".
+        Index("ix_provider_fw_rules_deleted_generation", "deleted_generation",
+              postgresql_where=text("deleted_generation IS NOT NULL"),
+              sqlite_where=text("deleted_generation IS NOT NULL")),
         Index("ix_provider_fw_rules_deleted_expires_at", "deleted", "expires_at"),
-        Index("ix_provider_fw_rules_updated_generation", "updated_generation"),
+        Index("ix_provider_fw_rules_updated_generation", "updated_generation",
+              postgresql_where=text("updated_generation IS NOT NULL"),
+              sqlite_where=text("updated_generation IS NOT NULL")),
     )
 
     id: Mapped[intpk]
