@@ -124,7 +124,7 @@ class ReplaceGuardTripped(Conflict):
         share = removing / in_force if in_force else 1.0
         super().__init__(f"replace would remove {removing:,} of the {in_force:,} rules of {source} in force "
                          f"({share:.0%}), more than the guard's {max_fraction:.0%} ([feeds] replace_guard_fraction); "
-                         "nothing was changed; pass force=true if the list really shrank")
+                         "nothing was changed; pass force=true (the CLI's --force) if the list really shrank")
 
 
 class RuleLimitExceeded(Conflict):

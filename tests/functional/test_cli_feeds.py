@@ -53,7 +53,7 @@ def test_a_replace_reports_what_it_removed_and_the_guard_stops_a_truncated_list(
 
     daily.write_bytes(data_file("feeds", "sync", "daily-truncated.txt"))
     refused = admin(capsys, api, "import", str(daily), "--source", "daily", "--mode", "replace")
-    assert refused.code == 1 and "HTTP 409" in refused.err and "pass force=true" in refused.err
+    assert refused.code == 1 and "HTTP 409" in refused.err and "pass force=true (the CLI's --force)" in refused.err
     dry = admin(capsys, api, "import", str(daily), "--source", "daily", "--mode", "replace", "--dry-run")
     assert dry.code == 0 and lines_of(dry)[0].startswith("dry run, nothing changed: replaced import:daily")
     assert "the replace guard refuses this: it removes 32 of the 40 rules in force" in dry.out
