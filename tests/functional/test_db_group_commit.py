@@ -10,6 +10,7 @@ caller answered with its own result or its own error.
 
 from __future__ import annotations
 
+import datetime
 import sqlite3
 import threading
 import time
@@ -237,3 +238,114 @@ def test_a_notify_that_raises_costs_no_caller_its_answer(grouping_db):
         (3, False), (3, False), (3, False)]
     assert outcomes["one"].generation == outcomes["two"].generation == outcomes["leader"].generation + 1
     assert not db_impl._GROUP._leading and not db_impl._GROUP._queue
+
+
+def round_trips(database, run) -> int:
+    """How many times provfw's engine sent a statement to the database while ``run()`` ran."""
+    sent = []
+
+    def count(*_args):
+        sent.append(1)
+
+    engine = db_impl.get_engine()
+    sa.event.listen(engine, "before_cursor_execute", count)
+    try:
+        run()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count)
+    return len(sent)
+
+
+def test_a_groups_blocks_and_unblocks_cost_the_same_round_trips_whatever_its_size(grouping_db):
+    """Blocks of new CIDRs and unblocks by every source are written together (``_run_batched``): a group of 16
+    sends what a group of 4 sends, and every caller still gets its own answer."""
+    recorder = Recorder()
+    sent, answers = {}, {}
+    for size, net in ((2, 10), (8, 20)):
+        for index in range(size):
+            block(f"198.51.{net}.{index}/32", None)
+        queued = ([(f"block{index}", block, f"203.0.{net}.{index}/32", recorder) for index in range(size)]
+                  + [(f"unblock{index}", unblock, f"198.51.{net}.{index}/32", recorder) for index in range(size)])
+
+        def run(queued=queued, net=net):
+            answers[net] = queued_behind_the_lock(grouping_db, ("leader", block, f"192.0.{net}.1/32", recorder),
+                                                  queued)
+        sent[size] = round_trips(grouping_db, run)
+        outcomes = answers[net]
+        generation = outcomes["leader"].generation + 1
+        for index in range(size):
+            assert outcomes[f"block{index}"].added == 3 and outcomes[f"block{index}"].generation == generation
+            assert sorted(rule.cidr for rule, _ in outcomes[f"block{index}"].rules.values()) == [
+                f"203.0.{net}.{index}/32"] * 3
+            assert [r.spec.cidr for r in outcomes[f"unblock{index}"].removed] == [f"198.51.{net}.{index}/32"] * 3
+            assert db.provider_fw_rule_get_all(cidr=f"198.51.{net}.{index}/32") == []
+            assert len(db.provider_fw_rule_get_all(cidr=f"203.0.{net}.{index}/32")) == 3
+        group = recorder.changes[-1]
+        assert (len(group.added), len(group.removed)) == (3 * size, 3 * size)
+        assert db.provider_fw_generation_get() == generation
+    # SQLite's INSERT .. RETURNING answers rows in order only one row per execution (SQLAlchemy's
+    # insertmanyvalues): 3 more calls per block there, in-process calls rather than round trips.
+    assert sent[8] - sent[2] == (3 * (8 - 2) if grouping_db.kind == "sqlite" else 0)
+    # Each rule has its source row, and each mutation its audit row.
+    assert all(wants == [("manual", None)] for wants in db.provider_fw_rule_sources(
+        [rule.id for rule in db.provider_fw_rule_get_all()]).values())
+    audited = [row.action for row in db.audit_get_all(limit=1000) if row.generation == generation]
+    assert sorted(audited) == ["cidr.block"] * 8 + ["cidr.unblock"] * 8
+
+
+def test_a_batched_group_answers_each_kind_of_add_and_unblock_as_alone(grouping_db):
+    """Renewals, duplicates, the rule limit, a missing CIDR, two actors and a source-scoped unblock in one group
+    of batched steps: each caller gets what it would have got alone."""
+    recorder = Recorder()
+    soon, later = (db_impl._now() + datetime.timedelta(hours=hours) for hours in (1, 24))
+    db.provider_fw_rules_sync("manual", rules.external_block_specs("198.51.100.1/32"), expires_at=soon)  # to renew
+    block("198.51.100.2/32", None)                     # to add again: duplicate
+    block("198.51.100.3/32", None)                     # unblocked by "alice"
+    block("198.51.100.4/32", None)                     # unblocked by "bob"
+    db.provider_fw_rules_sync("feed:x", [make_spec("198.51.100.5/32")], action="rule.import")  # by source
+    live = db.provider_fw_rule_count()
+
+    def limited(cidr, notify):
+        # The leader adds 3; the group's batched unblocks run before its adds and free 6 (alice, bob): room
+        # for one more block of 3 under this limit, not two.
+        return db.provider_fw_rules_sync("manual", rules.external_block_specs(cidr), action="cidr.block",
+                                         max_rules=live, notify=notify)
+
+    def unblock_as(actor):
+        return lambda cidr, notify: db.provider_fw_rule_destroy_by_cidr(cidr, audit=db.Audit(actor), notify=notify)
+
+    def renew(cidr, notify):
+        return db.provider_fw_rules_sync("manual", rules.external_block_specs(cidr), expires_at=later,
+                                         action="cidr.block", notify=notify)
+
+    outcomes = queued_behind_the_lock(grouping_db, ("leader", block, "192.0.2.1/32", recorder), [
+        ("renew", renew, "198.51.100.1/32", recorder),
+        ("duplicate", block, "198.51.100.2/32", recorder),
+        ("fits", limited, "203.0.113.1/32", recorder),
+        ("over", limited, "203.0.113.2/32", recorder),
+        ("alice", unblock_as("alice"), "198.51.100.3/32", recorder),
+        ("bob", unblock_as("bob"), "198.51.100.4/32", recorder),
+        ("missing", unblock, "203.0.113.99/32", recorder),
+        ("by_source", lambda cidr, notify: db.provider_fw_rule_destroy_by_cidr(cidr, source="feed:x", notify=notify),
+         "198.51.100.5/32", recorder)])
+
+    generation = outcomes["leader"].generation + 1
+    assert outcomes["renew"].renewed == 3 and outcomes["renew"].added == 0
+    assert {wants[0][1] for _, wants in outcomes["renew"].rules.values()} == {later}
+    assert outcomes["duplicate"].changed is False and outcomes["duplicate"].duplicate == 3
+    assert outcomes["fits"].added == 3
+    assert isinstance(outcomes["over"], exception.RuleLimitExceeded)
+    assert db.provider_fw_rule_get_all(cidr="203.0.113.2/32") == []
+    assert isinstance(outcomes["missing"], exception.NotFound)
+    assert len(outcomes["by_source"].removed) == 1
+    with db_impl._session() as session:
+        deleted_by = dict(session.execute(sa.select(db_impl.ProviderFirewallRule.cidr,
+                                                    db_impl.ProviderFirewallRule.deleted_by)
+                                          .where(db_impl.ProviderFirewallRule.deleted != 0)).all())
+    assert deleted_by["198.51.100.3/32"] == "alice" and deleted_by["198.51.100.4/32"] == "bob"
+    for name in ("renew", "fits", "alice", "bob", "by_source"):
+        assert outcomes[name].generation == generation
+    assert db.provider_fw_rule_count() == live + 3 + 3 - 3 - 3 - 1      # leader, fits; alice, bob, by_source
+    group = recorder.changes[-1]
+    assert {rule.spec.cidr for rule in group.added} == {"198.51.100.1/32", "203.0.113.1/32"}
+    assert {rule.spec.cidr for rule in group.removed} == {"198.51.100.3/32", "198.51.100.4/32", "198.51.100.5/32"}

@@ -412,6 +412,7 @@ class _ListStatements:
     forget_sources: sa.Delete
     source_rows: sa.Select
     live_by_cidrs: sa.Select
+    retire_by_cidrs: sa.Update
     chunk: int
 
     @classmethod
@@ -424,6 +425,8 @@ class _ListStatements:
                 ids(_SOURCES.c.rule_id)),
             live_by_cidrs=select(*_WIRE_COLUMNS).where(
                 _RULES.c.deleted == 0, _one_of(_RULES.c.cidr, "b_cidrs", sa.String(), postgresql)),
+            retire_by_cidrs=update(_RULES).where(_one_of(_RULES.c.cidr, "b_cidrs", sa.String(), postgresql),
+                                                 _IN_FORCE_AT).values(**_SOFT_DELETE_VALUES).returning(*_WIRE_COLUMNS),
             chunk=50_000 if postgresql else 1000)
 
 
@@ -510,24 +513,29 @@ def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
     An outcome is a step's answer, or the ProvfwError it raised before writing (that step changed nothing;
     the others commit).  Any other error - a database error, or a step's error after it wrote - rolls the
     whole transaction back and propagates.  When no step changed anything the transaction (the bump) is
-    rolled back and the change is None.
+    rolled back and the change is None.  Steps that ``_run_batched`` can take together run first, as a
+    few statements for all of them; the others then run one after another, in their order.
     """
-    outcomes: list = []
+    outcomes: list = [None] * len(steps)
     changes: list[Changes] = []
     with _session() as session:
         try:
             with session.begin():
                 m = _Mutation(*_bump_generation(session))
-                for step in steps:
+                batched = _run_batched(session, m, steps, changes) if len(steps) > 1 else {}
+                outcomes = [batched.get(index) for index in range(len(steps))]
+                for index, step in enumerate(steps):
+                    if index in batched:
+                        continue
                     m.wrote = False
                     try:
                         answer, change = step(session, m)
                     except exception.ProvfwError as exc:
                         if m.wrote:
                             raise
-                        outcomes.append(exc)
+                        outcomes[index] = exc
                         continue
-                    outcomes.append(answer)
+                    outcomes[index] = answer
                     if change is not None:
                         changes.append(change)
                 if not m.changed:
@@ -537,6 +545,161 @@ def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
             return outcomes, None
     metrics.DB_GROUP_COMMIT_MUTATIONS.observe(len(steps))
     return outcomes, rules_mod.merge_changes(changes) if changes else Changes(m.generation - 1, m.generation, [], [])
+
+
+class _SyncStep:
+    """A small add (``_SyncCall.batchable``) as a group commit's step; ``_run_batched`` takes several at once."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: "_SyncCall"):
+        self.call = call
+
+    def __call__(self, session: Session, m: _Mutation) -> tuple:
+        return _sync_step(self.call, session, m)
+
+
+class _UnblockStep:
+    """``provider_fw_rule_destroy_by_cidr`` as a step; ``_run_batched`` takes several by every source at once."""
+
+    __slots__ = ("cidr", "audit", "source")
+
+    def __init__(self, cidr: str, audit: "Audit | None", source: str | None):
+        self.cidr, self.audit, self.source = cidr, audit, source
+
+    def __call__(self, session: Session, m: _Mutation) -> tuple:
+        return _destroy_by_cidr_step(self.cidr, self.audit, self.source, session, m)
+
+
+def _run_batched(session: Session, m: _Mutation, steps: Sequence[Step], changes: list[Changes]) -> dict[int, object]:
+    """Run the group's small adds together, and its unblocks by every source together; return index -> outcome.
+
+    Without this a group's transaction ran 3 statements per block and 2 per
+    unblock one after another, under the generation row lock, so a group's
+    time grew with its size; together they are 3 and 2 statements for the
+    whole group (``_sync_batch``, ``_unblock_batch``).  The mutations of one
+    group were all in flight together (none of their callers has an answer
+    yet), so running these first is one valid order of them: the same as if
+    they had queued first.  A step that touches a CIDR an earlier taken step
+    touches is left to run after, in its turn, so it sees that step's
+    writes.  A kind is taken only when the group has two steps of it.
+    Appends the taken steps' changes to ``changes``, in the order they ran.
+    """
+    update_returning = session.get_bind().dialect.update_returning
+    syncs: list[tuple[int, _SyncStep]] = []
+    unblocks: list[tuple[int, _UnblockStep]] = []
+    touched: set[str] = set()
+    for index, step in enumerate(steps):
+        if isinstance(step, _SyncStep):
+            cidrs, bucket = {spec.cidr for spec in step.call.wanted}, syncs
+        elif isinstance(step, _UnblockStep) and step.source is None and update_returning:
+            cidrs, bucket = {step.cidr}, unblocks
+        else:
+            continue
+        if cidrs.isdisjoint(touched):
+            touched |= cidrs
+            bucket.append((index, step))
+    outcomes: dict[int, object] = {}
+    now = _now()
+    if len(unblocks) > 1:
+        _unblock_batch(session, m, unblocks, now, outcomes, changes)
+    if len(syncs) > 1:
+        _sync_batch(session, m, syncs, now, outcomes, changes)
+    return outcomes
+
+
+def _unblock_batch(session: Session, m: _Mutation, steps: list[tuple[int, "_UnblockStep"]], now: datetime.datetime,
+                   outcomes: dict, changes: list[Changes]) -> None:
+    """Unblocks of distinct CIDRs by every source: one UPDATE .. RETURNING per actor, one DELETE of sources."""
+    connection = session.connection()
+    lists = _lists(connection)
+    generation = m.generation
+    by_actor: dict[str | None, list[str]] = {}
+    for _, step in steps:
+        by_actor.setdefault(step.audit.actor if step.audit else None, []).append(step.cidr)
+    m.wrote = True
+    found: dict[str, list] = {}
+    for actor, cidrs in by_actor.items():
+        for start in range(0, len(cidrs), lists.chunk):
+            for row in connection.execute(lists.retire_by_cidrs, {
+                    "b_cidrs": cidrs[start:start + lists.chunk], "b_now": now, "b_generation": generation,
+                    "b_actor": actor}):
+                found.setdefault(row.cidr, []).append(row)
+    ids = [row.id for rows in found.values() for row in rows]
+    for start in range(0, len(ids), lists.chunk):
+        connection.execute(lists.forget_sources, {"b_ids": ids[start:start + lists.chunk]})
+    for index, step in steps:
+        rows = sorted(found.get(step.cidr, ()), key=lambda row: row.id)
+        if not rows:
+            outcomes[index] = exception.NotFound(f"no provider firewall rules for {step.cidr}")
+            continue
+        m.live_delta -= len(rows)
+        change = Changes(generation - 1, generation, [], [rule_of(row) for row in rows])
+        _audit(session, step.audit, "cidr.unblock", generation,
+               {"cidr": step.cidr, "count": len(rows), "ids": [row.id for row in rows]})
+        m.changed = True
+        outcomes[index] = change
+        changes.append(change)
+
+
+def _sync_batch(session: Session, m: _Mutation, steps: list[tuple[int, "_SyncStep"]], now: datetime.datetime,
+                outcomes: dict, changes: list[Changes]) -> None:
+    """Small adds of distinct CIDRs: one look-up (and one read of their sources when some are live) for all,
+    then one INSERT .. RETURNING and one of source rows for every add that only creates rules (a block of a
+    CIDR not blocked yet).  An add that renews, gains a source or retires an expired copy is written on its
+    own (``_sync_write``), against the same look-up.  Answers and errors are each add's as ``_sync_step``
+    would give them."""
+    found = _existing_live(session, [spec for _, step in steps for spec in step.call.wanted])
+    full = _source_rows(session, [rule_id for rule_id, _ in found.values()]) if found else {}
+    make_held = sources_mod.Held
+    creating: list[tuple[int, _SyncCall, sources_mod.Plan, _HeldRules]] = []
+    for index, step in steps:
+        call = step.call
+        held = {spec: make_held(found[spec][0], spec, found[spec][1], full.get(found[spec][0]))
+                for spec in call.wanted if spec in found}
+        held_rules = _HeldRules(held, {}, call.wanted, 0)
+        m.wrote = False
+        try:
+            plan = _sync_plan(m, call, now, held_rules)
+        except _Unchanged as unchanged:
+            outcomes[index] = _unchanged_result(call, m.generation - 1, unchanged)
+            continue
+        except exception.ProvfwError as exc:
+            outcomes[index] = exc
+            continue
+        if len(plan.create) == len(call.wanted) and not (
+                plan.retire or plan.delete or plan.source_insert or plan.source_update or plan.source_delete
+                or plan.rule_expiry):
+            m.live_delta += len(plan.create)     # now: the next add's max_rules check counts these rules
+            creating.append((index, call, plan, held_rules))
+            continue
+        done = _sync_write(session, m, call, now, held_rules, plan)
+        outcomes[index] = _done_result(call, m.generation, done)
+        changes.append(done.changes)
+    if not creating:
+        return
+    generation = m.generation
+    values, owners = [], []
+    for _, call, plan, _ in creating:
+        actor = call.audit.actor if call.audit else call.created_by
+        for spec in plan.create:
+            values.append(dict(cidr=spec.cidr, ip_version=spec.version, protocol=spec.protocol,
+                               from_port=spec.from_port, to_port=spec.to_port, description=call.description,
+                               created_by=call.created_by, created_at=now, expires_at=call.expires_at,
+                               created_generation=generation, deleted=0))
+            owners.append((call.source, actor))
+    m.wrote = m.changed = True
+    inserted = iter(_insert_new_rules(session.connection(), values, owners))
+    for index, call, plan, held_rules in creating:
+        rows = list(itertools.islice(inserted, len(plan.create)))
+        created = dict(zip(plan.create, (row.id for row in rows)))
+        change = _plan_changes(plan, held_rules.held, {}, created, generation, call.expires_at)
+        _audit(session, call.audit, call.action, generation,
+               _sync_detail(plan, call.source, call.mode, created, call.given - len(call.wanted), call.force,
+                            call.audit_detail))
+        read_back = {row.id: (row, [(call.source, row.expires_at)]) for row in rows}
+        outcomes[index] = _done_result(call, generation, _SyncDone(plan, change, created, read_back))
+        changes.append(change)
 
 
 def _alone(operation: str, step: Step, notify: Callable[[Changes], bool] | None) -> tuple:
@@ -843,7 +1006,7 @@ def provider_fw_rules_sync(source: str, specs: Sequence[rules_mod.RuleSpec], *, 
     call = _SyncCall(source, list(dict.fromkeys(specs)), len(specs), mode, expires_at, description, created_by, audit,
                      max_rules, action, guard, force, dry_run, renew_slack, audit_detail, _before, _after)
     if notify is not None and _GROUP.accepts(call.batchable):
-        result, notified = _GROUP.run(functools.partial(_sync_step, call),
+        result, notified = _GROUP.run(_SyncStep(call),
                                       functools.partial(_sync_alone_answer, call, notify), notify)
         return dataclasses.replace(result, notified=notified) if result.changed else result
     return _sync_alone(call, notify)
@@ -900,14 +1063,20 @@ def _sync_in(session: Session, m: "_Mutation", call: _SyncCall, now: datetime.da
     nothing changes (unless ``call.after``); ReplaceGuardTripped and
     RuleLimitExceeded, also before writing.
     """
-    source, wanted, replace = call.source, call.wanted, call.replace
     if call.before is not None:
         call.before(session, now)
-    held, own, planned, settled = _held_rules(session, source, wanted, replace or len(wanted) > _SMALL, m.live)
-    plan = sources_mod.plan_sync(source, planned, call.expires_at, held, now, replace, call.renew_slack, call.guard,
-                                 own if own else None, settled)
-    if replace and plan.guard is not None and plan.guard.tripped and not call.force and not call.dry_run:
-        raise exception.ReplaceGuardTripped(source, plan.guard.in_force, plan.guard.removing, plan.guard.max_fraction)
+    held_rules = _held_rules(session, call.source, call.wanted, call.replace or len(call.wanted) > _SMALL, m.live)
+    return _sync_write(session, m, call, now, held_rules, _sync_plan(m, call, now, held_rules))
+
+
+def _sync_plan(m: "_Mutation", call: _SyncCall, now: datetime.datetime, held_rules: "_HeldRules") -> sources_mod.Plan:
+    """``call``'s plan against what ``_held_rules`` read (no statement); raise as ``_sync_in`` does."""
+    held, own, planned, settled = held_rules
+    plan = sources_mod.plan_sync(call.source, planned, call.expires_at, held, now, call.replace, call.renew_slack,
+                                 call.guard, own if own else None, settled)
+    if call.replace and plan.guard is not None and plan.guard.tripped and not call.force and not call.dry_run:
+        raise exception.ReplaceGuardTripped(call.source, plan.guard.in_force, plan.guard.removing,
+                                            plan.guard.max_fraction)
     if call.max_rules is not None and plan.create:
         live = m.live - len(plan.retire) - len(plan.delete)
         if live + len(plan.create) > call.max_rules:
@@ -915,6 +1084,14 @@ def _sync_in(session: Session, m: "_Mutation", call: _SyncCall, now: datetime.da
                 f"max_rules: {live} live + {len(plan.create)} new exceeds the limit of {call.max_rules}")
     if call.dry_run or not plan.changes_anything and call.after is None:
         raise _Unchanged(plan, held, own)
+    return plan
+
+
+def _sync_write(session: Session, m: "_Mutation", call: _SyncCall, now: datetime.datetime,
+                held_rules: "_HeldRules", plan: sources_mod.Plan) -> _SyncDone:
+    """Write ``plan`` (``_sync_plan``'s) and say what it did: the second half of ``_sync_in``."""
+    source, wanted = call.source, call.wanted
+    held, own = held_rules.held, held_rules.own
     new_rows: dict = {}
     generation = m.generation
     if plan.changes_anything:
@@ -1262,15 +1439,10 @@ def _write_plan(session: Session, m: "_Mutation", plan: sources_mod.Plan, source
         mine = (r.created_generation == generation, r.deleted == 0)
         dialect = session.get_bind().dialect
         if len(values) <= BULK_THRESHOLD and dialect.insert_executemany_returning_sort_by_parameter_order:
-            # One statement writes the rows and answers their ids, in the order of the values.
-            inserted = session.connection().execute(_INSERT_RULES_RETURNING, values).all()
+            inserted = _insert_new_rules(session.connection(), values, [(source, actor)] * len(values))
             created.update(zip(plan.create, (row.id for row in inserted)))
             if new_rows is not None:
                 new_rows.update((row.id, row) for row in inserted)
-            # By id, not by generation: a group commit's other mutations create rules of the same generation.
-            session.connection().execute(_INSERT_SOURCES, [
-                {"rule_id": row.id, "source": source, "expires_at": row.expires_at, "created_at": row.created_at,
-                 "created_by": actor} for row in inserted])
         else:
             _bulk_insert(session, values, analyze=_worth_analyzing(len(values), live))
             # Core rows and tuple.__new__ (RuleSpec's own __new__ is Python): this loop runs per new rule.
@@ -1303,6 +1475,22 @@ def _write_plan(session: Session, m: "_Mutation", plan: sources_mod.Plan, source
             [{"b_id": rule_id, "b_expires": expires} for rule_id, expires in plan.rule_expiry.items()])
     m.live_delta += len(created) - len(gone)
     return created
+
+
+def _insert_new_rules(connection: sa.Connection, values: list[dict], owners: list[tuple[str, str | None]]) -> list:
+    """Insert the rule rows ``values`` and a source row for each; return the rows as stored, in order.
+
+    ``owners``: (source, actor) of each row.  Two statements whatever the
+    count: one INSERT .. RETURNING answers the rows in the order of the
+    values (PostgreSQL, SQLite: ``sort_by_parameter_order``), one executemany
+    writes the source rows - by id, not by generation, since a group
+    commit's other mutations create rules of the same generation.
+    """
+    inserted = connection.execute(_INSERT_RULES_RETURNING, values).all()
+    connection.execute(_INSERT_SOURCES, [
+        {"rule_id": row.id, "source": source, "expires_at": row.expires_at, "created_at": row.created_at,
+         "created_by": actor} for row, (source, actor) in zip(inserted, owners)])
+    return inserted
 
 
 def _plan_changes(plan: sources_mod.Plan, held: dict, own: dict, created: dict, generation: int,
@@ -1614,8 +1802,7 @@ def provider_fw_rule_destroy_by_cidr(cidr: str, audit: Audit | None = None, sour
     NotFound when there is none (with ``source``: none that ``source`` wants).  ``notify``: as in
     ``provider_fw_rules_sync`` (the call may share a group commit).
     """
-    return _mutate("provider_fw_rule_destroy_by_cidr", functools.partial(_destroy_by_cidr_step, cidr, audit, source),
-                   notify)
+    return _mutate("provider_fw_rule_destroy_by_cidr", _UnblockStep(cidr, audit, source), notify)
 
 
 def _destroy_by_cidr_step(cidr: str, audit: Audit | None, source: str | None, session: Session,
