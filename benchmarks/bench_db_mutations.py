@@ -98,13 +98,13 @@ def main() -> None:
     print(machine.describe())
     print(f"\nDatabase layer alone, {args.threads} threads, block/unblock mix, PostgreSQL, {args.seconds:.0f} s "
           f"per run, {args.runs} runs each in turn")
-    print(f"{'tree':<12}{'mutations/s':>14}{'CPU/mutation':>15}{'statements/mutation':>22}{'vs this tree':>14}")
+    print(f"{'tree':<12}{'mutations/s':>22}{'CPU/mutation':>26}{'statements/mutation':>24}{'vs this tree':>14}")
     for name, runs in results.items():
         ops = " / ".join(f"{r['ops']:.0f}" for r in runs)
         cpu = " / ".join(f"{r['cpu_ms']:.2f}" for r in runs)
         statements = " / ".join(f"{r['statements']:.2f}" for r in runs)
         ratio = sum(r["ops"] for r in runs) / sum(r["ops"] for r in results["this tree"])
-        print(f"{name:<12}{ops:>14}{cpu + ' ms':>15}{statements:>22}{ratio:>13.2f}x")
+        print(f"{name:<12}{ops:>22}{cpu + ' ms':>26}{statements:>24}{ratio:>13.2f}x")
 
 
 if __name__ == "__main__":

@@ -239,15 +239,15 @@ class Hub:
 class HubRpcClient(rpc.RpcClient):
     """``rpc.RpcClient`` over a Hub: the same envelope, retries, timeouts and errors, no connection of its own.
 
-    ``decode=False`` makes ``call`` return ``(body bytes, headers)`` without
-    decompressing (light hosts).  After each call ``last_arrival`` is the
-    monotonic time the reply arrived and ``last_reply_bytes`` its size.
+    ``call_raw`` returns the reply's body undecoded (what ``ConductorAPI``
+    asks for; a light host then reads only its headers).  After each call
+    ``last_arrival`` is the monotonic time the reply arrived and
+    ``last_reply_bytes`` its size.
     """
 
-    def __init__(self, hub: Hub, host: str, conf: cfg.ConfigOpts, decode: bool = True):
+    def __init__(self, hub: Hub, host: str, conf: cfg.ConfigOpts):
         super().__init__(host, conf, url=hub.url)
         self.hub = hub
-        self.decode = decode
         self.last_arrival = 0.0
         self._waiting: dict[str, list] = {}
         self._reply_queue = rpc.reply_queue_name(conf, host)
@@ -291,10 +291,7 @@ class HubRpcClient(rpc.RpcClient):
         self.last_reply_bytes = len(message.body)
         if message.content_type != rpc.REPLY_CONTENT_TYPE:
             raise exception.ProvfwError(f"{method}: unexpected reply content type {message.content_type!r}")
-        headers = dict(message.headers or {})
-        if not self.decode:
-            return message.body, headers
-        return rpc.decode_reply(message.body), headers
+        return message.body, dict(message.headers or {})
 
 
 # Set during the phases whose replies are large (import, cold start): light hosts then skip parsing them.
@@ -308,7 +305,7 @@ class LightConductorAPI(conductor_api.ConductorAPI):
     on generations (and casts that carry a change apply to it normally) without
     spending a core on parsing 120k rules that a sample host parses for it.
     Outside a LIGHT_PHASE it parses the reply as ConductorAPI does.  Its
-    client returns replies undecoded (``HubRpcClient(decode=False)``).
+    client's ``call_raw`` returns replies undecoded.
     """
 
     def get_provider_fw_rules(self, since_generation, min_generation=None, fresh=False):
@@ -457,7 +454,7 @@ class SimHost:
             self.source: Any = DatabaseRules(name, light=not full)
             conductor = self.source
         else:
-            self.source = HubRpcClient(hub, name, conf, decode=full)
+            self.source = HubRpcClient(hub, name, conf)
             conductor = (conductor_api.ConductorAPI if full else LightConductorAPI)(conf, name, client=self.source)
         self.manager = compute_manager.ComputeManager(conf, driver=driver, host=name, conductor=conductor)
         self.fanout = rpc.FanoutConsumer(self._on_cast, name, conf)

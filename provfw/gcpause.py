@@ -37,3 +37,20 @@ def paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def kept() -> Iterator[None]:
+    """``paused``, then the objects the body built are moved out of the collector's sight (``gc.freeze``).
+
+    For work whose objects outlive it (see "Kept objects" above).  Nested in
+    another pause it is a plain pause: the outermost decides.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.freeze()
+            gc.enable()

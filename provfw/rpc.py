@@ -630,6 +630,11 @@ class RpcClient:
         Raises ``ConductorUnavailable`` after ``retries + 1`` attempts of
         ``timeout`` seconds each without a reply (or with the bus down).
         """
+        body, headers = self.call_raw(method, **args)
+        return decode_reply(body), headers
+
+    def call_raw(self, method: str, **args) -> tuple[bytes, dict]:
+        """``call``, with the reply's body as it came (compressed JSON: ``decode_reply`` reads it)."""
         self._refuse_when_closed(method)
         with self._lock:
             try:
@@ -643,7 +648,7 @@ class RpcClient:
                     f"({self.retries + 1} attempts; last: {type(exc).__name__}: {exc}); is provfw-conductor "
                     f"running and reachable at {self.url.split('@')[-1]}?") from None
 
-    def _call_once(self, method: str, args: dict) -> tuple[Any, dict]:
+    def _call_once(self, method: str, args: dict) -> tuple[bytes, dict]:
         correlation_id = uuid.uuid4().hex
         try:
             self._ensure()                 # the reply queue must exist before it is named in reply_to
@@ -671,7 +676,7 @@ class RpcClient:
         self.last_reply_bytes = len(message.body)
         if message.content_type != REPLY_CONTENT_TYPE:
             raise exception.ProvfwError(f"{method}: unexpected reply content type {message.content_type!r}")
-        return decode_reply(message.body), dict(message.headers or {})
+        return message.body, dict(message.headers or {})
 
 
 def _release(conn: kombu.Connection) -> None:

@@ -25,6 +25,7 @@ serialises applies, ``_state_lock`` guards the recorded outcome.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -33,13 +34,16 @@ from typing import Any, Callable
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import exception, metrics, rpc
+from provfw import exception, gcpause, metrics, rpc
 from provfw.compute import reconciler as reconciler_mod
 from provfw.conductor import api as conductor_api
 from provfw.rules import Changes, Rule, Snapshot
 from provfw.virt import driver as virt_driver
 
 LOG = logging.getLogger(__name__)
+
+#: Snapshots of more rules than this are applied under ``gcpause.kept`` (see ``sync``).
+KEEP_ABOVE_RULES = 8192
 
 DRIFT_CHECK_SPACING = 10
 MAX_ERROR = 4000
@@ -150,7 +154,10 @@ class ComputeManager:
                                f"generation {applied}; keeping generation {applied}")
             return None
         if isinstance(reply, Snapshot):
-            return self._reconcile(lambda: self.reconciler.apply_snapshot(reply), "snapshot")
+            # The applied state of a large snapshot lives until the next one: built with the collector paused,
+            # then frozen (gcpause.kept), as its rules were decoded.
+            with gcpause.kept() if len(reply.rules) > KEEP_ABOVE_RULES else contextlib.nullcontext():
+                return self._reconcile(lambda: self.reconciler.apply_snapshot(reply), "snapshot")
         if reply.since == reply.generation == self.reconciler.generation and not reply.size:
             return self._record_success(reconciler_mod.Outcome(reply.generation, self.reconciler.rule_count,
                                                                False, "none", 0.0, len(self.reconciler.quarantine())))

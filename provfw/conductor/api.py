@@ -13,13 +13,14 @@ serialise on one connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import exception, rpc
+from provfw import exception, gcpause, rpc
 from provfw.rules import Changes, Rule, Snapshot
 
 LOG = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ def parse_rules_reply(payload: Any) -> Snapshot | Changes:
     raise exception.ProvfwError(f"conductor reply of unknown kind {kind!r}")
 
 
+#: Replies larger than this (compressed; ~64 KB is ~8k rules) are decoded under ``gcpause.kept``: a snapshot the
+#: host keeps.  Smaller ones (deltas, a small fleet's snapshot) are left to the collector, as any object.
+KEEP_ABOVE_BYTES = 64 * 1024
+
+
 class ConductorAPI:
     """What a compute worker asks of the conductors."""
 
@@ -74,14 +80,17 @@ class ConductorAPI:
         for its age alone) - for a catch-up after casts may have been lost.
         Raises ``ConductorUnavailable`` when no conductor answers.
         """
-        payload, _headers = self._call_rules(since_generation, min_generation, fresh)
-        return parse_rules_reply(payload)
+        body, _headers = self._call_rules(since_generation, min_generation, fresh)
+        # A snapshot of 120k rules is ~500k objects the host keeps: decoded with the collector paused and
+        # then frozen (gcpause.kept), 0.2 s instead of 0.5-0.7 s, and never scanned afterwards.
+        with gcpause.kept() if len(body) > KEEP_ABOVE_BYTES else contextlib.nullcontext():
+            return parse_rules_reply(rpc.decode_reply(body))
 
     def _call_rules(self, since_generation: int | None, min_generation: int | None, fresh: bool):
-        """The ``get_provider_fw_rules`` call as the client returns it: (payload, headers)."""
+        """The ``get_provider_fw_rules`` call, its reply undecoded: (body bytes, headers)."""
         extra = {"fresh": True} if fresh else {}     # sent only when set: a conductor of the last release ignores it
-        return self.client.call("get_provider_fw_rules", host=self.host, since_generation=since_generation,
-                                min_generation=min_generation, **extra)
+        return self.client.call_raw("get_provider_fw_rules", host=self.host, since_generation=since_generation,
+                                    min_generation=min_generation, **extra)
 
     def report_provider_fw_state(self, **state) -> None:
         """Cast this host's state (applied generation, rule count, driver, last error, quarantine).

@@ -559,7 +559,10 @@ def test_audit_row_is_written_in_the_same_transaction_as_the_mutation(any_db):
         events.append((id(conn.connection.dbapi_connection), "COMMIT"))
 
     def on_execute(conn, cursor, statement, *args):
-        events.append((id(conn.connection.dbapi_connection), statement.split()[0].upper() + " " + (
+        verb = statement.split()[0].upper()
+        if verb == "WITH" and "INSERT INTO" in statement:
+            verb = "INSERT"       # PostgreSQL: new rules and their source rows in one data-modifying CTE
+        events.append((id(conn.connection.dbapi_connection), verb + " " + (
             "audit_log" if "audit_log" in statement else "provider_fw_generation"
             if "provider_fw_generation" in statement else "provider_fw_rules" if "provider_fw_rules" in statement
             else "other")))

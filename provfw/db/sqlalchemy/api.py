@@ -1477,15 +1477,46 @@ def _write_plan(session: Session, m: "_Mutation", plan: sources_mod.Plan, source
     return created
 
 
+# PostgreSQL: a group's (or one create's) new rules and their source rows in ONE statement, whatever their
+# count: the values travel as one array per column (psycopg2 adapts a list in C), the rules' INSERT answers
+# every column, and the source rows are written from it, matched to their owner by spec (the live spec is
+# unique; RETURNING's order is not promised).  Against the two statements below: SQLAlchemy's ordered
+# insertmanyvalues rendered a VALUES row per rule in Python and psycopg2 formatted each parameter.
+_NEW_RULES_ARRAYS = (("cidr", "VARCHAR"), ("ip_version", "INTEGER"), ("protocol", "VARCHAR"), ("from_port", "INTEGER"),
+                     ("to_port", "INTEGER"), ("description", "VARCHAR"), ("created_by", "VARCHAR"),
+                     ("created_at", "TIMESTAMP"), ("expires_at", "TIMESTAMP"), ("created_generation", "BIGINT"),
+                     ("source", "VARCHAR"), ("actor", "VARCHAR"))
+_NEW_RULES_PG = sa.text(
+    "WITH data AS (SELECT * FROM unnest("
+    + ", ".join(f"CAST(:b_{name} AS {kind}[])" for name, kind in _NEW_RULES_ARRAYS)
+    + ") AS d(" + ", ".join(name for name, _ in _NEW_RULES_ARRAYS) + ")), "
+    "new AS (INSERT INTO provider_fw_rules (cidr, ip_version, protocol, from_port, to_port, description, "
+    "created_by, created_at, expires_at, created_generation, deleted) "
+    "SELECT cidr, ip_version, protocol, from_port, to_port, description, created_by, created_at, expires_at, "
+    "created_generation, 0 FROM data RETURNING *), "
+    "sources AS (INSERT INTO provider_fw_rule_sources (rule_id, source, expires_at, created_at, created_by) "
+    "SELECT new.id, data.source, new.expires_at, new.created_at, data.actor "
+    "FROM new JOIN data USING (cidr, protocol, from_port, to_port)) "
+    "SELECT * FROM new").columns(*_RULES.c)
+
+
 def _insert_new_rules(connection: sa.Connection, values: list[dict], owners: list[tuple[str, str | None]]) -> list:
     """Insert the rule rows ``values`` and a source row for each; return the rows as stored, in order.
 
-    ``owners``: (source, actor) of each row.  Two statements whatever the
-    count: one INSERT .. RETURNING answers the rows in the order of the
-    values (PostgreSQL, SQLite: ``sort_by_parameter_order``), one executemany
-    writes the source rows - by id, not by generation, since a group
-    commit's other mutations create rules of the same generation.
+    ``owners``: (source, actor) of each row; ``values`` hold no spec twice.
+    PostgreSQL: one statement (``_NEW_RULES_PG``).  SQLite: one INSERT ..
+    RETURNING that answers the rows in the order of the values
+    (``sort_by_parameter_order``) and one executemany of the source rows -
+    by id, not by generation, since a group commit's other mutations create
+    rules of the same generation.
     """
+    if connection.dialect.name == "postgresql":
+        arrays = {f"b_{name}": [value[name] for value in values] for name, _ in _NEW_RULES_ARRAYS[:10]}
+        arrays["b_source"] = [source for source, _ in owners]
+        arrays["b_actor"] = [actor for _, actor in owners]
+        by_spec = {(row.cidr, row.protocol, row.from_port, row.to_port): row
+                   for row in connection.execute(_NEW_RULES_PG, arrays)}
+        return [by_spec[value["cidr"], value["protocol"], value["from_port"], value["to_port"]] for value in values]
     inserted = connection.execute(_INSERT_RULES_RETURNING, values).all()
     connection.execute(_INSERT_SOURCES, [
         {"rule_id": row.id, "source": source, "expires_at": row.expires_at, "created_at": row.created_at,
