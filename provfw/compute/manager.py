@@ -157,7 +157,7 @@ class ComputeManager:
             # The applied state of a large snapshot lives until the next one: built with the collector paused,
             # then frozen (gcpause.kept), as its rules were decoded.
             with gcpause.kept() if len(reply.rules) > KEEP_ABOVE_RULES else contextlib.nullcontext():
-                return self._reconcile(lambda: self.reconciler.apply_snapshot(reply), "snapshot")
+                return self._reconcile(lambda: self.reconciler.apply_snapshot(reply, again=full), "snapshot")
         if reply.since == reply.generation == self.reconciler.generation and not reply.size:
             return self._record_success(reconciler_mod.Outcome(reply.generation, self.reconciler.rule_count,
                                                                False, "none", 0.0, len(self.reconciler.quarantine())))

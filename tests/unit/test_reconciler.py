@@ -130,6 +130,45 @@ def test_a_change_to_a_generation_already_applied_is_told_apart_from_a_gap(recon
     assert len(model.writes) == writes and reconciler.generation == 4
 
 
+def test_a_snapshot_of_the_applied_generation_is_already_applied_unless_asked_again(reconciler, model):
+    reconciler.apply_snapshot(Snapshot(4, [rule(1, A)]))
+    model.kernel.add(B)                                  # drift: only ``again`` (or a drift check) rewrites it
+    writes = len(model.writes)
+    with pytest.raises(AlreadyApplied):
+        reconciler.apply_snapshot(Snapshot(4, [rule(1, A)]))
+    assert len(model.writes) == writes and model.kernel == {A, B}
+    outcome = reconciler.apply_snapshot(Snapshot(4, [rule(1, A)]), again=True)
+    assert (outcome.generation, outcome.mode) == (4, "full") and model.kernel == {A}
+
+
+def test_a_worker_does_not_rebuild_a_snapshot_another_thread_applied_while_it_asked(conf, model):
+    """The periodic check and a cast's catch-up ask the conductor at once during a bulk import: the reply that
+    comes second must not rebuild the kernel again while the next cast waits for the reconciler."""
+    from provfw.compute import manager as manager_mod
+
+    snapshot = Snapshot(5, [rule(1, A), rule(2, B)])
+
+    class Conductor:
+        reports: list = []
+
+        def get_provider_fw_rules(self, since, min_generation=None, fresh=False):
+            worker.reconciler.apply_snapshot(snapshot)       # the other thread's apply won the race
+            return snapshot
+
+        def report_provider_fw_state(self, **state):
+            self.reports.append(state)
+
+    worker = manager_mod.ComputeManager(conf, driver=LibvirtConnection(conf, firewall_driver=model), host="hv1",
+                                        conductor=Conductor())
+    worker.reconciler.apply_snapshot(Snapshot(4, [rule(1, A)]))
+    reads = []
+    plan_full = model.plan_full
+    model.plan_full = lambda desired: reads.append(len(desired)) or plan_full(desired)    # a kernel read each
+    assert worker.sync(min_generation=5) is None
+    assert reads == [2] and model.kernel == {A, B}          # one rebuild: the second reply read nothing
+    assert worker.last_error is None and worker.reconciler.generation == 5
+
+
 def test_a_spec_deleted_and_created_again_in_one_change_never_leaves_the_kernel(reconciler, model):
     reconciler.apply_snapshot(Snapshot(1, [rule(1, A)]))
     reconciler.apply_change(Changes(1, 3, [rule(7, A)], [rule(1, A)]))
