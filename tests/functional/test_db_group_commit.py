@@ -349,3 +349,23 @@ def test_a_batched_group_answers_each_kind_of_add_and_unblock_as_alone(grouping_
     group = recorder.changes[-1]
     assert {rule.spec.cidr for rule in group.added} == {"198.51.100.1/32", "203.0.113.1/32"}
     assert {rule.spec.cidr for rule in group.removed} == {"198.51.100.3/32", "198.51.100.4/32", "198.51.100.5/32"}
+
+
+def test_a_one_rule_create_is_four_statements_on_postgresql(grouping_db):
+    """The +1 CIDR path under the generation row lock: the bump, the look-up, the rule with its source row
+    (one statement on PostgreSQL), the audit row with the live-rule counter (one on PostgreSQL); BEGIN and
+    COMMIT are the driver's own."""
+    recorder = Recorder()
+
+    def create(cidr):
+        # As the API's create calls it: its answer comes from the sync's own transaction.
+        return db.provider_fw_rules_sync("manual", [make_spec(cidr)], action="rule.create",
+                                         audit=db.Audit("group-test"), notify=recorder)
+
+    create("192.0.2.1/32")                                           # warm: the statement caches
+    sent = round_trips(grouping_db, lambda: create("192.0.2.2/32"))
+    # SQLite: BEGIN IMMEDIATE is a statement of its own, and each of the four is one or two.
+    assert sent == (4 if grouping_db.kind == "postgresql" else 7)
+    assert db.provider_fw_rule_count() == 2
+    assert [row.action for row in db.audit_get_all()] == ["rule.create", "rule.create"]
+    assert [len(change.added) for change in recorder.changes] == [1, 1]
