@@ -41,33 +41,31 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Iterator
+from typing import Callable, Iterator
 
 
-@contextlib.contextmanager
-def paused() -> Iterator[None]:
+def paused() -> contextlib.AbstractContextManager[None]:
     """Run the body with the cyclic garbage collector off; restore it (if it was on) afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+    return _pause(None)
 
 
-@contextlib.contextmanager
-def kept() -> Iterator[None]:
+def kept() -> contextlib.AbstractContextManager[None]:
     """``paused``, then the objects the body built are moved out of the collector's sight (``gc.freeze``).
 
     For work whose objects outlive it (see "Kept objects" above).  Nested in
     another pause it is a plain pause: the outermost decides.
     """
+    return _pause(gc.freeze)
+
+
+@contextlib.contextmanager
+def _pause(at_end: Callable[[], None] | None) -> Iterator[None]:
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
-            gc.freeze()
+            if at_end is not None:
+                at_end()
             gc.enable()

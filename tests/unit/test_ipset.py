@@ -192,33 +192,15 @@ def test_a_structural_delta_is_none(adds, dels):
 
 def test_planning_a_whole_rule_set_lets_other_green_threads_run(monkeypatch):
     # A worker runs under eventlet: a cast arriving while a drift check plans 120k rules is served between
-    # two chunks of the plan (sets.cooperate), not after it.  Here time.sleep is eventlet's, as in a worker.
-    import eventlet
-    import eventlet.green.time
-
+    # two chunks of the plan (sets.cooperate), not after it.
     from provfw.rules import make_spec
     from provfw.virt.firewall import sets
-
-    monkeypatch.setattr(sets, "time", eventlet.green.time)
-    ticks: list[int] = []
-
-    def other_green_thread():
-        while True:
-            ticks.append(1)
-            eventlet.sleep(0)
+    from tests.lib.green import ticks_during
 
     specs = [make_spec(f"45.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") for i in range(3 * sets.YIELD_EVERY)]
     save = "create pv4-x hash:net family inet maxelem 65536\n" + "".join(
         f"add pv4-x {spec.cidr[:-3]}\n" for spec in specs)
-    other = eventlet.spawn(other_green_thread)
-    eventlet.sleep(0)
-    try:
-        before = len(ticks)
-        groups = sets.group_members(specs, ipset.member)
-        during_grouping = len(ticks) - before
-        kernel = ipset.parse_save(save, lambda name: True)
-        during_parse = len(ticks) - before - during_grouping
-    finally:
-        other.kill()
+    groups, during_grouping = ticks_during(monkeypatch, lambda: sets.group_members(specs, ipset.member))
+    kernel, during_parse = ticks_during(monkeypatch, lambda: ipset.parse_save(save, lambda name: True))
     assert sum(len(members) for members in groups.values()) == len(specs) == len(kernel["pv4-x"].members)
     assert during_grouping >= 3 and during_parse >= 3

@@ -353,29 +353,12 @@ def test_nft_elements_listed_with_a_dotted_ipv6_tail_compare_equal_to_the_rules_
 
 def test_nftables_grouping_a_whole_rule_set_lets_other_green_threads_run(monkeypatch):
     # As the ipset driver's grouping (tests/unit/test_ipset.py): a cast arriving while a drift check groups
-    # 120k rules runs between two chunks of it.  Here time.sleep is eventlet's, as in a worker.
-    import eventlet
-    import eventlet.green.time
-
+    # 120k rules runs between two chunks of it.
     from provfw.rules import make_spec
     from provfw.virt.firewall import nftables, sets
-
-    monkeypatch.setattr(sets, "time", eventlet.green.time)
-    ticks: list[int] = []
-
-    def other_green_thread():
-        while True:
-            ticks.append(1)
-            eventlet.sleep(0)
+    from tests.lib.green import ticks_during
 
     specs = [make_spec(f"45.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") for i in range(3 * sets.YIELD_EVERY)]
-    other = eventlet.spawn(other_green_thread)
-    eventlet.sleep(0)
-    try:
-        before = len(ticks)
-        elements = nftables.group_elements(specs)
-        during = len(ticks) - before
-    finally:
-        other.kill()
+    elements, during = ticks_during(monkeypatch, lambda: nftables.group_elements(specs))
     assert sum(len(members) for members in elements.values()) == len(specs)
     assert during >= 3
