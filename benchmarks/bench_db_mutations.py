@@ -10,7 +10,10 @@ mutations/s, the process' CPU per mutation and the statements per mutation
 another source tree (``git archive <commit> provfw | tar -x -C DIR``) run
 with the same code in turn, ``--runs`` times each.
 
-    .venv/bin/python benchmarks/bench_db_mutations.py [--threads 12] [--seconds 5] [--baseline DIR]
+    .venv/bin/python benchmarks/bench_db_mutations.py [--threads 12] [--seconds 5] [--runs 2] [--baseline DIR]
+
+Uses the test helpers (``tests.lib.services``: a scratch PostgreSQL database), so it runs in the ``.venv``
+that ``./tools/run-tests.sh`` or ``./tools/setup-test-env.sh`` builds.
 """
 
 from __future__ import annotations
@@ -73,10 +76,15 @@ def measure(threads: int, seconds: float) -> dict:
 
 
 def run_tree(tree: str, threads: int, seconds: float) -> dict:
+    # The tree's provfw must be the one imported (the venv's editable install would answer otherwise).
     code = (f"import sys; sys.path.insert(0, {tree!r}); sys.path.insert(1, {ROOT!r}); "
+            "import provfw; "
+            f"assert provfw.__file__.startswith({tree!r}), provfw.__file__; "
             "from benchmarks import bench_db_mutations as b; import json; "
             f"print(json.dumps(b.measure({threads}, {seconds})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd="/")
+    if out.returncode != 0:
+        raise SystemExit(f"the run of {tree} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -91,13 +99,16 @@ def main() -> None:
     from benchmarks import machine
 
     trees = {"this tree": ROOT, **({"baseline": os.path.abspath(args.baseline)} if args.baseline else {})}
+    for tree in trees.values():
+        if not os.path.isfile(os.path.join(tree, "provfw", "__init__.py")):
+            raise SystemExit(f"{tree} holds no provfw package (git archive <commit> provfw | tar -x -C DIR)")
     results: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(args.runs):
         for name, tree in trees.items():
             results[name].append(run_tree(tree, args.threads, args.seconds))
     print(machine.describe())
     print(f"\nDatabase layer alone, {args.threads} threads, block/unblock mix, PostgreSQL, {args.seconds:.0f} s "
-          f"per run, {args.runs} runs each in turn")
+          f"per run, {args.runs} run{'s' if args.runs != 1 else ''} of each tree in turn")
     print(f"{'tree':<12}{'mutations/s':>22}{'CPU/mutation':>26}{'statements/mutation':>24}{'vs this tree':>14}")
     for name, runs in results.items():
         ops = " / ".join(f"{r['ops']:.0f}" for r in runs)

@@ -1502,10 +1502,10 @@ def _write_plan(session: Session, m: "_Mutation", plan: sources_mod.Plan, source
 # every column, and the source rows are written from it, matched to their owner by spec (the live spec is
 # unique; RETURNING's order is not promised).  Against the two statements below: SQLAlchemy's ordered
 # insertmanyvalues rendered a VALUES row per rule in Python and psycopg2 formatted each parameter.
-_NEW_RULES_ARRAYS = (("cidr", "VARCHAR"), ("ip_version", "INTEGER"), ("protocol", "VARCHAR"), ("from_port", "INTEGER"),
+_NEW_RULE_COLUMNS = (("cidr", "VARCHAR"), ("ip_version", "INTEGER"), ("protocol", "VARCHAR"), ("from_port", "INTEGER"),
                      ("to_port", "INTEGER"), ("description", "VARCHAR"), ("created_by", "VARCHAR"),
-                     ("created_at", "TIMESTAMP"), ("expires_at", "TIMESTAMP"), ("created_generation", "BIGINT"),
-                     ("source", "VARCHAR"), ("actor", "VARCHAR"))
+                     ("created_at", "TIMESTAMP"), ("expires_at", "TIMESTAMP"), ("created_generation", "BIGINT"))
+_NEW_RULES_ARRAYS = _NEW_RULE_COLUMNS + (("source", "VARCHAR"), ("actor", "VARCHAR"))      # + each row's owner
 _NEW_RULES_PG = sa.text(
     "WITH data AS (SELECT * FROM unnest("
     + ", ".join(f"CAST(:b_{name} AS {kind}[])" for name, kind in _NEW_RULES_ARRAYS)
@@ -1531,7 +1531,7 @@ def _insert_new_rules(connection: sa.Connection, values: list[dict], owners: lis
     rules of the same generation.
     """
     if connection.dialect.name == "postgresql":
-        arrays = {f"b_{name}": [value[name] for value in values] for name, _ in _NEW_RULES_ARRAYS[:10]}
+        arrays = {f"b_{name}": [value[name] for value in values] for name, _ in _NEW_RULE_COLUMNS}
         arrays["b_source"] = [source for source, _ in owners]
         arrays["b_actor"] = [actor for _, actor in owners]
         by_spec = {(row.cidr, row.protocol, row.from_port, row.to_port): row
