@@ -61,8 +61,8 @@ def main(argv=None) -> None:
     def listening() -> None:
         threading.Thread(target=announce_when_ready, name="systemd-ready", daemon=True).start()
 
-    signalled = common.StopRequest(LOG, "stopping the API, the worker and the conductor (the kernel keeps the "
-                                           "rules)").install()
+    kept = worker.manager.driver.after_stop()
+    signalled = common.StopRequest(LOG, f"stopping the API, the worker and the conductor ({kept})").install()
     try:
         api_cmd.serve(conf, compute, signalled, on_listening=listening)
     finally:
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         worker.stop()
         conductor.stop()
         common.close_database()
-        LOG.info("provfw-all-in-one stopped: the kernel keeps the rules it enforces")
+        LOG.info("provfw-all-in-one stopped: %s", kept)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,11 @@ class ComputeDriver:
         """``<compute driver>/<firewall driver>``, as reported on the host's service state."""
         return self.name
 
+    def after_stop(self) -> str:
+        """What the host still enforces once its worker stopped, for the stop line of the log: a driver that
+        enforces nothing must not tell an operator that the kernel keeps blocking."""
+        return "nothing is enforced by this compute driver"
+
     def close(self) -> None:
         """Release connections."""
 
@@ -71,6 +76,9 @@ class FirewallComputeDriver(ComputeDriver):
 
     def describe(self) -> str:
         return f"{self.name}/{self.firewall_driver.name}"
+
+    def after_stop(self) -> str:
+        return self.firewall_driver.after_stop()
 
 
 def load_compute_driver(conf: cfg.ConfigOpts = provfw_conf.CONF) -> ComputeDriver:

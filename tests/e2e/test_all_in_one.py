@@ -204,7 +204,7 @@ def test_sigterm_stops_the_all_in_one_cleanly_and_the_kernel_keeps_the_rules(aio
     assert proc.wait(10) == 0 and time.monotonic() - started < 5
     log = (aio["workdir"] / "aio.log").read_text()
     assert "signal 15: stopping the API, the worker and the conductor" in log
-    assert log.index("provfw-all-in-one stopped: the kernel keeps the rules it enforces") > log.index("signal 15")
+    assert log.index("provfw-all-in-one stopped: the kernel keeps the rules last applied") > log.index("signal 15")
     assert any(line == "STOPPING=1" for _, line in aio["notifications"])
     assert deploy.kernel_has_source(aio["topo"].hv, "198.51.100.77/32")            # still enforced
     # A clean stop closes the database: SQLite checkpoints its write-ahead log and removes -wal / -shm.

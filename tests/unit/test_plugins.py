@@ -109,3 +109,21 @@ def test_an_entry_point_whose_module_fails_to_import_is_a_config_error_naming_it
 def test_a_driver_constructor_error_is_passed_on_unchanged():
     with pytest.raises(TypeError):
         plugins.load_driver("provfw.firewall_drivers", "noop", unexpected=1)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in declared("provfw.firewall_drivers") if n[0].islower()))
+def test_the_stop_line_says_the_kernel_keeps_rules_only_for_a_driver_that_enforces(conf, name):
+    # The noop driver's all-in-one used to log "the kernel keeps the rules it enforces" on SIGTERM.
+    conf.set_override("firewall_driver", name, "compute")
+    firewall_driver = firewall.load_firewall_driver(conf)
+    compute = virt_driver.FirewallComputeDriver()
+    compute.firewall_driver = firewall_driver
+    if name == "noop":
+        assert compute.after_stop() == "nothing was enforced (the noop firewall driver)"
+    else:
+        assert compute.after_stop() == "the kernel keeps the rules last applied"
+
+
+def test_the_fake_compute_drivers_stop_line_says_it_enforced_nothing(conf):
+    conf.set_override("compute_driver", "fake", "compute")
+    assert "nothing is enforced" in virt_driver.load_compute_driver(conf).after_stop()

@@ -230,6 +230,11 @@ class FirewallDriver:
         """Re-read the kernel and rewrite what someone else changed; ``changed`` says if anything was."""
         raise NotImplementedError()
 
+    def after_stop(self) -> str:
+        """What stays enforced once the worker stopped (the stop line of the log): the kernel's rules stay
+        until a worker changes them or ``provfw-manage dataplane teardown`` removes them."""
+        return "the kernel keeps the rules last applied"
+
     def teardown(self) -> None:
         """Remove everything this driver put in the kernel."""
         raise NotImplementedError()
@@ -340,6 +345,9 @@ class NoopFirewallDriver(PlannedFirewallDriver):
 
     def plan_check(self, specs: Collection[RuleSpec]) -> Plan:
         return Plan(state=None)
+
+    def after_stop(self) -> str:
+        return "nothing was enforced (the noop firewall driver)"
 
     def teardown(self) -> None:
         pass
