@@ -274,7 +274,7 @@ def rules_list(client: AdminClient, args: argparse.Namespace) -> Result:
 @command("sources", "every source (manual, import:NAME, feed:NAME) and how many rules it wants", columns="source")
 def sources_list(client: AdminClient, args: argparse.Namespace) -> Result:
     rows = client.sources()
-    return Result(rows, rows, empty="no rules")
+    return Result(rows, rows, empty="no sources: no live rule is wanted by any source")
 
 
 def _enforcement(rule: Mapping[str, Any], services: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
@@ -446,6 +446,12 @@ def import_(client: AdminClient, args: argparse.Namespace) -> Result:
     # is an import that went wrong (the wrong --format, the wrong file), and a script must be able to tell.
     failed = (f"every entry of {name} was refused ({totals['refused']:,}); nothing was imported"
               if totals["refused"] and not accepted else None)
+    guard = totals.get("guard") or {}
+    if failed is None and totals["dry_run"] and guard.get("tripped") and not args.force:
+        # A dry run answers "would the real one pass?": as nft -c does for a rule set, it fails when the real
+        # import would be refused, so that "provfw import --dry-run ... && provfw import ..." stops there.
+        failed = ("the replace guard would refuse this import (HTTP 409); nothing was changed; add --force "
+                  "if the list really shrank")
     return Result(totals, [totals], _import_sentence(name, totals, args), _import_details(totals, args),
                   failed=failed)
 
@@ -470,7 +476,8 @@ def _import_details(totals: Mapping[str, Any], args: argparse.Namespace) -> list
     details = []
     guard = totals.get("guard")
     if guard and guard.get("tripped"):
-        verdict = "was passed with --force" if args.force and not args.dry_run else "refuses this"
+        verdict = ("refuses this" if not args.force else
+                   "would be passed with --force" if args.dry_run else "was passed with --force")
         details.append(f"  the replace guard {verdict}: "
                        f"it removes {guard['removing']:,} of the {guard['in_force']:,} rules in force "
                        f"(more than {guard['max_fraction']:.0%})")

@@ -183,6 +183,7 @@ def test_one_rule_is_added_shown_and_deleted_in_words(api, home, capsys):
 def test_empty_listings_say_so_in_a_table_and_print_nothing_as_values(api, home, capsys):
     assert admin(capsys, api, "blocks").out == "no blocked CIDRs\n"
     assert admin(capsys, api, "rules").out == "no rules\n"
+    assert admin(capsys, api, "sources").out == "no sources: no live rule is wanted by any source\n"
     # A bare source name means manual:NAME when listing, as when blocking; an import's is import:NAME.
     assert admin(capsys, api, "rules", "--source", "newcomer").out == "no rules of source manual:newcomer\n"
     assert admin(capsys, api, "rules", "--source", "import:x").out == "no rules of source import:x\n"

@@ -55,8 +55,16 @@ def test_a_replace_reports_what_it_removed_and_the_guard_stops_a_truncated_list(
     refused = admin(capsys, api, "import", str(daily), "--source", "daily", "--mode", "replace")
     assert refused.code == 1 and "HTTP 409" in refused.err and "pass force=true (the CLI's --force)" in refused.err
     dry = admin(capsys, api, "import", str(daily), "--source", "daily", "--mode", "replace", "--dry-run")
-    assert dry.code == 0 and lines_of(dry)[0].startswith("dry run, nothing changed: replaced import:daily")
+    # The dry run prints what would happen and, since the real import would be refused, fails (exit 1) as
+    # nft -c does, so that a script's "dry run && import" stops at the dry run.
+    assert dry.code == 1 and lines_of(dry)[0].startswith("dry run, nothing changed: replaced import:daily")
     assert "the replace guard refuses this: it removes 32 of the 40 rules in force" in dry.out
+    assert dry.err == ("provfw: the replace guard would refuse this import (HTTP 409); nothing was changed; add "
+                       "--force if the list really shrank\n")
+    forced_dry = admin(capsys, api, "import", str(daily), "--source", "daily", "--mode", "replace", "--dry-run",
+                       "--force")
+    assert forced_dry.code == 0 and "32 removed" in forced_dry.out and forced_dry.err == ""
+    assert "the replace guard would be passed with --force" in forced_dry.out
     assert "line 11:" in dry.out                                      # the cut-off last line, with its number
     assert len(json.loads(admin(capsys, api, "rules", "-o", "json").out)) == 40
     forced = admin(capsys, api, "import", str(daily), "--source", "daily", "--mode", "replace", "--force")
