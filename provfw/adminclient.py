@@ -196,10 +196,11 @@ class AdminClient:
         return int(generation) if generation and generation.isdigit() else None
 
     def list_rules_page(self, cidr: str | None = None, protocol: str | None = None, limit: int | None = None,
-                        marker: int | None = None, source: str | None = None) -> dict:
-        """One page: ``{"rules": [rule, ...], "generation": int, "next_marker": int | None}``, ordered by id."""
+                        marker: int | None = None, source: str | None = None, within: str | None = None) -> dict:
+        """One page: ``{"rules": [rule, ...], "generation": int, "next_marker": int | None}``, ordered by id;
+        ``within``: only rules whose network lies inside that network (itself included)."""
         params = {k: v for k, v in {"cidr": cidr, "protocol": protocol, "limit": limit, "marker": marker,
-                                    "source": source}.items() if v is not None}
+                                    "source": source, "within": within}.items() if v is not None}
         return self._request("GET", "/v1/provider-fw-rules", params=params)
 
     def rules_containing(self, address: str) -> dict:
@@ -212,11 +213,11 @@ class AdminClient:
         return self._request("GET", "/v1/provider-fw-sources")["sources"]
 
     def iter_rules(self, cidr: str | None = None, protocol: str | None = None, page_size: int = 1000,
-                   source: str | None = None) -> Iterator[dict]:
+                   source: str | None = None, within: str | None = None) -> Iterator[dict]:
         """Every live rule, following the pagination markers (``page_size`` rules a request)."""
         marker = None
         while True:
-            page = self.list_rules_page(cidr, protocol, page_size, marker, source)
+            page = self.list_rules_page(cidr, protocol, page_size, marker, source, within)
             yield from page["rules"]
             marker = page.get("next_marker")
             if marker is None:

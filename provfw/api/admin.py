@@ -181,8 +181,11 @@ class AdminController:
             return wsgi.json_response({"rules": rule_views(found), "generation": generation, "next_marker": None})
         limit = params.get("limit", DEFAULT_PAGE)
         marker = params.get("marker")
+        within = params.get("within")
+        if within is not None:
+            within = rules.parse_network(within, "within")
         found = db.provider_fw_rule_get_all(cidr=cidr, protocol=protocol, limit=limit + 1, marker=marker,
-                                            source=source)
+                                            source=source, within=within)
         page = found[:limit]
         next_marker = page[-1].id if len(found) > limit else None
         return wsgi.json_response({"rules": rule_views(page), "generation": generation, "next_marker": next_marker})

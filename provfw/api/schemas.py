@@ -390,7 +390,9 @@ OPERATIONS: dict[str, Operation] = {op.action: op for op in [
                      "contains": {**CIDR, "description": "Why is this address blocked: every rule whose "
                                                          "network contains this address (or network), most "
                                                          "specific first, on one page (limit and marker do not "
-                                                         "apply)."}},
+                                                         "apply)."},
+                     "within": {**CIDR, "description": "Only rules whose network lies inside this network "
+                                                       "(itself included): what blocks parts of it."}},
               description="Expired rules are not listed from the moment they expire."),
     Operation("create", "POST", "/v1/provider-fw-rules", "Create one rule", "rules",
               {201: ("Created; every worker was told.", "RuleCreated"),

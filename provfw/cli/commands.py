@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from provfw import rules, sources
+from provfw import exception, rules, sources
 from provfw.feeds import formats
 from provfw.adminclient import AdminClient, AdminClientError, APIUnreachable
 from provfw.cli.output import Column, Result
@@ -261,10 +261,11 @@ def rule_show(client: AdminClient, args: argparse.Namespace) -> Result:
 @command("rules", "list rules",
          arg("--cidr", help="only this CIDR"), arg("--protocol", choices=rules.PROTOCOLS, help="only this protocol"),
          arg("--source", metavar="SOURCE", help="only rules this source wants (manual, import:NAME, feed:NAME)"),
+         arg("--within", metavar="NETWORK", help="only rules inside this network (itself included)"),
          columns="rule")
 def rules_list(client: AdminClient, args: argparse.Namespace) -> Result:
-    rows = list(client.iter_rules(args.cidr, args.protocol, source=args.source))
-    empty = "no rules"
+    rows = list(client.iter_rules(args.cidr, args.protocol, source=args.source, within=args.within))
+    empty = "no rules" if args.within is None else f"no rules inside {args.within}"
     if args.source:
         # The server read a bare name as manual:NAME (an import's --source NAME is import:NAME): say so.
         empty += f" of source {sources.parse_source(args.source, sources.MANUAL, allowed=sources.KINDS)}"
@@ -302,17 +303,45 @@ def _enforcement(rule: Mapping[str, Any], services: Sequence[Mapping[str, Any]])
          arg("address", help="an address (or a CIDR)"), columns="why")
 def why(client: AdminClient, args: argparse.Namespace) -> Result:
     found = client.rules_containing(args.address)["rules"]
+    # A network may be blocked in parts only: the rules inside it (narrower than it), up to WHY_INSIDE_SHOWN.
+    inside = _narrower_rules(client, args.address)
     services = client.services()["services"]
     rows, details = [], []
-    for rule in found:
+    for rule in found + inside[:WHY_INSIDE_SHOWN]:
         enforced, notes = _enforcement(rule, services)
         rows.append({**rule, "enforced": enforced})
         details += [f"  rule {rule['id']}: {note}" for note in notes]
-    payload = {"address": args.address, "rules": rows, "services": services}
+    payload = {"address": args.address, "rules": rows[:len(found)], "inside": rows[len(found):],
+               "services": services}
     if not rows:
         return Result(payload, [], empty=f"{args.address} is not blocked by any live rule")
-    heading = f"{args.address} is blocked by {count(len(rows), 'rule')}, most specific first:"
+    shown = f"{count(len(inside), 'narrower rule')}" if len(inside) <= WHY_INSIDE_SHOWN else \
+        f"more than {WHY_INSIDE_SHOWN} narrower rules (the first {WHY_INSIDE_SHOWN} shown; provfw rules --within " \
+        f"{args.address} lists them all)"
+    if not found:
+        heading = f"{args.address} is not blocked as a whole; {shown} inside it block parts of it:"
+    elif inside:
+        heading = (f"{args.address} is blocked by {count(len(found), 'rule')}, most specific first, then "
+                   f"{shown} inside it:")
+    else:
+        heading = f"{args.address} is blocked by {count(len(found), 'rule')}, most specific first:"
     return Result(payload, rows, heading=heading, details=details)
+
+
+WHY_INSIDE_SHOWN = 20
+
+
+def _narrower_rules(client: AdminClient, address: str) -> list[dict]:
+    """Up to WHY_INSIDE_SHOWN + 1 live rules strictly inside ``address`` when it is a network (none for an
+    address: a /32 or /128 has nothing inside it but itself, which ``contains`` already answers)."""
+    try:
+        network = rules.parse_network(address)
+    except exception.InvalidInput:
+        return []                                           # the server's "contains" answer says what is wrong
+    if network.prefixlen == network.max_prefixlen:
+        return []
+    page = client.list_rules_page(limit=WHY_INSIDE_SHOWN + 2, within=network.with_prefixlen)["rules"]
+    return [rule for rule in page if rule["cidr"] != network.with_prefixlen][:WHY_INSIDE_SHOWN + 1]
 
 
 # ---------------------------------------------------------------- bulk import

@@ -77,10 +77,10 @@ def provider_fw_rule_get_many(rule_ids):
     return IMPL.provider_fw_rule_get_many(rule_ids)
 
 
-def provider_fw_rule_get_all(cidr=None, protocol=None, limit=None, marker=None, source=None):
-    """Live, unexpired rules ordered by id, optionally filtered (``source``: rules that source wants) and paginated
-    (marker = last id seen)."""
-    return IMPL.provider_fw_rule_get_all(cidr, protocol, limit, marker, source)
+def provider_fw_rule_get_all(cidr=None, protocol=None, limit=None, marker=None, source=None, within=None):
+    """Live, unexpired rules ordered by id, optionally filtered (``source``: rules that source wants;
+    ``within``: an ipaddress network, rules inside it, itself included) and paginated (marker = last id seen)."""
+    return IMPL.provider_fw_rule_get_all(cidr, protocol, limit, marker, source, within)
 
 
 def provider_fw_rule_get_containing(network, protocol=None, source=None):

@@ -120,6 +120,32 @@ def test_why_names_each_rule_its_sources_and_the_hosts_that_enforce_it(api, home
     assert [r["enforced"] for r in as_json["rules"]] == ["1/3 hosts", "3/3 hosts", "3/3 hosts"]
 
 
+def test_why_a_network_names_the_narrower_rules_that_block_parts_of_it(api, home, capsys, tmp_path):
+    # A network used to be "not blocked by any live rule" even with rules for parts of it.
+    lists = tmp_path / "parts.txt"
+    lists.write_text("203.0.113.5\n203.0.113.128/25\n203.0.114.1\n2001:db8:0:1:1:1:1:5\n")
+    assert admin(capsys, api, "import", str(lists), "--source", "parts").code == 0
+    why = admin(capsys, api, "why", "203.0.113.0/24")
+    assert why.code == 0, why.err
+    heading, _header, first, second = lines_of(why)
+    assert heading == "203.0.113.0/24 is not blocked as a whole; 2 narrower rules inside it block parts of it:"
+    assert [first.split()[1], second.split()[1]] == ["203.0.113.5/32", "203.0.113.128/25"]
+    both = lines_of(admin(capsys, api, "why", "203.0.112.0/23"))
+    assert both[0] == "203.0.112.0/23 is not blocked as a whole; 2 narrower rules inside it block parts of it:"
+    admin(capsys, api, "block", "203.0.112.0/22")
+    wider = lines_of(admin(capsys, api, "why", "203.0.113.0/24"))
+    assert wider[0] == ("203.0.113.0/24 is blocked by 3 rules, most specific first, then 2 narrower rules "
+                        "inside it:")
+    assert "203.0.113.0/24" not in admin(capsys, api, "why", "203.0.113.6").out.split("\n", 1)[0]
+    v6 = lines_of(admin(capsys, api, "why", "2001:db8::/32"))
+    assert v6[0].endswith("1 narrower rule inside it block parts of it:") and "2001:db8:0:1:1:1:1:5/128" in v6[2]
+    as_json = json.loads(admin(capsys, api, "why", "203.0.113.0/24", "-o", "json").out)
+    assert [r["cidr"] for r in as_json["inside"]] == ["203.0.113.5/32", "203.0.113.128/25"]
+    listed = admin(capsys, api, "rules", "--within", "203.0.113.0/25", "-o", "value").out
+    assert [line.split("\t")[1] for line in listed.splitlines()] == ["203.0.113.5/32"]
+    assert admin(capsys, api, "rules", "--within", "192.0.2.0/24").out == "no rules inside 192.0.2.0/24\n"
+
+
 @pytest.fixture
 def conductor(conf, api):
     """The conductor's feed syncer polling every 50 ms in a thread, and a feed server."""

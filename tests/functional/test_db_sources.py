@@ -6,6 +6,7 @@ import datetime
 import gc
 import ipaddress
 import json
+import random
 import threading
 import time
 
@@ -299,6 +300,42 @@ def test_rules_containing_an_address_come_most_specific_first(any_db):
     assert db.provider_fw_rule_get_containing(ipaddress.ip_network("203.0.113.1")) == []
     assert [r.protocol for r in db.provider_fw_rule_get_containing(ipaddress.ip_network("198.51.100.7"),
                                                                    protocol="tcp")] == ["tcp"]
+
+
+def test_rules_within_a_network_are_exactly_those_ipaddress_calls_its_subnets(any_db):
+    # 'why <network>' lists what blocks parts of a network: the IPv4 condition is text (LIKE on the stored,
+    # normalised CIDR, minus the supernets) on every database; IPv6 is tested row by row. Checked against
+    # ipaddress for networks of every prefix length around octet boundaries, with a seeded generator.
+    rng = random.Random(7)
+    cidrs = {"10.0.0.0/8", "10.16.0.0/12", "10.31.255.255/32", "10.32.0.0/11", "1.2.3.4/32", "100.2.3.4/32",
+             "10.1.2.128/25", "10.1.2.127/32", "10.1.20.0/24", "10.1.2.0/23", "2001:db8::/32",
+             "2001:0:0:1:1:1:1:5/128", "2001:db8:0:1::/64", "2001:db9::1/128"}
+    while len(cidrs) < 160:
+        prefix = rng.choice([8, 11, 12, 15, 16, 20, 23, 24, 25, 28, 31, 32, 32, 32])
+        address = ipaddress.IPv4Address(rng.choice([10 << 24, (10 << 24) | (1 << 16), 100 << 24]) |
+                                        rng.getrandbits(17))
+        cidrs.add(str(ipaddress.ip_network(f"{address}/{prefix}", strict=False)))
+    db.provider_fw_rules_create_many([make_spec(cidr) for cidr in sorted(cidrs)])
+    stored = {ipaddress.ip_network(cidr) for cidr in cidrs}
+    probes = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "10.0.0.0/9", "10.16.0.0/12", "10.1.2.0/24",
+                                                "10.1.2.128/25", "10.1.2.127/32", "1.0.0.0/8", "0.0.0.0/1",
+                                                "2001:db8::/32", "2001::/16", "2001:0:0:1::/64", "::/1")]
+    probes += [ipaddress.ip_network(f"{rng.choice(sorted(stored, key=str)).network_address}/{prefix}", strict=False)
+               for prefix in range(1, 33) for _ in range(2)]
+    for network in probes:
+        if network.version == 6 and network.prefixlen > 64:
+            continue
+        expected = sorted(str(n) for n in stored if n.version == network.version and n.subnet_of(network))
+        found = db.provider_fw_rule_get_all(within=network)
+        assert sorted(r.cidr for r in found) == expected, network
+        assert [r.id for r in found] == sorted(r.id for r in found)
+    page = db.provider_fw_rule_get_all(within=ipaddress.ip_network("10.0.0.0/8"), limit=3)
+    rest = db.provider_fw_rule_get_all(within=ipaddress.ip_network("10.0.0.0/8"), marker=page[-1].id)
+    assert len(page) == 3 and [r.cidr for r in page + rest] == [r.cidr for r in db.provider_fw_rule_get_all(
+        within=ipaddress.ip_network("10.0.0.0/8"))]
+    v6 = db.provider_fw_rule_get_all(within=ipaddress.ip_network("2001::/16"))
+    second_page = db.provider_fw_rule_get_all(within=ipaddress.ip_network("2001::/16"), limit=2, marker=v6[0].id)
+    assert len(v6) == 4 and [r.id for r in second_page] == [r.id for r in v6[1:3]]
 
 
 # --------------------------------------------------------------------------- feeds
