@@ -487,3 +487,34 @@ def test_a_large_reimport_of_rules_held_for_good_changes_nothing_and_counts_them
     first = db.provider_fw_rules_sync("import:big", big)
     again = db.provider_fw_rules_sync("import:big", big, expires_at=later(60))    # never shortens
     assert (again.changed, again.generation, again.added, again.duplicate) == (False, first.generation, 0, 1250)
+
+
+def test_a_bulk_write_stores_every_value_as_given(any_db):
+    # Past BULK_THRESHOLD PostgreSQL gets a COPY streamed as CSV (_CsvStream), the others executemany batches: a
+    # description with the CSV's own separators, a NULL and a set expiry, and the source rows of a second source
+    # (the bulk source-row path) must come back as they went in.
+    from provfw.db.sqlalchemy.api import BULK_THRESHOLD
+    net = iter(ipaddress.ip_network("100.64.0.0/10").subnets(new_prefix=32))
+    specs = [make_spec(str(next(net))) for _ in range(BULK_THRESHOLD + 50)]
+    description = 'a "quoted", comma\nand a newline, \\N and  spaces '
+    until = later(3600).replace(microsecond=123456)
+    first = db.provider_fw_rules_sync("import:csv", specs, description=description, expires_at=until,
+                                      created_by="ops, \"night\"")
+    assert first.added == len(specs)
+    stored = db.provider_fw_rule_get_all(limit=len(specs) + 1)
+    assert sorted(r.cidr for r in stored) == sorted(s.cidr for s in specs)
+    assert {(r.description, r.created_by, r.expires_at.replace(tzinfo=None), r.protocol, r.from_port, r.to_port,
+             r.ip_version) for r in stored} == {(description, 'ops, "night"', until.replace(tzinfo=None), "all", -1,
+                                                 -1, 4)}
+    second = db.provider_fw_rules_sync("import:other", specs[: BULK_THRESHOLD + 10])
+    assert second.added == 0
+    wants = db.provider_fw_rule_sources([r.id for r in stored])
+    by_cidr = {r.cidr: wants[r.id] for r in stored}
+    naive = [(name, expires and expires.replace(tzinfo=None)) for name, expires in by_cidr[specs[0].cidr]]
+    assert naive == [("import:csv", until.replace(tzinfo=None)), ("import:other", None)]
+    assert [name for name, _ in by_cidr[specs[-1].cidr]] == ["import:csv"]
+    untimed = db.provider_fw_rules_sync("import:untimed",
+                                        [make_spec(str(next(net))) for _ in range(BULK_THRESHOLD + 1)])
+    assert all(r.expires_at is None and r.description is None for r in db.provider_fw_rule_get_all(
+        source="import:untimed"))
+    assert untimed.added == BULK_THRESHOLD + 1
