@@ -1622,7 +1622,6 @@ class _CsvStream:
         return self._buffer.getvalue()
 
 
-
 def _copy(connection, table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
     import psycopg2.extensions
 
