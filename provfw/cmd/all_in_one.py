@@ -62,7 +62,7 @@ def main(argv=None) -> None:
         threading.Thread(target=announce_when_ready, name="systemd-ready", daemon=True).start()
 
     kept = worker.manager.driver.after_stop()
-    signalled = common.StopRequest(LOG, f"stopping the API, the worker and the conductor ({kept})").install()
+    signalled = common.StopRequest(LOG, f"stopping the API, the worker and the conductor; {kept}").install()
     try:
         api_cmd.serve(conf, compute, signalled, on_listening=listening)
     finally:
