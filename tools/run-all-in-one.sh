@@ -14,5 +14,6 @@ fi
 # pip runs quietly; say what the first half-minute is (a newcomer took the silence for a hang).
 echo "run-all-in-one: installing provfw into .venv (about 30 s the first time)..." >&2
 .venv/bin/pip install -q -e . 2>&1 | grep -v -E "^WARNING: Location|is ignored" || true
-echo "run-all-in-one: starting provfw-all-in-one on http://127.0.0.1:8774 (Ctrl-C stops it; the kernel keeps the rules)" >&2
+# What stays enforced after a stop depends on the firewall driver; the daemon's own stop line says which.
+echo "run-all-in-one: starting provfw-all-in-one on http://127.0.0.1:8774 (Ctrl-C stops it; its last log line says what stays enforced)" >&2
 exec .venv/bin/provfw-all-in-one "$@"

@@ -80,7 +80,7 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
                               "created_at", "expires_at"), Column("sources", _sources_detail, requires="sources"),
                     *_columns("generation")),
     "why": (*_columns("id", "cidr", "protocol", "from_port", "to_port"), Column("source", _sources),
-            *_columns("expires_at", "generation", "enforced")),
+            *_columns("expires_at", "generation", "enforced", "covers")),
     "source": _columns("source", "rules"),
     "feed": (*_columns("name", "enabled", "interval", "rules", "last_status", "last_sync"),
              Column("refused", _count("refused")), *_columns("last_error", "url")),
@@ -289,6 +289,8 @@ def _enforcement(rule: Mapping[str, Any], services: Sequence[Mapping[str, Any]])
             notes.append(f"{name}: refused rule {rule['id']} (quarantined: {quarantined[0].get('reason')})")
         elif applied < rule["generation"]:
             notes.append(f"{name}: not yet (applied generation {applied} < {rule['generation']})")
+        elif str(host.get("driver") or "").endswith("/noop"):
+            notes.append(f"{name}: its firewall driver is noop, which enforces nothing")
         elif host.get("state") != "up":
             notes.append(f"{name}: down (last applied generation {applied}; still enforced if its kernel kept it)")
         else:
@@ -307,9 +309,10 @@ def why(client: AdminClient, args: argparse.Namespace) -> Result:
     inside = _narrower_rules(client, args.address)
     services = client.services()["services"]
     rows, details = [], []
-    for rule in found + inside[:WHY_INSIDE_SHOWN]:
+    for number, rule in enumerate(found + inside[:WHY_INSIDE_SHOWN]):
         enforced, notes = _enforcement(rule, services)
-        rows.append({**rule, "enforced": enforced})
+        # "covers": all of the address (or network), or a part of it (a narrower rule inside a network).
+        rows.append({**rule, "enforced": enforced, "covers": "all" if number < len(found) else "part"})
         details += [f"  rule {rule['id']}: {note}" for note in notes]
     payload = {"address": args.address, "rules": rows[:len(found)], "inside": rows[len(found):],
                "services": services}
@@ -319,7 +322,8 @@ def why(client: AdminClient, args: argparse.Namespace) -> Result:
         f"more than {WHY_INSIDE_SHOWN} narrower rules (the first {WHY_INSIDE_SHOWN} shown; provfw rules --within " \
         f"{args.address} lists them all)"
     if not found:
-        heading = f"{args.address} is not blocked as a whole; {shown} inside it block parts of it:"
+        verb = "blocks" if len(inside) == 1 else "block"
+        heading = f"{args.address} is not blocked as a whole; {shown} inside it {verb} parts of it:"
     elif inside:
         heading = (f"{args.address} is blocked by {count(len(found), 'rule')}, most specific first, then "
                    f"{shown} inside it:")

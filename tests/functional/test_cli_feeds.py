@@ -107,9 +107,9 @@ def test_why_names_each_rule_its_sources_and_the_hosts_that_enforce_it(api, home
     heading, header, first, second, third, *details = lines_of(why)
     assert heading == "198.51.100.7 is blocked by 3 rules, most specific first:"
     assert header.split() == ["id", "cidr", "protocol", "from_port", "to_port", "source", "expires_at",
-                              "generation", "enforced"]
+                              "generation", "enforced", "covers"]
     assert first.split()[1:6] == ["198.51.100.7/32", "tcp", "22", "22", "manual"]
-    assert first.split()[-2:] == ["1/3", "hosts"] and second.split()[-2:] == ["3/3", "hosts"]
+    assert first.split()[-3:] == ["1/3", "hosts", "all"] and second.split()[-3:] == ["3/3", "hosts", "all"]
     assert second.split()[1] == "198.51.100.0/24" and "import:drop" in second and "198.51.0.0/16" in third
     assert details == [f"  rule {host_rule['id']}: hv-2: not yet (applied generation {generation - 1} < "
                        f"{generation})",
@@ -138,12 +138,21 @@ def test_why_a_network_names_the_narrower_rules_that_block_parts_of_it(api, home
                         "inside it:")
     assert "203.0.113.0/24" not in admin(capsys, api, "why", "203.0.113.6").out.split("\n", 1)[0]
     v6 = lines_of(admin(capsys, api, "why", "2001:db8::/32"))
-    assert v6[0].endswith("1 narrower rule inside it block parts of it:") and "2001:db8:0:1:1:1:1:5/128" in v6[2]
+    assert v6[0].endswith("1 narrower rule inside it blocks parts of it:") and "2001:db8:0:1:1:1:1:5/128" in v6[2]
+    # -o value tells a script which rows cover the whole network and which only a part (its last column).
+    mixed = admin(capsys, api, "why", "203.0.113.0/24", "-o", "value").out.splitlines()
+    assert [(row.split("\t")[1], row.split("\t")[-1]) for row in mixed] == [
+        ("203.0.112.0/22", "all")] * 3 + [("203.0.113.5/32", "part"), ("203.0.113.128/25", "part")]
     as_json = json.loads(admin(capsys, api, "why", "203.0.113.0/24", "-o", "json").out)
     assert [r["cidr"] for r in as_json["inside"]] == ["203.0.113.5/32", "203.0.113.128/25"]
     listed = admin(capsys, api, "rules", "--within", "203.0.113.0/25", "-o", "value").out
     assert [line.split("\t")[1] for line in listed.splitlines()] == ["203.0.113.5/32"]
     assert admin(capsys, api, "rules", "--within", "192.0.2.0/24").out == "no rules inside 192.0.2.0/24\n"
+    # A host whose firewall driver is noop applies every generation and enforces nothing: why says so.
+    db.service_update("hv-noop", heartbeat=True, driver="libvirt/noop",
+                      applied_generation=db.provider_fw_generation_get(), rule_count=8)
+    noop = lines_of(admin(capsys, api, "why", "203.0.113.5"))
+    assert "0/1 hosts" in noop[2] and noop[-1].endswith("hv-noop: its firewall driver is noop, which enforces nothing")
 
 
 @pytest.fixture
