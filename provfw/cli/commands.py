@@ -306,7 +306,7 @@ def _enforcement(rule: Mapping[str, Any], services: Sequence[Mapping[str, Any]])
 def why(client: AdminClient, args: argparse.Namespace) -> Result:
     found = client.rules_containing(args.address)["rules"]
     # A network may be blocked in parts only: the rules inside it (narrower than it), up to WHY_INSIDE_SHOWN.
-    inside = _narrower_rules(client, args.address)
+    inside = _narrower_rules(client, args.address, found)
     services = client.services()["services"]
     rows, details = [], []
     for number, rule in enumerate(found + inside[:WHY_INSIDE_SHOWN]):
@@ -335,16 +335,20 @@ def why(client: AdminClient, args: argparse.Namespace) -> Result:
 WHY_INSIDE_SHOWN = 20
 
 
-def _narrower_rules(client: AdminClient, address: str) -> list[dict]:
+def _narrower_rules(client: AdminClient, address: str, containing: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Up to WHY_INSIDE_SHOWN + 1 live rules strictly inside ``address`` when it is a network (none for an
-    address: a /32 or /128 has nothing inside it but itself, which ``contains`` already answers)."""
+    address: a /32 or /128 has nothing inside it but itself, which ``contains`` already answers).
+
+    ``within`` answers the network's own rules too (``containing`` holds them: one per protocol of a block);
+    the page is that much longer, so that they never hide a narrower rule past WHY_INSIDE_SHOWN."""
     try:
         network = rules.parse_network(address)
     except exception.InvalidInput:
         return []                                           # the server's "contains" answer says what is wrong
     if network.prefixlen == network.max_prefixlen:
         return []
-    page = client.list_rules_page(limit=WHY_INSIDE_SHOWN + 2, within=network.with_prefixlen)["rules"]
+    own = sum(1 for rule in containing if rule["cidr"] == network.with_prefixlen)
+    page = client.list_rules_page(limit=WHY_INSIDE_SHOWN + 1 + own, within=network.with_prefixlen)["rules"]
     return [rule for rule in page if rule["cidr"] != network.with_prefixlen][:WHY_INSIDE_SHOWN + 1]
 
 

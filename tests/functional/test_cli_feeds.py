@@ -148,6 +148,16 @@ def test_why_a_network_names_the_narrower_rules_that_block_parts_of_it(api, home
     listed = admin(capsys, api, "rules", "--within", "203.0.113.0/25", "-o", "value").out
     assert [line.split("\t")[1] for line in listed.splitlines()] == ["203.0.113.5/32"]
     assert admin(capsys, api, "rules", "--within", "192.0.2.0/24").out == "no rules inside 192.0.2.0/24\n"
+    # More than 20 narrower rules: 20 shown and a pointer to the whole list, also when the network's own
+    # rules (a block: tcp, udp and icmp) come first in id order.
+    admin(capsys, api, "block", "198.18.0.0/24", "--allow-non-global")
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"198.18.0.{i}\n" for i in range(1, 22)))
+    assert admin(capsys, api, "import", str(many), "--allow-non-global").code == 0
+    crowded = lines_of(admin(capsys, api, "why", "198.18.0.0/24"))
+    assert crowded[0] == ("198.18.0.0/24 is blocked by 3 rules, most specific first, then more than 20 narrower "
+                          "rules (the first 20 shown; provfw rules --within 198.18.0.0/24 lists them all) inside it:")
+    assert len(crowded) == 2 + 3 + 20
     # A host whose firewall driver is noop applies every generation and enforces nothing: why says so.
     db.service_update("hv-noop", heartbeat=True, driver="libvirt/noop",
                       applied_generation=db.provider_fw_generation_get(), rule_count=8)
