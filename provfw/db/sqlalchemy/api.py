@@ -1745,6 +1745,11 @@ def provider_fw_rule_get_all(cidr: str | None = None, protocol: str | None = Non
         return list(session.scalars(query))
 
 
+def _supernets(network: rules_mod.Network) -> list[str]:
+    """``network`` and every network containing it down to /1, narrowest first, as stored (normalised text)."""
+    return [network.supernet(new_prefix=prefix).with_prefixlen for prefix in range(network.prefixlen, 0, -1)]
+
+
 def _within_v4(network: ipaddress.IPv4Network):
     """One exact condition, the same on every database: the rule's IPv4 network lies inside ``network``.
 
@@ -1765,7 +1770,7 @@ def _within_v4(network: ipaddress.IPv4Network):
         first = int(octets[full])
         tail = "." if full < 3 else "/"
         starts = [".".join(octets[:full] + [str(value)]) + tail for value in range(first, first + 2 ** (8 - rest))]
-    wider = [network.supernet(new_prefix=prefix).with_prefixlen for prefix in range(network.prefixlen - 1, 0, -1)]
+    wider = _supernets(network)[1:]
     return sa.and_(r.ip_version == 4, sa.or_(*(r.cidr.like(start + "%") for start in starts)),
                    r.cidr.not_in(wider))
 
@@ -1797,8 +1802,7 @@ def provider_fw_rule_get_containing(network: rules_mod.Network, protocol: str | 
     (IPv4) or 129 (IPv6) strings, which works the same on every database
     because CIDRs are stored normalised.
     """
-    candidates = [network.supernet(new_prefix=prefix).with_prefixlen
-                  for prefix in range(network.prefixlen, 0, -1)]
+    candidates = _supernets(network)
     # "deleted + 0": an expression no index serves, so every database walks the cidr index (SQLite chose the
     # (deleted, expires_at) index for deleted = 0, which every live rule matches: 30 ms instead of 1 ms).
     query = select(ProviderFirewallRule).where(ProviderFirewallRule.cidr.in_(candidates),
