@@ -44,8 +44,11 @@ def serve(conf, compute=None, stop: common.StopRequest | None = None,
     # eventlet's own would repeat it without them.
     server = eventlet.spawn(eventlet.wsgi.server, sock, app, log=logging.getLogger("provfw.api.eventlet"),
                             log_output=False, max_size=1000, keepalive=True, socket_timeout=60)
-    while not server.dead and not (stop is not None and stop.requested):
-        eventlet.sleep(STOP_POLL)
+    while not server.dead:
+        if stop is None:
+            eventlet.sleep(STOP_POLL)
+        elif stop.wait(STOP_POLL):
+            break
     if not server.dead:
         server.kill(SystemExit)      # caught by eventlet.wsgi.server: "wsgi exiting", then its finally
     server.wait()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 from oslo_log import log as oslo_log
 
@@ -71,7 +72,7 @@ def close_database() -> None:
     db.dispose()
 
 
-def wait_for_database(what: str, stop: threading.Event | None = None) -> int:
+def wait_for_database(what: str, stop: threading.Event | SignalFlag | None = None) -> int:
     """Block until the database answers; return its generation.
 
     Retries with backoff (0.5 s to 10 s) while it is unreachable, telling
@@ -92,42 +93,73 @@ def wait_for_database(what: str, stop: threading.Event | None = None) -> int:
                     stop_event=stop, log=LOG)(probe)
 
 
-def stop_on_signals(log: logging.Logger, message: str = "stopping") -> threading.Event:
-    """Install SIGTERM/SIGINT handlers that set (and log) the returned event; the daemon's loop waits on it.
-
-    The handlers only log and set a flag: anything heavier inside a signal handler could deadlock on a
-    lock the interrupted code holds.  Call from the main thread (``signal.signal`` requires it).
-    """
-    stopping = threading.Event()
-
-    def _stop(signum, _frame):
-        log.info("signal %s: %s", signum, message)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    return stopping
+POLL = 0.1      # seconds: how soon a loop waiting on a SignalFlag sees a signal
 
 
-class StopRequest:
-    """SIGTERM/SIGINT, noted for an eventlet server's main greenthread to poll (``requested``).
+class SignalFlag:
+    """Signals noted by their handler as one plain attribute, for the daemon's own loop to act on.
 
-    The handler only logs and sets a plain attribute: no lock, no exception.  Raising SystemExit from
-    the handler (what this replaced) was swallowed whenever the signal landed in a weakref callback or a
-    ``__del__`` - "Exception ignored in: <function WeakKeyDictionary...>" - and the API kept serving
-    until systemd's SIGKILL (found stopping the API under load in ``benchmarks/bench_api.py``).
+    CPython runs a signal handler in the main thread "between bytecode instructions" of whatever runs
+    there (the ``signal`` module's documentation); under eventlet that is any greenthread, or the hub.
+    So the handler must not take a lock.  Under eventlet, logging's handler lock and the Condition inside
+    ``threading.Event`` are green locks: if the signal lands while a greenthread is half-way through
+    releasing one (``_owner`` cleared, the semaphore not yet released), the handler waits, inside that
+    very greenthread, for a release only that greenthread can make once the handler returns.  That
+    greenthread hangs, every greenthread that logs waits behind it, and the daemon hangs until
+    systemd's SIGKILL.  CI found it (``tests/functional/test_api_stop.py``: provfw-api under load, no
+    line logged after SIGTERM, still running 8 s later).  The handlers before this one logged, or set a
+    ``threading.Event``, inside the handler.
+
+    So ``_handle`` stores the signal number and does nothing else.  ``is_set`` and ``wait`` (every
+    ``POLL`` seconds) read it, with the interface of ``threading.Event`` that ``provfw.retrying`` and
+    the daemons' loops use; ``take`` reads and clears it, for signals that ask for one action each
+    (SIGUSR1's counter dump).  The first call that sees the flag logs ``message``, if one was given.
     """
 
-    def __init__(self, log: logging.Logger, message: str = "stopping"):
-        self.requested = False
-        self._log, self._message = log, message
+    def __init__(self, signals: tuple[int, ...], log: logging.Logger | None = None, message: str | None = None):
+        self.signum: int | None = None        # the last signal noted; written only by the handler and take()
+        self._signals, self._log, self._message = signals, log, message
+        self._announced = False
 
-    def install(self) -> "StopRequest":
-        """Install the handlers (call from the main thread: ``signal.signal`` requires it); returns self."""
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+    def install(self) -> "SignalFlag":
+        """Install the handler (call from the main thread: ``signal.signal`` requires it); returns self."""
+        for signum in self._signals:
+            signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, _frame) -> None:
-        self.requested = True
-        self._log.info("signal %s: %s", signum, self._message)
+        self.signum = signum                   # one attribute store: no lock, no I/O, no exception
+
+    def is_set(self) -> bool:
+        """True once a signal was noted (and not taken); the first True logs the message."""
+        signum = self.signum
+        if signum is None:
+            return False
+        if not self._announced and self._log is not None and self._message is not None:
+            self._announced = True
+            self._log.info("signal %s: %s", signum, self._message)
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: forever) for a signal; returns ``is_set()``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = POLL if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(POLL, left))        # green under eventlet's monkey patching
+        return True
+
+    def take(self) -> bool:
+        """True if a signal was noted since the last take, and clear it (two signals close together: one)."""
+        if self.signum is None:
+            return False
+        self.signum = None
+        return True
+
+
+class StopRequest(SignalFlag):
+    """SIGTERM and SIGINT: the daemon's main loop stops when ``is_set()``; it logs "signal N: <message>" once."""
+
+    def __init__(self, log: logging.Logger, message: str = "stopping"):
+        super().__init__((signal.SIGTERM, signal.SIGINT), log, message)

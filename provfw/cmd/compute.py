@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     metrics.serve_configured(common.CONF, "compute_port", metrics.WORKER, what="provfw-compute")
     watchdog = systemd.Watchdog()
     worker = service.ComputeService(common.CONF, watchdog=watchdog)
-    stopping = common.stop_on_signals(LOG, f"stopping; {worker.manager.driver.after_stop()}")
+    stopping = common.StopRequest(LOG, f"stopping; {worker.manager.driver.after_stop()}").install()
     LOG.info("provfw-compute starting on host %s (%s)", worker.manager.host, worker.manager.driver.describe())
     worker.start()
     ready_sent, status = False, None

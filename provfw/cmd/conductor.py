@@ -18,7 +18,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 
 from provfw import metrics, systemd  # noqa: E402
 from provfw.cmd import common  # noqa: E402
@@ -30,11 +29,8 @@ LOG = logging.getLogger("provfw.conductor")
 def main(argv=None) -> int:
     common.prepare(argv)
     conf = common.CONF
-    stopping = common.stop_on_signals(LOG)
-    dump = threading.Event()
-    # The handler only sets a flag: logging from inside a signal handler could
-    # deadlock on a lock the interrupted code holds.
-    signal.signal(signal.SIGUSR1, lambda _signum, _frame: dump.set())
+    stopping = common.StopRequest(LOG).install()
+    dump = common.SignalFlag((signal.SIGUSR1,)).install()     # see SignalFlag: its handler takes no lock
     try:
         common.wait_for_database("provfw-conductor", stopping)
     except Exception:  # noqa: BLE001 - only reached when a signal interrupted the wait
@@ -48,8 +44,7 @@ def main(argv=None) -> int:
     systemd.notify("READY=1", "STATUS=serving the compute workers")
     watchdog.start()
     while not stopping.wait(0.1):
-        if dump.is_set():
-            dump.clear()
+        if dump.take():
             LOG.info("conductor counters %s", json.dumps(conductor.manager.counters(), sort_keys=True))
     systemd.notify("STOPPING=1")
     watchdog.stop()

@@ -6,8 +6,10 @@ landed in a weakref callback or a ``__del__`` (frequent under load) Python
 printed "Exception ignored" and the server kept serving.  Found stopping the
 API in ``benchmarks/bench_api.py``; rare (12 stops under load here did not
 reproduce it), so this guards the behaviour - stop within seconds, exit 0,
-no 5xx to requests in flight - rather than that race.  Real provfw-api,
-PostgreSQL, RabbitMQ.
+no 5xx to requests in flight - rather than that race.  The handler that
+replaced it logged from inside the handler and hung here once in CI (no line
+after the SIGTERM); ``tests/unit/test_signals.py`` replays that race
+deterministically.  Real provfw-api, PostgreSQL, RabbitMQ.
 """
 
 from __future__ import annotations
