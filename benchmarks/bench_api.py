@@ -188,7 +188,8 @@ def main() -> None:
                         help="the load runs in this many slices per server, the servers taking turns (rotated each "
                              "round), so a slow or fast minute of the machine falls on every server alike")
     parser.add_argument("--profile", action="store_true",
-                        help="record the servers with py-spy (collapsed stacks in /tmp/provfw-bench-api-*/profile-ROUND.txt)")
+                        help="record the servers with py-spy "
+                             "(collapsed stacks in /tmp/provfw-bench-api-*/profile-ROUND.txt)")
     parser.add_argument("--keep", action="store_true",
                         help="keep each server's directory (/tmp/provfw-bench-api-*: config, log) after the run; "
                              "always kept with --profile or when a server had errors")

@@ -119,7 +119,6 @@ class Host:
                 samples.append(0.0)
         return statistics.median(samples)
 
-
     def min_rtt_us(self, count: int = 400) -> float:
         """Smallest ping round trip (us) from the unblocked address: scheduling noise only ever adds to it."""
         result = subprocess.run(["ip", "netns", "exec", self.topo.attacker, "ping", "-4", "-n", "-q", "-c",

@@ -179,7 +179,8 @@ class AdminClient:
                                   "expires_at": expires_at, "source": source,
                                   "allow_non_global": allow_non_global}.items() if v is not None}
         answer = self._request("POST", "/v1/provider-fw-rules", expect=(200, 201), json=body)
-        return {**answer["rule"], "renewed": answer.get("renewed", False), "change_generation": answer.get("generation")}
+        return {**answer["rule"], "renewed": answer.get("renewed", False),
+                "change_generation": answer.get("generation")}
 
     def get_rule(self, rule_id: int) -> dict:
         """One live rule: ``{"id", "cidr", "protocol", "from_port", "to_port", "description", "created_by",

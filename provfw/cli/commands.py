@@ -89,7 +89,7 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
                               "next_sync", "syncing", "last_sync", "last_success", "last_applied", "last_status",
                               "last_error", "last_generation"),
                     *(Column(key, _count(key)) for key in ("lines", "entries", "added", "renewed", "removed",
-                                                          "deleted", "refused"))),
+                                                           "deleted", "refused"))),
     "block": _columns("cidr", "rules"),
     "service": (*_columns("host", "state", "in_sync", "applied_generation", "rule_count"),
                 Column("quarantined", _quarantined, requires="quarantine"),
@@ -413,7 +413,8 @@ def _replace_needs_a_source(args: argparse.Namespace) -> str | None:
 @command("import", "import a block list (plain, FireHOL, Spamhaus, IPsum, DShield, CSV; docs/feeds.md) from a "
                    "file or - for stdin",
          arg("file", help="the file to read, or - for standard input"), _PROTOCOL, _DESCRIPTION, _TTL,
-         arg("--source", metavar="NAME", help="the source: import:NAME (default: import:<file name>; required with --mode replace)"),
+         arg("--source", metavar="NAME",
+             help="the source: import:NAME (default: import:<file name>; required with --mode replace)"),
          arg("--mode", choices=("add", "replace"), default="add",
              help="add (default) to the source, or replace: the source's rules become exactly this list, in one "
                   "request (refused past the guard unless --force)"),

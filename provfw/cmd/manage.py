@@ -32,33 +32,39 @@ from provfw.db import migration
 CONF = provfw_conf.CONF
 
 
+def _actions(subparsers, name: str, help_: str):
+    """A command whose actions (``provfw-manage NAME ACTION``) are its own subparsers; one is required."""
+    return subparsers.add_parser(name, help=help_).add_subparsers(dest="action", required=True)
+
+
 def _add_commands(subparsers) -> None:
-    dbp = subparsers.add_parser("db", help="the schema: sync (migrate), version, check").add_subparsers(dest="action", required=True)
+    dbp = _actions(subparsers, "db", "the schema: sync (migrate), version, check")
     dbp.add_parser("sync", help="create or upgrade the schema (alembic upgrade head)")
     dbp.add_parser("version", help="print the schema revision")
     dbp.add_parser("check", help="fail if models and migrations disagree (alembic check)")
 
-    token = subparsers.add_parser("token", help="API tokens: create, list, revoke (only SHA-256 hashes are stored)").add_subparsers(dest="action", required=True)
+    token = _actions(subparsers, "token", "API tokens: create, list, revoke (only SHA-256 hashes are stored)")
     create = token.add_parser("create", help="create a token and print its secret once")
     create.add_argument("--name", required=True)
     create.add_argument("--role", required=True, choices=["admin", "reader"])
     token.add_parser("list", help="every token: name, role, active or revoked")
-    revoke = token.add_parser("revoke", help="revoke a token by name (API processes stop accepting it within [api] token_cache_ttl)")
+    revoke = token.add_parser("revoke", help="revoke a token by name "
+                                             "(API processes stop accepting it within [api] token_cache_ttl)")
     revoke.add_argument("--name", required=True)
 
-    config = subparsers.add_parser("config", help="the sample configuration file").add_subparsers(dest="action", required=True)
+    config = _actions(subparsers, "config", "the sample configuration file")
     config.add_parser("sample", help="print every option with its default and help")
 
-    rules = subparsers.add_parser("rules", help="rule housekeeping: purge-expired").add_subparsers(dest="action", required=True)
+    rules = _actions(subparsers, "rules", "rule housekeeping: purge-expired")
     purge = rules.add_parser("purge-expired", help="delete expired rules now (the conductor does it periodically)")
     purge.add_argument("--older-than", type=float, default=0.0, help="seconds past expiry")
 
-    svc = subparsers.add_parser("service", help="the compute hosts' service rows: list, delete").add_subparsers(dest="action", required=True)
+    svc = _actions(subparsers, "service", "the compute hosts' service rows: list, delete")
     svc.add_parser("list", help="every host: state, applied generation, rules, driver, last error")
     delete = svc.add_parser("delete", help="forget a decommissioned host")
     delete.add_argument("--host", required=True)
 
-    nwf = subparsers.add_parser("nwfilter", help="libvirt: ensure-refs (every domain's filter references nova-provider)").add_subparsers(dest="action", required=True)
+    nwf = _actions(subparsers, "nwfilter", "libvirt: ensure-refs (every domain's filter references nova-provider)")
     nwf.add_parser("ensure-refs", help="make each domain's nwfilter reference nova-provider")
 
     bus = subparsers.add_parser("bus", help="RabbitMQ users with least privilege (runs rabbitmqctl)")
@@ -80,7 +86,7 @@ def _add_commands(subparsers) -> None:
     delete_user = bus_actions.add_parser("delete-user", help="delete a bus user (rabbitmqctl delete_user)")
     delete_user.add_argument("--user", required=True)
 
-    dataplane = subparsers.add_parser("dataplane", help="this host's kernel rules: apply once, teardown").add_subparsers(dest="action", required=True)
+    dataplane = _actions(subparsers, "dataplane", "this host's kernel rules: apply once, teardown")
     dataplane.add_parser("apply", help="apply the current rules to this host once")
     dataplane.add_parser("teardown", help="remove provfw's chains, jump, sets or filter from this host")
 

@@ -77,8 +77,9 @@ class ComputeService:
         self.manager.report_state()
         synced = False
         try:
-            retrying("initial sync", exception.ProvfwError, initial=1.0, maximum=float(self.conf.compute.reconcile_interval),
-                     stop_event=self._stop, log=LOG)(self._initial_sync)
+            retrying("initial sync", exception.ProvfwError, initial=1.0,
+                     maximum=float(self.conf.compute.reconcile_interval), stop_event=self._stop, log=LOG)(
+                self._initial_sync)
             synced = True
         except NotImplementedError as exc:
             LOG.error("serving without an initial apply: %s", exc)

@@ -22,6 +22,7 @@ from provfw import conf as provfw_conf
 from provfw.rules import RuleSpec
 from provfw.virt.firewall import base
 
+
 class ComputeDriver:
     """Interface of compute drivers; every provider-firewall call raises NotImplementedError here."""
 

@@ -114,7 +114,7 @@ def test_a_single_non_global_rule_is_refused_naming_the_range_unless_the_request
     seed = api.call("POST", "/v1/block-external-addresses", {"cidr": "10.1.2.0/24"})
     assert seed.status_int == 409 and "10.0.0.0/8" in seed.json["error"]["message"]
     allowed = api.call("POST", "/v1/provider-fw-rules", {"cidr": "10.1.2.3", "allow_non_global": True,
-                                                          "description": "compromised tenant VM"})
+                                                         "description": "compromised tenant VM"})
     assert allowed.status_int == 201
     detail = api.call("GET", "/v1/audit-log?limit=1").json["audit"][0]["detail"]
     assert detail["allow_non_global"] is True and detail["non_global_allowed"] == [
@@ -233,7 +233,7 @@ def test_deleting_with_a_source_keeps_a_rule_another_source_wants(api):
     assert [s["source"] for s in kept["sources"]] == ["import:abuse"] and kept["expires_at"] is None
     assert api.call("DELETE", f"/v1/provider-fw-rules/{rule['id']}?source=manual").status_int == 404
     unblocked = api.call("POST", "/v1/remove-external-address-block", {"cidr": "203.0.113.9",
-                                                                         "source": "import:abuse"})
+                                                                       "source": "import:abuse"})
     assert unblocked.status_int == 200 and (unblocked.json["deleted"], unblocked.json["kept"]) == (1, 0)
 
 

@@ -68,8 +68,8 @@ def test_a_compute_user_cannot_publish_a_cast_to_every_host(conf, vhost, deploym
                                   auto_declare=False, serializer="json")
         with pytest.raises(conn.channel_errors) as info:
             producer.publish({"method": "trigger_provider_fw_rules", "args": {"generation": 99,
-                                                                             "previous_generation": 98,
-                                                                             "added": [], "removed": []}},
+                                                                              "previous_generation": 98,
+                                                                              "added": [], "removed": []}},
                              routing_key="", retry=False)
     assert "ACCESS_REFUSED" in str(info.value) and "provfw_compute_fanout" in str(info.value)
 

@@ -235,8 +235,8 @@ def test_import_counts_and_lists_refused_lines_numbered_across_chunks(api, home,
     assert result.code == 0, result.err
     first, *refused = result.out.splitlines()
     generation = json.loads(admin(capsys, api, "rules", "--json").out)[-1]["generation"]
-    assert first == f"imported {feed} (plain, detected) into import:blocklist.txt: 3 added, 0 renewed, 1 duplicate, 2 refused, " \
-                    f"generation {generation}"
+    assert first == (f"imported {feed} (plain, detected) into import:blocklist.txt: "
+                     f"3 added, 0 renewed, 1 duplicate, 2 refused, generation {generation}")
     assert [line.split(":")[0].strip() for line in refused] == ["line 4", "line 6"]  # numbered in the file
     assert "'bogus'" in refused[0]
 
@@ -283,8 +283,8 @@ def test_import_dash_reads_standard_input(api, home, capsys):
     result = run("import", "-", "--ttl", "3600", "--url", api.url, "--token", api.admin,
                  stdin=b"192.0.2.10\n192.0.2.11\n# comment\n192.0.2.10\n")
     assert result.code == 0, result.err
-    assert result.out.startswith("imported stdin (plain, detected) into import:stdin: 2 added, 0 renewed, 1 duplicate, 0 refused, "
-                                 "generation ")
+    assert result.out.startswith("imported stdin (plain, detected) into import:stdin: "
+                                 "2 added, 0 renewed, 1 duplicate, 0 refused, generation ")
     assert "cannot reach" not in result.err
     rows = json.loads(admin(capsys, api, "rules", "--json").out)
     assert [r["cidr"] for r in rows] == ["192.0.2.10/32", "192.0.2.11/32"]

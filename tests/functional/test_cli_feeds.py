@@ -10,10 +10,13 @@ import pytest
 
 from provfw.conductor import feeds as conductor_feeds
 from provfw.db import api as db
-from tests.functional.test_cli import admin, api, home  # noqa: F401 - the fixtures, and the helper
+from tests.functional import test_cli
+from tests.functional.test_cli import admin
 from tests.lib.httpserver import FeedServer, data_file
 
 pytestmark = pytest.mark.functional
+
+api, home = test_cli.api, test_cli.home          # test_cli's fixtures, shared
 
 
 def lines_of(ran):
@@ -25,8 +28,8 @@ def test_import_detects_the_format_and_names_the_source_after_the_file(api, home
     drop.write_bytes(data_file("feeds", "spamhaus-drop.txt"))
     result = admin(capsys, api, "import", str(drop))
     assert result.code == 0, result.err
-    assert lines_of(result)[0].startswith(f"imported {drop} (spamhaus, detected) into import:drop.txt: 4 added, 0 renewed, 0 duplicate, "
-                                          "0 refused, generation ")
+    assert lines_of(result)[0].startswith(f"imported {drop} (spamhaus, detected) into import:drop.txt: "
+                                          "4 added, 0 renewed, 0 duplicate, 0 refused, generation ")
     rows = json.loads(admin(capsys, api, "rules", "--source", "import:drop.txt", "-o", "json").out)
     assert len(rows) == 4 and all(r["sources"][0]["source"] == "import:drop.txt" for r in rows)
     assert admin(capsys, api, "sources", "-o", "value").out == "import:drop.txt\t4\n"
@@ -202,7 +205,7 @@ def test_feed_commands_add_sync_show_list_change_and_remove(api, home, capsys, c
     shown = dict(line.split(None, 1) for line in lines_of(admin(capsys, api, "feed", "show", "drop"))
                  if len(line.split(None, 1)) == 2)
     assert (shown["source"], shown["format"], shown["entries"], shown["last_status"]) == ("feed:drop", "auto",
-                                                                                         "4", "ok")
+                                                                                          "4", "ok")
 
     conductor.lists["/drop.txt"].status = 503
     failed = admin(capsys, api, "feed", "sync", "drop", "--timeout", "20")

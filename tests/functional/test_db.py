@@ -132,7 +132,7 @@ def test_the_generation_indexes_hold_only_rules_deleted_or_renewed_and_the_delta
 def test_create_get_list_and_delete(any_db):
     rule, gen = db.provider_fw_rule_create(C, description="ICMPv6 echo flood", created_by="ops")
     assert (rule.cidr, rule.ip_version, rule.protocol, rule.from_port, rule.to_port) == ("2001:db8::/32", 6,
-                                                                                        "icmp", 128, 0)
+                                                                                         "icmp", 128, 0)
     assert rule.created_generation == gen and rule.deleted == 0
     fetched = db.provider_fw_rule_get(rule.id)
     assert (fetched.description, fetched.created_by) == ("ICMPv6 echo flood", "ops")
@@ -482,13 +482,13 @@ def test_batched_state_reports_update_old_hosts_insert_new_ones_and_keep_each_nu
     assert db.service_update_many({f"hv-{i:03d}": _report(1) for i in range(30)}) == 30
 
     written = db.service_update_many({f"hv-{i:03d}": _report(2, "refused" if i % 2 else None,
-                                                              when if i % 3 else None) for i in range(20, 40)})
+                                                             when if i % 3 else None) for i in range(20, 40)})
 
     rows = {row.host: row for row in db.service_get_all()}
     assert written == 20 and len(rows) == 40
     assert rows["hv-000"].applied_generation == 1 and rows["hv-000"].updated_at is None
-    assert [(rows[h].applied_generation, rows[h].last_error, rows[h].applied_at) for h in ("hv-021", "hv-022", "hv-024")] \
-        == [(2, "refused", None), (2, None, when), (2, None, None)]
+    assert [(rows[h].applied_generation, rows[h].last_error, rows[h].applied_at)
+            for h in ("hv-021", "hv-022", "hv-024")] == [(2, "refused", None), (2, None, when), (2, None, None)]
     assert rows["hv-021"].updated_at is not None
 
 

@@ -195,7 +195,7 @@ def test_a_cast_without_the_change_makes_every_worker_fetch_one_cached_delta(con
 
     # As for a bulk import: only the generations travel.
     assert compute_api.ComputeAPI(conf).trigger_provider_fw_rules_refresh(result.generation,
-                                                                           result.generation - 1) is True
+                                                                          result.generation - 1) is True
 
     assert wait_until(lambda: reported(hosts) == [result.generation] * 3, 10) is not None, reported(hosts)
     assert all(w.manager.reconciler.rule_count == 39 for w in started)

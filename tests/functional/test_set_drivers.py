@@ -296,7 +296,7 @@ def test_a_check_of_rules_the_kernel_takes_passes_and_changes_nothing(kind, conf
     rules.rebuild([make_spec(ATTACKER), make_spec(ATTACKER6), make_spec("198.18.9.0/24", "tcp", 8080)])
     before = dataplane_snapshot(topo)
     rules.driver.check_provider_fw_rules(hosts(500) + [make_spec(BYSTANDER6), make_spec("192.0.2.0/24", "udp", 53),
-                                                        make_spec("2001:db8::/32", "icmp", 128, 0)])
+                                                       make_spec("2001:db8::/32", "icmp", 128, 0)])
     assert dataplane_snapshot(topo) == before
     assert topo.blocked(ATTACKER, topo.INSTANCE4) and topo.reachable(BYSTANDER, topo.INSTANCE4)
 

@@ -211,6 +211,7 @@ class RoutedTopology(AttackerProbes):
     def close(self) -> None:
         self._close_namespaces()
 
+
 def kill_namespace_processes(ns: str) -> None:
     result = run("ip", "netns", "pids", ns, check=False)
     for pid in result.stdout.split():

@@ -367,7 +367,7 @@ def test_empty_and_comment_only_lists_parse_to_nothing():
 
 def test_parse_value_gives_the_networks_of_one_value_or_invalid_input():
     assert formats.parse_value(" 198.51.100.5-198.51.100.6 ") == [ipaddress.ip_network("198.51.100.5/32"),
-                                                                   ipaddress.ip_network("198.51.100.6/32")]
+                                                                  ipaddress.ip_network("198.51.100.6/32")]
     assert formats.parse_value("2001:db8::1/64") == [ipaddress.ip_network("2001:db8::/64")]
     with pytest.raises(exception.InvalidInput) as caught:
         formats.parse_value("203.0.113.300")

@@ -153,7 +153,7 @@ def test_sets_no_longer_wanted_are_destroyed_only_in_the_deletion_phase():
     planned = plan({ALL4: {"192.0.2.1"}}, found)
     assert planned.restore == () and planned.obsolete == ("pfn4-check", "pfn4-tcp-22")
     assert [s.argv for s in planned.deletion_steps()] == [("ipset", "destroy", "pfn4-check"),
-                                                         ("ipset", "destroy", "pfn4-tcp-22")]
+                                                          ("ipset", "destroy", "pfn4-tcp-22")]
 
 
 def test_the_restore_step_destroys_its_scratch_sets_when_it_fails():

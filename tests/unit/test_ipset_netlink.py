@@ -20,9 +20,9 @@ def test_an_add_of_an_ipv4_host_is_the_message_ipset_restore_sends():
         + struct.pack("=HH", 5, 1) + bytes([7]) + b"\0" * 3                   # PROTOCOL = 7, padded
         + struct.pack("=HH", 17, 2) + b"pfw4-all-any\0" + b"\0" * 3           # SETNAME, NUL-terminated, padded
         + struct.pack("=HH", 24, 7 | 0x8000)                                  # DATA, nested
-        + struct.pack("=HH", 12, 1 | 0x8000)                                  #   IP, nested
-        + struct.pack("=HH", 8, 1 | 0x4000) + bytes([192, 0, 2, 1])           #     IPADDR_IPV4, network order
-        + struct.pack("=HH", 5, 3) + bytes([32]) + b"\0" * 3)                 #   CIDR = 32
+        + struct.pack("=HH", 12, 1 | 0x8000)  # IP, nested
+        + struct.pack("=HH", 8, 1 | 0x4000) + bytes([192, 0, 2, 1])  # IPADDR_IPV4, network order
+        + struct.pack("=HH", 5, 3) + bytes([32]) + b"\0" * 3)  # CIDR = 32
     assert message == struct.pack("=IHHII", 16 + len(expected_body), (6 << 8) | 9, 0x1 | 0x4, 7, 0) + expected_body
 
 

@@ -60,7 +60,7 @@ def test_rendered_rule_is_accepted_by_the_family_it_belongs_to(args, expected):
     fake = FakeIptables()
     tool = "iptables-restore" if spec.version == 4 else "ip6tables-restore"
     fake([tool, "--noflush"], input=f"*filter\n:nova-provider - [0:0]\n"
-                                     f"{iptables.render_drop_rule('nova-provider', spec)}\nCOMMIT\n")
+         f"{iptables.render_drop_rule('nova-provider', spec)}\nCOMMIT\n")
     saved = fake.rules("nova-provider", version=spec.version)
     assert len(saved) == 1
     assert iptables.comment_of(saved[0]) == iptables.rule_hash(spec)

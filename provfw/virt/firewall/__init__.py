@@ -31,12 +31,13 @@ from oslo_config import cfg
 from provfw import conf as provfw_conf
 from provfw import exception
 from provfw.virt.firewall.base import (Applied, Call, Command, FirewallDriver, NoopFirewallDriver, Plan,
-                                       PlannedFirewallDriver, RuleUpdate, execute, import_class)
+                                       PlannedFirewallDriver, RuleUpdate, execute)
 
 __all__ = ["Applied", "Call", "Command", "FirewallDriver", "NoopFirewallDriver", "Plan", "PlannedFirewallDriver",
            "RuleUpdate", "execute", "ENTRY_POINT_GROUP", "driver_class", "load_firewall_driver"]
 
 ENTRY_POINT_GROUP = "provfw.firewall_drivers"
+
 
 def load_firewall_driver(conf: cfg.ConfigOpts = provfw_conf.CONF, **kwargs) -> FirewallDriver:
     """Instantiate ``[compute] firewall_driver`` with ``conf`` and ``kwargs``.

@@ -351,15 +351,3 @@ class NoopFirewallDriver(PlannedFirewallDriver):
 
     def teardown(self) -> None:
         pass
-
-
-def import_class(path: str):
-    """The class at dotted ``path``; ConfigError naming it when it cannot be loaded."""
-    module_name, _, class_name = path.rpartition(".")
-    if not module_name:
-        raise exception.ConfigError(f"{path!r} is neither a known alias nor a dotted path")
-    import importlib
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
-        raise exception.ConfigError(f"cannot load {path!r}: {exc}") from None

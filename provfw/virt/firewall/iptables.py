@@ -217,8 +217,6 @@ def count_drop_rules(state: TableState, layout: ChainLayout) -> int:
     return sum(1 for c in state.comments(layout.provider) if c and c != tail_comment(layout))
 
 
-
-
 # --------------------------------------------------------------------------- set rules (ipset, iptc)
 
 def set_rule_comment(key: MatchKey, set_name: str) -> str:
