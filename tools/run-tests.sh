@@ -6,9 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tools/setup-test-env.sh
 set +e
+# The style check first (setup.cfg's [flake8]); a warning fails the run, after the suite has run anyway.
+.venv/bin/flake8 provfw tests benchmarks tools
+lint=$?
 .venv/bin/python -m pytest -p no:cacheprovider --timeout=600 -ra tests "$@"
 rc=$?
 set -e
+if [ "$lint" -ne 0 ]; then
+    echo "run-tests: flake8 found the warnings above" >&2
+    [ "$rc" -ne 0 ] || rc=1
+fi
 if [ "$rc" -eq 5 ]; then
     echo "run-tests: pytest collected no tests" >&2
     exit 1
