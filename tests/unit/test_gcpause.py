@@ -102,3 +102,29 @@ def test_a_worker_decodes_a_large_reply_under_kept_and_a_small_one_as_any_object
     assert snapshot.generation == 7 and len(snapshot.rules) == rules
     assert snapshot.rules[-1].spec.cidr.endswith("/32") and gc.isenabled()
     assert (gc.get_freeze_count() >= rules) is frozen
+
+
+class _Cycle:
+    """Garbage only the collector can free: it refers to itself (as a caught exception and its traceback do)."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_garbage_cycles_made_between_snapshots_are_not_frozen_for_ever(unfrozen):
+    """A worker running for weeks applies many snapshots; each ``kept`` must not leak the cycles made before it.
+
+    gc.freeze() moves every tracked object to the permanent generation, garbage cycles too, and no
+    collection looks at them again; only reference counting frees frozen objects, and a cycle never
+    reaches zero.  So a snapshot applied after 500 cycles became garbage must leave none of them frozen.
+    """
+    frozen = []
+    for _ in range(20):
+        garbage = [weakref.ref(_Cycle()) for _ in range(500)]      # the time between two snapshots
+        with gcpause.kept():
+            snapshot = [Kept(index) for index in range(5_000)]    # the next snapshot replaces the last
+        assert sum(ref() is not None for ref in garbage) == 0, "garbage cycles were frozen"
+        frozen.append(gc.get_freeze_count())
+    del snapshot
+    # The first freeze takes the whole process (pytest's modules too); later ones only replace the snapshot.
+    assert max(frozen[1:]) - min(frozen[1:]) < 500, frozen
