@@ -25,6 +25,26 @@ LOG = logging.getLogger("provfw.api")
 STOP_POLL = 0.25        # seconds between looks at the stop request
 
 
+class HttpProtocol(eventlet.wsgi.HttpProtocol):
+    """eventlet's protocol, minus running a request whose answer cannot be sent because the server is stopping.
+
+    When eventlet.wsgi.server stops it marks every connection closing and shuts down the sockets of those
+    it sees idle (waiting for the next request on a keep-alive connection).  A client's next request may
+    already be in such a socket's receive buffer: eventlet still reads it, runs it, and then cannot write
+    the answer - a committed block whose client saw only "Remote end closed connection without response"
+    and, retrying, gets 409 (found by a newcomer stopping the all-in-one under load; eventlet 0.41).  A
+    request line read on a connection already marked closing is dropped here instead, unrun: the client
+    sees the same closed connection and can safely send it again.  Requests in flight when the stop began
+    are on connections that were not idle: they finish and are answered, and then their connections close.
+    """
+
+    def _read_request_line(self):
+        line = super()._read_request_line()
+        if line and self.conn_state[2] == eventlet.wsgi.STATE_CLOSE:
+            return ""          # handle_one_request: no request line -> close the connection, run nothing
+        return line
+
+
 def serve(conf, compute=None, stop: common.StopRequest | None = None,
           on_listening: Callable[[], None] | None = None) -> None:
     """Serve the API until ``stop`` is requested (or forever); ``on_listening`` runs once the socket is bound.
@@ -43,7 +63,8 @@ def serve(conf, compute=None, stop: common.StopRequest | None = None,
     # The access log is provfw.api.middleware's (one line per request, with its request id and token);
     # eventlet's own would repeat it without them.
     server = eventlet.spawn(eventlet.wsgi.server, sock, app, log=logging.getLogger("provfw.api.eventlet"),
-                            log_output=False, max_size=1000, keepalive=True, socket_timeout=60)
+                            log_output=False, max_size=1000, keepalive=True, socket_timeout=60,
+                            protocol=HttpProtocol)
     while not server.dead:
         if stop is None:
             eventlet.sleep(STOP_POLL)
