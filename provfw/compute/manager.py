@@ -219,6 +219,9 @@ class ComputeManager:
         try:
             self.conductor.report_provider_fw_state(**state)
             return True
+        except exception.RpcClientClosed:
+            LOG.debug("stopping: not reporting the state of %s", self.host)    # as in sync: not a warning
+            return False
         except Exception as exc:  # noqa: BLE001 - the bus may be down; the kernel keeps its rules
             LOG.warning("could not report the state of %s: %s", self.host, exc)
             return False

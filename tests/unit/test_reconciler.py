@@ -313,3 +313,27 @@ def test_a_compute_driver_without_a_firewall_raises_not_implemented(conf):
 
     with pytest.raises(NotImplementedError):
         Reconciler(FakeConnection(conf), conf).apply_snapshot(Snapshot(1, [rule(1, A)]))
+
+
+def test_a_state_report_while_the_worker_stops_is_no_warning(conf, model, caplog):
+    """A newcomer saw "could not report the state of vm: RpcClientClosed ... (stopping)" at every clean stop."""
+    from provfw import exception
+    from provfw.compute import manager as manager_mod
+
+    class Conductor:
+        def report_provider_fw_state(self, **state):
+            raise exception.RpcClientClosed("the RPC client of hv1 is closed (stopping)")
+
+    class Unreachable:
+        def report_provider_fw_state(self, **state):
+            raise exception.ConductorUnavailable("no answer")
+
+    caplog.set_level("DEBUG", logger="provfw.compute.manager")
+    driver = LibvirtConnection(conf, firewall_driver=model)
+    stopping = manager_mod.ComputeManager(conf, driver=driver, host="hv1", conductor=Conductor())
+    assert stopping.report_state() is False
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    caplog.clear()
+    down = manager_mod.ComputeManager(conf, driver=driver, host="hv1", conductor=Unreachable())
+    assert down.report_state() is False                       # a real failure still warns
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
