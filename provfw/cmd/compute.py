@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     systemd.notify("STOPPING=1")
     watchdog.stop()
     worker.stop()
+    LOG.info("provfw-compute stopped: %s", worker.manager.driver.after_stop())
     return 0
 
 

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     watchdog.stop()
     conductor.stop()
     common.close_database()
+    LOG.info("provfw-conductor stopped")
     return 0
 
 

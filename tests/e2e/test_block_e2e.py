@@ -99,6 +99,8 @@ def test_a_stopped_worker_keeps_enforcing_what_it_applied(setup):
     assert _wait_kernel(topo, f"{src}/32", True) is not None
     dep.stop_worker(HOST)
     try:
+        assert dep.tail(f"compute-{HOST}", 1).rstrip().endswith(
+            "provfw-compute stopped: the kernel keeps the rules last applied")
         time.sleep(0.2)
         assert topo.blocked(src, instance), "stopping the worker opened the block"
     finally:

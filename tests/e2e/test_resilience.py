@@ -226,6 +226,7 @@ def test_while_the_database_is_cut_hosts_still_apply_casts_and_their_state_catch
     host, (a, b), c = "hv-res-db", topo.ATTACKER4, topo.ATTACKER6[0]
     log = WorkerLog(dep, host)
     dep.stop_conductors()
+    assert dep.tail("conductor-0", 1).rstrip().endswith("provfw-conductor stopped")
     with _db_proxy(dep) as database:
         dep.start_conductor(database_url=_db_url_via(database, dep.database.url))
         try:
