@@ -45,18 +45,8 @@ def aio(tmp_path_factory):
 
     threading.Thread(target=listen, daemon=True).start()
     with netns.RoutedTopology() as topo:
-        config = workdir / "provfw.conf"
-        config.write_text(f"""[DEFAULT]
-state_path = {workdir}/state
-[api]
-bind_port = {port}
-[metrics]
-api_port = {metrics_port}
-[compute]
-host = aio-host
-dataplane_netns = {topo.hv}
-firewall_driver = iptables
-""")
+        config = deploy.all_in_one_config(workdir, port, metrics_port, host="aio-host", dataplane_netns=topo.hv,
+                                          firewall_driver="iptables")
         log = open(workdir / "aio.log", "wb")
         env = {**os.environ, "NOTIFY_SOCKET": str(workdir / "notify"), "WATCHDOG_USEC": "2000000"}
         proc = subprocess.Popen([os.path.join(BIN, "provfw-all-in-one"), "--config-file", str(config)],

@@ -32,17 +32,7 @@ STOPS = 3
 
 def _start(workdir) -> tuple[subprocess.Popen, int, str]:
     port = deploy.free_port()
-    config = workdir / "provfw.conf"
-    config.write_text(f"""[DEFAULT]
-state_path = {workdir}/state
-[api]
-bind_port = {port}
-[metrics]
-api_port = {deploy.free_port()}
-[compute]
-host = aio-stop
-firewall_driver = noop
-""")
+    config = deploy.all_in_one_config(workdir, port, deploy.free_port(), host="aio-stop", firewall_driver="noop")
     with open(workdir / "aio.log", "ab") as log:
         proc = subprocess.Popen([os.path.join(BIN, "provfw-all-in-one"), "--config-file", str(config)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -43,6 +43,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def all_in_one_config(workdir, port: int, metrics_port: int, **compute: str):
+    """Write ``workdir/provfw.conf`` for ``provfw-all-in-one`` (state under ``workdir/state``); return its path.
+
+    ``compute``: the ``[compute]`` options (``host``, ``firewall_driver``, ``dataplane_netns``, ...).
+    """
+    config = workdir / "provfw.conf"
+    options = "".join(f"{key} = {value}\n" for key, value in compute.items())
+    config.write_text(f"[DEFAULT]\nstate_path = {workdir}/state\n[api]\nbind_port = {port}\n"
+                      f"[metrics]\napi_port = {metrics_port}\n[compute]\n{options}")
+    return config
+
+
 class Deployment:
     def __init__(self, db_kind: str = "postgresql", transport_url: str | None = None,
                  firewall_driver: str = "iptables", extra_conf: str = "", reconcile_interval: int = 2):
