@@ -37,9 +37,9 @@ Kept objects
     so ``kept`` first runs one full collection, before the pause: it scans
     only what was made since the last freeze, the rest being frozen (in a
     worker's process, 34 ms before its first snapshot, 0.5 ms before each
-    later one of 120k rules).  Only a cycle that becomes garbage during the pause itself, in
-    another greenthread, can still be frozen.  ``gc.freeze`` is the standard
-    library's own tool for this (Python 3.7+).
+    later one of 120k rules).  Only a cycle that becomes garbage during the
+    pause itself, in another greenthread, can still be frozen.  ``gc.freeze``
+    is the standard library's own tool for this (Python 3.7+).
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     metrics.serve_configured(common.CONF, "compute_port", metrics.WORKER, what="provfw-compute")
     watchdog = systemd.Watchdog()
     worker = service.ComputeService(common.CONF, watchdog=watchdog)
-    stopping = common.StopRequest(LOG, f"stopping; {worker.manager.driver.after_stop()}").install()
+    kept = worker.manager.driver.after_stop()            # what stays enforced once this process is gone
+    stopping = common.StopRequest(LOG, f"stopping; {kept}").install()
     LOG.info("provfw-compute starting on host %s (%s)", worker.manager.host, worker.manager.driver.describe())
     worker.start()
     ready_sent, status = False, None
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     systemd.notify("STOPPING=1")
     watchdog.stop()
     worker.stop()
-    LOG.info("provfw-compute stopped: %s", worker.manager.driver.after_stop())
+    LOG.info("provfw-compute stopped: %s", kept)
     return 0
 
 
