@@ -112,13 +112,17 @@ class RuleSpec(NamedTuple):
         return self._asdict()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(NamedTuple):
     """A live rule as the hosts see it: its database id, what it matches, and its expiry.
 
     ``expires_at`` is POSIX seconds (UTC), or None for a permanent rule.
     The wire form (casts and conductor replies) is the list
     ``[id, cidr, protocol, from_port, to_port, expires_at]``.
+
+    A NamedTuple, as ``RuleSpec`` is: a host decodes one per rule of a
+    snapshot (120k), and a frozen dataclass's ``__init__`` (one
+    ``object.__setattr__`` per field) made building them twice as slow
+    (``rules_from_wire``).
     """
 
     id: int
@@ -131,21 +135,35 @@ class Rule:
 
     @classmethod
     def from_wire(cls, item: Sequence[Any]) -> "Rule":
-        """Parse the wire form; ValueError when it is not ``[int, str, str, int, int, number|None]``.
+        """Parse one wire form; ValueError when it is not ``[int, str, str, int, int, number|None]``."""
+        return rules_from_wire((item,))[0]
 
-        The values are not re-validated as a rule (the conductor read them from
-        the database the API validated); a host that cannot enforce one
-        quarantines it.
-        """
-        if not isinstance(item, (list, tuple)) or len(item) != 6:
+
+def rules_from_wire(items: Iterable[Any]) -> list[Rule]:
+    """Every item's ``Rule`` (wire form ``[int, str, str, int, int, number|None]``); ValueError naming the first
+    malformed one.
+
+    The values are not re-validated as a rule (the conductor read them from
+    the database the API validated); a host that cannot enforce one
+    quarantines it.  Types are compared exactly (``type(x) is int``: a JSON
+    ``true`` is not a port).  A host's hot path: 120k rules of a snapshot are
+    built with ``tuple.__new__`` (RuleSpec's own ``__new__`` is Python) in
+    about half the time of the per-item constructor calls it replaced.
+    """
+    new, rule_type, spec_type = tuple.__new__, Rule, RuleSpec
+    out: list[Rule] = []
+    append = out.append
+    for item in items:
+        if type(item) not in (list, tuple) or len(item) != 6:
             raise ValueError(f"a rule is [id, cidr, protocol, from_port, to_port, expires_at], not {item!r}")
         rule_id, cidr, protocol, from_port, to_port, expires = item
-        if not (isinstance(rule_id, int) and isinstance(cidr, str) and isinstance(protocol, str)
-                and isinstance(from_port, int) and isinstance(to_port, int)
-                and (expires is None or isinstance(expires, (int, float)))):
+        if not (type(rule_id) is int and type(cidr) is str and type(protocol) is str
+                and type(from_port) is int and type(to_port) is int
+                and (expires is None or type(expires) is float or type(expires) is int)):
             raise ValueError(f"malformed rule {item!r}")
-        return cls(rule_id, RuleSpec(cidr, protocol, from_port, to_port),
-                   None if expires is None else float(expires))
+        append(new(rule_type, (rule_id, new(spec_type, (cidr, protocol, from_port, to_port)),
+                               None if expires is None else float(expires))))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ from provfw import conf as provfw_conf
 from provfw import exception, gcpause, metrics, rpc
 from provfw.compute import reconciler as reconciler_mod
 from provfw.conductor import api as conductor_api
-from provfw.rules import Changes, Rule, Snapshot
+from provfw.rules import Changes, Snapshot, rules_from_wire
 from provfw.virt import driver as virt_driver
 
 LOG = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ class ComputeManager:
         if (isinstance(generation, int) and previous_generation == applied and isinstance(added, list)
                 and isinstance(removed, list)):
             try:
-                change = Changes(previous_generation, generation, [Rule.from_wire(r) for r in added],
-                                 [Rule.from_wire(r) for r in removed])
+                change = Changes(previous_generation, generation, rules_from_wire(added),
+                                 rules_from_wire(removed))
             except ValueError as exc:
                 LOG.error("cast for generation %s carries a malformed change (%s); asking the conductor",
                           generation, exc)

@@ -21,7 +21,7 @@ from oslo_config import cfg
 
 from provfw import conf as provfw_conf
 from provfw import exception, gcpause, rpc
-from provfw.rules import Changes, Rule, Snapshot
+from provfw.rules import Changes, Rule, Snapshot, rules_from_wire
 
 LOG = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _rules(items: Any, what: str) -> list[Rule]:
     if not isinstance(items, list):
         raise exception.ProvfwError(f"conductor reply: {what} must be a list")
     try:
-        return [Rule.from_wire(item) for item in items]
+        return rules_from_wire(items)
     except ValueError as exc:
         raise exception.ProvfwError(f"conductor reply: {what}: {exc}") from None
 

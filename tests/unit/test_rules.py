@@ -347,3 +347,35 @@ def test_a_single_change_is_its_own_merge_and_mixed_generations_are_refused():
         rules.merge_changes([one, rules.Changes(5, 6, [], [])])
     with pytest.raises(ValueError):
         rules.merge_changes([])
+
+
+def test_wire_rules_decode_in_bulk_as_the_per_rule_form_does():
+    wire = [[7, "192.0.2.0/24", "tcp", 22, 22, None], (8, "2001:db8::1/128", "all", -1, -1, 1700000000),
+            [9, "198.51.100.7/32", "icmp", 8, -1, 1700000000.5]]
+    decoded = rules.rules_from_wire(wire)
+    assert decoded == [rules.Rule.from_wire(item) for item in wire]
+    expected = [list(item[:5]) + [None if item[5] is None else float(item[5])] for item in wire]
+    assert [rule.to_wire() for rule in decoded] == expected
+    first = decoded[0]
+    assert (first.id, first.spec, first.expires_at) == (7, RuleSpec("192.0.2.0/24", "tcp", 22, 22), None)
+    assert type(decoded[1].expires_at) is float and type(first.spec) is RuleSpec
+    assert {first: 1}[rules.Rule(7, make_spec("192.0.2.0/24", "tcp", 22, 22))] == 1     # hashable by value
+
+
+@pytest.mark.parametrize("item", [
+    [1, "192.0.2.1/32", "tcp", 22, 22],                   # five fields
+    [1, "192.0.2.1/32", "tcp", 22, 22, None, None],       # seven
+    {"id": 1},                                            # not a list
+    "1,192.0.2.1/32,tcp,22,22,",
+    ["1", "192.0.2.1/32", "tcp", 22, 22, None],           # id as text
+    [1, "192.0.2.1/32", "tcp", True, 22, None],           # a JSON true is not a port
+    [1, "192.0.2.1/32", "tcp", 22.0, 22, None],
+    [1, None, "tcp", 22, 22, None],
+    [1, "192.0.2.1/32", "tcp", 22, 22, "soon"],
+    [1, "192.0.2.1/32", "tcp", 22, 22, False],
+])
+def test_a_malformed_wire_rule_is_refused_by_both_decoders(item):
+    with pytest.raises(ValueError):
+        rules.rules_from_wire([[2, "192.0.2.2/32", "all", -1, -1, None], item])
+    with pytest.raises(ValueError):
+        rules.Rule.from_wire(item)
