@@ -63,6 +63,21 @@ def test_the_driver_sets_keep_their_names():
                                            ("2001:db8::1/128", "2001:db8::1"), ("2001:db8::/32", "2001:db8::/32")])
 def test_members_are_spelled_as_ipset_save_prints_them(cidr, spelled):
     assert ipset.member(cidr) == spelled
+    assert ipset.members(6 if ":" in cidr else 4, [cidr]) == {spelled}
+
+
+def test_grouped_members_are_each_spec_spelled_and_grouped_by_match_key():
+    from provfw.rules import make_spec
+    from provfw.virt.firewall import sets
+
+    specs = [make_spec(cidr, protocol, *ports) for cidr in ("192.0.2.1", "10.0.0.0/8", "2001:db8::1",
+                                                            "2001:db8::/32", "::102:304", "128.0.0.0/1")
+             for protocol, ports in (("all", ()), ("tcp", (22, 22)), ("tcp", ()), ("icmp", (8, -1)))]
+    expected: dict = {}
+    for spec in specs:
+        expected.setdefault(sets.match_key(spec), set()).add(ipset.member(spec.cidr))
+    assert sets.group_members(specs, ipset.members) == expected
+    assert sets.group_members([], ipset.members) == {}
 
 
 def test_parsing_keeps_owned_sets_with_members_and_options_found_by_name():
@@ -200,7 +215,7 @@ def test_planning_a_whole_rule_set_lets_other_green_threads_run(monkeypatch):
     specs = [make_spec(f"45.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") for i in range(3 * sets.YIELD_EVERY)]
     save = "create pv4-x hash:net family inet maxelem 65536\n" + "".join(
         f"add pv4-x {spec.cidr[:-3]}\n" for spec in specs)
-    groups, during_grouping = ticks_during(monkeypatch, lambda: sets.group_members(specs, ipset.member))
+    groups, during_grouping = ticks_during(monkeypatch, lambda: sets.group_members(specs, ipset.members))
     kernel, during_parse = ticks_during(monkeypatch, lambda: ipset.parse_save(save, lambda name: True))
     assert sum(len(members) for members in groups.values()) == len(specs) == len(kernel["pv4-x"].members)
     assert during_grouping >= 3 and during_parse >= 3
