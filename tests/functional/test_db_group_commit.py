@@ -351,6 +351,66 @@ def test_a_batched_group_answers_each_kind_of_add_and_unblock_as_alone(grouping_
     assert {rule.spec.cidr for rule in group.removed} == {"198.51.100.3/32", "198.51.100.4/32", "198.51.100.5/32"}
 
 
+@pytest.fixture
+def wire_db(pg_db):
+    """provfw's engine connected to ``pg_db`` through a TCP proxy that logs every query sent (``QueryLog``)."""
+    from tests.lib.pgwire import QueryLog
+    from tests.lib.tcpproxy import TcpProxy
+
+    url = sa.engine.make_url(pg_db.url)
+    log = QueryLog()
+    with TcpProxy(url.host or "127.0.0.1", url.port or 5432, on_client_data=log.feed) as proxy:
+        db.configure(url.set(host=proxy.listen_host, port=proxy.port).render_as_string(hide_password=False),
+                     pool_size=1)
+        try:
+            yield log
+        finally:
+            db.dispose()
+            db.configure(pg_db.url)
+
+
+def test_begin_and_commit_ride_on_a_creates_first_and_last_statements_on_the_wire(wire_db):
+    """Counted at the wire, psycopg2's own BEGIN and COMMIT included: a one-rule create is four round trips
+    (six before they rode on the bump and on the audit row), and every way a transaction ends leaves the
+    connection as psycopg2 would: autocommit off, no transaction open on the server."""
+    recorder = Recorder()
+
+    def create(cidr, actor="group-test"):
+        return db.provider_fw_rules_sync("manual", [make_spec(cidr)], action="rule.create",
+                                         audit=db.Audit(actor), notify=recorder)
+
+    def pooled_connection_is_clean():
+        with db_impl.get_engine().connect() as conn:
+            raw = conn.connection.dbapi_connection
+            return raw.autocommit is False and raw.info.transaction_status == db_impl._PG_IDLE
+
+    create("192.0.2.1/32")                                           # warm: the pool, the statement caches
+    wire_db.take()
+    create("192.0.2.2/32")
+    sent = wire_db.take()
+    assert len(sent) == 4, sent
+    assert sent[0].startswith("BEGIN; UPDATE provider_fw_generation") and sent[-1].endswith("; COMMIT")
+    assert not any(query.strip().upper() in ("BEGIN", "COMMIT", "ROLLBACK") for query in sent)
+    assert pooled_connection_is_clean()
+
+    # Nothing changed (the rule exists): the bump is rolled back, by a ROLLBACK of our own.
+    wire_db.take()
+    assert create("192.0.2.2/32").changed is False
+    assert wire_db.take()[-1] == "ROLLBACK" and pooled_connection_is_clean()
+
+    # The audit row cannot be written (actor is VARCHAR(255)): the riding COMMIT never runs.
+    with pytest.raises(sa.exc.DBAPIError):
+        create("192.0.2.3/32", actor="x" * 300)
+    assert wire_db.take()[-1] == "ROLLBACK" and pooled_connection_is_clean()
+
+    create("192.0.2.4/32")
+    assert len(wire_db.take()) == 4
+    assert sorted(rule.cidr for rule in db.provider_fw_rule_get_all()) == [
+        "192.0.2.1/32", "192.0.2.2/32", "192.0.2.4/32"]
+    assert [row.action for row in db.audit_get_all()] == ["rule.create"] * 3
+    assert [len(change.added) for change in recorder.changes] == [1, 1, 1]
+
+
 def test_a_one_rule_create_is_four_statements_on_postgresql(grouping_db):
     """The +1 CIDR path under the generation row lock: the bump, the look-up, the rule with its source row
     (one statement on PostgreSQL), the audit row with the live-rule counter (one on PostgreSQL); BEGIN and

@@ -32,6 +32,7 @@ import select
 import socket
 import struct
 import threading
+from typing import Callable
 
 _CHUNK = 65536
 # Stop reading from one side while this much is waiting for the other side:
@@ -112,6 +113,8 @@ class _Link:
                 for sock in readable:
                     data = sock.recv(_CHUNK)
                     if data:
+                        if sock is client and self.proxy.on_client_data is not None:
+                            self.proxy.on_client_data(data)
                         pending[peer[sock]] += data
                     else:
                         read_eof[sock] = True
@@ -137,12 +140,15 @@ class TcpProxy:
     """Forward ``listen_host:<port>`` to ``target_host:target_port`` until cut.
 
     ``port`` 0 picks a free port; it stays the same across ``cut``/``restore``.
-    Use as a context manager or call ``close()``.
+    ``on_client_data(bytes)`` sees what every client sends, as it is forwarded
+    (called from the connection's thread).  Use as a context manager or call
+    ``close()``.
     """
 
     def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1", port: int = 0,
-                 connect_timeout: float = 5.0):
+                 connect_timeout: float = 5.0, on_client_data: Callable[[bytes], None] | None = None):
         self.target = (target_host, target_port)
+        self.on_client_data = on_client_data
         self.listen_host = listen_host
         self.connect_timeout = connect_timeout
         self.accepted = 0  # connections accepted since creation, across restores

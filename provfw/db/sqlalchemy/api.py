@@ -60,6 +60,9 @@ AUDIT_LOG = logging.getLogger("provfw.audit")
 DEADLOCK_ATTEMPTS = 5
 # SQLSTATEs of a transaction the server rolled back for losing a lock race (PostgreSQL, psycopg2 and psycopg 3).
 _PG_RETRY_SQLSTATES = frozenset({"40001", "40P01"})
+# libpq's PQtransactionStatus, as psycopg2's connection.info.transaction_status reports it
+# (psycopg2.extensions.TRANSACTION_STATUS_*; not imported: psycopg2 is there only with PostgreSQL).
+_PG_IDLE, _PG_IN_TRANSACTION, _PG_IN_ERROR = 0, 2, 3
 # MySQL/MariaDB error numbers of the same (PyMySQL and mysqlclient put the number first in ``args``):
 # 1213 ER_LOCK_DEADLOCK (Galera reports a certification failure with it too), 1205 ER_LOCK_WAIT_TIMEOUT.
 _MYSQL_RETRY_ERRNOS = frozenset({1213, 1205})
@@ -380,6 +383,12 @@ _AUDIT_AND_LIVE_PG = sa.text(
     "CAST(:b_request_id AS VARCHAR[]), CAST(:b_action AS VARCHAR[]), CAST(:b_generation AS BIGINT[]), "
     "CAST(:b_detail AS TEXT[]))) "
     "UPDATE provider_fw_generation SET live_rules = live_rules + :b_delta WHERE id = 1")
+# PostgreSQL: a group commit's BEGIN rides on its bump and its COMMIT on the audit rows with the live-rule
+# counter (``_riding_transaction``): one simple query may hold several statements, and psycopg2 answers the
+# last one's rows.  The counter moves by 0 when a group changed no live rule: it is one statement whatever.
+_BEGIN_AND_BUMP_PG = sa.text("BEGIN; UPDATE provider_fw_generation SET generation = generation + 1, "
+                             "updated_at = :b_now WHERE id = 1 RETURNING generation, live_rules")
+_AUDIT_LIVE_AND_COMMIT_PG = sa.text(_AUDIT_AND_LIVE_PG.text + "; COMMIT")
 _WIRE_COLUMNS = (_RULES.c.id, _RULES.c.cidr, _RULES.c.protocol, _RULES.c.from_port, _RULES.c.to_port,
                  _RULES.c.expires_at)
 _IN_FORCE_AT = sa.and_(_RULES.c.deleted == 0,
@@ -457,15 +466,18 @@ def _lists(connection: sa.Connection) -> _ListStatements:
     return _LISTS[connection.dialect.name == "postgresql"]
 
 
-def _bump_generation(session: Session) -> tuple[int, int]:
+def _bump_generation(session: Session, begin: bool = False) -> tuple[int, int]:
     """Take the generation row lock; return (new generation, live rules).
 
     The first statement of every mutation: from here to COMMIT the row lock
     serialises mutations, so everything after it runs as few statements as
     possible (Core statements, RETURNING where the database has it).
+    ``begin``: send BEGIN with it (``_riding_transaction``).
     """
     connection = session.connection()
-    if connection.dialect.update_returning:          # PostgreSQL, SQLite; not MariaDB
+    if begin:
+        row = connection.execute(_BEGIN_AND_BUMP_PG, {"b_now": _now()}).first()
+    elif connection.dialect.update_returning:          # PostgreSQL, SQLite; not MariaDB
         row = connection.execute(_BUMP_RETURNING, {"b_now": _now()}).first()
     else:
         row = None if connection.execute(_BUMP, {"b_now": _now()}).rowcount != 1 else \
@@ -528,6 +540,71 @@ class _NothingChanged(Exception):
     """Roll a group commit back: no step changed anything."""
 
 
+class _Riding:
+    """What ``_riding_transaction`` yields: whether BEGIN and COMMIT ride on the group's statements."""
+
+    __slots__ = ("on",)
+
+    def __init__(self, on: bool):
+        self.on = on
+
+
+@contextlib.contextmanager
+def _riding_transaction(session: Session) -> Iterator[_Riding]:
+    """On PostgreSQL, let a group commit's BEGIN and COMMIT ride on its first and last statements.
+
+    psycopg2 opens a transaction with a round trip of its own (``BEGIN``) and
+    ends it with another (``COMMIT``); on the +1 CIDR path those were two of
+    six round trips, the COMMIT one of them under the generation row lock.
+    Here the connection is switched to autocommit for the transaction, which
+    stops psycopg2 from sending either: the bump is sent as ``BEGIN; UPDATE
+    ..`` (``_bump_generation``) and the audit rows with the counter as ``...;
+    COMMIT`` (``_commit_riding``).  SQLAlchemy's own commit and rollback are
+    then no-ops at the driver, so this manager owns the end of the
+    transaction: on any error before the COMMIT it sends ``ROLLBACK`` itself
+    (or, when the connection's state cannot be known, invalidates it), and
+    it always switches autocommit back off before SQLAlchemy sees the
+    connection again, so the pool only ever holds connections in psycopg2's
+    default mode.  Yields ``_Riding(False)`` (the driver's BEGIN and COMMIT,
+    as for every other transaction) on other databases and on a connection
+    that has a transaction open already (the idle check's ``SELECT 1``).
+    """
+    connection = session.connection()
+    raw = connection.connection.dbapi_connection if connection.dialect.name == "postgresql" else None
+    if raw is None or raw.autocommit or raw.info.transaction_status != _PG_IDLE:
+        yield _Riding(False)
+        return
+    raw.autocommit = True
+    try:
+        yield _Riding(True)
+    finally:
+        try:
+            status = raw.info.transaction_status
+            if status in (_PG_IN_TRANSACTION, _PG_IN_ERROR):
+                cursor = raw.cursor()
+                try:
+                    cursor.execute("ROLLBACK")
+                finally:
+                    cursor.close()
+            elif status != _PG_IDLE:          # a query still running (interrupted), or the connection is gone
+                connection.invalidate()
+        except Exception:  # noqa: BLE001 - the error that brought us here is the one to report
+            LOG.debug("could not roll back a riding transaction; dropping its connection", exc_info=True)
+            connection.invalidate()
+        if not raw.closed:
+            raw.autocommit = False
+
+
+def _commit_riding(session: Session) -> None:
+    """The transaction's audit rows and live-rule counter, and COMMIT, in one round trip (PostgreSQL)."""
+    session.flush()                   # nothing the ORM holds may reach the server after the COMMIT
+    rows = session.info.pop("audit_rows", None) or []
+    delta = session.info.pop("live_delta", 0)
+    arrays = {f"b_{name}": [row[name] for row in rows] for name in _AUDIT_COLUMNS}
+    session.connection().execute(_AUDIT_LIVE_AND_COMMIT_PG,
+                                 {**arrays, "b_created_at": [_now()] * len(rows), "b_delta": delta})
+
+
 def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
     """Run ``steps`` in ONE transaction under one generation bump; return (outcomes, merged change or None).
 
@@ -541,8 +618,8 @@ def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
     changes: list[Changes] = []
     with _session() as session:
         try:
-            with session.begin():
-                m = _Mutation(*_bump_generation(session))
+            with session.begin(), _riding_transaction(session) as riding:
+                m = _Mutation(*_bump_generation(session, begin=riding.on))
                 batched = _run_batched(session, m, steps, changes) if len(steps) > 1 else {}
                 outcomes = [batched.get(index) for index in range(len(steps))]
                 for index, step in enumerate(steps):
@@ -562,6 +639,8 @@ def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
                 if not m.changed:
                     raise _NothingChanged()
                 _adjust_live_rules(session, m.live_delta)
+                if riding.on:
+                    _commit_riding(session)
         except _NothingChanged:
             return outcomes, None
     metrics.DB_GROUP_COMMIT_MUTATIONS.observe(len(steps))
