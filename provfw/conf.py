@@ -55,7 +55,7 @@ default_opts = [
                     "most this many; a bigger change (a bulk import) carries only the generations and every "
                     "host fetches it from the conductor."),
     cfg.IntOpt("hung_loop_timeout", default=300, min=10,
-               help="Seconds a daemon's essential loop (a worker's periodic check and cast consumer, the "
+               help="Seconds a daemon's essential loop (a worker's periodic check, cast consumer and cast applier, the "
                     "conductor's request server) may go without finishing a round before the daemon stops "
                     "answering systemd's watchdog (WATCHDOG=1), so that systemd restarts it. Longer than the "
                     "slowest full apply of this host. Only used under a unit with WatchdogSec=."),

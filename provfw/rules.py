@@ -209,10 +209,39 @@ def merge_changes(changes: Sequence[Changes]) -> Changes:
     since, generation = changes[0].since, changes[0].generation
     if len(changes) == 1:
         return changes[0]
-    removed: dict[int, Rule] = {}
     for change in changes:
         if (change.since, change.generation) != (since, generation):
             raise ValueError(f"change {change.since}->{change.generation} is not {since}->{generation}")
+    return _combined(changes, since, generation)
+
+
+def compose_changes(changes: Sequence[Changes]) -> Changes:
+    """One change for a chain of generations: ``changes[0].since`` -> ``changes[-1].generation``.
+
+    Each change must start where the one before it ended (``since ==``
+    the previous ``generation``).  What a worker applies once when several
+    casts arrived while it was busy (``ComputeManager.apply_casts``; Felix
+    batches its dataplane updates the same way).  Rule ids are never reused,
+    so the rules of ``merge_changes`` hold across generations too: a rule
+    removed by any change is removed (one created and removed within the
+    chain is then a removal the host does not hold, which it ignores), and of
+    several ``added`` entries for one id the last wins.  Raises ValueError for
+    an empty list or a chain with a gap.
+    """
+    if not changes:
+        raise ValueError("compose_changes needs at least one change")
+    for before, after in zip(changes, changes[1:]):
+        if after.since != before.generation:
+            raise ValueError(f"change {after.since}->{after.generation} does not follow generation "
+                             f"{before.generation}")
+    if len(changes) == 1:
+        return changes[0]
+    return _combined(changes, changes[0].since, changes[-1].generation)
+
+
+def _combined(changes: Sequence[Changes], since: int, generation: int) -> Changes:
+    removed: dict[int, Rule] = {}
+    for change in changes:
         for rule in change.removed:
             removed[rule.id] = rule
     added: dict[int, Rule] = {}

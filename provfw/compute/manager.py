@@ -18,7 +18,7 @@ implement the calls (NotImplementedError, decided by type), a kernel refusal,
 an unreachable conductor - is recorded in that state instead of crashing the
 worker, and the previously applied rules stay in force.
 
-Thread-safety: methods are called from the cast consumer, the periodic loop,
+Thread-safety: methods are called from the cast applier, the periodic loop,
 the heartbeat loop and the expiry loop concurrently; the reconciler
 serialises applies, ``_state_lock`` guards the recorded outcome.
 """
@@ -29,7 +29,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from oslo_config import cfg
 
@@ -37,7 +37,7 @@ from provfw import conf as provfw_conf
 from provfw import exception, gcpause, metrics, rpc
 from provfw.compute import reconciler as reconciler_mod
 from provfw.conductor import api as conductor_api
-from provfw.rules import Changes, Snapshot, rules_from_wire
+from provfw.rules import Changes, Snapshot, compose_changes, rules_from_wire
 from provfw.virt import driver as virt_driver
 
 LOG = logging.getLogger(__name__)
@@ -72,43 +72,86 @@ class ComputeManager:
     # ----------------------------------------------------------------- RPC
 
     def dispatch(self, method: str, args: dict) -> None:
-        """Entry point of the cast consumer."""
-        if method not in RPC_METHODS:
-            LOG.error("ignoring unknown cast %r", method)
-            return
-        try:
-            getattr(self, method)(**args)
-        except TypeError as exc:
-            LOG.error("ignoring cast %s with unexpected arguments %s: %s", method, sorted(args), exc)
+        """Entry point of the cast consumer for one cast."""
+        self.dispatch_many([(method, args)])
+
+    def dispatch_many(self, casts: Sequence[tuple[str, dict]]) -> None:
+        """Entry point of the cast consumer: the casts that arrived while the last ones were applied.
+
+        Unknown methods are logged and dropped; the ``trigger_provider_fw_rules``
+        casts are applied together (``apply_casts``).
+        """
+        triggers = []
+        for method, args in casts:
+            if method not in RPC_METHODS:
+                LOG.error("ignoring unknown cast %r", method)
+            elif not isinstance(args, dict):
+                LOG.error("ignoring cast %s with arguments %r", method, args)
+            else:
+                triggers.append(args)
+        if triggers:
+            self.apply_casts(triggers)
 
     def trigger_provider_fw_rules(self, generation: int | None = None, previous_generation: int | None = None,
                                   added: list | None = None, removed: list | None = None, **_ignored
                                   ) -> reconciler_mod.Outcome | None:
-        """Seed API: rules changed.  Apply the cast's change when it follows what this host applied.
+        """Seed API: rules changed.  ``apply_casts`` of this one cast."""
+        return self.apply_casts([{"generation": generation, "previous_generation": previous_generation,
+                                  "added": added, "removed": removed}])
 
-        ``added``/``removed`` are rules in wire form (``provfw.rules.Rule``);
-        both are None when the change was too large to carry.  A cast for a
-        generation already applied is ignored; anything else makes the host
-        ask the conductor.
+    def apply_casts(self, casts: Sequence[Mapping[str, Any]]) -> reconciler_mod.Outcome | None:
+        """Apply ``trigger_provider_fw_rules`` casts (their arguments) as ONE change where they chain.
+
+        Each cast is ``{generation, previous_generation, added, removed}``;
+        ``added``/``removed`` are rules in wire form (``provfw.rules.Rule``),
+        both None when the change was too large to carry.  Casts for
+        generations already applied are ignored.  The others, in generation
+        order, are composed while each follows the one before it, starting
+        at the applied generation (``rules.compose_changes``), and applied in
+        one driver call: a worker whose driver is slower than the rate of
+        changes (a linear iptables chain under sustained writes) catches up
+        with one rebuild instead of one per cast.  Anything that does not
+        chain (a gap, a change too large to carry, a malformed one) makes the
+        host ask the conductor once, for at least the newest generation seen.
         """
         applied = self.reconciler.generation
         if applied is None:
             return None             # the start-up sync has not run yet; it fetches everything
-        if isinstance(generation, int) and generation <= applied:
-            LOG.debug("cast for generation %s ignored: %s already applied", generation, applied)
-            return None
-        change = None
-        if (isinstance(generation, int) and previous_generation == applied and isinstance(added, list)
-                and isinstance(removed, list)):
+        chain: list[Changes] = []
+        newest: int | None = None
+        ask = False
+        for cast in sorted(casts, key=lambda c: c.get("generation") if _is_int(c.get("generation")) else -1):
+            generation = cast.get("generation")
+            if not _is_int(generation):
+                ask = True
+                continue
+            newest = generation if newest is None else max(newest, generation)
+            if generation <= applied or ask:
+                if generation <= applied:
+                    LOG.debug("cast for generation %s ignored: %s already applied", generation, applied)
+                continue
+            if chain and generation == chain[-1].generation:
+                continue                            # the same cast twice (a publisher's retry)
+            follows = chain[-1].generation if chain else applied
+            added, removed = cast.get("added"), cast.get("removed")
+            if cast.get("previous_generation") != follows or not isinstance(added, list) \
+                    or not isinstance(removed, list):
+                ask = True
+                continue
             try:
-                change = Changes(previous_generation, generation, rules_from_wire(added),
-                                 rules_from_wire(removed))
+                chain.append(Changes(follows, generation, rules_from_wire(added), rules_from_wire(removed)))
             except ValueError as exc:
                 LOG.error("cast for generation %s carries a malformed change (%s); asking the conductor",
                           generation, exc)
-        if change is not None:
-            return self._reconcile(lambda: self.reconciler.apply_change(change), "cast")
-        return self.sync(min_generation=generation if isinstance(generation, int) else None)
+                ask = True
+        outcome = None
+        if chain:
+            change = compose_changes(chain)
+            what = "cast" if len(chain) == 1 else f"{len(chain)} casts"
+            outcome = self._reconcile(lambda: self.reconciler.apply_change(change), what)
+        if ask:
+            return self.sync(min_generation=newest)
+        return outcome
 
     # ----------------------------------------------------------------- work
 
@@ -278,6 +321,10 @@ class ComputeManager:
         if not repeated:
             LOG.error("%s", message)
             self.report_state()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _LastError(exception.ProvfwError):

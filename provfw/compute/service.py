@@ -15,9 +15,13 @@ the worker keeps heartbeating.
 ``ready`` is set once the first full apply succeeded (provfw-compute then
 tells systemd READY=1); ``started`` also when the worker gave up on it (a
 driver without a provider firewall) and serves anyway.  With a ``watchdog``
-(``provfw.systemd.Watchdog``), the cast consumer and the periodic check beat
-it every round, so a worker stuck in either stops answering systemd's
-watchdog and is restarted.
+(``provfw.systemd.Watchdog``), the cast consumer, the cast applier and the
+periodic check beat it every round, so a worker stuck in any of them stops
+answering systemd's watchdog and is restarted.
+
+Casts are received by the consumer thread and applied by the applier thread:
+whatever queued while one apply ran is applied as one composed change next
+(``ComputeManager.dispatch_many``).
 
 Thread-safety: ``start``/``stop`` from one thread; the loops they spawn only
 call the (thread-safe) manager.
@@ -25,6 +29,7 @@ call the (thread-safe) manager.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -40,6 +45,7 @@ from provfw.retrying import retrying
 LOG = logging.getLogger(__name__)
 
 EXPIRY_POLL = 0.2
+APPLIER_POLL = 0.5       # seconds between the applier's looks at the stop flag (and watchdog beats)
 
 
 class ComputeService:
@@ -48,7 +54,10 @@ class ComputeService:
                  watchdog: systemd.Watchdog | None = None):
         self.conf = conf
         self.manager = manager or compute_manager.ComputeManager(conf)
-        self.consumer = rpc.FanoutConsumer(self.manager.dispatch, self.manager.host, conf)
+        # The consumer only queues casts; one applier thread applies whatever queued meanwhile (apply_casts).
+        self.consumer = rpc.FanoutConsumer(self._queue_cast, self.manager.host, conf)
+        self._casts: collections.deque[tuple[str, dict]] = collections.deque()
+        self._cast_queued = threading.Event()
         self.consumer.on_connect = self._on_bus_connect
         self.watchdog = watchdog
         self._stop = threading.Event()
@@ -95,12 +104,42 @@ class ComputeService:
             # The consumer sleeps up to 30 s between reconnects while the bus is away: not hung.
             self.watchdog.register("cast consumer", hung + 30.0)
             self.watchdog.register("periodic check", hung + self.conf.compute.reconcile_interval)
+            self.watchdog.register("cast applier", hung + APPLIER_POLL)
             self.consumer.on_tick = lambda: self.watchdog.beat("cast consumer")
+        self._spawn(self._apply_casts, "provfw-applier")
         self._spawn(self.consumer.run, "provfw-consumer")
         self._spawn(self._every(self.conf.compute.heartbeat_interval, self.manager.report_state), "provfw-heartbeat")
         self._spawn(self._every(self.conf.compute.reconcile_interval, self.manager.periodic_check,
                                 beat="periodic check"), "provfw-periodic")
         self._spawn(self._expiry_loop, "provfw-expiry")
+
+    def _queue_cast(self, method: str, args: dict) -> None:
+        self._casts.append((method, args))
+        self._cast_queued.set()
+
+    def _apply_casts(self) -> None:
+        """Apply the casts queued since the last apply, together (``ComputeManager.dispatch_many``).
+
+        While a slow apply runs (a linear chain rebuilt under sustained
+        writes), the consumer keeps receiving; the next round takes every
+        cast queued meanwhile and applies their composed change once, so the
+        worker catches up instead of trailing by one rebuild per cast.
+        """
+        while not self._stop.is_set():
+            if self.watchdog is not None:
+                self.watchdog.beat("cast applier")
+            if not self._cast_queued.wait(APPLIER_POLL):
+                continue
+            self._cast_queued.clear()
+            batch = []
+            while self._casts:
+                batch.append(self._casts.popleft())
+            if not batch or self._stop.is_set():
+                continue
+            try:
+                self.manager.dispatch_many(batch)
+            except Exception:  # noqa: BLE001 - the applier must never die; the periodic check converges
+                LOG.exception("applying %d casts failed", len(batch))
 
     def _initial_sync(self) -> None:
         try:

@@ -92,9 +92,9 @@ class RecordingManager(compute_manager.ComputeManager):
         super().__init__(*args, **kwargs)
         self.casts: list = []
 
-    def trigger_provider_fw_rules(self, generation=None, **kwargs):
-        self.casts.append(generation)
-        return super().trigger_provider_fw_rules(generation, **kwargs)
+    def apply_casts(self, casts):
+        self.casts.extend(cast.get("generation") for cast in casts)
+        return super().apply_casts(casts)
 
 
 def make_worker(conf, host: str) -> compute_service.ComputeService:

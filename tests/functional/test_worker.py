@@ -205,3 +205,85 @@ def test_the_worker_never_loads_the_database_layer_or_a_database_driver():
             "'pymysql', 'alembic'))); print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"the worker imported {result.stdout.strip()}"
+
+
+# --------------------------------------------------------------------------- casts applied together
+
+class CountingNoop(NoopFirewallDriver):
+    """Enforces nothing; counts (and optionally slows) every refresh, as a linear chain rebuild would be slow."""
+
+    def __init__(self, conf, delay: float = 0.0):
+        super().__init__(conf)
+        self.delay = delay
+        self.refreshes = 0
+
+    def refresh_provider_fw_rules(self, update, state=None):
+        self.refreshes += 1
+        time.sleep(self.delay)
+        return super().refresh_provider_fw_rules(update, state)
+
+
+def _casts(count: int, first: int = 1) -> list[dict]:
+    """``count`` one-rule creates, each as the API casts it."""
+    casts = []
+    for index in range(first, first + count):
+        rule, generation = db.provider_fw_rule_create(make_spec(f"192.0.2.{index}"))
+        casts.append({"generation": generation, "previous_generation": generation - 1,
+                      "added": [db.rule_of(rule).to_wire()], "removed": []})
+    return casts
+
+
+def test_casts_that_chain_are_applied_as_one_change_without_asking_the_conductor(conf, bus):
+    firewall = CountingNoop(conf)
+    manager = compute_manager.ComputeManager(conf, LibvirtConnection(conf, firewall_driver=firewall), host="hv1")
+    manager.init_host()
+    casts = _casts(4)
+    rule = db.provider_fw_rule_get_all(cidr="192.0.2.2/32")[0]
+    result = db.provider_fw_rule_destroy(rule.id)
+    casts.append({"generation": result.generation, "previous_generation": result.generation - 1, "added": [],
+                  "removed": [db.rule_of(rule).to_wire()]})
+    refreshes, reads = firewall.refreshes, dict(bus.stats)
+
+    manager.dispatch_many([("trigger_provider_fw_rules", cast) for cast in reversed(casts)]
+                          + [("trigger_provider_fw_rules", casts[0])])      # any order, one repeated
+    assert firewall.refreshes == refreshes + 1
+    assert manager.applied_generation == result.generation
+    assert {spec.cidr for spec in manager.reconciler.enforced()} == {"192.0.2.1/32", "192.0.2.3/32", "192.0.2.4/32"}
+    assert [bus.stats.get(key, 0) for key in ("delta_reads", "snapshot_reads")] == \
+        [reads.get(key, 0) for key in ("delta_reads", "snapshot_reads")]
+
+
+def test_casts_with_a_gap_apply_what_chains_and_ask_the_conductor_once_for_the_rest(conf, bus):
+    manager = noop_manager(conf)
+    manager.init_host()
+    casts = _casts(5)
+    del casts[2]                                                 # lost
+    reads = bus.stats.get("delta_reads", 0)
+    outcome = manager.apply_casts(casts)
+    assert outcome.generation == casts[-1]["generation"] == manager.applied_generation
+    assert len(manager.reconciler.enforced()) == 5
+    assert bus.stats.get("delta_reads", 0) == reads + 1
+
+
+def test_a_worker_slower_than_the_casts_catches_up_with_one_apply_for_what_queued(conf, bus):
+    """Before, every cast was applied in turn: ten casts to a driver taking 0.4 s were ten applies and 4 s."""
+    from provfw.compute import api as compute_api
+
+    firewall = CountingNoop(conf, delay=0.4)
+    worker = compute_service.ComputeService(conf, compute_manager.ComputeManager(
+        conf, LibvirtConnection(conf, firewall_driver=firewall), host="hv-slow"))
+    worker.start()
+    caster = compute_api.ComputeAPI(conf)
+    try:
+        assert worker.ready.wait(10) and worker.consumer.connected.wait(10)
+        refreshes = firewall.refreshes
+        last = None
+        for index in range(10):
+            rule, last = db.provider_fw_rule_create(make_spec(f"198.51.100.{index + 1}"))
+            assert caster.notify(Changes(last - 1, last, [db.rule_of(rule)], []))
+        assert wait_until(lambda: worker.manager.applied_generation == last, 10) is not None
+        assert len(worker.manager.reconciler.enforced()) == 10
+        assert firewall.refreshes - refreshes <= 3, f"{firewall.refreshes - refreshes} applies for 10 casts"
+    finally:
+        caster.close()
+        worker.stop()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 from provfw import exception
@@ -337,3 +339,74 @@ def test_a_state_report_while_the_worker_stops_is_no_warning(conf, model, caplog
     down = manager_mod.ComputeManager(conf, driver=driver, host="hv1", conductor=Unreachable())
     assert down.report_state() is False                       # a real failure still warns
     assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+# --------------------------------------------------------------------------- casts applied together
+
+_SPECS = [make_spec(f"192.0.2.{i}") for i in range(1, 9)]
+
+
+@st.composite
+def _history(draw):
+    """A database's live rules and the changes of a few generations, as the db layer would cast them:
+    creates (a new id), deletes, renewals (the same id, a new expiry) and re-creates (a new id, same spec)."""
+    live = {spec: Rule(index + 1, spec, None) for index, spec in enumerate(_SPECS[:3])}
+    initial = list(live.values())
+    next_id = 100
+    changes = []
+    for generation in range(5, 5 + draw(st.integers(1, 6))):
+        added, removed = [], []
+        for spec in draw(st.lists(st.sampled_from(_SPECS), max_size=4, unique=True)):
+            action = draw(st.sampled_from(["create", "delete", "renew", "recreate"]))
+            held = live.get(spec)
+            if held is None:
+                live[spec] = Rule(next_id, spec, draw(st.sampled_from([None, 2_000_000.0])))
+                added.append(live[spec])
+                next_id += 1
+            elif action == "delete":
+                removed.append(live.pop(spec))
+            elif action == "renew":
+                live[spec] = Rule(held.id, spec, draw(st.sampled_from([None, 3_000_000.0])))
+                added.append(live[spec])
+            else:
+                removed.append(live.pop(spec))
+                live[spec] = Rule(next_id, spec, None)
+                added.append(live[spec])
+                next_id += 1
+        changes.append(Changes(generation - 1, generation, added, removed))
+    return initial, changes, live
+
+
+@settings(max_examples=150, deadline=None)
+@given(_history())
+def test_casts_applied_together_leave_what_they_leave_applied_one_by_one(history):
+    from provfw import conf as provfw_conf
+    from provfw.rules import compose_changes
+
+    initial, changes, live = history
+    conf = provfw_conf.CONF
+    one_by_one, together = ModelKernel(conf), ModelKernel(conf)
+    first = Reconciler(LibvirtConnection(conf, firewall_driver=one_by_one), conf, clock=lambda: 1_000_000.0)
+    second = Reconciler(LibvirtConnection(conf, firewall_driver=together), conf, clock=lambda: 1_000_000.0)
+    for reconciler in (first, second):
+        reconciler.apply_snapshot(Snapshot(4, initial))
+    for change in changes:
+        first.apply_change(change)
+    composed = compose_changes(changes)
+    outcome = second.apply_change(composed)
+
+    assert (composed.since, composed.generation) == (4, changes[-1].generation) == (4, outcome.generation)
+    assert second.enforced() == first.enforced() == live
+    assert together.kernel == one_by_one.kernel == set(live)
+    assert second.next_expiry() == first.next_expiry()
+
+
+def test_a_chain_with_a_gap_is_not_composed():
+    from provfw.rules import compose_changes
+
+    with pytest.raises(ValueError):
+        compose_changes([Changes(4, 5, [rule(1, A)], []), Changes(6, 7, [rule(2, B)], [])])
+    with pytest.raises(ValueError):
+        compose_changes([])
+    only = Changes(4, 5, [rule(1, A)], [])
+    assert compose_changes([only]) is only
