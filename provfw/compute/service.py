@@ -116,6 +116,7 @@ class ComputeService:
     def _queue_cast(self, method: str, args: dict) -> None:
         self._casts.append((method, args))
         self._cast_queued.set()
+        time.sleep(0)    # under eventlet: let the applier run now, not after the hub's next poll
 
     def _apply_casts(self) -> None:
         """Apply the casts queued since the last apply, together (``ComputeManager.dispatch_many``).
