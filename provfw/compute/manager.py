@@ -120,7 +120,9 @@ class ComputeManager:
         chain: list[Changes] = []
         newest: int | None = None
         ask = False
-        for cast in sorted(casts, key=lambda c: c.get("generation") if _is_int(c.get("generation")) else -1):
+        ordered = casts if len(casts) == 1 else sorted(
+            casts, key=lambda c: c.get("generation") if _is_int(c.get("generation")) else -1)
+        for cast in ordered:
             generation = cast.get("generation")
             if not _is_int(generation):
                 ask = True
