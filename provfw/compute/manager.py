@@ -109,8 +109,8 @@ class ComputeManager:
         order, are composed while each follows the one before it, starting
         at the applied generation (``rules.compose_changes``), and applied in
         one driver call: a worker whose driver is slower than the rate of
-        changes (a linear iptables chain under sustained writes) catches up
-        with one rebuild instead of one per cast.  Anything that does not
+        changes (nwfilter's rules mode redefines a whole filter per apply)
+        catches up with one apply instead of one per cast.  Anything that does not
         chain (a gap, a change too large to carry, a malformed one) makes the
         host ask the conductor once, for at least the newest generation seen.
         """
