@@ -540,17 +540,8 @@ class _NothingChanged(Exception):
     """Roll a group commit back: no step changed anything."""
 
 
-class _Riding:
-    """What ``_riding_transaction`` yields: whether BEGIN and COMMIT ride on the group's statements."""
-
-    __slots__ = ("on",)
-
-    def __init__(self, on: bool):
-        self.on = on
-
-
 @contextlib.contextmanager
-def _riding_transaction(session: Session) -> Iterator[_Riding]:
+def _riding_transaction(session: Session) -> Iterator[bool]:
     """On PostgreSQL, let a group commit's BEGIN and COMMIT ride on its first and last statements.
 
     psycopg2 opens a transaction with a round trip of its own (``BEGIN``) and
@@ -565,18 +556,19 @@ def _riding_transaction(session: Session) -> Iterator[_Riding]:
     (or, when the connection's state cannot be known, invalidates it), and
     it always switches autocommit back off before SQLAlchemy sees the
     connection again, so the pool only ever holds connections in psycopg2's
-    default mode.  Yields ``_Riding(False)`` (the driver's BEGIN and COMMIT,
-    as for every other transaction) on other databases and on a connection
-    that has a transaction open already (the idle check's ``SELECT 1``).
+    default mode.  Yields whether BEGIN and COMMIT ride: False (the driver's
+    own, as for every other transaction) on other databases and on a
+    connection that has a transaction open already (the idle check's
+    ``SELECT 1``).
     """
     connection = session.connection()
     raw = connection.connection.dbapi_connection if connection.dialect.name == "postgresql" else None
     if raw is None or raw.autocommit or raw.info.transaction_status != _PG_IDLE:
-        yield _Riding(False)
+        yield False
         return
     raw.autocommit = True
     try:
-        yield _Riding(True)
+        yield True
     finally:
         try:
             status = raw.info.transaction_status
@@ -619,7 +611,7 @@ def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
     with _session() as session:
         try:
             with session.begin(), _riding_transaction(session) as riding:
-                m = _Mutation(*_bump_generation(session, begin=riding.on))
+                m = _Mutation(*_bump_generation(session, begin=riding))
                 batched = _run_batched(session, m, steps, changes) if len(steps) > 1 else {}
                 outcomes = [batched.get(index) for index in range(len(steps))]
                 for index, step in enumerate(steps):
@@ -639,7 +631,7 @@ def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
                 if not m.changed:
                     raise _NothingChanged()
                 _adjust_live_rules(session, m.live_delta)
-                if riding.on:
+                if riding:
                     _commit_riding(session)
         except _NothingChanged:
             return outcomes, None
