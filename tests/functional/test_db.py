@@ -500,9 +500,13 @@ def test_state_reports_of_fifteen_hundred_hosts_cost_as_many_statements_as_ten_o
 
     statements(1500, 1)                               # every row exists from now on
 
-    assert statements(10, 2) == 2                     # which rows exist; one UPDATE ... FROM (VALUES ...)
-    assert statements(1500, 3) == 2 + 2               # two of each per 1,000 hosts
-    assert {row.applied_generation for row in db.service_get_all()} == {3}
+    assert statements(10, 2) == 1                     # one UPDATE ... FROM unnest(...) RETURNING host
+    assert statements(1500, 3) == 1                   # the same one for 1,500 hosts
+    assert statements(1501, 4) == 2                   # and one INSERT for the new host
+    rows = db.service_get_all()
+    assert len(rows) == 1501 and {row.applied_generation for row in rows} == {4}
+    assert {row.host: row.updated_at is None for row in rows if row.host in ("hv-0000", "hv-1500")} == \
+        {"hv-0000": False, "hv-1500": True}
 
 
 # --------------------------------------------------------------------------- tokens
