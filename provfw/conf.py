@@ -107,6 +107,10 @@ compute_opts = [
     cfg.StrOpt("dataplane_netns", default="",
                help="Network namespace whose firewall the worker manages; empty means the host's own."),
     cfg.IntOpt("heartbeat_interval", default=5, min=1, help="Seconds between service heartbeats."),
+    cfg.FloatOpt("report_min_interval", default=0.5, min=0.0,
+                 help="Least seconds between two state reports that applies ask for: the first after a quiet "
+                      "spell leaves at once, the changes of a burst are reported together at the end of the "
+                      "interval (as Felix's EndpointReportingDelaySecs). 0 reports after every apply."),
     cfg.IntOpt("reconcile_interval", default=10, min=1,
                help="Seconds between checks of the database generation and of kernel drift."),
     cfg.IntOpt("service_down_time", default=30, min=1,

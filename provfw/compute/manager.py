@@ -66,6 +66,7 @@ class ComputeManager:
         self.not_implemented = False
         self.applied_at: float | None = None
         self._state_lock = threading.Lock()
+        self._report_soon: Callable[[], None] | None = None
         self._next_drift_check = 0.0
         self._driver_label = conf.compute.firewall_driver         # bounded metric label: the configured name
 
@@ -273,6 +274,19 @@ class ComputeManager:
 
     heartbeat = report_state
 
+    def report_via(self, wake: Callable[[], None] | None) -> None:
+        """Send the reports that follow an apply or an error through ``wake`` (``ComputeService``'s reporter,
+        which coalesces them), or, with None, at once from the thread that applied."""
+        self._report_soon = wake
+
+    def request_report(self) -> None:
+        """Report this host's state after an apply or an error: through the reporter when one runs, else now."""
+        wake = self._report_soon
+        if wake is None:
+            self.report_state()
+        else:
+            wake()
+
     # ----------------------------------------------------------------- outcomes
 
     def _reconcile(self, func: Callable[[], Any], what: str) -> reconciler_mod.Outcome | None:
@@ -313,7 +327,7 @@ class ComputeManager:
             LOG.info("applied generation %s: %d rules (%d quarantined), %s in %.4fs", outcome.generation,
                      outcome.rule_count, outcome.quarantined, outcome.mode, outcome.seconds)
         if outcome.changed or changed_generation or had_error or outcome.newly_quarantined:
-            self.report_state()
+            self.request_report()
         return outcome
 
     def _record_error(self, message: str) -> None:
@@ -322,7 +336,7 @@ class ComputeManager:
             self.last_error = message[:MAX_ERROR]
         if not repeated:
             LOG.error("%s", message)
-            self.report_state()
+            self.request_report()
 
 
 def _is_int(value: Any) -> bool:

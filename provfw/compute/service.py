@@ -58,6 +58,7 @@ class ComputeService:
         self.consumer = rpc.FanoutConsumer(self._queue_cast, self.manager.host, conf)
         self._casts: collections.deque[tuple[str, dict]] = collections.deque()
         self._cast_queued = threading.Event()
+        self._report_wanted = threading.Event()
         self.consumer.on_connect = self._on_bus_connect
         self.watchdog = watchdog
         self._stop = threading.Event()
@@ -106,6 +107,8 @@ class ComputeService:
             self.watchdog.register("periodic check", hung + self.conf.compute.reconcile_interval)
             self.watchdog.register("cast applier", hung + APPLIER_POLL)
             self.consumer.on_tick = lambda: self.watchdog.beat("cast consumer")
+        self.manager.report_via(self._report_wanted.set)
+        self._spawn(self._report_state_soon, "provfw-reporter")
         self._spawn(self._apply_casts, "provfw-applier")
         self._spawn(self.consumer.run, "provfw-consumer")
         self._spawn(self._every(self.conf.compute.heartbeat_interval, self.manager.report_state), "provfw-heartbeat")
@@ -141,6 +144,26 @@ class ComputeService:
                 self.manager.dispatch_many(batch)
             except Exception:  # noqa: BLE001 - the applier must never die; the periodic check converges
                 LOG.exception("applying %d casts failed", len(batch))
+
+    def _report_state_soon(self) -> None:
+        """Send the state reports that applies and errors ask for: the first at once, then at most one per
+        ``[compute] report_min_interval``, carrying the state as it is when it leaves.
+
+        A burst of casts (a script blocking addresses one by one, a feed's
+        churn) is then a handful of reports, not one per cast from every host
+        of the fleet, each a publish with a confirm on the worker and a row
+        written by the conductor; the applier no longer waits for the
+        broker's confirm before its next apply.  Felix rate-limits its status
+        reports the same way (``EndpointReportingDelaySecs``).  The heartbeat
+        still reports on its own schedule.
+        """
+        interval = float(self.conf.compute.report_min_interval)
+        while not self._stop.is_set():
+            if not self._report_wanted.wait(APPLIER_POLL):
+                continue
+            self._report_wanted.clear()
+            self.manager.report_state()
+            self._stop.wait(interval)
 
     def _initial_sync(self) -> None:
         try:

@@ -287,3 +287,41 @@ def test_a_worker_slower_than_the_casts_catches_up_with_one_apply_for_what_queue
     finally:
         caster.close()
         worker.stop()
+
+
+def test_a_lone_apply_is_reported_at_once_and_a_burst_of_casts_in_one_report_after_the_interval(conf, bus):
+    """Before, every apply sent its own report from the applier: 20 casts were 20 publishes with a confirm on the
+    worker and 20 rows for the conductor to write, from every host of the fleet."""
+    from provfw.compute import api as compute_api
+
+    conf.set_override("report_min_interval", 3.0, group="compute")
+    worker = compute_service.ComputeService(conf, noop_manager(conf, "hv-burst"))
+    worker.start()
+    caster = compute_api.ComputeAPI(conf)
+
+    def cast_one(index):
+        rule, generation = db.provider_fw_rule_create(make_spec(f"198.51.100.{index}"))
+        assert caster.notify(Changes(generation - 1, generation, [db.rule_of(rule)], []))
+        return generation
+
+    try:
+        assert worker.ready.wait(10) and worker.consumer.connected.wait(10)
+        assert reported("hv-burst", "applied_generation", worker.manager.applied_generation)
+        reports = bus.stats["reports"]
+        lone = cast_one(1)
+        started = time.monotonic()
+        assert reported("hv-burst", "applied_generation", lone)
+        assert time.monotonic() - started < 2.0, "the first report after a quiet spell waited for the interval"
+        assert bus.stats["reports"] == reports + 1
+
+        last = None
+        for index in range(2, 22):
+            last = cast_one(index)
+        assert wait_until(lambda: worker.manager.applied_generation == last, 10) is not None
+        assert row("hv-burst").applied_generation < last      # within the interval of the lone report
+        assert reported("hv-burst", "applied_generation", last, timeout=10)
+        assert row("hv-burst").rule_count == 21
+        assert bus.stats["reports"] <= reports + 3, f"{bus.stats['reports'] - reports} reports for 21 casts"
+    finally:
+        caster.close()
+        worker.stop()
