@@ -2395,10 +2395,10 @@ def _upsert_services_pg(connection: sa.Connection, binary: str, hosts: list[str]
                         now: datetime.datetime) -> None:
     """Write ``reports`` of the sorted ``hosts``: one UPDATE of the rows that exist, one INSERT of the others."""
     arrays = {f"b_{name}": [reports[host][name] for host in hosts] for name, _ in _SERVICE_ARRAYS[1:]}
-    updated = set(connection.execute(_UPDATE_SERVICES_PG, {**arrays, "b_host": hosts, "b_now": now,
-                                                          "b_binary": binary}).scalars())
-    inserts = [{"host": host, "binary": binary, "created_at": now, **{k: reports[host][k] for k in SERVICE_REPORT_FIELDS}}
-               for host in hosts if host not in updated]
+    arrays.update(b_host=hosts, b_now=now, b_binary=binary)
+    updated = set(connection.execute(_UPDATE_SERVICES_PG, arrays).scalars())
+    inserts = [{"host": host, "binary": binary, "created_at": now,
+                **{k: reports[host][k] for k in SERVICE_REPORT_FIELDS}} for host in hosts if host not in updated]
     if inserts:
         connection.execute(sa.insert(Service.__table__), inserts)
 
