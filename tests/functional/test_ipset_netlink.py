@@ -107,3 +107,80 @@ def test_without_a_netlink_socket_the_delta_runs_ipset_restore(ns):
     # A runner that is not the real one (a test's fake dataplane) keeps the command itself.
     assert ipset.netlink_for(object()) is None
     assert ipset.member_step(command, runner, None) is command
+
+
+def test_long_runs_go_in_bulk_messages_and_reach_the_sets_as_restore_exist_would(ns):
+    client = ipset_netlink.IpsetNetlink(ns)
+    netns_exec(ns, "ipset", "create", "pfw4-bulk", "hash:net", "family", "inet", "maxelem", "20000")
+    try:
+        hosts = [f"10.4.{i // 256}.{i % 256}" for i in range(5000)]
+        networks = [f"10.{8 + i // 256}.{i % 256}.0/24" for i in range(600)]
+        v6 = [f"2001:db8:{i + 1:x}::/48" for i in range(300)] + [f"2001:db8:ffff::{i + 1:x}" for i in range(300)]
+        client.change([("add", "pfw4-bulk", m) for m in hosts + networks] + [("add", "pfw4-bulk", hosts[0])]
+                      + [("add", "pfw6-all-any", m) for m in v6])
+        assert members(ns, "pfw4-bulk") == set(hosts + networks)
+        assert members(ns, "pfw6-all-any") == set(v6)
+        client.change([("del", "pfw4-bulk", m) for m in hosts[:4000] + ["192.0.2.200"]])    # one absent: -exist
+        assert members(ns, "pfw4-bulk") == set(hosts[4000:] + networks)
+    finally:
+        client.close()
+
+
+def test_a_bulk_message_the_kernel_refuses_is_a_driver_error_naming_its_run(ns):
+    client = ipset_netlink.IpsetNetlink(ns)
+    try:
+        run_ = [f"10.5.{i // 256}.{i % 256}" for i in range(400)]               # the set holds 300
+        with pytest.raises(exception.DriverError, match=r"add pfw4-all-any \(400 members, 10\.5\.0\.0 to "
+                                                        r"10\.5\.1\.143.*\): Hash is full"):
+            client.change([("add", "pfw4-all-any", m) for m in run_])
+        assert members(ns, "pfw4-all-any") == set(run_[:300])    # the kernel stopped at the first refused
+        with pytest.raises(exception.KernelObjectMissing):
+            client.change([("add", "pfw4-nosuch", m) for m in run_])
+        client.change([("del", "pfw4-all-any", m) for m in run_])                # the socket is still good
+        assert members(ns, "pfw4-all-any") == set()
+    finally:
+        client.close()
+
+
+def test_a_full_plan_filled_over_netlink_leaves_the_sets_the_restore_would(ns):
+    runner = runner_mod.Runner(ns)
+    client = ipset_netlink.IpsetNetlink(ns)
+    naming = ipset.SetNaming("pfw")
+    conf = _SetsConf()
+    netns_exec(ns, "ipset", "add", "pfw4-all-any", "192.0.2.1")
+    try:
+        rebuilt = {f"10.6.{i // 256}.{i % 256}" for i in range(2000)}          # a swap of the live set
+        new = {f"2001:db8:{i + 1:x}::/48" for i in range(1500)}                   # a set created and filled
+        desired = {ipset.MatchKey(4, "all", -1, -1): rebuilt, ipset.MatchKey(6, "tcp", 22, 22): new}
+        planned = ipset.plan_sets(desired, ipset.read_sets(runner, naming.owns), naming, conf)
+        (step,) = planned.restore_steps(runner, client)
+        assert isinstance(step, base.Call) and "3500 members over netlink" in step.describe()
+        assert base.execute(base.Plan(None, sets=(step,)), runner) is True
+        found = ipset.read_sets(runner, naming.owns)
+        assert {name: s.members for name, s in found.items() if name != "pfw6-all-any"} == {
+            "pfw4-all-any": rebuilt, "pfw6-tcp-22": new}
+
+        # A fill the kernel refuses runs the plan's cleanup: the scratch set does not outlive it.
+        over = ipset.SetsPlan(("create pfw4-over hash:net family inet maxelem 1024",),
+                              {"pfw4-over": [f"10.7.{i // 256}.{i % 256}" for i in range(2000)]}, (),
+                              ("pfw4-over",), (), {})
+        with pytest.raises(exception.DriverError, match="Hash is full"):
+            base.execute(base.Plan(None, sets=over.restore_steps(runner, client)), runner)
+        assert "pfw4-over" not in netns_exec(ns, "ipset", "list", "-n").stdout.split()
+        # Without a netlink socket the whole restore runs instead.
+        unreachable = ipset_netlink.IpsetNetlink(f"pfwnl-missing-{unique_tag()}")
+        fallback = ipset.SetsPlan(("create pfw4-fallback hash:net family inet maxelem 4096",),
+                                  {"pfw4-fallback": [f"10.8.{i // 256}.{i % 256}" for i in range(1500)]},
+                                  ("add pfw4-all-any 192.0.2.99",), ("pfw4-fallback",), (), {})
+        (step,) = fallback.restore_steps(runner, unreachable)
+        assert isinstance(step, base.Call) and base.execute(base.Plan(None, sets=(step,)), runner)
+        assert len(members(ns, "pfw4-fallback")) == 1500 and "192.0.2.99" in members(ns, "pfw4-all-any")
+    finally:
+        client.close()
+
+
+class _SetsConf:
+    class sets:
+        min_set_size = 1024
+        headroom = 2.0
+        full_rebuild_delta = 1000

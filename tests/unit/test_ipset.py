@@ -219,3 +219,28 @@ def test_planning_a_whole_rule_set_lets_other_green_threads_run(monkeypatch):
     kernel, during_parse = ticks_during(monkeypatch, lambda: ipset.parse_save(save, lambda name: True))
     assert sum(len(members) for members in groups.values()) == len(specs) == len(kernel["pv4-x"].members)
     assert during_grouping >= 3 and during_parse >= 3
+
+
+def test_a_full_plan_keeps_its_fills_as_members_beside_the_creates_and_the_swaps_in_the_restores_order():
+    rebuilt = {f"192.0.2.{i}" for i in range(10, 20)}
+    found = {**kernel("192.0.2.1"), **kernel("192.0.2.1", name="pfn4-all-any-t"),
+             **kernel("2001:db8::1", name="pfn6-all-any", family="inet6")}
+    planned = plan({ALL4: rebuilt, MatchKey(6, "all", -1, -1): {"2001:db8::1", "2001:db8::2"},
+                    SSH4: {"198.51.100.0/24"}}, found)
+    assert planned.creates == ("destroy pfn4-all-any-t",
+                               "create pfn4-all-any-t hash:net family inet hashsize 1024 maxelem 1024",
+                               "create pfn4-tcp-22 hash:net family inet hashsize 1024 maxelem 1024")
+    assert {name: set(members) for name, members in planned.fills.items()} == {
+        "pfn4-all-any-t": rebuilt, "pfn4-tcp-22": {"198.51.100.0/24"}}
+    # The swap and the destroy after it keep their order; the live IPv6 set's change stays in place.
+    assert planned.after == ("swap pfn4-all-any-t pfn4-all-any", "destroy pfn4-all-any-t",
+                             "add pfn6-all-any 2001:db8::2")
+    lines = planned.restore
+    assert lines[:3] == planned.creates and lines[-3:] == planned.after
+    assert sorted(lines[3:-3]) == sorted([f"add pfn4-all-any-t {m}" for m in rebuilt]
+                                         + ["add pfn4-tcp-22 198.51.100.0/24"])
+    # Without a netlink client, or below FILL_MIN members, the plan is the one restore of those lines.
+    (step,) = planned.restore_steps()
+    assert step.argv == ipset.RESTORE and step.input == "\n".join(lines) + "\n"
+    assert step.cleanup == (("ipset", "destroy", "pfn4-all-any-t"), ("ipset", "destroy", "pfn4-tcp-22"))
+    assert planned.restore_steps(object(), object()) == (step,)

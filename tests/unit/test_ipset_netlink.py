@@ -92,3 +92,52 @@ def test_a_member_message_is_the_one_ipaddress_spells_or_both_refuse(member):
     unacknowledged = nl.member_message("add", "pfw4-all-any", member, 9, ack=False)
     assert unacknowledged[:6] + unacknowledged[8:] == expected[:6] + expected[8:]
     assert struct.unpack_from("=H", unacknowledged, 6) == (0x1,)
+
+
+def _attrs(data: bytes) -> list[tuple[int, bytes]]:
+    """(type, payload) of each netlink attribute in ``data``."""
+    found, offset = [], 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        found.append((kind, data[offset + 4:offset + length]))
+        offset += (length + 3) & ~3
+    return found
+
+
+def test_a_bulk_add_is_one_message_whose_adt_holds_each_members_data_as_a_single_add_would():
+    members = ["192.0.2.1", "198.51.100.0/24", "203.0.113.7"]
+    message = nl.bulk_message("add", "pfw4-all-any", members, 9, ack=False)
+    length, kind, flags, sequence, _ = struct.unpack_from("=IHHII", message)
+    assert (length, kind, flags, sequence) == (len(message), (6 << 8) | 9, 0x1, 9)
+    attrs = _attrs(message[20:])
+    assert [kind for kind, _ in attrs] == [1, 2, 9, 8 | 0x8000]               # PROTOCOL, SETNAME, LINENO, ADT
+    assert attrs[2][1] == struct.pack("=I", 0)            # the kernel requires LINENO with ADT; 0: plain errors
+    singles = [_attrs(nl.member_message("add", "pfw4-all-any", m, 1)[20:])[2] for m in members]
+    assert _attrs(attrs[3][1]) == singles                                     # DATA entries, in order
+
+
+def test_a_bulk_message_of_ipv6_members_is_ipv6_and_one_of_mixed_families_is_refused():
+    message = nl.bulk_message("del", "pfw6-all-any", ["2001:db8::1", "2001:db8:1::/48"], 1)
+    assert message[16] == 10 and struct.unpack_from("=HH", message, 4)[0] == (6 << 8) | 10
+    with pytest.raises(ValueError):
+        nl.bulk_message("add", "pfw4-all-any", ["192.0.2.1", "2001:db8::1"], 1)
+    with pytest.raises(ValueError):
+        nl.bulk_message("add", "pfw4-all-any", ["192.0.2.1", "192.0.2.1/24"], 1)   # host bits
+
+
+def test_long_runs_to_one_set_go_in_bulk_messages_and_everything_else_one_change_a_message():
+    v4 = [f"10.0.{i // 256}.{i % 256}" for i in range(3000)]
+    changes = ([("add", "pfw4-all-any", "192.0.2.1")]
+               + [("add", "pfw4-tcp-22", m) for m in v4]
+               + [("add", "pfw6-all-any", f"2001:db8::{i:x}") for i in range(nl.BULK_MIN)]
+               + [("del", "pfw4-tcp-22", m) for m in v4[:nl.BULK_MIN - 1]])
+    units = list(nl._units(changes))
+    assert units[0] == ("add", "pfw4-all-any", ["192.0.2.1"])
+    bulk_v4 = [u for u in units if u[:2] == ("add", "pfw4-tcp-22")]
+    assert [m for u in bulk_v4 for m in u[2]] == v4 and len(bulk_v4) == 3     # 1,365 members per message
+    assert all(len(nl.bulk_message(*u, 1)) < nl.ADT_BYTES + 100 for u in bulk_v4)
+    assert [len(u[2]) for u in units if u[1] == "pfw6-all-any"] == [nl.BULK_MIN]
+    assert [u for u in units if u[0] == "del"] == [("del", "pfw4-tcp-22", [m]) for m in v4[:nl.BULK_MIN - 1]]
+    # Members of another family in a run of one set are a message of their own, for the kernel to refuse.
+    mixed = list(nl._units([("add", "pfw4-all-any", m) for m in v4[:40]] + [("add", "pfw4-all-any", "2001:db8::1")]))
+    assert [len(u[2]) for u in mixed] == [40, 1]

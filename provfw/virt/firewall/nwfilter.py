@@ -278,8 +278,8 @@ class NWFilterFirewall(base.PlannedFirewallDriver):
             chains.append(base.Call(self.ensure_filter_refs,
                                     f"filterref {self.filter_name} in {self.conf.libvirt.instance_filter_pattern}"))
         # Only after the define does no filter reference the sets we no longer need.
-        return base.Plan(NWFilterState(mode, planned.sizes), sets=planned.restore_steps(), chains=tuple(chains),
-                         deletions=planned.deletion_steps())
+        return base.Plan(NWFilterState(mode, planned.sizes), sets=planned.restore_steps(self.runner, self.netlink),
+                         chains=tuple(chains), deletions=planned.deletion_steps())
 
     def plan_delta(self, added: Sequence[RuleSpec], removed: Sequence[RuleSpec], state: NWFilterState,
                    desired_count: int) -> base.Plan | None:
