@@ -81,6 +81,13 @@ def enforced(driver: str, ns: str, spec: rules.RuleSpec, host: str, generation: 
     return service is not None and service.applied_generation >= generation
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
@@ -112,7 +119,13 @@ def run_driver(driver: str, feed: list[str], adds: int, linear_adds: int) -> dic
 
         base = int(ipaddress.IPv4Address("198.19.0.0"))
         latencies, add_generations = [], set()
-        for i in range(adds if driver != "iptables" else min(adds, linear_adds)):
+        count = adds if driver != "iptables" else min(adds, linear_adds)
+        # Every process's CPU over the adds: on two cores, what the conductor and the other hosts spend on each
+        # change (state reports, their writes) is taken from the API and the first host.
+        pids = {"api": dep.api.pid, "conductor": dep.conductors[0].pid,
+                **{f"host {i + 1}": proc.pid for i, proc in enumerate(dep.workers.values())}}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        for i in range(count):
             spec = rules.make_spec(str(ipaddress.IPv4Address(base + i)), "all")
             called = time.time()
             generation = dep.client._request("POST", "/v1/provider-fw-rules", expect=(201,),
@@ -122,6 +135,7 @@ def run_driver(driver: str, feed: list[str], adds: int, linear_adds: int) -> dic
             if driver == "ipset" and not enforced(driver, topologies[0].hv, spec, hosts[0], generation):
                 raise RuntimeError(f"{hosts[0]} logged generation {generation} applied, but {spec.cidr} is not "
                                    "in its kernel")
+        cpu_ms = {name: 1000 * (cpu_seconds(pid) - cpu_before[name]) / count for name, pid in pids.items()}
         latencies.sort()
         # Where the time went: the API's own time per +1 call (its access log), and for the import the moment
         # the conductor had the snapshot ready, from the API's answer.
@@ -138,7 +152,7 @@ def run_driver(driver: str, feed: list[str], adds: int, linear_adds: int) -> dic
                 "p50": statistics.median(latencies), "p99": _p99(latencies),
                 "api_ms": statistics.median(api_ms) if api_ms else float("nan"),
                 "snapshot": (snapshot_at - started - api_seconds) if snapshot_at else float("nan"),
-                "rss": max(rss)}
+                "rss": max(rss), "cpu_ms": cpu_ms}
     finally:
         if dep is not None:
             dep.close()
@@ -192,6 +206,9 @@ def main() -> int:
     print("import: the API's answer -> the conductor's snapshot ready -> the last host applied; "
           + "; ".join(f"{d} {r['api']:.2f} + {r['snapshot']:.2f} + {r['import'] - r['api'] - r['snapshot']:.2f} s"
                       for d, r in results.items()))
+    for driver, r in results.items():
+        print(f"+1 CIDR CPU per call ({driver}; each process, ms; the bench's own 'ipset test' after each add is "
+              "a separate process): " + ", ".join(f"{name} {ms:.2f}" for name, ms in r["cpu_ms"].items()))
     print("+1 CIDR 'API part': the server's own time for the call (median of its access log), inside the p50;")
     print("'host apply': the first host's own time to apply the cast's change (median of its 'applied' lines);")
     print("the rest of the p50 is the client, the cast's trip through RabbitMQ and the worker's decoding and log")
