@@ -108,9 +108,11 @@ compute_opts = [
                help="Network namespace whose firewall the worker manages; empty means the host's own."),
     cfg.IntOpt("heartbeat_interval", default=5, min=1, help="Seconds between service heartbeats."),
     cfg.FloatOpt("report_min_interval", default=0.5, min=0.0,
-                 help="Least seconds between two state reports that applies ask for: the first after a quiet "
-                      "spell leaves at once, the changes of a burst are reported together at the end of the "
-                      "interval (as Felix's EndpointReportingDelaySecs). 0 reports after every apply."),
+                 help="Least seconds between two state reports that applies ask for: an apply when no report "
+                      "left in the last interval is reported at once, the applies of a burst together at the end "
+                      "of the interval (as Calico Felix's EndpointReportingDelaySecs). Meanwhile the host's row "
+                      "(applied_generation, rule count, in_sync) may lag its kernel. 0 reports after every "
+                      "apply."),
     cfg.IntOpt("reconcile_interval", default=10, min=1,
                help="Seconds between checks of the database generation and of kernel drift."),
     cfg.IntOpt("service_down_time", default=30, min=1,
