@@ -288,9 +288,7 @@ class IpsetNetlink:
         members = list(members)
         if not members:
             return
-        per_message = ADT_BYTES // (40 if ":" in members[0] else 24)
-        self._write([("add", set_name, members[start:start + per_message])
-                     for start in range(0, len(members), per_message)])
+        self._write(_bulk("add", set_name, members))
 
     def change(self, changes: Sequence[tuple[str, str, str]]) -> None:
         """Apply (command, set name, member) changes in order, as ``ipset restore -exist`` would.
@@ -364,11 +362,16 @@ def _units(changes: Sequence[tuple[str, str, str]]) -> Iterable[tuple[str, str, 
     """``changes`` as (command, set, members) messages, in order: a run of at least BULK_MIN changes to one set
     (a fill, an import's adds) in bulk messages of up to ADT_BYTES, any other change in a message of its own.
     A bulk message holds members of one family (a set has one)."""
-    for (command, name, v6), run in itertools.groupby(changes, key=lambda change: (*change[:2], ":" in change[2])):
+    for (command, name, _v6), run in itertools.groupby(changes, key=lambda change: (*change[:2], ":" in change[2])):
         members = [member for _, _, member in run]
         if len(members) < BULK_MIN:
             yield from ((command, name, [member]) for member in members)
             continue
-        per_message = ADT_BYTES // (40 if v6 else 24)
-        for start in range(0, len(members), per_message):
-            yield command, name, members[start:start + per_message]
+        yield from _bulk(command, name, members)
+
+
+def _bulk(command: str, name: str, members: list[str]) -> Iterable[tuple[str, str, list[str]]]:
+    """``members`` (one set, one family) as bulk messages' (command, set, members) of up to ADT_BYTES each."""
+    per_message = ADT_BYTES // (40 if ":" in members[0] else 24)      # an IPv6 entry is 36 bytes, IPv4 24
+    for start in range(0, len(members), per_message):
+        yield command, name, members[start:start + per_message]
