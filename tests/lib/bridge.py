@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from tests.lib.netns import _LISTENER, TCP_PORT, AttackerProbes, netns_exec, run, unique_tag
+from tests.lib.netns import _LISTENER, TCP_PORT, AttackerProbes, add_namespace, netns_exec, run, unique_tag
 
 
 def _write_sysctl(name: str, value: str) -> None:
@@ -73,9 +73,8 @@ class BridgeTopology(AttackerProbes):
         _write_sysctl(f"net.ipv6.conf.{self.bridge}.disable_ipv6", "1")
         run("ip", "link", "set", self.bridge, "up")
         for ns in (self.instance, self.attacker):
-            run("ip", "netns", "add", ns)
+            add_namespace(ns)
             self._namespaces.append(ns)
-            netns_exec(ns, "ip", "link", "set", "lo", "up")
         self._add_port(self.instance, self.instance_port, self.INSTANCE_MAC)
         self._add_port(self.attacker, self.attacker_port, self.ATTACKER_MAC)
         netns_exec(self.instance, "ip", "addr", "add", f"{self.INSTANCE4}/{self.PREFIX4}", "dev", "eth0")

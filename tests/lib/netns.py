@@ -59,6 +59,15 @@ def run(*cmd: str, check: bool = True, input: str | None = None) -> subprocess.C
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, input=input)
 
 
+def add_namespace(name: str) -> None:
+    """Create network namespace ``name`` with ``lo`` up and duplicate address detection off for the links
+    made in it afterwards: their IPv6 link-local addresses would stay tentative for about a second, and the
+    first IPv6 packet across a new topology be lost to neighbour discovery (a ping's whole timeout)."""
+    run("ip", "netns", "add", name)
+    netns_exec(name, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+    netns_exec(name, "ip", "link", "set", "lo", "up")
+
+
 def netns_exec(ns: str, *cmd: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
     return run("ip", "netns", "exec", ns, *cmd, check=check, input=input)
 
@@ -151,9 +160,8 @@ class RoutedTopology(AttackerProbes):
     # ------------------------------------------------------------ life cycle
 
     def _add_ns(self, name: str) -> None:
-        run("ip", "netns", "add", name)
+        add_namespace(name)
         self._namespaces.append(name)
-        netns_exec(name, "ip", "link", "set", "lo", "up")
 
     def build(self) -> None:
         for ns in (self.hv, self.instance, self.attacker):
