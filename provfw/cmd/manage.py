@@ -26,8 +26,6 @@ from oslo_config import cfg
 from provfw import conf as provfw_conf
 from provfw import exception
 from provfw.cmd import common
-from provfw.db import api as db
-from provfw.db import migration
 
 CONF = provfw_conf.CONF
 
@@ -102,7 +100,14 @@ def _command_args(argv):
 
 
 def run(args) -> int:
+    """Every command but ``bus`` and ``config``, after ``db.configure``: the db layer (SQLAlchemy, alembic, a
+    third of a second to import) is imported here, so those two run quickly on a broker node or a host
+    without a database driver."""
+    from provfw.db import api as db
+    from provfw.db import migration
+
     url = provfw_conf.database_url()
+    db.configure(url, CONF.database.pool_size)
     if args.category == "db":
         if args.action == "sync":
             migration.db_sync(url)
@@ -259,7 +264,6 @@ def main(argv=None) -> int:
             return 0
         if args.category == "bus":
             return bus_command(args)       # talks to rabbitmqctl, never to the database
-        db.configure(provfw_conf.database_url(), CONF.database.pool_size)
         return run(args)
     except exception.ProvfwError as exc:
         print(f"provfw-manage: {exc.message}", file=sys.stderr)
