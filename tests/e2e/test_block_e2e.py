@@ -22,7 +22,7 @@ def setup():
     services.require_root_netns()
     services.require_tools("iptables-restore", "ip6tables-restore", "ping")
     services.require_rabbitmq()
-    with netns.RoutedTopology() as topo, deploy.Deployment("postgresql") as dep:
+    with netns.RoutedTopology() as topo, deploy.Deployment("postgresql", hosts=[HOST]) as dep:
         dep.start_api()
         dep.start_worker(HOST, topo.hv)
         yield dep, topo

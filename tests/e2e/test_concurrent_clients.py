@@ -58,7 +58,8 @@ def test_twelve_concurrent_clients_end_with_no_server_error_and_the_kernel_holdi
     services.require_root_netns()
     services.require_tools("ipset", "iptables-restore")
     services.require_rabbitmq()
-    with netns.RoutedTopology(listener=False) as topo, deploy.Deployment("postgresql", firewall_driver="ipset") as dep:
+    with netns.RoutedTopology(listener=False) as topo, \
+            deploy.Deployment("postgresql", firewall_driver="ipset", hosts=[HOST]) as dep:
         dep.start_api()
         dep.start_worker(HOST, topo.hv)
         answers: collections.Counter = collections.Counter()

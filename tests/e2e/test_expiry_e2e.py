@@ -36,7 +36,8 @@ def test_expired_rules_stop_on_every_host_within_a_second_with_api_conductor_and
     services.require_tools("ipset", "iptables-restore", "ping")
     services.require_rabbitmq()
     with netns.RoutedTopology() as topo_a, netns.RoutedTopology() as topo_b, \
-            deploy.Deployment("postgresql", firewall_driver="ipset") as dep, TcpProxy("127.0.0.1", 5672) as bus:
+            deploy.Deployment("postgresql", firewall_driver="ipset", hosts=["hv-exp-a", "hv-exp-b"]) as dep, \
+            TcpProxy("127.0.0.1", 5672) as bus:
         dep.start_api()
         dep.start_worker("hv-exp-a", topo_a.hv)
         dep.start_worker("hv-exp-b", topo_b.hv, transport_url=_via(bus, dep.compute_url("hv-exp-b")))

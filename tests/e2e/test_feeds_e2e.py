@@ -28,7 +28,8 @@ def setup():
     services.require_rabbitmq()
     server = FeedServer()
     try:
-        with netns.RoutedTopology() as topo, deploy.Deployment("postgresql", extra_conf=FEEDS_CONF) as dep:
+        with netns.RoutedTopology() as topo, \
+                deploy.Deployment("postgresql", extra_conf=FEEDS_CONF, hosts=[HOST]) as dep:
             dep.start_api()
             dep.start_worker(HOST, topo.hv)
             yield dep, topo, server

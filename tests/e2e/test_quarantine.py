@@ -89,7 +89,7 @@ def fleet():
     try:
         for _ in HOSTS:
             topologies.append(netns.RoutedTopology(listener=False).__enter__())
-        with deploy.Deployment("postgresql") as dep:
+        with deploy.Deployment("postgresql", hosts=list(HOSTS)) as dep:
             dep.start_api()
             hosts = [Host(name, kind, topo) for (name, kind), topo in zip(HOSTS.items(), topologies)]
             for host in hosts:

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 RECONCILE_INTERVAL = 2  # what Deployment configures for every worker
 CONSUMING = "fanout consumer consuming"  # logged by FanoutConsumer each time it (re)connects
+RESILIENCE_HOSTS = ("hv-res-bus", "hv-res-bus-slow", "hv-res-db", "hv-res-kill")   # one worker per test
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def setup():
     services.require_root_netns()
     services.require_tools("iptables-restore", "ip6tables-restore", "iptables-save", "ping", "nft")
     services.require_rabbitmq()
-    with netns.RoutedTopology() as topo, deploy.Deployment("postgresql") as dep:
+    with netns.RoutedTopology() as topo, deploy.Deployment("postgresql", hosts=RESILIENCE_HOSTS) as dep:
         dep.start_api()
         yield dep, topo, InstanceCounter(topo)
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 
 from tests.lib import services
 
@@ -75,9 +76,10 @@ class RabbitVhost:
         return name, self.url(name, password)
 
     def close(self) -> None:
-        for user in self.users:
-            rabbitmqctl("delete_user", user, check=False)
-        rabbitmqctl("delete_vhost", self.name, check=False)
+        # Side by side: each rabbitmqctl run is a second of starting an Erlang VM.
+        deletions = [("delete_user", user) for user in self.users] + [("delete_vhost", self.name)]
+        with ThreadPoolExecutor(len(deletions)) as pool:
+            list(pool.map(lambda args: rabbitmqctl(*args, check=False), deletions))
         shutil.rmtree(self._dir, ignore_errors=True)       # it holds the users' password files
 
     def __enter__(self):

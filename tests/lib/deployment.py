@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import requests
@@ -57,17 +58,13 @@ def all_in_one_config(workdir, port: int, metrics_port: int, **compute: str):
 
 class Deployment:
     def __init__(self, db_kind: str = "postgresql", transport_url: str | None = None,
-                 firewall_driver: str = "iptables", extra_conf: str = "", reconcile_interval: int = 2):
-        self.database = services.TestDatabase(db_kind)
+                 firewall_driver: str = "iptables", extra_conf: str = "", reconcile_interval: int = 2,
+                 hosts: Sequence[str] = ()):
+        """``hosts``: the workers a test will start, whose bus users are made here beside the rest."""
         services.require_rabbitmq()
-        self.vhost = RabbitVhost() if transport_url is None else None
+        self.database = services.TestDatabase(db_kind)
+        self.vhost: RabbitVhost | None = None
         self._compute_urls: dict[str, str] = {}
-        try:
-            self.transport_url = transport_url or self.vhost.create_user("control")[1]
-        except Exception:
-            self._drop_bus()
-            self.database.drop()
-            raise
         self.firewall_driver = firewall_driver
         self.extra_conf = extra_conf
         self.reconcile_interval = reconcile_interval
@@ -77,12 +74,45 @@ class Deployment:
         self.conductors: list[subprocess.Popen] = []
         self.workers: dict[str, subprocess.Popen] = {}
         self.logs: list[str] = []
+        # The bus half (a vhost, the control user: four rabbitmqctl runs of about a second each) and the
+        # database half (schema, two tokens through provfw-manage, which needs no bus) run side by side.
+        with ThreadPoolExecutor(2) as pool:
+            bus = pool.submit(self._make_bus, transport_url, hosts)
+            tokens = pool.submit(self._make_schema_and_tokens)
+            try:
+                self.transport_url = bus.result()
+                self.admin_token, self.reader_token = tokens.result()
+            except Exception:
+                tokens.exception()      # both halves finished before anything is dropped
+                self._drop_bus()
+                self.database.drop()
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise
         self.config = self._write_config("api", "")
-        self.manage("db", "sync")
-        self.admin_token = self.manage("token", "create", "--name", "e2e-admin", "--role", "admin").strip()
-        self.reader_token = self.manage("token", "create", "--name", "e2e-reader", "--role", "reader").strip()
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = AdminClient(self.url, self.admin_token, timeout=30)
+
+    def _make_bus(self, transport_url: str | None, hosts: Sequence[str]) -> str:
+        if transport_url is not None:
+            return transport_url
+        self.vhost = RabbitVhost()
+        with ThreadPoolExecutor(1 + len(hosts)) as pool:
+            control = pool.submit(self.vhost.create_user, "control")
+            for made in [pool.submit(self._compute_user, host) for host in hosts]:
+                made.result()
+            return control.result()[1]
+
+    def _compute_user(self, host: str) -> None:
+        assert self.vhost is not None
+        self._compute_urls[host] = self.vhost.create_user("compute", host=host)[1]
+
+    def _make_schema_and_tokens(self) -> tuple[str, str]:
+        config = self._write_config("manage", "", transport_url="rabbit://")     # db sync and tokens: no bus
+        self.manage("db", "sync", config=config)
+        with ThreadPoolExecutor(2) as pool:
+            made = [pool.submit(self.manage, "token", "create", "--name", f"e2e-{role}", "--role", role, config=config)
+                    for role in ("admin", "reader")]
+            return tuple(token.result().strip() for token in made)
 
     # ------------------------------------------------------------ config and tools
 
@@ -91,7 +121,7 @@ class Deployment:
         if self.vhost is None:
             return self.transport_url
         if host not in self._compute_urls:
-            self._compute_urls[host] = self.vhost.create_user("compute", host=host)[1]
+            self._compute_user(host)
         return self._compute_urls[host]
 
     def _write_config(self, name: str, compute_section: str, transport_url: str | None = None,
@@ -128,8 +158,8 @@ service_down_time = 5
 """)
         return path
 
-    def manage(self, *args: str) -> str:
-        result = subprocess.run([os.path.join(BIN, "provfw-manage"), "--config-file", self.config, *args],
+    def manage(self, *args: str, config: str | None = None) -> str:
+        result = subprocess.run([os.path.join(BIN, "provfw-manage"), "--config-file", config or self.config, *args],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"provfw-manage {' '.join(args)} failed: {result.stderr}")
@@ -146,8 +176,8 @@ service_down_time = 5
 
     def start_api(self, timeout: float = 20.0, conductor: bool = True) -> None:
         """Start provfw-api (and, unless told otherwise, one provfw-conductor) and wait until it answers."""
-        if conductor and not self.conductors:
-            self.start_conductor()
+        # Both start at once (a second and a half of imports each); the conductor is waited for after the API.
+        consuming = self.start_conductor(wait=False) if conductor and not self.conductors else None
         self.api = self._spawn("provfw-api", self.config, "api")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -155,17 +185,26 @@ service_down_time = 5
                 raise RuntimeError(f"provfw-api exited: {self.tail('api')}")
             try:
                 requests.get(self.url + "/healthz", timeout=1).raise_for_status()
-                return
+                break
             except requests.RequestException:
                 time.sleep(0.1)
-        raise RuntimeError(f"provfw-api did not answer: {self.tail('api')}")
+        else:
+            raise RuntimeError(f"provfw-api did not answer: {self.tail('api')}")
+        if consuming is not None:
+            consuming(timeout)
 
-    def start_conductor(self, database_url: str | None = None, timeout: float = 20.0) -> subprocess.Popen:
-        """Start one more provfw-conductor (optionally on another database URL, e.g. through a proxy)."""
+    def start_conductor(self, database_url: str | None = None, timeout: float = 20.0, wait: bool = True):
+        """Start one more provfw-conductor (optionally on another database URL, e.g. through a proxy) and
+        wait until it consumes; with ``wait=False`` return the function that waits (taking a timeout)."""
         name = f"conductor-{len(self.conductors)}"
         config = self._write_config(name, "", database_url=database_url)
         proc = self._spawn("provfw-conductor", config, name)
         self.conductors.append(proc)
+        if not wait:
+            return lambda seconds: self._wait_conductor(proc, name, seconds)
+        return self._wait_conductor(proc, name, timeout)
+
+    def _wait_conductor(self, proc: subprocess.Popen, name: str, timeout: float) -> subprocess.Popen:
         if netns_wait(lambda: "consuming" in self.tail(name) or proc.poll() is not None, timeout) is None \
                 or proc.poll() is not None:
             raise RuntimeError(f"provfw-conductor did not start: {self.tail(name)}")
@@ -232,12 +271,13 @@ service_down_time = 5
             return ""
 
     def close(self) -> None:
-        for host in list(self.workers):
-            self.stop_worker(host)
-        if self.api is not None:
-            _stop(self.api, signal.SIGTERM)
-            self.api = None
-        self.stop_conductors()
+        # Every daemon told at once, then each waited for: their shutdowns overlap.
+        daemons = [*self.workers.values(), *([self.api] if self.api is not None else []), *self.conductors]
+        self.workers.clear()
+        self.api = None
+        self.conductors.clear()
+        with ThreadPoolExecutor(max(1, len(daemons))) as pool:
+            list(pool.map(lambda proc: _stop(proc, signal.SIGTERM), daemons))
         self._drop_bus()
         self.database.drop()
         # Configurations (bus passwords) and daemon logs; PROVFW_KEEP_E2E_DIRS=1 keeps them to read a failure.
