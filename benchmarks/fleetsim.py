@@ -276,7 +276,7 @@ class HubRpcClient(rpc.RpcClient):
         if self.hub.user_id:
             properties["user_id"] = self.hub.user_id
         self.hub.publish(rpc._envelope(method, args), exchange=self.exchange.name, serializer="json",
-                         routing_key=rpc.CONDUCTOR_ROUTING_KEY, **properties)
+                         routing_key=rpc.conductor_routing_key(properties), **properties)
 
     def _call_once(self, method: str, args: dict):
         correlation_id = uuid.uuid4().hex

@@ -68,7 +68,8 @@ from provfw.retrying import retrying
 LOG = logging.getLogger(__name__)
 
 COMPUTE_TOPIC = "compute"
-CONDUCTOR_ROUTING_KEY = "conductor"
+CONDUCTOR_ROUTING_KEY = "conductor"        # requests (a reply expected): acknowledged, a few at a time
+CAST_ROUTING_KEY = "conductor.cast"        # casts to the conductors (state reports): no acknowledgements
 MESSAGE_VERSION = 2
 REPLY_CONTENT_TYPE = "application/x-provfw-json+zlib"
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -95,6 +96,25 @@ def conductor_queue(conf: cfg.ConfigOpts = provfw_conf.CONF, message_ttl: float 
     return kombu.Queue(f"{conf.control_exchange}_conductor.requests", exchange=conductor_exchange(conf),
                        routing_key=CONDUCTOR_ROUTING_KEY, durable=False, auto_delete=False,
                        queue_arguments=arguments)
+
+
+def conductor_cast_queue(conf: cfg.ConfigOpts = provfw_conf.CONF, message_ttl: float | None = None) -> kombu.Queue:
+    """The conductors' shared queue of casts (the workers' state reports), consumed without acknowledgements.
+
+    A report is the whole state of its host, so one lost with a conductor that stopped is repeated by the
+    host's next report or heartbeat; not acknowledging saves the conductor and the broker a frame per
+    report (1,000 per change in a 1,000-host fleet) and lets the broker deliver them without waiting.
+    ``message_ttl`` as for ``conductor_queue``.
+    """
+    arguments = {"x-message-ttl": int(message_ttl * 1000)} if message_ttl else None
+    return kombu.Queue(f"{conf.control_exchange}_conductor.casts", exchange=conductor_exchange(conf),
+                       routing_key=CAST_ROUTING_KEY, durable=False, auto_delete=False, queue_arguments=arguments)
+
+
+def conductor_routing_key(properties: dict) -> str:
+    """Where a message to the conductors goes: a request (it names ``reply_to``) to the request queue, a cast
+    to the cast queue."""
+    return CONDUCTOR_ROUTING_KEY if properties.get("reply_to") else CAST_ROUTING_KEY
 
 
 def check_host(host: str) -> str:
@@ -339,6 +359,10 @@ class _ReconnectingConsumer:
     def queues(self) -> list[kombu.Queue]:
         raise NotImplementedError
 
+    def unacked_queues(self) -> list[kombu.Queue]:
+        """Queues consumed without acknowledgements even where ``prefetch`` is set (none by default)."""
+        return []
+
     def on_message(self, message: kombu.Message, conn: kombu.Connection) -> None:
         raise NotImplementedError
 
@@ -375,16 +399,21 @@ class _ReconnectingConsumer:
         # and handling the requests that read delivers from inside that wait would
         # recurse once per request already buffered - 100 hosts asking at once
         # exhausted the stack.
-        received: collections.deque[tuple[float, kombu.Message]] = collections.deque()
+        # (received at, message, whether to acknowledge it once handled)
+        received: collections.deque[tuple[float, kombu.Message, bool]] = collections.deque()
+        acked = self.prefetch is not None
         try:
             conn.ensure_connection(max_retries=1)
             self.setup(conn)
-            consumer = kombu.Consumer(conn.default_channel, queues=self.queues(), no_ack=self.prefetch is None,
-                                      on_message=lambda message: received.append((time.monotonic(), message)))
-            if self.prefetch is not None:
+            consumer = kombu.Consumer(conn.default_channel, queues=self.queues(), no_ack=not acked,
+                                      on_message=lambda message: received.append((time.monotonic(), message, acked)))
+            if acked:
                 consumer.qos(prefetch_count=self.prefetch)
-            with consumer:
-                LOG.info("%s consuming %s", self.name, ", ".join(q.name for q in consumer.queues))
+            unacked = kombu.Consumer(conn.default_channel, queues=self.unacked_queues(), no_ack=True,
+                                     on_message=lambda message: received.append((time.monotonic(), message, False)))
+            with consumer, unacked:
+                LOG.info("%s consuming %s", self.name,
+                         ", ".join(q.name for q in (*consumer.queues, *unacked.queues)))
                 if self.on_connect is not None:
                     # Anything sent while we were away is gone: the callback resyncs (messages
                     # arriving meanwhile wait in the queue).
@@ -398,8 +427,8 @@ class _ReconnectingConsumer:
                         except socket.timeout:
                             conn.heartbeat_check()
                     while received and not self._stop.is_set():
-                        self.received_at, message = received.popleft()
-                        self._safe_message(message, conn)
+                        self.received_at, message, ack = received.popleft()
+                        self._safe_message(message, conn, ack)
         except Exception as exc:
             if self._stop.is_set():
                 return
@@ -417,14 +446,14 @@ class _ReconnectingConsumer:
         if self.on_tick is not None:
             self.on_tick()
 
-    def _safe_message(self, message: kombu.Message, conn: kombu.Connection) -> None:
+    def _safe_message(self, message: kombu.Message, conn: kombu.Connection, ack: bool) -> None:
         try:
             self.on_message(message, conn)
         except self._errors:
             raise                      # the connection is gone: reconnect
         except Exception:  # noqa: BLE001 - a handler error must never kill the consumer
             LOG.exception("%s: handling a message failed", self.name)
-        if self.prefetch is not None:
+        if ack:
             message.ack()
 
     @staticmethod
@@ -500,7 +529,9 @@ class RpcServer(_ReconnectingConsumer):
     """Serves the conductor exchange: ``handler(Incoming) -> Reply | dict | None`` (None: a cast, no reply).
 
     Declares both exchanges (the conductor is the control side).  Several
-    servers may consume the same queue; the broker spreads requests.
+    servers may consume the same queues; the broker spreads requests.  Requests
+    (``conductor_queue``) are acknowledged once answered, ``prefetch`` at a time;
+    casts (``conductor_cast_queue``, the state reports) are not acknowledged.
     """
 
     name = "conductor server"
@@ -515,6 +546,9 @@ class RpcServer(_ReconnectingConsumer):
 
     def queues(self) -> list[kombu.Queue]:
         return [conductor_queue(self.conf, self.request_ttl)]
+
+    def unacked_queues(self) -> list[kombu.Queue]:
+        return [conductor_cast_queue(self.conf, self.request_ttl)]
 
     def setup(self, conn: kombu.Connection) -> None:
         channel = conn.default_channel
@@ -618,8 +652,8 @@ class RpcClient:
         user_id = _user_id(conn)
         if user_id:
             properties["user_id"] = user_id
-        self._producer.publish(_envelope(method, args), routing_key=CONDUCTOR_ROUTING_KEY, retry=False,
-                               **properties)
+        self._producer.publish(_envelope(method, args), routing_key=conductor_routing_key(properties),
+                               retry=False, **properties)
 
     def cast(self, method: str, **args) -> None:
         """Send ``method(**args)`` to a conductor without waiting; raises a bus error when unreachable."""

@@ -20,6 +20,7 @@ from provfw.db import api as db
 from provfw.rules import make_spec
 from provfw.virt.firewall.base import NoopFirewallDriver
 from provfw.virt.libvirt_conn import LibvirtConnection
+from tests.lib import bus as bus_lib
 from tests.lib.bus import ConductorThread, RabbitVhost
 from tests.lib.netns import wait_until
 
@@ -182,3 +183,21 @@ def test_a_worker_on_its_own_bus_user_converges_and_reports_under_that_identity(
         assert (row.rule_count, row.bus_user, row.last_error) == (1, vhost.user_names["hv2"], None)
     finally:
         worker.stop()
+
+
+def test_the_conductor_acknowledges_requests_but_not_the_reports_it_is_cast(conf, vhost, deployment):
+    """Requests wait in their queue until a conductor is free (acknowledged, a few at a time); state reports,
+    whole states repeated by the next one, are delivered without acknowledgements - and a compute user's
+    report goes to that queue and is written."""
+    listed = bus_lib.rabbitmqctl("list_consumers", "-q", "--no-table-headers", "-p", vhost.name,
+                                 "queue_name", "ack_required", "prefetch_count").stdout
+    consumers = {name: (ack, prefetch) for name, ack, prefetch in (line.split("\t") for line in listed.splitlines())}
+    assert consumers[rpc.conductor_queue(conf).name] == ("true", str(rpc.RpcServer.prefetch))
+    assert consumers[rpc.conductor_cast_queue(conf).name][0] == "false"
+    client = rpc.RpcClient("hv1", conf, url=vhost.urls["hv1"])
+    try:
+        client.cast("report_provider_fw_state", host="hv1", applied_generation=3, rule_count=0)
+        assert wait_until(lambda: db.service_get("hv1") is not None, 10) is not None
+    finally:
+        client.close()
+    assert db.service_get("hv1").applied_generation == 3
