@@ -124,7 +124,113 @@ def test_the_generation_indexes_hold_only_rules_deleted_or_renewed_and_the_delta
     assert "IS NOT NULL" not in "".join(_index_definitions(engine)[f"ix_provider_fw_rules_{column}"]
                                         for column in ("deleted_generation", "updated_generation"))
     migration.db_sync(fresh_db.url)
-    assert migration.db_version(fresh_db.url) == "0005"
+    assert migration.db_version(fresh_db.url) == "0006"
+
+
+def _expiry_plan(engine) -> str:
+    query = ("SELECT id FROM provider_fw_rules WHERE deleted = 0 AND expires_at IS NOT NULL "
+             "AND expires_at <= '2026-12-02 00:00:00'")
+    with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(sa.text("SET enable_seqscan = off"))
+            return " ".join(str(row[-1]) for row in connection.execute(sa.text(f"EXPLAIN {query}")))
+        return " ".join(str(row[-1]) for row in connection.execute(sa.text(f"EXPLAIN QUERY PLAN {query}")))
+
+
+@pytest.mark.parametrize("fresh_db", ["sqlite", "postgresql"], indirect=True)
+def test_the_expiry_index_holds_only_rules_that_expire_and_the_expiry_uses_it(fresh_db):
+    # Migration 0006: an import without expiry writes no entry there, and the expiry's query still reads it.
+    from alembic import command
+
+    engine = db.get_engine()
+    name = "ix_provider_fw_rules_deleted_expires_at"
+    assert "expires_at IS NOT NULL" in _index_definitions(engine)[name]
+    assert name in _expiry_plan(engine)
+    command.downgrade(migration.alembic_config(fresh_db.url), "0005")
+    assert "IS NOT NULL" not in _index_definitions(engine)[name]
+    migration.db_sync(fresh_db.url)
+    assert "expires_at IS NOT NULL" in _index_definitions(engine)[name]
+
+
+def _insert_rule(conn, rule_id: int) -> None:
+    conn.execute(sa.text(
+        "INSERT INTO provider_fw_rules (id, cidr, ip_version, protocol, from_port, to_port, created_at, deleted, "
+        "created_generation) VALUES (:id, :cidr, 4, 'all', -1, -1, :t, 0, 1)"),
+        {"id": rule_id, "cidr": f"192.0.2.{rule_id}/32", "t": now()})
+
+
+def _insert_sources(conn, rule_ids) -> None:
+    conn.execute(sa.text("INSERT INTO provider_fw_rule_sources (rule_id, source, created_at) "
+                         "VALUES (:rule_id, 'manual', :t)"), [{"rule_id": i, "t": now()} for i in rule_ids])
+
+
+def _source_rule_ids(engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text("SELECT rule_id FROM provider_fw_rule_sources ORDER BY rule_id")).scalars())
+
+
+@pytest.mark.parametrize("fresh_db", KINDS, indirect=True)
+def test_a_source_row_always_names_a_rule_on_every_database(fresh_db):
+    # The foreign key's promises, whichever way the database keeps them: the constraint on MariaDB and SQLite,
+    # statement-level triggers on PostgreSQL (migration 0006).  The same errors, the same cascade.
+    engine = db.get_engine()
+    with engine.begin() as conn:
+        for rule_id in (1, 2, 3):
+            _insert_rule(conn, rule_id)
+        _insert_sources(conn, [1, 2, 3])
+    for bad in ([4], [1, 4], [5, 6]):                 # one orphan, an orphan among good rows, only orphans
+        with pytest.raises(sa.exc.IntegrityError):
+            with engine.begin() as conn:
+                conn.execute(sa.text("DELETE FROM provider_fw_rule_sources"))
+                _insert_sources(conn, bad)
+    assert _source_rule_ids(engine) == [1, 2, 3]      # each failed transaction changed nothing
+    with pytest.raises(sa.exc.IntegrityError):
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE provider_fw_rule_sources SET rule_id = 9 WHERE rule_id = 1"))
+    with engine.begin() as conn:                      # rule_id changed to another rule that exists: allowed
+        conn.execute(sa.text("DELETE FROM provider_fw_rule_sources WHERE rule_id = 3"))
+        conn.execute(sa.text("UPDATE provider_fw_rule_sources SET rule_id = 3 WHERE rule_id = 2"))
+    assert _source_rule_ids(engine) == [1, 3]
+    with pytest.raises(sa.exc.IntegrityError):        # a referenced rule's id cannot change (ON UPDATE NO ACTION)
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE provider_fw_rules SET id = 7 WHERE id = 1"))
+    with engine.begin() as conn:                      # an unreferenced one can
+        conn.execute(sa.text("UPDATE provider_fw_rules SET id = 8 WHERE id = 2"))
+    with engine.begin() as conn:                      # deleting rule rows deletes their sources (ON DELETE CASCADE)
+        conn.execute(sa.text("DELETE FROM provider_fw_rules WHERE id IN (1, 8)"))
+    assert _source_rule_ids(engine) == [3]
+
+
+def _pg_triggers(engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")).scalars())
+
+
+@pytest.mark.parametrize("fresh_db", ["postgresql"], indirect=True)
+def test_on_postgresql_triggers_replace_the_source_rows_foreign_key_and_a_downgrade_gives_it_back(fresh_db):
+    from alembic import command
+
+    from provfw.db.sqlalchemy import models
+
+    engine = db.get_engine()
+    fk = "fk_provider_fw_rule_sources_rule_id_provider_fw_rules"
+    assert models.TRIGGERED_FOREIGN_KEYS["postgresql"] == {fk}
+    inspector = sa.inspect(engine)
+    assert inspector.get_foreign_keys("provider_fw_rule_sources") == []
+    assert _pg_triggers(engine) == {"provfw_sources_insert_rule_exists", "provfw_sources_update_rule_exists",
+                                    "provfw_rules_delete_cascade_sources", "provfw_rules_update_id_referenced"}
+    with pytest.raises(sa.exc.IntegrityError) as refused:
+        with engine.begin() as conn:
+            _insert_sources(conn, [42])
+    assert refused.value.orig.pgcode == "23503"       # foreign_key_violation, as the constraint raised
+    assert refused.value.orig.diag.constraint_name == fk
+    command.downgrade(migration.alembic_config(fresh_db.url), "0005")
+    keys = sa.inspect(engine).get_foreign_keys("provider_fw_rule_sources")
+    assert [(k["name"], k["options"].get("ondelete")) for k in keys] == [(fk, "CASCADE")]
+    assert _pg_triggers(engine) == set()
+    migration.db_sync(fresh_db.url)
+    migration.db_check(fresh_db.url)
+    assert sa.inspect(engine).get_foreign_keys("provider_fw_rule_sources") == []
 
 
 # --------------------------------------------------------------------------- CRUD

@@ -23,9 +23,22 @@ def _url() -> str:
     return url
 
 
+def _include_object(dialect: str):
+    """alembic's ``include_object`` hook: leave out of the comparison the foreign keys ``dialect`` enforces
+    with triggers (``models.TRIGGERED_FOREIGN_KEYS``)."""
+    triggered = models.TRIGGERED_FOREIGN_KEYS.get(dialect, frozenset())
+
+    def include(_obj, name, type_, _reflected, _compare_to) -> bool:
+        return not (type_ == "foreign_key_constraint" and name in triggered)
+    return include
+
+
 def run_migrations_offline() -> None:
-    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
-                      compare_type=True, render_as_batch=True)
+    import sqlalchemy as sa
+    url = _url()
+    context.configure(url=url, target_metadata=target_metadata, literal_binds=True,
+                      compare_type=True, render_as_batch=True,
+                      include_object=_include_object(sa.engine.make_url(url).get_backend_name()))
     with context.begin_transaction():
         context.run_migrations()
 
@@ -45,7 +58,7 @@ def run_migrations_online() -> None:
 def _run(connection) -> None:
     # render_as_batch: SQLite cannot ALTER constraints in place; batch mode copies the table.
     context.configure(connection=connection, target_metadata=target_metadata, compare_type=True,
-                      render_as_batch=True)
+                      render_as_batch=True, include_object=_include_object(connection.dialect.name))
     with context.begin_transaction():
         context.run_migrations()
     connection.commit()
