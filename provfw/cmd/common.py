@@ -29,11 +29,21 @@ LOG = logging.getLogger(__name__)
 
 _audit_handler: logging.Handler | None = None
 
+# Libraries whose INFO lines say nothing to an operator: alembic lists each plugin it sets up (a dozen lines
+# before every provfw-manage answer) and guesses at PostgreSQL sequences during ``db check``.  WARNING unless
+# ``debug`` is set or ``default_log_levels`` names them.
+QUIET_LOGGERS = ("alembic.runtime.plugins", "alembic.ddl.postgresql")
+
 
 def setup_logging(conf=CONF) -> None:
     """Configure logging from ``conf`` (oslo.log's options, already parsed); add the audit file if set."""
     global _audit_handler
     oslo_log.setup(conf, "provfw", provfw.__version__)
+    if not conf.debug:
+        for name in QUIET_LOGGERS:
+            logger = logging.getLogger(name)
+            if logger.level == logging.NOTSET:        # not named in the operator's default_log_levels
+                logger.setLevel(logging.WARNING)
     audit = logging.getLogger("provfw.audit")
     if _audit_handler is not None:
         audit.removeHandler(_audit_handler)

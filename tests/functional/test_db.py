@@ -10,6 +10,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
+import stat
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -150,6 +154,61 @@ def test_the_expiry_index_holds_only_rules_that_expire_and_the_expiry_uses_it(fr
     assert "IS NOT NULL" not in _index_definitions(engine)[name]
     migration.db_sync(fresh_db.url)
     assert "expires_at IS NOT NULL" in _index_definitions(engine)[name]
+
+
+def _manage(config, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "provfw-manage"), "--config-file",
+                           str(config), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("fresh_db", ["sqlite", "postgresql"], indirect=True)
+def test_manage_db_check_says_how_far_behind_the_schema_is_and_agrees_once_synced(fresh_db, tmp_path):
+    # Against an empty database it used to end in alembic's traceback ("Target database is not up to date"),
+    # after a dozen INFO lines of alembic's plugins.
+    from alembic import command
+
+    config = tmp_path / "provfw.conf"
+    config.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n[database]\nconnection = {fresh_db.url}\n")
+    head = migration.head_revision()
+    assert head == migration.db_version(fresh_db.url)
+    db.dispose()
+    for revision, shown in (("base", "(empty)"), ("0005", "0005")):
+        command.downgrade(migration.alembic_config(fresh_db.url), revision)
+        behind = _manage(config, "db", "check")
+        assert behind.returncode == 1, behind.stderr
+        assert (f"provfw-manage: the schema is at {shown}, this release's at {head}: run 'provfw-manage db sync'"
+                in behind.stderr)
+        assert "Traceback" not in behind.stderr and behind.stdout == ""
+        synced = _manage(config, "db", "sync")
+        assert synced.returncode == 0 and synced.stdout == f"schema at {head}\n"
+    agreed = _manage(config, "db", "check")
+    assert agreed.returncode == 0 and agreed.stdout.endswith("models and migrations agree\n")
+    assert "alembic.runtime.plugins" not in agreed.stderr and "Detected sequence" not in agreed.stderr
+
+
+def test_a_new_sqlite_database_file_is_readable_by_its_owner_only(tmp_path):
+    # The all-in-one's database holds token hashes and the audit log; it was created 0644 (the umask).
+    from provfw.db.sqlalchemy.api import create_engine
+
+    engine = create_engine(f"sqlite:///{tmp_path}/provfw.sqlite")
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+            modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    finally:
+        engine.dispose()
+    assert modes == {"provfw.sqlite": 0o600, "provfw.sqlite-wal": 0o600, "provfw.sqlite-shm": 0o600}
+    existing = tmp_path / "kept.sqlite"
+    existing.touch()
+    os.chmod(existing, 0o640)                          # an operator's own choice stays
+    engine = create_engine(f"sqlite:///{existing}")
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    finally:
+        engine.dispose()
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o640
 
 
 def _insert_rule(conn, rule_id: int) -> None:

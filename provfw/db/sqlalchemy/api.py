@@ -37,6 +37,7 @@ import itertools
 import json
 import logging
 import operator
+import os
 import secrets
 import threading
 import time
@@ -166,11 +167,25 @@ def _ping_if_idle(dbapi_conn, record, proxy) -> None:
             pass
 
 
+def _create_private_file(url: str) -> None:
+    """Create a SQLite database file that does not exist yet with mode 0600 (an empty file is an empty
+    database to SQLite, which gives its ``-wal`` and ``-shm`` files the same mode).  It holds token hashes and
+    the audit log; the umask's 0644 let every local user read them.  An existing file keeps its mode."""
+    path = sa.engine.make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def create_engine(url: str, pool_size: int = 5) -> sa.Engine:
-    """Create an engine with the settings provfw needs on each backend."""
+    """Create an engine with the settings provfw needs on each backend (a new SQLite file: mode 0600)."""
     kwargs: dict = {"future": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        _create_private_file(url)
     else:
         kwargs.update(pool_size=pool_size, max_overflow=2 * pool_size, pool_recycle=3600)
         # A database that vanishes without a reset (a black hole) must not hang a
