@@ -293,6 +293,47 @@ def test_a_groups_blocks_and_unblocks_cost_the_same_round_trips_whatever_its_siz
     assert sorted(audited) == ["cidr.block"] * 8 + ["cidr.unblock"] * 8
 
 
+class HeldFirstCast(Recorder):
+    """A notify whose first cast waits (a slow publisher confirm) until ``let_go`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_cast_started = threading.Event()
+        self.let_go = threading.Event()
+
+    def __call__(self, changes: rules.Changes) -> bool:
+        first = not self.first_cast_started.is_set()
+        self.first_cast_started.set()
+        if first:
+            assert self.let_go.wait(30)
+        return super().__call__(changes)
+
+
+def test_the_next_group_commits_during_a_cast_and_the_casts_still_leave_in_commit_order(grouping_db):
+    # A leader hands the lead on at its COMMIT, before its cast: the next group's transaction runs while the
+    # cast waits for the broker's confirm.  Its own cast waits for the one before it, so hosts get them in
+    # generation order (a gap would cost each host a round trip to the conductor).
+    start = db.provider_fw_generation_get()
+    notify = HeldFirstCast()
+    outcomes = {}
+    leader = in_thread(outcomes, "leader", block, "198.51.100.1/32", notify)
+    assert notify.first_cast_started.wait(15)
+    nexts = [in_thread(outcomes, f"next{index}", block, f"198.51.100.{10 + index}/32", notify) for index in range(3)]
+    try:
+        wait_for(lambda: db.provider_fw_generation_get() > start + 1, "a next group to commit during the cast")
+        time.sleep(0.2)
+        assert notify.changes == []                  # committed, but its cast waits behind the first
+    finally:
+        notify.let_go.set()
+    for thread in (leader, *nexts):
+        thread.join(30)
+    generations = [change.generation for change in notify.changes]
+    assert generations == sorted(generations) and generations[0] == start + 1
+    assert generations[-1] == db.provider_fw_generation_get()
+    assert [change.since for change in notify.changes] == [start, *generations[:-1]]
+    assert all(outcomes[name].notified is True for name in ("leader", "next0", "next1", "next2"))
+
+
 def test_a_batched_group_answers_each_kind_of_add_and_unblock_as_alone(grouping_db):
     """Renewals, duplicates, the rule limit, a missing CIDR, two actors and a source-scoped unblock in one group
     of batched steps: each caller gets what it would have got alone."""

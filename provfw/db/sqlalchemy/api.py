@@ -864,6 +864,9 @@ class GroupCommit:
         self._mutex = threading.Lock()
         self._queue: collections.deque[_Waiter] = collections.deque()
         self._leading = False
+        # Held by a leader from its COMMIT until its cast has left: the next group's transaction runs during
+        # the cast's publisher confirm, and the casts still leave in commit order.
+        self._casting = threading.Lock()
 
     def accepts(self, batchable: bool) -> bool:
         """Whether a call may group (``batchable``: small and without callbacks) on this database."""
@@ -891,11 +894,15 @@ class GroupCommit:
         return waiter.answer, waiter.notified
 
     def _lead(self) -> None:
+        """Commit a batch, hand the lead on, then cast the batch's change (the next group's transaction runs
+        meanwhile: its four round trips cover the cast's publisher confirm) and answer the batch's callers."""
         with self._mutex:
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+        change = None
         try:
-            self._commit(batch)
+            change = self._commit(batch)
         finally:
+            self._casting.acquire()        # the previous group's cast has left: casts go out in commit order
             with self._mutex:
                 if self._queue:
                     successor = self._queue[0]
@@ -903,32 +910,45 @@ class GroupCommit:
                     successor.done.set()
                 else:
                     self._leading = False
-            for waiter in batch:
-                if waiter.answer is None and waiter.error is None:
-                    waiter.error = exception.ProvfwError("the group commit was interrupted; try again")
-                waiter.done.set()
+            try:
+                if change is not None:
+                    self._notify(batch, change)
+            finally:
+                self._casting.release()
+                for waiter in batch:
+                    if waiter.answer is None and waiter.error is None:
+                        waiter.error = exception.ProvfwError("the group commit was interrupted; try again")
+                    waiter.done.set()
 
-    @staticmethod
-    def _commit(batch: list[_Waiter]) -> None:
+    def _commit(self, batch: list[_Waiter]) -> Changes | None:
+        """Run the batch's steps in one transaction; set each waiter's answer or error; return the change to
+        cast (None: nothing changed, or each step ran alone and cast its own)."""
         try:
             outcomes, change = _retried("group_commit", _commit_group, [waiter.step for waiter in batch])
         except Exception as exc:  # noqa: BLE001 - whatever spoiled the group, each mutation gets its own try
             if len(batch) > 1:
                 LOG.warning("a group commit of %d mutations failed (%s: %s); running each alone", len(batch),
                             type(exc).__name__, exc)
-            for waiter in batch:
-                try:
-                    waiter.answer, waiter.notified = waiter.alone()
-                except Exception as own:  # noqa: BLE001 - handed to its caller
-                    waiter.error = own
-            return
-        answered: list[tuple[Callable, bool]] = []
+            with self._casting:            # their casts, too, after the previous group's
+                for waiter in batch:
+                    try:
+                        waiter.answer, waiter.notified = waiter.alone()
+                    except Exception as own:  # noqa: BLE001 - handed to its caller
+                        waiter.error = own
+            return None
         for waiter, outcome in zip(batch, outcomes):
             if isinstance(outcome, BaseException):
                 waiter.error = outcome
-                continue
-            waiter.answer = outcome
-            if change is None:
+            else:
+                waiter.answer = outcome
+        return change
+
+    @staticmethod
+    def _notify(batch: list[_Waiter], change: Changes) -> None:
+        """Cast ``change`` once per distinct ``notify`` among the batch's answered waiters; record what it said."""
+        answered: list[tuple[Callable, bool]] = []
+        for waiter in batch:
+            if waiter.error is not None:
                 continue
             for notify, said in answered:
                 if notify == waiter.notify:
