@@ -102,14 +102,15 @@ def _index_definitions(engine) -> dict[str, str]:
             "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'provider_fw_rules'")).all())
 
 
-def _delta_plan(engine, column: str) -> str:
+def _query_plan(engine, where: str) -> str:
+    """The plan of ``SELECT id FROM provider_fw_rules WHERE <where>`` (PostgreSQL: sequential scans off)."""
+    query = f"SELECT id FROM provider_fw_rules WHERE {where}"
     with engine.connect() as connection:
         if engine.dialect.name == "postgresql":
             connection.execute(sa.text("SET enable_seqscan = off"))
-            rows = connection.execute(sa.text(f"EXPLAIN SELECT id FROM provider_fw_rules WHERE {column} > 5"))
+            rows = connection.execute(sa.text(f"EXPLAIN {query}"))
         else:
-            rows = connection.execute(sa.text(
-                f"EXPLAIN QUERY PLAN SELECT id FROM provider_fw_rules WHERE {column} > 5"))
+            rows = connection.execute(sa.text(f"EXPLAIN QUERY PLAN {query}"))
         return " ".join(str(row[-1]) for row in rows)
 
 
@@ -123,22 +124,12 @@ def test_the_generation_indexes_hold_only_rules_deleted_or_renewed_and_the_delta
     for column in ("deleted_generation", "updated_generation"):
         name = f"ix_provider_fw_rules_{column}"
         assert f"{column} IS NOT NULL" in _index_definitions(engine)[name]
-        assert name in _delta_plan(engine, column)
+        assert name in _query_plan(engine, f"{column} > 5")
     command.downgrade(migration.alembic_config(fresh_db.url), "0004")
     assert "IS NOT NULL" not in "".join(_index_definitions(engine)[f"ix_provider_fw_rules_{column}"]
                                         for column in ("deleted_generation", "updated_generation"))
     migration.db_sync(fresh_db.url)
     assert migration.db_version(fresh_db.url) == "0006"
-
-
-def _expiry_plan(engine) -> str:
-    query = ("SELECT id FROM provider_fw_rules WHERE deleted = 0 AND expires_at IS NOT NULL "
-             "AND expires_at <= '2026-12-02 00:00:00'")
-    with engine.connect() as connection:
-        if engine.dialect.name == "postgresql":
-            connection.execute(sa.text("SET enable_seqscan = off"))
-            return " ".join(str(row[-1]) for row in connection.execute(sa.text(f"EXPLAIN {query}")))
-        return " ".join(str(row[-1]) for row in connection.execute(sa.text(f"EXPLAIN QUERY PLAN {query}")))
 
 
 @pytest.mark.parametrize("fresh_db", ["sqlite", "postgresql"], indirect=True)
@@ -149,7 +140,7 @@ def test_the_expiry_index_holds_only_rules_that_expire_and_the_expiry_uses_it(fr
     engine = db.get_engine()
     name = "ix_provider_fw_rules_deleted_expires_at"
     assert "expires_at IS NOT NULL" in _index_definitions(engine)[name]
-    assert name in _expiry_plan(engine)
+    assert name in _query_plan(engine, "deleted = 0 AND expires_at IS NOT NULL AND expires_at <= '2026-12-02 00:00:00'")
     command.downgrade(migration.alembic_config(fresh_db.url), "0005")
     assert "IS NOT NULL" not in _index_definitions(engine)[name]
     migration.db_sync(fresh_db.url)

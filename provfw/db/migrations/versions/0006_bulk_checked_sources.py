@@ -53,9 +53,9 @@ FK_NAME = "fk_provider_fw_rule_sources_rule_id_provider_fw_rules"
 EXPIRY_INDEX = "ix_provider_fw_rules_deleted_expires_at"
 PARTIAL = ("postgresql", "sqlite")
 
-# (name, function body, trigger clause): each function is its trigger's own, named alike.
+# (name, table, function body, when and how it fires): each function is its trigger's own, named alike.
 TRIGGERS = (
-    ("provfw_sources_insert_rule_exists", """
+    ("provfw_sources_insert_rule_exists", "provider_fw_rule_sources", """
         IF EXISTS (SELECT 1 FROM provfw_new_sources n
                    WHERE NOT EXISTS (SELECT 1 FROM provider_fw_rules r WHERE r.id = n.rule_id)) THEN
             RAISE foreign_key_violation USING
@@ -63,8 +63,8 @@ TRIGGERS = (
                 CONSTRAINT = '%(fk)s', TABLE = 'provider_fw_rule_sources';
         END IF;
         RETURN NULL;""",
-     "AFTER INSERT ON provider_fw_rule_sources REFERENCING NEW TABLE AS provfw_new_sources FOR EACH STATEMENT"),
-    ("provfw_sources_update_rule_exists", """
+     "AFTER INSERT ON %(table)s REFERENCING NEW TABLE AS provfw_new_sources FOR EACH STATEMENT"),
+    ("provfw_sources_update_rule_exists", "provider_fw_rule_sources", """
         IF NOT EXISTS (SELECT 1 FROM provider_fw_rules r WHERE r.id = NEW.rule_id) THEN
             RAISE foreign_key_violation USING
                 MESSAGE = format('update on provider_fw_rule_sources names rule %%s, which does not exist',
@@ -72,20 +72,20 @@ TRIGGERS = (
                 CONSTRAINT = '%(fk)s', TABLE = 'provider_fw_rule_sources';
         END IF;
         RETURN NULL;""",
-     "AFTER UPDATE OF rule_id ON provider_fw_rule_sources FOR EACH ROW "
+     "AFTER UPDATE OF rule_id ON %(table)s FOR EACH ROW "
      "WHEN (NEW.rule_id IS DISTINCT FROM OLD.rule_id)"),
-    ("provfw_rules_delete_cascade_sources", """
+    ("provfw_rules_delete_cascade_sources", "provider_fw_rules", """
         DELETE FROM provider_fw_rule_sources s USING provfw_gone_rules g WHERE s.rule_id = g.id;
         RETURN NULL;""",
-     "AFTER DELETE ON provider_fw_rules REFERENCING OLD TABLE AS provfw_gone_rules FOR EACH STATEMENT"),
-    ("provfw_rules_update_id_referenced", """
+     "AFTER DELETE ON %(table)s REFERENCING OLD TABLE AS provfw_gone_rules FOR EACH STATEMENT"),
+    ("provfw_rules_update_id_referenced", "provider_fw_rules", """
         IF EXISTS (SELECT 1 FROM provider_fw_rule_sources s WHERE s.rule_id = OLD.id) THEN
             RAISE foreign_key_violation USING
                 MESSAGE = format('rule %%s is still referenced from provider_fw_rule_sources', OLD.id),
                 CONSTRAINT = '%(fk)s', TABLE = 'provider_fw_rules';
         END IF;
         RETURN NULL;""",
-     "AFTER UPDATE OF id ON provider_fw_rules FOR EACH ROW WHEN (NEW.id IS DISTINCT FROM OLD.id)"),
+     "AFTER UPDATE OF id ON %(table)s FOR EACH ROW WHEN (NEW.id IS DISTINCT FROM OLD.id)"),
 )
 
 
@@ -103,16 +103,15 @@ def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     op.drop_constraint(FK_NAME, "provider_fw_rule_sources", type_="foreignkey")
-    for name, body, clause in TRIGGERS:
+    for name, table, body, fires in TRIGGERS:
         op.execute(f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $provfw$ BEGIN"
                    f"{body % {'fk': FK_NAME}}\n    END $provfw$")
-        op.execute(f"CREATE TRIGGER {name} {clause} EXECUTE FUNCTION {name}()")
+        op.execute(f"CREATE TRIGGER {name} {fires % {'table': table}} EXECUTE FUNCTION {name}()")
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        for name, _body, clause in TRIGGERS:
-            table = clause.split(" ON ")[1].split()[0]
+        for name, table, _body, _fires in TRIGGERS:
             op.execute(f"DROP TRIGGER {name} ON {table}")
             op.execute(f"DROP FUNCTION {name}()")
         op.create_foreign_key(FK_NAME, "provider_fw_rule_sources", "provider_fw_rules", ["rule_id"], ["id"],
