@@ -470,3 +470,32 @@ def test_a_one_rule_create_is_four_statements_on_postgresql(grouping_db):
     assert db.provider_fw_rule_count() == 2
     assert [row.action for row in db.audit_get_all()] == ["rule.create", "rule.create"]
     assert [len(change.added) for change in recorder.changes] == [1, 1]
+
+
+def test_an_unblock_retires_its_rules_and_forgets_their_sources_in_one_statement_on_postgresql(pg_db, wire_db):
+    """Under the generation row lock an unblock is the bump, the retire of its rules together with the
+    deletion of their source rows (one data-modifying WITH), and the audit row with COMMIT: three round trips
+    (four before the two were one), alone and for a group; the sources are gone all the same."""
+    recorder = Recorder()
+    for index in range(5):
+        block(f"198.51.100.{index}/32", recorder)
+    ids = [rule.id for rule in db.provider_fw_rule_get_all(cidr="198.51.100.0/32")]
+    wire_db.take()
+    unblock("198.51.100.0/32", recorder)
+    sent = [" ".join(query.split()) for query in wire_db.take()]
+    assert len(sent) == 3, sent
+    assert sent[1].startswith("WITH retired AS (UPDATE provider_fw_rules") and "DELETE FROM provider_fw_rule_sources" \
+        in sent[1]
+    assert db.provider_fw_rule_sources(ids) == {}
+    assert [rule.id for rule in recorder.changes[-1].removed] == sorted(ids)
+
+    # A group of unblocks by one actor: the same three, whatever its size.
+    queued = [(f"unblock{index}", unblock, f"198.51.100.{index}/32", recorder) for index in range(2, 5)]
+    wire_db.take()
+    outcomes = queued_behind_the_lock(pg_db, ("leader", unblock, "198.51.100.1/32", recorder), queued)
+    sent = [" ".join(query.split()) for query in wire_db.take()]
+    assert [len(outcomes[f"unblock{index}"].removed) for index in range(2, 5)] == [3, 3, 3]
+    assert sum(query.startswith("WITH retired AS (UPDATE provider_fw_rules") for query in sent) == 2, sent
+    assert not any(query.startswith("DELETE FROM provider_fw_rule_sources") for query in sent), sent
+    assert db.provider_fw_rule_get_all() == [] and db.provider_fw_rule_sources(
+        [rule.id for change in recorder.changes for rule in change.removed]) == {}

@@ -53,7 +53,7 @@ from provfw import exception, gcpause, metrics, rules as rules_mod, sources as s
 from provfw.db.sqlalchemy import models
 from provfw.db.sqlalchemy.models import (ApiToken, AuditRecord, Feed, FirewallGeneration, ProviderFirewallRule,
                                          ProviderFirewallRuleSource, Service)
-from provfw.retrying import retrying
+from provfw.retrying import call_retrying
 
 LOG = logging.getLogger(__name__)
 AUDIT_LOG = logging.getLogger("provfw.audit")
@@ -97,8 +97,8 @@ def _retried(operation: str, func, *args, **kwargs):
             raise exception.DBDeadlock(f"{operation}: the database kept rolling the transaction back "
                                        f"({type(exc.orig).__name__}); try again") from exc
 
-    return retrying(f"database transaction {operation}", exception.DBDeadlock, attempts=DEADLOCK_ATTEMPTS,
-                    initial=0.05, maximum=1.0, log=LOG)(attempt)
+    return call_retrying(f"database transaction {operation}", attempt, exception.DBDeadlock,
+                         attempts=DEADLOCK_ATTEMPTS, initial=0.05, maximum=1.0, log=LOG)
 
 
 def _retry_on_deadlock(func):
@@ -418,6 +418,19 @@ _SOFT_DELETE_VALUES = dict(deleted=_RULES.c.id, deleted_at=sa.bindparam("b_now")
                            updated_at=sa.bindparam("b_now"))
 _RETIRE_BY_CIDR = (update(_RULES).where(_RULES.c.cidr == sa.bindparam("b_cidr"), _IN_FORCE_AT)
                    .values(**_SOFT_DELETE_VALUES).returning(*_WIRE_COLUMNS))
+
+
+def _forgetting_sources(retire: sa.Update) -> sa.Select:
+    """``retire`` (an UPDATE of rule rows .. RETURNING their ids) and the DELETE of those rules' source rows,
+    as ONE statement for PostgreSQL: a data-modifying ``WITH``, which PostgreSQL runs to completion whether
+    or not the outer SELECT reads it (docs: "Data-Modifying Statements in WITH").  An unblock's two round
+    trips under the generation row lock become one; the answer is ``retire``'s rows."""
+    retired = retire.cte("retired")
+    forgot = sa.delete(_SOURCES).where(_SOURCES.c.rule_id.in_(select(retired.c.id))).cte("forgot")
+    return select(*retired.c).add_cte(forgot)
+
+
+_RETIRE_BY_CIDR_FORGETTING_PG = _forgetting_sources(_RETIRE_BY_CIDR)
 # Every column: the rows as stored are the API's answer for new rules, without reading them back.
 _INSERT_RULES_RETURNING = _RULES.insert().returning(*_RULES.c, sort_by_parameter_order=True)
 # The new rules' source rows, written by the database from the rule rows just taken (their expires_at
@@ -457,11 +470,15 @@ class _ListStatements:
     source_rows: sa.Select
     live_by_cidrs: sa.Select
     retire_by_cidrs: sa.Update
+    # PostgreSQL: retire_by_cidrs and forget_sources of the retired rules in one statement (None elsewhere).
+    retire_by_cidrs_forgetting: sa.Select | None
     chunk: int
 
     @classmethod
     def build(cls, postgresql: bool) -> "_ListStatements":
         ids = functools.partial(_one_of, name="b_ids", element_type=sa.BigInteger(), postgresql=postgresql)
+        retire_by_cidrs = update(_RULES).where(_one_of(_RULES.c.cidr, "b_cidrs", sa.String(), postgresql),
+                                               _IN_FORCE_AT).values(**_SOFT_DELETE_VALUES).returning(*_WIRE_COLUMNS)
         return cls(
             soft_delete=update(_RULES).where(ids(_RULES.c.id), _RULES.c.deleted == 0).values(**_SOFT_DELETE_VALUES),
             forget_sources=sa.delete(_SOURCES).where(ids(_SOURCES.c.rule_id)),
@@ -469,8 +486,8 @@ class _ListStatements:
                 ids(_SOURCES.c.rule_id)),
             live_by_cidrs=select(*_WIRE_COLUMNS).where(
                 _RULES.c.deleted == 0, _one_of(_RULES.c.cidr, "b_cidrs", sa.String(), postgresql)),
-            retire_by_cidrs=update(_RULES).where(_one_of(_RULES.c.cidr, "b_cidrs", sa.String(), postgresql),
-                                                 _IN_FORCE_AT).values(**_SOFT_DELETE_VALUES).returning(*_WIRE_COLUMNS),
+            retire_by_cidrs=retire_by_cidrs,
+            retire_by_cidrs_forgetting=_forgetting_sources(retire_by_cidrs) if postgresql else None,
             chunk=50_000 if postgresql else 1000)
 
 
@@ -717,7 +734,8 @@ def _run_batched(session: Session, m: _Mutation, steps: Sequence[Step], changes:
 
 def _unblock_batch(session: Session, m: _Mutation, steps: list[tuple[int, "_UnblockStep"]], now: datetime.datetime,
                    outcomes: dict, changes: list[Changes]) -> None:
-    """Unblocks of distinct CIDRs by every source: one UPDATE .. RETURNING per actor, one DELETE of sources."""
+    """Unblocks of distinct CIDRs by every source: one UPDATE .. RETURNING per actor, one DELETE of sources
+    (PostgreSQL: one statement per actor for both, ``_forgetting_sources``)."""
     connection = session.connection()
     lists = _lists(connection)
     generation = m.generation
@@ -726,15 +744,18 @@ def _unblock_batch(session: Session, m: _Mutation, steps: list[tuple[int, "_Unbl
         by_actor.setdefault(step.audit.actor if step.audit else None, []).append(step.cidr)
     m.wrote = True
     found: dict[str, list] = {}
+    retire = lists.retire_by_cidrs_forgetting if lists.retire_by_cidrs_forgetting is not None else \
+        lists.retire_by_cidrs
     for actor, cidrs in by_actor.items():
         for start in range(0, len(cidrs), lists.chunk):
-            for row in connection.execute(lists.retire_by_cidrs, {
+            for row in connection.execute(retire, {
                     "b_cidrs": cidrs[start:start + lists.chunk], "b_now": now, "b_generation": generation,
                     "b_actor": actor}):
                 found.setdefault(row.cidr, []).append(row)
-    ids = [row.id for rows in found.values() for row in rows]
-    for start in range(0, len(ids), lists.chunk):
-        connection.execute(lists.forget_sources, {"b_ids": ids[start:start + lists.chunk]})
+    if lists.retire_by_cidrs_forgetting is None:
+        ids = [row.id for rows in found.values() for row in rows]
+        for start in range(0, len(ids), lists.chunk):
+            connection.execute(lists.forget_sources, {"b_ids": ids[start:start + lists.chunk]})
     for index, step in steps:
         rows = sorted(found.get(step.cidr, ()), key=lambda row: row.id)
         if not rows:
@@ -2077,16 +2098,20 @@ def _destroy_by_cidr_step(cidr: str, audit: Audit | None, source: str | None, se
     generation = m.generation
     connection = session.connection()
     if source is None and connection.dialect.update_returning:
-        # Every source lets go, so every rule found goes: one UPDATE .. RETURNING finds and retires them.
+        # Every source lets go, so every rule found goes: one UPDATE .. RETURNING finds and retires them (on
+        # PostgreSQL, and forgets their sources: _forgetting_sources).
+        postgresql = connection.dialect.name == "postgresql"
         m.wrote = True
-        rows = sorted(connection.execute(_RETIRE_BY_CIDR, {"b_cidr": cidr, "b_now": now, "b_generation": generation,
-                                                           "b_actor": audit.actor if audit else None}).all(),
+        rows = sorted(connection.execute(_RETIRE_BY_CIDR_FORGETTING_PG if postgresql else _RETIRE_BY_CIDR,
+                                         {"b_cidr": cidr, "b_now": now, "b_generation": generation,
+                                          "b_actor": audit.actor if audit else None}).all(),
                       key=lambda row: row.id)
         if not rows:
             # Nothing was written: the UPDATE matched no row.
             m.wrote = False
             raise exception.NotFound(f"no provider firewall rules for {cidr}")
-        connection.execute(_lists(connection).forget_sources, {"b_ids": [row.id for row in rows]})
+        if not postgresql:
+            connection.execute(_lists(connection).forget_sources, {"b_ids": [row.id for row in rows]})
         m.live_delta -= len(rows)
         changes = Changes(generation - 1, generation, [], [rule_of(row) for row in rows])
         _audit(session, audit, "cidr.unblock", generation,
