@@ -63,7 +63,7 @@ from oslo_config import cfg
 
 from provfw import conf as provfw_conf
 from provfw import exception
-from provfw.retrying import retrying
+from provfw.retrying import call_retrying, retrying
 
 LOG = logging.getLogger(__name__)
 
@@ -310,15 +310,16 @@ class FanoutPublisher:
                                       f"{self._down_until - time.monotonic():.1f}s after failed casts")
             if self._conn is not None and time.monotonic() - self._last_used > self.IDLE_REOPEN:
                 self._reset()
+            def publish() -> None:
+                try:
+                    self._ensure_producer().publish(message, routing_key="", retry=False)
+                except self._errors:
+                    self._reset()
+                    raise
+
             try:
-                for attempt in retrying(f"cast {method}", self._errors, attempts=self.max_retries + 1,
-                                        initial=0.2, maximum=5.0, log=LOG):
-                    with attempt:
-                        try:
-                            self._ensure_producer().publish(message, routing_key="", retry=False)
-                        except self._errors:
-                            self._reset()
-                            raise
+                call_retrying(f"cast {method}", publish, self._errors, attempts=self.max_retries + 1,
+                              initial=0.2, maximum=5.0, log=LOG)
             except self._errors:
                 self._down_until = time.monotonic() + self.BUS_DOWN_HOLD
                 raise
