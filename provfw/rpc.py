@@ -310,6 +310,7 @@ class FanoutPublisher:
                                       f"{self._down_until - time.monotonic():.1f}s after failed casts")
             if self._conn is not None and time.monotonic() - self._last_used > self.IDLE_REOPEN:
                 self._reset()
+
             def publish() -> None:
                 try:
                     self._ensure_producer().publish(message, routing_key="", retry=False)
