@@ -14,6 +14,14 @@ eventlet server.  All the servers run at once and take turns under load
 (``--rounds`` slices each, the order rotated every round), so a slow or
 fast minute of the shared machine is spread over all of them.
 
+A second table splits each operation's CPU by process - the server,
+PostgreSQL's backends serving the benchmark's database (pg_stat_activity,
+/proc), the local RabbitMQ's Erlang VM and the load clients (this process)
+- and prints the ceiling that sets: cores / total CPU per operation, the
+ops/s this machine could reach if it ran nothing else and every process
+kept every core busy.  A goal above the ceiling needs less CPU per
+operation, not more processes.
+
     .venv/bin/python benchmarks/bench_api.py [--seconds 15] [--clients 12] [--workers 4] [--threads 4]
 
 Talks only to 127.0.0.1; creates and drops its own PostgreSQL database.
@@ -32,6 +40,8 @@ import subprocess
 import sys
 import threading
 import time
+
+import sqlalchemy as sa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,24 +78,74 @@ def wait_healthy(port: int, proc: subprocess.Popen, log_path: str, timeout: floa
 RUNS = iter(range(1, 1000))
 
 
-def server_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live children (gunicorn's workers), from /proc."""
-    total = 0.0
+def proc_cpu(pids) -> dict[int, float]:
+    """User + system CPU seconds of each process in ``pids`` (all its threads), from /proc; gone ones left out."""
     ticks = os.sysconf("SC_CLK_TCK")
-    pids = [pid]
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            pids += [int(p) for p in handle.read().split()]
-    except OSError:
-        pass
+    found = {}
     for one in pids:
         try:
             with open(f"/proc/{one}/stat") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
+            found[one] = (int(fields[11]) + int(fields[12])) / ticks
         except OSError:
             pass
-    return total
+    return found
+
+
+def server_pids(pid: int) -> list[int]:
+    """``pid`` and its live children (gunicorn's workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [pid, *(int(p) for p in handle.read().split())]
+    except OSError:
+        return [pid]
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live children (gunicorn's workers), from /proc."""
+    return sum(proc_cpu(server_pids(pid)).values())
+
+
+def broker_pids() -> list[int]:
+    """The local RabbitMQ's Erlang VM (``beam.smp``), when it runs on this machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as handle:
+                    if handle.read().strip() == "beam.smp":
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+class Accounting:
+    """CPU seconds of every process a mutation costs, over one slice of load: the server, PostgreSQL's
+    backends serving the benchmark's database, the broker and the load clients (this process).
+
+    Counted per process: one that started during the slice (a new pooled connection, an autovacuum worker)
+    counts whole, one that ended during it is left out (its last seconds cannot be read)."""
+
+    def __init__(self, engine, database: str, pid: int):
+        self.engine, self.database, self.pid = engine, database, pid
+
+    def read(self) -> dict[str, dict]:
+        import resource
+
+        with self.engine.connect() as conn:
+            backends = [row[0] for row in conn.execute(
+                sa.text("SELECT pid FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"),
+                {"d": self.database})]
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {"server": proc_cpu(server_pids(self.pid)), "postgresql": proc_cpu(backends),
+                "broker": proc_cpu(broker_pids()), "client": {0: usage.ru_utime + usage.ru_stime}}
+
+    @staticmethod
+    def spent(before: dict, after: dict) -> dict[str, float]:
+        """Seconds per kind between two ``read()``s."""
+        return {kind: sum(seconds - before[kind].get(pid, 0.0) for pid, seconds in after[kind].items())
+                for kind in before}
 
 
 def client(port: int, token: str, index: int, run: int, stop: threading.Event, latencies: list,
@@ -119,12 +179,13 @@ def client(port: int, token: str, index: int, run: int, stop: threading.Event, l
 
 
 def run_load(port: int, token: str, clients: int, seconds: float, profile: str | None = None,
-             pid: int | None = None) -> dict:
+             pid: int | None = None, accounting: Accounting | None = None) -> dict:
     stop = threading.Event()
     latencies: list[float] = []
     errors: list = []
     run = next(RUNS)
     cpu_before = server_cpu_seconds(pid) if pid else 0.0
+    spent_before = accounting.read() if accounting else None
     threads = [threading.Thread(target=client, args=(port, token, i, run, stop, latencies, errors))
                for i in range(clients)]
     started = time.perf_counter()
@@ -143,7 +204,8 @@ def run_load(port: int, token: str, clients: int, seconds: float, profile: str |
         thread.join(60)
     elapsed = time.perf_counter() - started
     cpu = server_cpu_seconds(pid) - cpu_before if pid else 0.0
-    return {"latencies": latencies, "elapsed": elapsed, "cpu": cpu, "errors": errors}
+    spent = Accounting.spent(spent_before, accounting.read()) if accounting else {}
+    return {"latencies": latencies, "elapsed": elapsed, "cpu": cpu, "errors": errors, "spent": spent}
 
 
 def summarise(slices: list[dict]) -> dict:
@@ -152,8 +214,10 @@ def summarise(slices: list[dict]) -> dict:
     elapsed = sum(one["elapsed"] for one in slices)
     errors = [error for one in slices for error in one["errors"]]
     generations = sum(one.get("generations", 0) for one in slices)
-    return {"ops": len(latencies) / elapsed, "cpu_ms_per_op": 1000.0 * sum(one["cpu"] for one in slices)
-            / max(len(latencies), 1), "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+    ops = max(len(latencies), 1)
+    spent = {key: 1000.0 * sum(one["spent"].get(key, 0.0) for one in slices) / ops for key in slices[0]["spent"]}
+    return {"ops": len(latencies) / elapsed, "cpu_ms_per_op": 1000.0 * sum(one["cpu"] for one in slices) / ops,
+            "spent_ms_per_op": spent, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
             "errors": len(errors), "first_errors": errors[:3],
             "per_generation": len(latencies) / generations if generations else 0.0}
 
@@ -196,6 +260,7 @@ def main() -> None:
     args = parser.parse_args()
 
     database = services.TestDatabase("postgresql")
+    admin = sa.create_engine(services.PG_ADMIN_URL)       # pg_stat_activity: the backends to account
     results = {}
     try:
         migration.db_sync(database.url)
@@ -236,7 +301,8 @@ def main() -> None:
                     port, proc, _, workdir = servers[kind]
                     profile = os.path.join(workdir, f"profile-{round_number}.txt") if args.profile else None
                     before = db.provider_fw_generation_get()
-                    slices[kind].append(run_load(port, token, args.clients, args.seconds / rounds, profile, proc.pid))
+                    slices[kind].append(run_load(port, token, args.clients, args.seconds / rounds, profile, proc.pid,
+                                                 Accounting(admin, database.name, proc.pid)))
                     # Mutations per generation: how many the group commit put in one transaction on average.
                     slices[kind][-1]["generations"] = db.provider_fw_generation_get() - before
             for kind in kinds:
@@ -251,6 +317,7 @@ def main() -> None:
                 if kind == "primer" or not (args.keep or args.profile or results.get(kind, {}).get("errors", 1)):
                     shutil.rmtree(workdir, ignore_errors=True)
     finally:
+        admin.dispose()
         db.dispose()
         database.drop()
 
@@ -267,6 +334,17 @@ def main() -> None:
         ratio = f"{result['ops'] / base:.2f}x" if base else "-"
         print(f"{name:<24}{result['ops']:>10.0f}{result['p50'] * 1000:>8.1f}ms{result['p99'] * 1000:>8.1f}ms"
               f"{result['cpu_ms_per_op']:>8.2f}ms{result['per_generation']:>9.2f}{result['errors']:>8}{ratio:>13}")
+
+    cores = os.cpu_count() or 1
+    print(f"\nCPU per operation by process (user + system, ms), and the ceiling it sets: {cores} cores / total "
+          "CPU per operation, if this machine did nothing else")
+    print(f"{'server':<24}{'server':>10}{'PostgreSQL':>12}{'broker':>10}{'clients':>10}{'total':>10}{'ceiling':>14}")
+    for kind, result in results.items():
+        name = {"gunicorn": gunicorn, "baseline": "baseline (eventlet)"}.get(kind, "eventlet (provfw-api)")
+        spent = result["spent_ms_per_op"]
+        total = sum(spent.values())
+        print(f"{name:<24}{spent['server']:>8.2f}ms{spent['postgresql']:>10.2f}ms{spent['broker']:>8.2f}ms"
+              f"{spent['client']:>8.2f}ms{total:>8.2f}ms{cores * 1000 / total if total else 0:>8.0f} ops/s")
 
 
 if __name__ == "__main__":
