@@ -118,6 +118,41 @@ def test_unknown_and_mistyped_query_parameters_are_named():
     assert schemas.coerce_parameter("limit", "10", {"type": "integer"}) == 10
 
 
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 2**64), st.floats(allow_nan=False),
+                    st.sampled_from(["", "x", "198.51.100.7", "2001:db8::/48", "0.0.0.0/0", "tcp", "icmp", "manual",
+                                     "2026-12-01T00:00:00Z", "2026-12-01T00:00:00", "\x00", "a" * 300]),
+                    st.lists(st.sampled_from(["198.51.100.7", 5, None]), max_size=3), st.just({"a": 1}))
+_DIRECT = sorted(name for name in schemas.SCHEMAS if not schemas._refers(schemas.SCHEMAS[name]))
+
+
+def _refusals(validator, instance) -> list[str]:
+    """Every error, as the refusal it would make, in the order ``schemas._first`` ranks them."""
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (
+        len(e.absolute_path), list(map(str, e.absolute_path)), schemas._RANK.get(str(e.validator), 9),
+        list(map(str, e.relative_schema_path))))
+    return [str(schemas._refusal(error, "body", "field")) for error in errors]
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(_DIRECT), data=st.data())
+def test_a_component_without_references_refuses_exactly_as_through_a_reference(name, data):
+    """``schemas._validator`` validates a component without ``$ref`` as itself (no registry look-up per
+    request); what it answers must be what validating through "#/components/schemas/NAME" answers."""
+    schema = schemas.SCHEMAS[name]
+    fields = sorted(schema.get("properties", {})) + ["unknown"] if isinstance(schema, dict) else ["unknown"]
+    instance = data.draw(st.one_of(_VALUES, st.dictionaries(st.sampled_from(fields), _VALUES, max_size=4)))
+    through_ref = schemas._Validator({"$ref": f"{schemas.BASE_URI}#/components/schemas/{name}"},
+                                     registry=schemas._registry(), format_checker=schemas._FORMATS)
+    assert _refusals(schemas._validator(name), instance) == _refusals(through_ref, instance)
+
+
+def test_components_with_references_still_validate_through_them():
+    referring = [name for name in schemas.SCHEMAS if schemas._refers(schemas.SCHEMAS[name])]
+    assert referring                      # BlockConflict is an anyOf of two references
+    for name in referring:
+        assert "$ref" in schemas._validator(name).schema
+
+
 # --------------------------------------------------------------------------- the schema and provfw.rules agree
 
 def _network(draw_v6: bool, address: int, prefix: int | None) -> str:
