@@ -240,9 +240,10 @@ def start_server(kind: str, config: str, port: int, workers: int, threads: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--clients", type=int, default=12)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=15.0, help="load per server, split into --rounds slices")
+    parser.add_argument("--clients", type=int, default=12, help="concurrent clients, one connection each")
     parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker (1: sync workers)")
     parser.add_argument("--servers", default="eventlet,gunicorn",
@@ -307,7 +308,8 @@ def main() -> None:
                     slices[kind][-1]["generations"] = db.provider_fw_generation_get() - before
             for kind in kinds:
                 results[kind] = summarise(slices[kind])
-                print(f"{kind}: {results[kind]}  (log {servers[kind][2]})", file=sys.stderr)
+                kept = args.keep or args.profile or results[kind]["errors"]
+                print(f"{kind}: {results[kind]}" + (f"  (log {servers[kind][2]})" if kept else ""), file=sys.stderr)
         finally:
             for _, proc, _, _ in servers.values():
                 os.killpg(proc.pid, signal.SIGTERM)
