@@ -101,11 +101,6 @@ def server_pids(pid: int) -> list[int]:
         return [pid]
 
 
-def server_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live children (gunicorn's workers), from /proc."""
-    return sum(proc_cpu(server_pids(pid)).values())
-
-
 def broker_pids() -> list[int]:
     """The local RabbitMQ's Erlang VM (``beam.smp``), when it runs on this machine."""
     found = []
@@ -184,7 +179,6 @@ def run_load(port: int, token: str, clients: int, seconds: float, profile: str |
     latencies: list[float] = []
     errors: list = []
     run = next(RUNS)
-    cpu_before = server_cpu_seconds(pid) if pid else 0.0
     spent_before = accounting.read() if accounting else None
     threads = [threading.Thread(target=client, args=(port, token, i, run, stop, latencies, errors))
                for i in range(clients)]
@@ -203,9 +197,9 @@ def run_load(port: int, token: str, clients: int, seconds: float, profile: str |
     for thread in threads:
         thread.join(60)
     elapsed = time.perf_counter() - started
-    cpu = server_cpu_seconds(pid) - cpu_before if pid else 0.0
     spent = Accounting.spent(spent_before, accounting.read()) if accounting else {}
-    return {"latencies": latencies, "elapsed": elapsed, "cpu": cpu, "errors": errors, "spent": spent}
+    return {"latencies": latencies, "elapsed": elapsed, "cpu": spent.get("server", 0.0), "errors": errors,
+            "spent": spent}
 
 
 def summarise(slices: list[dict]) -> dict:
