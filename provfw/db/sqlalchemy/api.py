@@ -416,8 +416,6 @@ _IN_FORCE_BY_CIDR = (select(*_WIRE_COLUMNS).where(_RULES.c.cidr == sa.bindparam(
 _SOFT_DELETE_VALUES = dict(deleted=_RULES.c.id, deleted_at=sa.bindparam("b_now"),
                            deleted_generation=sa.bindparam("b_generation"), deleted_by=sa.bindparam("b_actor"),
                            updated_at=sa.bindparam("b_now"))
-_RETIRE_BY_CIDR = (update(_RULES).where(_RULES.c.cidr == sa.bindparam("b_cidr"), _IN_FORCE_AT)
-                   .values(**_SOFT_DELETE_VALUES).returning(*_WIRE_COLUMNS))
 
 
 def _forgetting_sources(retire: sa.Update) -> sa.Select:
@@ -430,7 +428,6 @@ def _forgetting_sources(retire: sa.Update) -> sa.Select:
     return select(*retired.c).add_cte(forgot)
 
 
-_RETIRE_BY_CIDR_FORGETTING_PG = _forgetting_sources(_RETIRE_BY_CIDR)
 # Every column: the rows as stored are the API's answer for new rules, without reading them back.
 _INSERT_RULES_RETURNING = _RULES.insert().returning(*_RULES.c, sort_by_parameter_order=True)
 # The new rules' source rows, written by the database from the rule rows just taken (their expires_at
@@ -732,30 +729,39 @@ def _run_batched(session: Session, m: _Mutation, steps: Sequence[Step], changes:
     return outcomes
 
 
+def _retire_cidrs(connection: sa.Connection, cidrs: Sequence[str], now: datetime.datetime, generation: int,
+                  actor: str | None) -> list:
+    """Retire every live rule of ``cidrs`` by every source and forget their source rows; return the rules'
+    wire rows (``_WIRE_COLUMNS``) as they were.  PostgreSQL: one statement per chunk (``_forgetting_sources``);
+    SQLite: an UPDATE .. RETURNING, then the DELETE of the source rows.  Needs ``update_returning``."""
+    lists = _lists(connection)
+    retire = lists.retire_by_cidrs_forgetting if lists.retire_by_cidrs_forgetting is not None else \
+        lists.retire_by_cidrs
+    rows: list = []
+    for start in range(0, len(cidrs), lists.chunk):
+        rows += connection.execute(retire, {"b_cidrs": list(cidrs[start:start + lists.chunk]), "b_now": now,
+                                            "b_generation": generation, "b_actor": actor}).all()
+    if lists.retire_by_cidrs_forgetting is None:
+        ids = [row.id for row in rows]
+        for start in range(0, len(ids), lists.chunk):
+            connection.execute(lists.forget_sources, {"b_ids": ids[start:start + lists.chunk]})
+    return rows
+
+
 def _unblock_batch(session: Session, m: _Mutation, steps: list[tuple[int, "_UnblockStep"]], now: datetime.datetime,
                    outcomes: dict, changes: list[Changes]) -> None:
     """Unblocks of distinct CIDRs by every source: one UPDATE .. RETURNING per actor, one DELETE of sources
     (PostgreSQL: one statement per actor for both, ``_forgetting_sources``)."""
     connection = session.connection()
-    lists = _lists(connection)
     generation = m.generation
     by_actor: dict[str | None, list[str]] = {}
     for _, step in steps:
         by_actor.setdefault(step.audit.actor if step.audit else None, []).append(step.cidr)
     m.wrote = True
     found: dict[str, list] = {}
-    retire = lists.retire_by_cidrs_forgetting if lists.retire_by_cidrs_forgetting is not None else \
-        lists.retire_by_cidrs
     for actor, cidrs in by_actor.items():
-        for start in range(0, len(cidrs), lists.chunk):
-            for row in connection.execute(retire, {
-                    "b_cidrs": cidrs[start:start + lists.chunk], "b_now": now, "b_generation": generation,
-                    "b_actor": actor}):
-                found.setdefault(row.cidr, []).append(row)
-    if lists.retire_by_cidrs_forgetting is None:
-        ids = [row.id for rows in found.values() for row in rows]
-        for start in range(0, len(ids), lists.chunk):
-            connection.execute(lists.forget_sources, {"b_ids": ids[start:start + lists.chunk]})
+        for row in _retire_cidrs(connection, cidrs, now, generation, actor):
+            found.setdefault(row.cidr, []).append(row)
     for index, step in steps:
         rows = sorted(found.get(step.cidr, ()), key=lambda row: row.id)
         if not rows:
@@ -2100,18 +2106,13 @@ def _destroy_by_cidr_step(cidr: str, audit: Audit | None, source: str | None, se
     if source is None and connection.dialect.update_returning:
         # Every source lets go, so every rule found goes: one UPDATE .. RETURNING finds and retires them (on
         # PostgreSQL, and forgets their sources: _forgetting_sources).
-        postgresql = connection.dialect.name == "postgresql"
         m.wrote = True
-        rows = sorted(connection.execute(_RETIRE_BY_CIDR_FORGETTING_PG if postgresql else _RETIRE_BY_CIDR,
-                                         {"b_cidr": cidr, "b_now": now, "b_generation": generation,
-                                          "b_actor": audit.actor if audit else None}).all(),
+        rows = sorted(_retire_cidrs(connection, [cidr], now, generation, audit.actor if audit else None),
                       key=lambda row: row.id)
         if not rows:
             # Nothing was written: the UPDATE matched no row.
             m.wrote = False
             raise exception.NotFound(f"no provider firewall rules for {cidr}")
-        if not postgresql:
-            connection.execute(_lists(connection).forget_sources, {"b_ids": [row.id for row in rows]})
         m.live_delta -= len(rows)
         changes = Changes(generation - 1, generation, [], [rule_of(row) for row in rows])
         _audit(session, audit, "cidr.unblock", generation,
