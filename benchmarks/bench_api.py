@@ -20,7 +20,11 @@ PostgreSQL's backends serving the benchmark's database (pg_stat_activity,
 - and prints the ceiling that sets: cores / total CPU per operation, the
 ops/s this machine could reach if it ran nothing else and every process
 kept every core busy.  A goal above the ceiling needs less CPU per
-operation, not more processes.
+operation, not more processes.  Its last column is the share of the time
+the server held the generation row lock, from the server's own
+``provfw_db_generation_lock_held_seconds`` (scraped from its metrics port
+before and after each slice; ``-`` for a tree without it): near 100 %, the
+next group of mutations was always waiting for the lock.
 
     .venv/bin/python benchmarks/bench_api.py [--seconds 15] [--clients 12] [--workers 4] [--threads 4]
 
@@ -30,6 +34,7 @@ Talks only to 127.0.0.1; creates and drops its own PostgreSQL database.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -40,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import sqlalchemy as sa
 
@@ -143,6 +149,23 @@ class Accounting:
                 for kind in before}
 
 
+def lock_held(metrics_port: int) -> float | None:
+    """Seconds the server has held the generation row lock so far (its metrics' histogram sum), or None when
+    it does not export the metric (a tree from before it) or cannot be scraped."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "provfw_db_generation_lock_held_seconds_sum":
+                return sample.value
+    return None
+
+
 def client(port: int, token: str, index: int, run: int, stop: threading.Event, latencies: list,
            errors: list) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -174,12 +197,13 @@ def client(port: int, token: str, index: int, run: int, stop: threading.Event, l
 
 
 def run_load(port: int, token: str, clients: int, seconds: float, profile: str | None = None,
-             pid: int | None = None, accounting: Accounting | None = None) -> dict:
+             pid: int | None = None, accounting: Accounting | None = None, metrics_port: int | None = None) -> dict:
     stop = threading.Event()
     latencies: list[float] = []
     errors: list = []
     run = next(RUNS)
     spent_before = accounting.read() if accounting else None
+    held_before = lock_held(metrics_port) if metrics_port else None
     threads = [threading.Thread(target=client, args=(port, token, i, run, stop, latencies, errors))
                for i in range(clients)]
     started = time.perf_counter()
@@ -198,8 +222,9 @@ def run_load(port: int, token: str, clients: int, seconds: float, profile: str |
         thread.join(60)
     elapsed = time.perf_counter() - started
     spent = Accounting.spent(spent_before, accounting.read()) if accounting else {}
+    held_after = lock_held(metrics_port) if held_before is not None else None
     return {"latencies": latencies, "elapsed": elapsed, "cpu": spent.get("server", 0.0), "errors": errors,
-            "spent": spent}
+            "spent": spent, "lock_held": None if held_after is None else held_after - held_before}
 
 
 def summarise(slices: list[dict]) -> dict:
@@ -210,7 +235,9 @@ def summarise(slices: list[dict]) -> dict:
     generations = sum(one.get("generations", 0) for one in slices)
     ops = max(len(latencies), 1)
     spent = {key: 1000.0 * sum(one["spent"].get(key, 0.0) for one in slices) / ops for key in slices[0]["spent"]}
+    held = [one.get("lock_held") for one in slices]
     return {"ops": len(latencies) / elapsed, "cpu_ms_per_op": 1000.0 * sum(one["cpu"] for one in slices) / ops,
+            "lock_share": None if None in held else sum(held) / elapsed,
             "spent_ms_per_op": spent, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
             "errors": len(errors), "first_errors": errors[:3],
             "per_generation": len(latencies) / generations if generations else 0.0}
@@ -226,7 +253,11 @@ def start_server(kind: str, config: str, port: int, workers: int, threads: int, 
     elif kind in ("eventlet", "primer"):
         argv = [os.path.join(BIN, "provfw-api"), "--config-file", config]
     else:
-        argv = [os.path.join(BIN, "gunicorn"), "--workers", str(workers), "--worker-class",
+        # Its workers write their metrics to PROMETHEUS_MULTIPROC_DIR, its master serves their sum
+        # (provfw.api.gunicorn_conf, as docs/operations.md runs it).
+        env["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(os.path.dirname(config), "prometheus")
+        argv = [os.path.join(BIN, "gunicorn"), "-c", "python:provfw.api.gunicorn_conf", "--workers", str(workers),
+                "--worker-class",
                 "gthread", "--threads", str(threads), "--bind", f"127.0.0.1:{port}",
                 "--backlog", "256", "--keep-alive", "30", "provfw.api.wsgi_app:application"]
     return subprocess.Popen(argv, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env,
@@ -274,7 +305,7 @@ def main() -> None:
             # primer - an eventlet server loaded first and then left idle, never measured - takes that first
             # load.  (Stopped after its load, it did not: the penalty went to the next server loaded.)
             for kind in ["primer", *kinds]:
-                port = free_port()
+                port, metrics_port = free_port(), free_port()
                 workdir = f"/tmp/provfw-bench-api-{kind}-{os.getpid()}"
                 os.makedirs(workdir, exist_ok=True)
                 config = os.path.join(workdir, "provfw.conf")
@@ -282,22 +313,23 @@ def main() -> None:
                     handle.write(f"[DEFAULT]\nstate_path = {workdir}/state\ntransport_url = {transport}\n"
                                  f"control_exchange = bench-{secrets.token_hex(4)}\n"
                                  f"[database]\nconnection = {database.url}\npool_size = 8\n"
-                                 f"[api]\nbind_port = {port}\n[metrics]\napi_port = 0\n")
+                                 f"[api]\nbind_host = 127.0.0.1\nbind_port = {port}\n"
+                                 f"[metrics]\nbind_host = 127.0.0.1\napi_port = {metrics_port}\n")
                 log_path = os.path.join(workdir, "server.log")
                 servers[kind] = (port, start_server(kind, config, port, args.workers, args.threads, log_path,
-                                                    args.baseline), log_path, workdir)
-            for kind, (port, proc, log_path, _) in servers.items():
+                                                    args.baseline), log_path, workdir, metrics_port)
+            for kind, (port, proc, log_path, _, _) in servers.items():
                 wait_healthy(port, proc, log_path)
                 run_load(port, token, args.clients, 2.0)                    # warm-up: connections, caches
             slices: dict[str, list] = {kind: [] for kind in kinds}
             rounds = max(1, args.rounds)
             for round_number in range(rounds):
                 for kind in kinds[round_number % len(kinds):] + kinds[:round_number % len(kinds)]:
-                    port, proc, _, workdir = servers[kind]
+                    port, proc, _, workdir, metrics_port = servers[kind]
                     profile = os.path.join(workdir, f"profile-{round_number}.txt") if args.profile else None
                     before = db.provider_fw_generation_get()
                     slices[kind].append(run_load(port, token, args.clients, args.seconds / rounds, profile, proc.pid,
-                                                 Accounting(admin, database.name, proc.pid)))
+                                                 Accounting(admin, database.name, proc.pid), metrics_port))
                     # Mutations per generation: how many the group commit put in one transaction on average.
                     slices[kind][-1]["generations"] = db.provider_fw_generation_get() - before
             for kind in kinds:
@@ -305,11 +337,12 @@ def main() -> None:
                 kept = args.keep or args.profile or results[kind]["errors"]
                 print(f"{kind}: {results[kind]}" + (f"  (log {servers[kind][2]})" if kept else ""), file=sys.stderr)
         finally:
-            for _, proc, _, _ in servers.values():
-                os.killpg(proc.pid, signal.SIGTERM)
-            for _, proc, _, _ in servers.values():
+            for _, proc, _, _, _ in servers.values():
+                with contextlib.suppress(ProcessLookupError):     # one that exited early: its log says why
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for _, proc, _, _, _ in servers.values():
                 proc.wait(20)
-            for kind, (_, _, _, workdir) in servers.items():
+            for kind, (_, _, _, workdir, _) in servers.items():
                 if kind == "primer" or not (args.keep or args.profile or results.get(kind, {}).get("errors", 1)):
                     shutil.rmtree(workdir, ignore_errors=True)
     finally:
@@ -334,13 +367,16 @@ def main() -> None:
     cores = os.cpu_count() or 1
     print(f"\nCPU per operation by process (user + system, ms), and the ceiling it sets: {cores} cores / total "
           "CPU per operation, if this machine did nothing else")
-    print(f"{'server':<24}{'server':>10}{'PostgreSQL':>12}{'broker':>10}{'clients':>10}{'total':>10}{'ceiling':>14}")
+    print(f"{'server':<24}{'server':>10}{'PostgreSQL':>12}{'broker':>10}{'clients':>10}{'total':>10}{'ceiling':>14}"
+          f"{'lock held':>11}")
     for kind, result in results.items():
         name = {"gunicorn": gunicorn, "baseline": "baseline (eventlet)"}.get(kind, "eventlet (provfw-api)")
         spent = result["spent_ms_per_op"]
         total = sum(spent.values())
+        share = "-" if result["lock_share"] is None else f"{100 * result['lock_share']:.0f} %"
         print(f"{name:<24}{spent['server']:>8.2f}ms{spent['postgresql']:>10.2f}ms{spent['broker']:>8.2f}ms"
-              f"{spent['client']:>8.2f}ms{total:>8.2f}ms{cores * 1000 / total if total else 0:>8.0f} ops/s")
+              f"{spent['client']:>8.2f}ms{total:>8.2f}ms{cores * 1000 / total if total else 0:>8.0f} ops/s"
+              f"{share:>11}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,17 @@ DB_GROUP_COMMIT_MUTATIONS = Histogram(
     "provfw_db_group_commit_mutations",
     "Mutations that shared one transaction, generation and cast (the API's group commit; 1 when one ran alone).",
     buckets=(1, 2, 4, 8, 16, 32, 64), registry=CONTROL)
+DB_GENERATION_LOCK_WAIT_SECONDS = Histogram(
+    "provfw_db_generation_lock_wait_seconds",
+    "Time a mutation's first statement took to take the generation row lock: the round trip, plus the wait "
+    "while another transaction (another API process, the conductor) held it.",
+    buckets=REQUEST_BUCKETS, registry=CONTROL)
+DB_GENERATION_LOCK_HELD_SECONDS = Histogram(
+    "provfw_db_generation_lock_held_seconds",
+    "Time from taking the generation row lock to the end of the transaction (COMMIT or ROLLBACK). Every "
+    "mutation holds it, so rate() of the _sum is the fraction of time this process held it: near 1, "
+    "mutations are bound by the lock.",
+    buckets=REQUEST_BUCKETS, registry=CONTROL)
 DB_DEADLOCKS = Counter(
     "provfw_db_deadlocks",
     "Database transactions the server rolled back for a deadlock or serialisation failure, by operation "

@@ -17,6 +17,10 @@ by the server, so it is run again from its first statement (oslo.db's
 backoff; then ``DBDeadlock`` (503).  Errors are told by code, never by text.
 Audit lines reach the ``provfw.audit`` logger only after their transaction
 committed, so a retried or rolled-back change is never logged as made.
+How long each transaction waited for the generation row lock and held it
+goes to ``provfw_db_generation_lock_wait_seconds`` and ``..._held_seconds``
+(``_generation_locked``, ``_generation_released``): the held sum's rate is
+the share of time mutations were serialised behind this process.
 
 Thread-safety: the engine and sessionmaker are process-wide and thread-safe;
 each function opens its own session.
@@ -302,15 +306,33 @@ def _write_audit_rows(session: Session) -> None:
 
 @event.listens_for(Session, "after_commit")
 def _log_audit_lines(session: Session) -> None:
+    _generation_released(session)
     for line in session.info.pop("audit_lines", ()):
         AUDIT_LOG.info(line)
 
 
 @event.listens_for(Session, "after_rollback")
 def _drop_audit_lines(session: Session) -> None:
+    _generation_released(session)
     session.info.pop("audit_lines", None)
     session.info.pop("audit_rows", None)
     session.info.pop("live_delta", None)
+
+
+def _generation_locked(session: Session, asked: float) -> None:
+    """The statement asked at ``asked`` (``time.monotonic()``) holds the generation row lock now: observe how
+    long taking it took, and start the hold that ``_generation_released`` observes at COMMIT or ROLLBACK.
+    The first take of a transaction counts (the expiry purge locks the row, then bumps it)."""
+    if "generation_locked" not in session.info:
+        now = time.monotonic()
+        session.info["generation_locked"] = now
+        metrics.DB_GENERATION_LOCK_WAIT_SECONDS.observe(now - asked)
+
+
+def _generation_released(session: Session) -> None:
+    locked = session.info.pop("generation_locked", None)
+    if locked is not None:
+        metrics.DB_GENERATION_LOCK_HELD_SECONDS.observe(time.monotonic() - locked)
 
 
 # --------------------------------------------------------------------------- values
@@ -495,14 +517,18 @@ def _lists(connection: sa.Connection) -> _ListStatements:
     return _LISTS[connection.dialect.name == "postgresql"]
 
 
-def _bump_generation(session: Session, begin: bool = False) -> tuple[int, int]:
+def _bump_generation(session: Session, begin: bool = False, asked: float | None = None) -> tuple[int, int]:
     """Take the generation row lock; return (new generation, live rules).
 
     The first statement of every mutation: from here to COMMIT the row lock
     serialises mutations, so everything after it runs as few statements as
     possible (Core statements, RETURNING where the database has it).
-    ``begin``: send BEGIN with it (``_riding_transaction``).
+    ``begin``: send BEGIN with it (``_riding_transaction``).  ``asked``: the
+    ``time.monotonic()`` at which the transaction began asking for the lock
+    (default: now), so that a BEGIN that waits for it - SQLite's IMMEDIATE,
+    sent when the session first connects - counts in the lock's wait metric.
     """
+    asked = time.monotonic() if asked is None else asked
     connection = session.connection()
     if begin:
         row = connection.execute(_BEGIN_AND_BUMP_PG, {"b_now": _now()}).first()
@@ -513,6 +539,7 @@ def _bump_generation(session: Session, begin: bool = False) -> tuple[int, int]:
             connection.execute(_GENERATION_ROW).first()
     if row is None:
         raise exception.ProvfwError("provider_fw_generation row missing: run 'provfw-manage db sync'")
+    _generation_locked(session, asked)
     return row[0], row[1]
 
 
@@ -639,8 +666,9 @@ def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
     changes: list[Changes] = []
     with _session() as session:
         try:
+            asked = time.monotonic()
             with session.begin(), _riding_transaction(session) as riding:
-                m = _Mutation(*_bump_generation(session, begin=riding))
+                m = _Mutation(*_bump_generation(session, begin=riding, asked=asked))
                 batched = _run_batched(session, m, steps, changes) if len(steps) > 1 else {}
                 outcomes = [batched.get(index) for index in range(len(steps))]
                 for index, step in enumerate(steps):
@@ -2151,7 +2179,9 @@ def provider_fw_rule_purge_expired(now: datetime.datetime | None = None, older_t
     cutoff = now - (older_than or datetime.timedelta(0))
     s = ProviderFirewallRuleSource
     with _session() as session, session.begin():
+        asked = time.monotonic()
         session.execute(select(FirewallGeneration.generation).where(FirewallGeneration.id == 1).with_for_update())
+        _generation_locked(session, asked)
         rows = session.execute(select(*_WIRE_COLUMNS).where(
             _live(), ProviderFirewallRule.expires_at.is_not(None), ProviderFirewallRule.expires_at <= cutoff)).all()
         lapsed = session.execute(sa.delete(s).where(s.expires_at.is_not(None), s.expires_at <= cutoff)
