@@ -98,8 +98,9 @@ DB_GROUP_COMMIT_MUTATIONS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64), registry=CONTROL)
 DB_GENERATION_LOCK_WAIT_SECONDS = Histogram(
     "provfw_db_generation_lock_wait_seconds",
-    "Time a mutation's first statement took to take the generation row lock: the round trip, plus the wait "
-    "while another transaction (another API process, the conductor) held it.",
+    "Time a transaction that changes the rule set took to hold the generation row lock, from asking for its "
+    "connection: the pool checkout, BEGIN, the first statement's round trip, and any wait while another "
+    "transaction (another API process, the conductor) held the lock.",
     buckets=REQUEST_BUCKETS, registry=CONTROL)
 DB_GENERATION_LOCK_HELD_SECONDS = Histogram(
     "provfw_db_generation_lock_held_seconds",
