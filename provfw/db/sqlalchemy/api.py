@@ -305,14 +305,16 @@ def _write_audit_rows(session: Session) -> None:
 
 
 @event.listens_for(Session, "after_commit")
-def _log_audit_lines(session: Session) -> None:
+def _after_commit(session: Session) -> None:
+    """The transaction committed: end its hold of the generation row lock, log its audit lines."""
     _generation_released(session)
     for line in session.info.pop("audit_lines", ()):
         AUDIT_LOG.info(line)
 
 
 @event.listens_for(Session, "after_rollback")
-def _drop_audit_lines(session: Session) -> None:
+def _after_rollback(session: Session) -> None:
+    """The transaction rolled back: end its hold of the lock, drop what it would have audited and counted."""
     _generation_released(session)
     session.info.pop("audit_lines", None)
     session.info.pop("audit_rows", None)
@@ -563,7 +565,7 @@ def _audit(session: Session, audit: Audit | None, action: str, generation: int |
     session.info.setdefault("audit_rows", []).append({
         "actor": audit.actor, "request_id": audit.request_id, "action": action, "generation": generation,
         "detail": json.dumps(detail, default=str, sort_keys=True)})
-    # Logged by _log_audit_lines once the transaction committed.
+    # Logged by _after_commit once the transaction committed.
     session.info.setdefault("audit_lines", []).append(
         json.dumps({"actor": audit.actor, "request_id": audit.request_id, "action": action,
                     "generation": generation, **detail}, default=str, sort_keys=True))
