@@ -210,6 +210,11 @@ rabbit_opts = [
     cfg.StrOpt("ssl_ca_file", default=None, help="CA bundle that signs the brokers' certificates."),
     cfg.StrOpt("ssl_cert_file", default=None, help="Client certificate (for brokers that require one)."),
     cfg.StrOpt("ssl_key_file", default=None, help="Private key of the client certificate."),
+    cfg.BoolOpt("ssl_check_hostname", default=True,
+                help="Check that each broker's certificate is for the host transport_url names for it (an IP "
+                     "address must be in the certificate's subjectAltName), on failover too. Off: the chain is "
+                     "still checked against ssl_ca_file, but a certificate that CA signed for any other host is "
+                     "accepted too. kombu connects to 'localhost' as 127.0.0.1 and checks that name."),
 ]
 
 sets_opts = [

@@ -32,7 +32,8 @@ Topology, with ``control_exchange = provfw`` (oslo.messaging's shapes)::
 * Transports are chosen by URL: ``rabbit://`` (oslo.messaging's scheme, also
   comma-separated multi-host ``rabbit://u:p@h1:5672,u:p@h2:5672//``, turned into
   kombu failover alternates), kombu's own schemes, and ``memory://`` (the
-  all-in-one's in-process bus).  TLS options come from ``[oslo_messaging_rabbit]``.
+  all-in-one's in-process bus).  TLS options come from ``[oslo_messaging_rabbit]``; each broker's certificate is checked
+  against the host name the URL gives for it (``_failover``).
 
 Wire format: requests and casts are JSON objects ``{"version", "method", "args",
 "msg_id", "sent_at"}``; replies are zlib-compressed JSON (``REPLY_CONTENT_TYPE``) so
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import re
@@ -55,7 +57,7 @@ import threading
 import time
 import uuid
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import kombu
 import kombu.exceptions
@@ -197,6 +199,10 @@ def _ssl_options(conf: cfg.ConfigOpts) -> dict | bool:
         return False
     import ssl as ssl_mod
     options: dict = {"cert_reqs": ssl_mod.CERT_REQUIRED}
+    if group.ssl_check_hostname:
+        # None: kombu checks each broker's certificate against the host name transport_url gives for it
+        # (kombu's pyamqp transport, celery/kombu#1366); _failover makes that hold for every broker.
+        options["server_hostname"] = None
     if group.ssl_ca_file:
         options["ca_certs"] = group.ssl_ca_file
     if group.ssl_cert_file:
@@ -204,6 +210,22 @@ def _ssl_options(conf: cfg.ConfigOpts) -> dict | bool:
     if group.ssl_key_file:
         options["keyfile"] = group.ssl_key_file
     return options
+
+
+def _failover(tls: dict | bool) -> Callable[[list[str]], Iterator[str]]:
+    """kombu's ``round-robin`` failover over the brokers, checking each one's certificate against its own name.
+
+    kombu fills ``ssl["server_hostname"] = None`` in with the host it is about to connect to and keeps that
+    name in the dict it passes for every later broker (``establish_connection`` in kombu's pyamqp transport),
+    so once the first broker was tried, the next one's certificate would be checked against the first one's
+    name. The name is forgotten before each switch, and kombu fills in the next broker's.
+    """
+    def strategy(urls: list[str]) -> Iterator[str]:
+        for url in itertools.cycle(urls):
+            if isinstance(tls, dict) and "server_hostname" in tls:
+                tls["server_hostname"] = None
+            yield url
+    return strategy
 
 
 def connection(conf: cfg.ConfigOpts = provfw_conf.CONF, url: str | None = None) -> kombu.Connection:
@@ -215,8 +237,9 @@ def connection(conf: cfg.ConfigOpts = provfw_conf.CONF, url: str | None = None) 
         return kombu.Connection(first, transport_options={"polling_interval": 0.01})
     options = {"confirm_publish": True} if first.startswith(("amqp", "pyamqp")) else {}
     # heartbeat lets a consumer notice a dead broker even when no message arrives.
-    return kombu.Connection(";".join(urls), heartbeat=HEARTBEAT, connect_timeout=2, ssl=_ssl_options(conf),
-                            transport_options=options, failover_strategy="round-robin")
+    tls = _ssl_options(conf)
+    return kombu.Connection(";".join(urls), heartbeat=HEARTBEAT, connect_timeout=2, ssl=tls,
+                            transport_options=options, failover_strategy=_failover(tls))
 
 
 def bus_errors(conf: cfg.ConfigOpts = provfw_conf.CONF, url: str | None = None) -> tuple:

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iptables ipset nftables iproute2 iputils-ping iperf3 procps
+APT_PACKAGES=(iptables ipset nftables iproute2 iputils-ping iperf3 procps socat openssl
               libvirt-daemon libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
               python3-venv python3-dev gcc systemd)
 
