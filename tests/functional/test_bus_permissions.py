@@ -201,3 +201,34 @@ def test_the_conductor_acknowledges_requests_but_not_the_reports_it_is_cast(conf
     finally:
         client.close()
     assert db.service_get("hv1").applied_generation == 3
+
+
+def test_a_custom_compute_user_prefix_names_the_users_and_decides_which_host_a_report_speaks_for(
+        conf, sqlite_db, caplog):
+    """``[conductor] compute_user_prefix``, set for provfw-manage and the conductor alike: the user it names
+    reports for its host; a user named with the default prefix is no compute user to this conductor."""
+    with RabbitVhost(compute_user_prefix="acme-hv-") as vhost:
+        _, control_url = vhost.create_user("control")
+        named, hv5_url = vhost.create_user("compute", host="hv5")
+        _, hv6_url = vhost.create_user("compute", host="hv6", user="provfw-compute-hv6")
+        assert named == "acme-hv-hv5"
+        conf.set_override("compute_user_prefix", "acme-hv-", group="conductor")
+        conf.set_override("transport_url", control_url)
+        conf.set_override("report_flush_interval", 0.1, group="conductor")
+        conductor = ConductorThread(conf)
+        try:
+            with caplog.at_level(logging.WARNING, logger="provfw.conductor.manager"):
+                for host, url in (("hv5", hv5_url), ("hv6", hv6_url)):
+                    client = rpc.RpcClient(host, conf, url=url)
+                    try:
+                        client.cast("report_provider_fw_state", host=host, applied_generation=1, rule_count=0)
+                    finally:
+                        client.close()
+                assert wait_until(lambda: db.service_get("hv5") is not None
+                                  and conductor.stats["rejected_reports"] >= 1, 10) is not None
+        finally:
+            conductor.stop()
+    assert db.service_get("hv5").bus_user == "acme-hv-hv5"
+    assert db.service_get("hv6") is None
+    assert any("'provfw-compute-hv6', which is not a compute user (acme-hv-<host>)" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

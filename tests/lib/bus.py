@@ -35,11 +35,12 @@ def rabbitmqctl(*args: str, stdin: str | None = None, check: bool = True) -> sub
 class RabbitVhost:
     """A vhost of its own on the real broker, with users created through provfw-manage."""
 
-    def __init__(self, control_exchange: str = "provfw"):
+    def __init__(self, control_exchange: str = "provfw", compute_user_prefix: str = "provfw-compute-"):
         services.require_rabbitmq()
         services.require_tools("rabbitmqctl")
         self.name = f"provfw-test-{secrets.token_hex(4)}"
         self.control_exchange = control_exchange
+        self.compute_user_prefix = compute_user_prefix
         self.users: list[str] = []
         self._dir = tempfile.mkdtemp(prefix="provfw-bus-")
         rabbitmqctl("add_vhost", self.name)
@@ -54,11 +55,13 @@ class RabbitVhost:
     def _manage_config(self) -> str:
         path = os.path.join(self._dir, "manage.conf")
         with open(path, "w") as handle:
-            handle.write(f"[DEFAULT]\ncontrol_exchange = {self.control_exchange}\n")
+            handle.write(f"[DEFAULT]\ncontrol_exchange = {self.control_exchange}\n"
+                         f"[conductor]\ncompute_user_prefix = {self.compute_user_prefix}\n")
         return path
 
     def create_user(self, role: str, host: str | None = None, user: str | None = None) -> tuple[str, str]:
-        """Create a bus user with ``provfw-manage bus create-user``; return (user, url)."""
+        """Create a bus user with ``provfw-manage bus create-user``; return (user, url).  A compute user without
+        ``user`` is named by provfw-manage: ``compute_user_prefix`` + host."""
         password = secrets.token_urlsafe(16)
         password_file = os.path.join(self._dir, f"pw-{secrets.token_hex(3)}")
         with open(password_file, "w") as handle:
@@ -67,8 +70,11 @@ class RabbitVhost:
                 "--role", role, "--vhost", self.name, "--password-file", password_file]
         if host:
             args += ["--host", host]
-        name = user or (f"provfw-compute-{host}" if role == "compute" else f"provfw-control-{secrets.token_hex(3)}")
-        args += ["--user", name]
+        if role == "compute" and not user:
+            name = f"{self.compute_user_prefix}{host}"
+        else:
+            name = user or f"provfw-control-{secrets.token_hex(3)}"
+            args += ["--user", name]
         result = subprocess.run(args, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             raise RuntimeError(f"provfw-manage bus create-user failed: {result.stderr}")
