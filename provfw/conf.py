@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import os
+import re
 import socket
 
 from oslo_config import cfg
@@ -257,6 +258,38 @@ def parse_args(argv=None, conf: cfg.ConfigOpts = CONF, default_config_files=None
         default_config_files = [p for p in ("/etc/provfw/provfw.conf",) if os.path.exists(p)]
     conf(argv, project="provfw", default_config_files=default_config_files)
     return conf
+
+
+def check_values(conf: cfg.ConfigOpts = CONF) -> None:
+    """Read every registered option once; cfg.Error naming the option and its file when a value is malformed.
+
+    oslo.config converts a value when it is first read, so without this a bad ``bind_port`` or an unknown choice
+    would fail whichever request or loop read it first, long after the daemon started.  ``use_journal`` needs
+    the systemd bindings, which oslo.log only finds missing with a traceback: ConfigError says so here.
+    """
+    def read(group: str | None, option: str):
+        try:
+            return (conf[group] if group else conf)[option]
+        except cfg.ConfigFileValueError as exc:
+            # oslo.config's text names the option's location as a LocationInfo repr: say it as people do.
+            where = re.search(r"detail='([^']*)'", str(exc))
+            source = f" in {where.group(1)}" if where else ""
+            reason = str(exc).split(" is not valid: ", 1)[-1]
+            raise exception.ConfigError(f"[{group or 'DEFAULT'}] {option}{source} is not valid: {reason}") from None
+
+    for name in conf:                                    # options of [DEFAULT] and the names of groups
+        value = read(None, name)
+        if isinstance(value, cfg.ConfigOpts.GroupAttr):
+            for option in value:
+                read(name, option)
+    if conf.use_journal:
+        try:
+            import systemd.journal  # noqa: F401 - only whether it imports
+        except ImportError:
+            raise exception.ConfigError("use_journal = true needs the systemd bindings: install the 'journal' "
+                                        "extra (pip install 'provfw[journal]'; building systemd-python needs "
+                                        "libsystemd-dev and pkg-config), or log to stdout, which journald "
+                                        "captures under systemd") from None
 
 
 CONFIG_FILE_ENV = "PROVFW_CONFIG_FILE"

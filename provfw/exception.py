@@ -206,6 +206,13 @@ class DatabaseUnavailable(ProvfwError):
     code = 503
 
 
+class SchemaNotReady(ProvfwError):
+    """The database answers, but without provfw's schema or with one older than this release; waiting will not
+    change that: ``provfw-manage db sync`` does."""
+
+    code = 503
+
+
 class DBDeadlock(ProvfwError):
     """A transaction kept losing lock races (deadlock, serialisation failure) after every retry."""
 

@@ -112,10 +112,11 @@ class AdminController:
 
     def health(self, request, context):
         """200 ``{"status": "ok", "generation": N}``; 503 ``{"status": "unavailable", "reason": "..."}`` when
-        the database cannot be reached (the reason names the failure's type; details go to the log)."""
+        the database cannot be reached or has no provfw schema (the reason names the failure's type; details go
+        to the log)."""
         try:
             generation = db.ping()
-        except exception.DatabaseUnavailable as exc:
+        except (exception.DatabaseUnavailable, exception.SchemaNotReady) as exc:
             LOG.warning("health check: %s: %s", exc.message, exc.__cause__)
             return wsgi.json_response({"status": "unavailable", "reason": exc.message}, 503)
         return wsgi.json_response({"status": "ok", "generation": generation})

@@ -28,7 +28,10 @@ def init_application(config_files: list[str] | None = None):
 
     ``config_files`` default to ``provfw.conf.config_files_from_env()``, then to
     /etc/provfw/provfw.conf if it exists.  Raises oslo.config errors for a
-    missing or invalid file (the server then refuses to start the worker).
+    missing or invalid file and ConfigError for a malformed value
+    (``provfw.conf.check_values``): the server then refuses to start the
+    worker.  The schema is not checked here (no I/O at import): until
+    ``provfw-manage db sync`` has run, ``/healthz`` answers 503 saying so.
     """
     from provfw.api import router
     from provfw.cmd import common
@@ -36,6 +39,7 @@ def init_application(config_files: list[str] | None = None):
 
     files = config_files if config_files is not None else provfw_conf.config_files_from_env()
     provfw_conf.parse_args([arg for path in files for arg in ("--config-file", path)])
+    provfw_conf.check_values()
     common.setup_logging()
     db.configure(provfw_conf.database_url(), provfw_conf.CONF.database.pool_size)
     return router.build_app(provfw_conf.CONF)

@@ -13,10 +13,13 @@ systemd).  The ``[api] audit_log`` file is one more handler, on the
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 
+from oslo_config import cfg
 from oslo_log import log as oslo_log
 
 import provfw
@@ -58,11 +61,20 @@ def setup_logging(conf=CONF) -> None:
 def prepare(argv=None, database: bool = True) -> None:
     """Parse config and set up logging; with ``database``, point the db layer at the configured database.
 
+    A configuration that cannot be read - a missing or malformed file, a bad value (``check_values``) - is
+    one line on stderr and exit status 2, not a traceback.
+
     Only provfw-api, provfw-conductor, provfw-manage and the all-in-one pass
     ``database=True``; the db layer is imported only then, so a compute
     worker never loads it (nor a database driver).
     """
-    provfw_conf.parse_args(argv)
+    try:
+        provfw_conf.parse_args(argv)
+        provfw_conf.check_values()
+    except (cfg.Error, exception.ConfigError) as exc:
+        # Logging is not set up yet (its options are what failed to parse): one line on stderr, exit 2.
+        print(f"{os.path.basename(sys.argv[0]) or 'provfw'}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     setup_logging()
     if database:
         import eventlet.patcher
@@ -87,10 +99,26 @@ def wait_for_database(what: str, stop: threading.Event | SignalFlag | None = Non
 
     Retries with backoff (0.5 s to 10 s) while it is unreachable, telling
     systemd why in ``STATUS=`` (``systemctl status`` shows it), so READY=1 is
-    only ever sent by a daemon that can reach its database.  A schema that
-    was never migrated is not retried: the error propagates.
+    only ever sent by a daemon that can reach its database.  A database
+    without provfw's schema, or with one older than this release, is not
+    waited for - only ``provfw-manage db sync`` changes that: the daemon
+    logs one line saying what to run (and tells systemd) and exits 1.  A
+    schema newer than this release (a rolling upgrade migrated first) is
+    logged and accepted.
     """
+    try:
+        return _wait_for_database(what, stop)
+    except exception.SchemaNotReady as exc:
+        failure = exc
+    # Logged after the except block: oslo.log appends the exception being handled to an ERROR line.
+    LOG.error("%s: %s", what, failure.message)
+    systemd.notify(f"STATUS={failure.message}")
+    raise SystemExit(1)
+
+
+def _wait_for_database(what: str, stop: threading.Event | SignalFlag | None) -> int:
     from provfw.db import api as db
+    from provfw.db import migration
 
     def probe() -> int:
         try:
@@ -99,8 +127,16 @@ def wait_for_database(what: str, stop: threading.Event | SignalFlag | None = Non
             systemd.notify(f"STATUS=waiting for the database: {exc.message}")
             raise
 
-    return retrying(f"{what}: reaching the database", exception.DatabaseUnavailable, initial=0.5, maximum=10.0,
-                    stop_event=stop, log=LOG)(probe)
+    generation = retrying(f"{what}: reaching the database", exception.DatabaseUnavailable, initial=0.5,
+                          maximum=10.0, stop_event=stop, log=LOG)(probe)
+    current = migration.db_version(provfw_conf.database_url())
+    if migration.schema_behind(current):
+        raise exception.SchemaNotReady(f"the schema is at {current or '(empty)'}, this release's at "
+                                       f"{migration.head_revision()}: run 'provfw-manage db sync'")
+    if current != migration.head_revision():
+        LOG.warning("%s: the schema is at %s, which this release (at %s) does not know: a newer release "
+                    "migrated it; running on", what, current, migration.head_revision())
+    return generation
 
 
 POLL = 0.1      # seconds: how soon a loop waiting on a SignalFlag sees a signal

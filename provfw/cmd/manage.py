@@ -268,7 +268,8 @@ def main(argv=None) -> int:
     args = _command_args(rest)
     try:
         provfw_conf.parse_args(conf_args)
-    except cfg.Error as exc:
+        provfw_conf.check_values()
+    except (cfg.Error, exception.ConfigError) as exc:
         print(f"provfw-manage: {exc}", file=sys.stderr)
         return 2
     # A command-line tool: its answers go to stdout (scripts capture them, e.g. a token's secret),

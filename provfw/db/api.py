@@ -216,7 +216,8 @@ def provider_fw_metrics_read(binary="provfw-compute"):
 
 
 def ping():
-    """The current generation; DatabaseUnavailable (503) when the database cannot be reached."""
+    """The current generation; DatabaseUnavailable (503) when the database cannot be reached, SchemaNotReady (503)
+    when it answers without provfw's tables."""
     return IMPL.ping()
 
 

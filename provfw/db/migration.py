@@ -9,6 +9,7 @@ the same directory for developers who run ``alembic`` by hand.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from alembic import command
@@ -50,8 +51,26 @@ def db_version(url: str) -> str | None:
 
     from provfw.db.sqlalchemy.api import create_engine
     engine = create_engine(url)
+    # MigrationContext logs its dialect at INFO ("Context impl ...") each time: noise in a daemon's start.
+    quiet = logging.getLogger("alembic.runtime.migration")
+    level = quiet.level
+    quiet.setLevel(max(level, logging.WARNING))
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
+        quiet.setLevel(level)
         engine.dispose()
+
+
+def schema_behind(current: str | None) -> bool:
+    """Whether a schema at ``current`` (``db_version``) lacks migrations of this release: empty, or at one of this
+    release's revisions before its head.  A revision this release does not know is a newer release's (a
+    rolling upgrade migrated first): not behind."""
+    from alembic.script import ScriptDirectory
+
+    if current is None:
+        return True
+    scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    known = {revision.revision for revision in scripts.walk_revisions()}
+    return current in known and current != scripts.get_current_head()

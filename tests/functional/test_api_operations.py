@@ -126,6 +126,14 @@ def test_health_answers_ok_with_the_generation(app):
     assert response.status_int == 200 and response.json == {"status": "ok", "generation": 0}
 
 
+def test_health_answers_503_naming_a_database_without_the_schema(app, tmp_path):
+    db.configure(f"sqlite:///{tmp_path}/never-synced.sqlite")           # reachable, no tables
+    response = call(app, "GET", "/healthz")
+    assert response.status_int == 503
+    assert response.json == {"status": "unavailable",
+                             "reason": "the database has no provfw schema: run 'provfw-manage db sync'"}
+
+
 def scrape(collector) -> dict:
     registry = metrics.registry_for()
     registry.register(collector)

@@ -2229,13 +2229,30 @@ def provider_fw_generation_get() -> int:
 
 
 def ping() -> int:
-    """The current generation; DatabaseUnavailable when the database cannot be reached or answer."""
+    """The current generation.
+
+    DatabaseUnavailable when the database cannot be reached or answer; SchemaNotReady when it answers but has no
+    provfw tables (SQLite reports a missing table as an OperationalError, PostgreSQL and MariaDB as a
+    ProgrammingError, so the table is looked for before blaming the connection).
+    """
     try:
         return _current_generation()
-    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+    except (sa_exc.OperationalError, sa_exc.ProgrammingError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+        if _generation_table_missing():
+            raise exception.SchemaNotReady("the database has no provfw schema: run 'provfw-manage db sync'") from exc
+        if isinstance(exc, sa_exc.ProgrammingError):
+            raise
         # The type names what failed; the driver's text (host, port, user) stays in the caller's log.
         cause = getattr(exc, "orig", None) or exc
         raise exception.DatabaseUnavailable(f"database unreachable ({type(cause).__name__})") from exc
+
+
+def _generation_table_missing() -> bool:
+    """True when the database answers and has no generation table; False when it has one or cannot answer."""
+    try:
+        return not sa.inspect(get_engine()).has_table(FirewallGeneration.__tablename__)
+    except sa_exc.SQLAlchemyError:
+        return False
 
 
 def _all_tuples(connection: sa.Connection, statement) -> Sequence[tuple]:

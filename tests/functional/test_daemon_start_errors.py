@@ -1,0 +1,115 @@
+"""What the daemons and provfw-manage say when they cannot start: one line naming the problem and what to do,
+an exit status a unit or a script can act on, never a traceback.
+
+* A configuration that cannot be read (missing or malformed file, a malformed value, ``use_journal`` without
+  the systemd bindings): ``<program>: <what>`` on stderr, exit status 2, before anything is started.
+* A database without provfw's schema, or with one older than this release: provfw-api and provfw-conductor
+  log ``run 'provfw-manage db sync'`` and exit 1 at once, instead of retrying forever as if the database were
+  down (SQLite reports a missing table as an OperationalError) or ending in SQLAlchemy's traceback
+  (PostgreSQL, MariaDB).
+
+Every daemon runs as a subprocess of the installed entry point, against real databases.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from provfw.db import migration
+from tests.lib import services
+
+pytestmark = pytest.mark.functional
+
+BIN = os.path.dirname(sys.executable)
+DAEMONS = ("provfw-api", "provfw-conductor", "provfw-compute", "provfw-all-in-one")
+
+
+def run(program: str, config, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    result = subprocess.run([os.path.join(BIN, program), "--config-file", str(config), *args], capture_output=True,
+                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return result, time.monotonic() - started
+
+
+def write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def base(tmp_path) -> str:
+    """Nothing that could bind a shared port or touch this host's firewall, should a daemon get that far."""
+    return (f"[DEFAULT]\nstate_path = {tmp_path}/state\n[api]\nbind_port = 0\n[metrics]\napi_port = 0\n"
+            "conductor_port = 0\ncompute_port = 0\n[compute]\nfirewall_driver = noop\n")
+
+
+def assert_one_line(result: subprocess.CompletedProcess, program: str, status: int, *words: str) -> None:
+    assert result.returncode == status, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{program}: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("program", [*DAEMONS, "provfw-manage"])
+def test_a_malformed_value_stops_every_program_at_start_naming_the_option_and_file(program, tmp_path):
+    config = write(tmp_path / "bad.conf", base(tmp_path).replace("bind_port = 0", "bind_port = eighty"))
+    result, _ = run(program, config, *(["db", "version"] if program == "provfw-manage" else []))
+    assert_one_line(result, program, 2, "[api] bind_port", str(config), "invalid literal for int()")
+
+
+@pytest.mark.parametrize("case", ["missing file", "malformed file", "unknown choice"])
+def test_a_configuration_that_cannot_be_read_is_one_line_and_status_two(case, tmp_path):
+    if case == "missing file":
+        config, words = tmp_path / "absent.conf", ("Failed to find some config files", "absent.conf")
+    elif case == "malformed file":
+        config = write(tmp_path / "broken.conf", "[DEFAULT\nstate_path = /x\n")
+        words = ("Failed to parse", "broken.conf", "Invalid section")
+    else:
+        config = write(tmp_path / "choice.conf", base(tmp_path) + "[iptables]\nbackend = fastest\n")
+        words = ("[iptables] backend", "Valid values are [auto, nft, legacy], but found 'fastest'")
+    result, _ = run("provfw-compute", config)
+    assert_one_line(result, "provfw-compute", 2, *words)
+
+
+@pytest.fixture
+def empty_database(request, tmp_path):
+    """A database of the parametrised kind with no tables at all."""
+    database = services.TestDatabase(request.param)
+    yield database
+    database.drop()
+
+
+def head_minus_one() -> str:
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(migration.alembic_config("sqlite://"))
+    return scripts.get_revision(scripts.get_current_head()).down_revision
+
+
+@pytest.mark.parametrize("empty_database", ["sqlite", "postgresql", "mariadb"], indirect=True)
+@pytest.mark.parametrize("program", ["provfw-api", "provfw-conductor"])
+def test_without_a_schema_the_daemons_say_to_run_db_sync_and_exit_at_once(program, empty_database, tmp_path):
+    config = write(tmp_path / "p.conf", base(tmp_path) + f"[database]\nconnection = {empty_database.url}\n")
+    result, took = run(program, config)
+    assert result.returncode == 1 and took < 30, (result.returncode, took, result.stdout[-2000:])
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output[-3000:]
+    assert f"{program}: the database has no provfw schema: run 'provfw-manage db sync'" in output, output[-3000:]
+    assert "reaching the database failed" not in output          # not taken for a database that is down
+
+
+@pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
+def test_with_a_schema_older_than_this_release_the_api_says_how_far_behind_and_exits(empty_database, tmp_path):
+    older = head_minus_one()
+    migration.db_sync(empty_database.url, older)                  # a real schema of the previous release
+    config = write(tmp_path / "p.conf", base(tmp_path) + f"[database]\nconnection = {empty_database.url}\n")
+    result, _ = run("provfw-api", config)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert (f"provfw-api: the schema is at {older}, this release's at {migration.head_revision()}: "
+            "run 'provfw-manage db sync'") in result.stdout + result.stderr

@@ -1,0 +1,45 @@
+"""``provfw.conf.check_values``: every option read once at start, so a bad value fails there, named."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from oslo_config import cfg
+
+from provfw import conf as provfw_conf
+from provfw import exception
+
+
+@pytest.fixture
+def opts(tmp_path):
+    def parse(text: str) -> cfg.ConfigOpts:
+        path = tmp_path / "provfw.conf"
+        path.write_text(text)
+        conf = cfg.ConfigOpts()
+        provfw_conf.register_opts(conf)
+        provfw_conf.parse_args(["--config-file", str(path)], conf=conf, default_config_files=[])
+        return conf
+    return parse
+
+
+def test_a_valid_file_passes_and_every_group_is_read(opts):
+    provfw_conf.check_values(opts("[compute]\nfirewall_driver = noop\n[feeds]\nmax_bytes = 2048\n"))
+
+
+@pytest.mark.parametrize("text, named", [
+    ("[feeds]\nmax_bytes = lots\n", "[feeds] max_bytes"),
+    ("[feeds]\nmax_bytes = 12\n", "[feeds] max_bytes"),                    # below its minimum of 1024
+    ("[libvirt]\nmatch_mode = sometimes\n", "[libvirt] match_mode"),
+    ("[DEFAULT]\nmax_rules = 0\n", "[DEFAULT] max_rules"),
+])
+def test_a_bad_value_in_any_group_is_a_config_error_naming_it_and_its_file(opts, text, named, tmp_path):
+    with pytest.raises(exception.ConfigError) as failure:
+        provfw_conf.check_values(opts(text))
+    assert str(failure.value).startswith(f"{named} in {tmp_path}/provfw.conf is not valid: "), failure.value
+
+
+def test_use_journal_without_the_systemd_bindings_says_which_extra_to_install(opts, monkeypatch):
+    monkeypatch.setitem(sys.modules, "systemd.journal", None)          # what Python does for a missing module
+    with pytest.raises(exception.ConfigError, match=r"install the 'journal' extra \(pip install 'provfw\[journal\]'"):
+        provfw_conf.check_values(opts("[DEFAULT]\nuse_journal = true\n"))
