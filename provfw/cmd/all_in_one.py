@@ -16,15 +16,13 @@ from provfw.cmd import eventlet_patch  # noqa: F401  (must come first)
 import logging  # noqa: E402
 import threading  # noqa: E402
 
-from provfw import conf as provfw_conf  # noqa: E402
 from provfw import metrics, systemd  # noqa: E402
-from provfw import bootstrap  # noqa: E402
+from provfw import bootstrap, exception  # noqa: E402
 from provfw.cmd import api as api_cmd  # noqa: E402
 from provfw.cmd import common  # noqa: E402
 from provfw.compute import api as compute_api  # noqa: E402
 from provfw.compute import service  # noqa: E402
 from provfw.conductor import service as conductor_service  # noqa: E402
-from provfw.db import migration  # noqa: E402
 
 LOG = logging.getLogger("provfw.all_in_one")
 
@@ -34,19 +32,29 @@ LOG = logging.getLogger("provfw.all_in_one")
 bootstrap_token = bootstrap.bootstrap_token
 
 
+@common.daemon_main
 def main(argv=None) -> None:
     common.prepare(argv)
     conf = common.CONF
-    migration.db_sync(provfw_conf.database_url(conf))
+    # Installed first: a stop while the database is still away ends the wait (the message is the stop's).
+    signalled = common.StopRequest(LOG, "stopping the API, the worker and the conductor").install()
+    try:
+        common.wait_for_database("provfw-all-in-one", signalled, migrate=True)
+    except exception.DatabaseUnavailable:
+        if not signalled.is_set():
+            raise
+        LOG.info("provfw-all-in-one stopped before the database answered")
+        return
     bootstrap_token(conf)
     metrics.serve_configured(conf, "api_port", metrics.API, metrics.CONTROL, metrics.CONDUCTOR, metrics.WORKER,
                              what="provfw-all-in-one")
     watchdog = systemd.Watchdog()
     compute = compute_api.ComputeAPI(conf)
+    # Built before anything starts: its drivers and host name are where a worker's configuration can be wrong.
+    worker = service.ComputeService(conf, watchdog=watchdog)
     conductor = conductor_service.ConductorService(conf, compute, watchdog=watchdog)
     conductor.start()
     conductor.ready.wait(10)
-    worker = service.ComputeService(conf, watchdog=watchdog)
     worker.start()
     stop = threading.Event()
 
@@ -62,7 +70,6 @@ def main(argv=None) -> None:
         threading.Thread(target=announce_when_ready, name="systemd-ready", daemon=True).start()
 
     kept = worker.manager.driver.after_stop()
-    signalled = common.StopRequest(LOG, f"stopping the API, the worker and the conductor; {kept}").install()
     try:
         api_cmd.serve(conf, compute, signalled, on_listening=listening)
     finally:

@@ -15,7 +15,7 @@ from typing import Callable  # noqa: E402
 import eventlet  # noqa: E402
 import eventlet.wsgi  # noqa: E402
 
-from provfw import metrics, systemd  # noqa: E402
+from provfw import exception, metrics, systemd  # noqa: E402
 from provfw.api import router  # noqa: E402
 from provfw.cmd import common  # noqa: E402
 
@@ -75,10 +75,18 @@ def serve(conf, compute=None, stop: common.StopRequest | None = None,
     server.wait()
 
 
+@common.daemon_main
 def main(argv=None) -> None:
     common.prepare(argv)
     conf = common.CONF
-    common.wait_for_database("provfw-api")
+    stop = common.StopRequest(LOG).install()          # before the wait: a stop while waiting ends it cleanly
+    try:
+        common.wait_for_database("provfw-api", stop)
+    except exception.DatabaseUnavailable:
+        if not stop.is_set():
+            raise
+        LOG.info("provfw-api stopped before the database answered")
+        return
     metrics.serve_configured(conf, "api_port", metrics.API, metrics.CONTROL, what="provfw-api")
     watchdog = systemd.Watchdog()            # no loop registered: pings while the eventlet hub runs
 
@@ -86,7 +94,6 @@ def main(argv=None) -> None:
         systemd.notify("READY=1", f"STATUS=serving on http://{conf.api.bind_host}:{conf.api.bind_port}")
         watchdog.start()
 
-    stop = common.StopRequest(LOG).install()
     serve(conf, stop=stop, on_listening=listening)
     systemd.notify("STOPPING=1")
     watchdog.stop()

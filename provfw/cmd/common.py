@@ -12,12 +12,14 @@ systemd).  The ``[api] audit_log`` file is one more handler, on the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+from typing import Callable
 
 from oslo_config import cfg
 from oslo_log import log as oslo_log
@@ -58,6 +60,28 @@ def setup_logging(conf=CONF) -> None:
         audit.addHandler(_audit_handler)
 
 
+def program() -> str:
+    """The name the process was started as (``provfw-api``), for messages that precede logging."""
+    return os.path.basename(sys.argv[0]) or "provfw"
+
+
+def daemon_main(function: Callable[..., int | None]) -> Callable[..., int | None]:
+    """Wrap a daemon's ``main``: a ConfigError raised while it starts (a driver name that is no entry point, a
+    malformed ``[compute] host``) ends it as ``prepare`` ends a malformed file - one line on stderr, exit
+    status 2 - and not in a traceback.  The line is also logged when logs go to a file, journald or syslog."""
+    @functools.wraps(function)
+    def main(argv=None):
+        try:
+            return function(argv)
+        except exception.ConfigError as exc:
+            failure = exc
+        print(f"{program()}: {failure.message}", file=sys.stderr)
+        if CONF.log_file or CONF.use_journal or CONF.use_syslog:
+            LOG.error("%s: %s", program(), failure.message)
+        return 2
+    return main
+
+
 def prepare(argv=None, database: bool = True) -> None:
     """Parse config and set up logging; with ``database``, point the db layer at the configured database.
 
@@ -73,7 +97,7 @@ def prepare(argv=None, database: bool = True) -> None:
         provfw_conf.check_values()
     except (cfg.Error, exception.ConfigError) as exc:
         # Logging is not set up yet (its options are what failed to parse): one line on stderr, exit 2.
-        print(f"{os.path.basename(sys.argv[0]) or 'provfw'}: {exc}", file=sys.stderr)
+        print(f"{program()}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging()
     if database:
@@ -94,7 +118,7 @@ def close_database() -> None:
     db.dispose()
 
 
-def wait_for_database(what: str, stop: threading.Event | SignalFlag | None = None) -> int:
+def wait_for_database(what: str, stop: threading.Event | SignalFlag | None = None, migrate: bool = False) -> int:
     """Block until the database answers; return its generation.
 
     Retries with backoff (0.5 s to 10 s) while it is unreachable, telling
@@ -104,10 +128,14 @@ def wait_for_database(what: str, stop: threading.Event | SignalFlag | None = Non
     waited for - only ``provfw-manage db sync`` changes that: the daemon
     logs one line saying what to run (and tells systemd) and exits 1.  A
     schema newer than this release (a rolling upgrade migrated first) is
-    logged and accepted.
+    logged and accepted.  With ``migrate`` (the all-in-one) the schema is
+    created or upgraded instead, once the database answers.
+
+    When ``stop`` is set meanwhile, the last DatabaseUnavailable is raised:
+    the caller, which installed ``stop``, ends as on any stop request.
     """
     try:
-        return _wait_for_database(what, stop)
+        return _wait_for_database(what, stop, migrate)
     except exception.SchemaNotReady as exc:
         failure = exc
     # Logged after the except block: oslo.log appends the exception being handled to an ERROR line.
@@ -116,19 +144,26 @@ def wait_for_database(what: str, stop: threading.Event | SignalFlag | None = Non
     raise SystemExit(1)
 
 
-def _wait_for_database(what: str, stop: threading.Event | SignalFlag | None) -> int:
+def _wait_for_database(what: str, stop: threading.Event | SignalFlag | None, migrate: bool) -> int:
     from provfw.db import api as db
     from provfw.db import migration
 
-    def probe() -> int:
+    def probe() -> int | None:
         try:
             return db.ping()
+        except exception.SchemaNotReady:
+            if migrate:
+                return None                 # it answers: migrate it below
+            raise
         except exception.DatabaseUnavailable as exc:
             systemd.notify(f"STATUS=waiting for the database: {exc.message}")
             raise
 
     generation = retrying(f"{what}: reaching the database", exception.DatabaseUnavailable, initial=0.5,
                           maximum=10.0, stop_event=stop, log=LOG)(probe)
+    if migrate:
+        migration.db_sync(provfw_conf.database_url())
+        return db.ping()
     current = migration.db_version(provfw_conf.database_url())
     if migration.schema_behind(current):
         raise exception.SchemaNotReady(f"the schema is at {current or '(empty)'}, this release's at "

@@ -27,6 +27,7 @@ NO_DATABASE = ("provfw-compute: refusing to start: [database] connection is set 
                "[database] section from this host's configuration.")
 
 
+@common.daemon_main
 def main(argv=None) -> int:
     common.prepare(argv, database=False)
     if common.CONF.database.connection:

@@ -26,6 +26,7 @@ from provfw.conductor import service  # noqa: E402
 LOG = logging.getLogger("provfw.conductor")
 
 
+@common.daemon_main
 def main(argv=None) -> int:
     common.prepare(argv)
     conf = common.CONF

@@ -113,3 +113,92 @@ def test_with_a_schema_older_than_this_release_the_api_says_how_far_behind_and_e
     assert result.returncode == 1, result.stdout[-2000:]
     assert (f"provfw-api: the schema is at {older}, this release's at {migration.head_revision()}: "
             "run 'provfw-manage db sync'") in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("program, option, words", [
+    ("provfw-compute", "host = bad host!", ("[compute] host 'bad host!' must be",)),
+    ("provfw-compute", "firewall_driver = nosuch", ("unknown provfw.firewall_drivers 'nosuch'", "ipset")),
+    ("provfw-all-in-one", "firewall_driver = nosuch", ("unknown provfw.firewall_drivers 'nosuch'",)),
+])
+def test_a_worker_configuration_provfw_itself_refuses_is_one_line_and_status_two(program, option, words, tmp_path):
+    """Checked by provfw, not oslo.config (a driver that is no entry point, a host name a bus user cannot
+    carry): the same answer as a malformed file.  The all-in-one starts nothing (no conductor) first."""
+    config = write(tmp_path / "w.conf", base(tmp_path) + option + "\n")     # base ends in [compute]
+    result, _ = run(program, config)
+    assert_one_line(result, program, 2, *words)
+    assert "conductor" not in result.stdout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("program", ["provfw-api", "provfw-all-in-one"])
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_while_the_database_is_away_ends_the_wait_cleanly(program, signal_name, tmp_path):
+    import signal
+
+    unreachable = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/provfw"       # nothing listens
+    config = write(tmp_path / "down.conf", base(tmp_path) + f"[database]\nconnection = {unreachable}\n")
+    log = tmp_path / "out.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([os.path.join(BIN, program), "--config-file", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while "reaching the database failed" not in log.read_text():           # it waits, not exits
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(getattr(signal, signal_name))
+        assert proc.wait(10) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert f"{program} stopped before the database answered" in text, text[-3000:]
+
+
+@pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
+def test_the_all_in_one_waits_for_its_database_then_creates_the_schema_and_serves(empty_database, tmp_path):
+    import requests
+
+    from tests.lib.tcpproxy import TcpProxy
+
+    with TcpProxy("127.0.0.1", 5432) as proxy:
+        proxy.cut()                                                          # the database is away at start
+        url = empty_database.url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        assert url != empty_database.url, empty_database.url
+        port = free_port()
+        config = write(tmp_path / "aio.conf", base(tmp_path).replace("bind_port = 0", f"bind_port = {port}")
+                       + f"[database]\nconnection = {url}\n")
+        log = tmp_path / "out.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([os.path.join(BIN, "provfw-all-in-one"), "--config-file", str(config)],
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while "reaching the database failed" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            proxy.restore()
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                try:
+                    health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                    if health.status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                time.sleep(0.2)
+            assert health.json()["status"] == "ok"
+            assert migration.db_version(empty_database.url) == migration.head_revision()
+        finally:
+            proc.terminate()
+            proc.wait(20)
