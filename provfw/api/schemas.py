@@ -317,6 +317,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         {"id": {"type": "string"}, "status": {"type": "string"}}, required=["id", "status"])}},
         required=["versions"]),
     "Health": _object({"status": {"const": "ok"}, "generation": GENERATION}, required=["status", "generation"]),
+    "Unavailable": _object({"status": {"const": "unavailable"},
+                            "reason": {"type": "string", "description": "What failed, e.g. 'database unreachable "
+                                                                        "(OperationalError)'."}},
+                           required=["status", "reason"]),
     "OpenAPI": {"type": "object", "required": ["openapi", "info", "paths"],
                 "description": "This document (OpenAPI 3.1)."},
 }
@@ -375,7 +379,9 @@ _NOT_FOUND = (404, ("No such live rule.", "Error"))
 OPERATIONS: dict[str, Operation] = {op.action: op for op in [
     Operation("versions", "GET", "/", "API versions", "meta", {200: ("The versions.", "Versions")}, public=True),
     Operation("health", "GET", "/healthz", "Liveness and the current generation", "meta",
-              {200: ("Up; the database answered.", "Health")}, public=True),
+              {200: ("Up; the database answered.", "Health"),
+               503: ("The database cannot be reached or has no provfw schema; the reason says which.",
+                     "Unavailable")}, public=True),
     Operation("openapi", "GET", "/v1/openapi.json", "This OpenAPI 3.1 document", "meta",
               {200: ("The document.", "OpenAPI")}, public=True),
     Operation("index", "GET", "/v1/provider-fw-rules", "List live rules, oldest first, a page at a time", "rules",
@@ -495,6 +501,10 @@ def _responses(op: Operation) -> dict[str, Any]:
     responses.setdefault(400, ("A field or parameter is invalid, or unknown; the message names it.", "Error"))
     responses.setdefault(500, ("Internal error; the message names the request id to look up in the log.",
                                "Error"))
+    if not op.public:               # every operation behind a token reads the database, for the token at least
+        responses.setdefault(503, ("The database cannot be reached or has no provfw schema; the message says "
+                                   "which. Try again later (a change whose connection was lost after it was "
+                                   "sent may have been made: blocks and unblocks are safe to repeat).", "Error"))
     out: dict[str, Any] = {}
     for status in sorted(responses):
         description, schema = responses[status]

@@ -1,6 +1,6 @@
 """provfw.api.wsgi_app under gunicorn (gthread workers, a real subprocess) on PostgreSQL reached through a
-TCP proxy the test can cut: the API serves, logs each request, and its health check answers 503 with the
-reason while the database is unreachable, then 200 again once it is back."""
+TCP proxy the test can cut: the API serves, logs each request, and its health check and every other route
+answer 503 with the reason while the database is unreachable, then 200 again once it is back."""
 
 from __future__ import annotations
 
@@ -92,11 +92,25 @@ def test_gunicorn_serves_the_api_and_logs_each_request_with_its_request_id_and_t
 def test_health_answers_503_with_the_reason_while_the_database_is_cut_and_200_once_it_is_back(gunicorn_api):
     api = gunicorn_api
     assert wait_for(api["url"] + "/healthz", api["proc"], api["log"]).status_code == 200
+    used, unused = db.api_token_create("used-" + secrets.token_hex(3), "admin"), \
+        db.api_token_create("unused-" + secrets.token_hex(3), "admin")
+    for _ in range(4):                      # each of the 2 workers caches the token (token_cache_ttl: 10 s)
+        assert requests.get(api["url"] + "/v1/provider-fw-rules", headers={"X-Auth-Token": used},
+                            timeout=10).status_code == 200
     api["proxy"].cut()
     try:
         down = requests.get(api["url"] + "/healthz", timeout=30)
         assert down.status_code == 503, down.text
         assert down.json() == {"status": "unavailable", "reason": "database unreachable (OperationalError)"}
+        # Every other route says the same, so that clients retry: a 503 naming the database, not a generic 500,
+        # and for a token the API could not look up, not a 401 that says the token is wrong.
+        unreachable = {"error": {"code": 503, "message": "database unreachable (OperationalError)"}}
+        for method, path, token, body in (("GET", "/v1/provider-fw-rules", used, None),
+                                          ("POST", "/v1/block-external-addresses", used, {"cidr": "192.0.2.0/24"}),
+                                          ("GET", "/v1/provider-fw-rules", unused, None)):
+            answer = requests.request(method, api["url"] + path, json=body, headers={"X-Auth-Token": token},
+                                      timeout=30)
+            assert (answer.status_code, answer.json()) == (503, unreachable), (method, path, answer.text)
     finally:
         api["proxy"].restore()
     deadline = time.monotonic() + 20

@@ -55,13 +55,17 @@ def test_every_operation_documents_its_errors_in_the_one_error_shape():
             public = operation.get("security") == []
             assert ("401" in responses) != public, (method, path)
             assert {"400", "500"} <= set(responses)         # every operation refuses unknown query parameters
+            assert ("503" in responses) != public or path == "/healthz", (method, path)   # the database is away
             if method != "get":
                 assert "403" in responses                   # reader tokens may only GET
             if "requestBody" in operation:
                 assert {"413", "415"} <= set(responses), (method, path)
             for status, response in responses.items():
                 assert response["headers"]["X-Request-Id"] == {"$ref": "#/components/headers/X-Request-Id"}
-                if int(status) >= 400 and (method, path) != ("post", "/v1/block-external-addresses"):
+                if (method, path, status) == ("get", "/healthz", "503"):        # the health check's own shape
+                    assert response["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/Unavailable"}
+                elif int(status) >= 400 and (method, path) != ("post", "/v1/block-external-addresses"):
                     assert response["content"]["application/json"]["schema"] == {
                         "$ref": "#/components/schemas/Error"}, (method, path, status)
 

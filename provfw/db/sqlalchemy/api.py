@@ -211,7 +211,25 @@ def create_engine(url: str, pool_size: int = 5) -> sa.Engine:
     event.listen(engine, "before_cursor_execute", _count_statement)
     event.listen(engine, "after_cursor_execute", _count_rows)
     event.listen(engine, "begin", _count_transaction)
+    event.listen(engine, "handle_error", _unavailable)
     return engine
+
+
+def _unavailable(context: sa.engine.ExceptionContext) -> None:
+    """A connection that could not be made or was lost leaves the db layer as DatabaseUnavailable.
+
+    So every caller - the API (503 with the reason, not a generic 500), the conductor's loops, provfw-manage -
+    sees one documented error for "the database is away" whatever the driver; SQLAlchemy still invalidates the
+    lost connection (its ``_handle_dbapi_exception`` does so after the handlers).  A failed connect has no
+    connection yet; a lost one is ``is_disconnect``.  A pool's pre-ping is left to the pool, which reconnects,
+    and errors of a working connection (a deadlock, a constraint, SQLite's missing table) stay as they are.
+    """
+    if context.is_pre_ping or not isinstance(context.original_exception, Exception):
+        return
+    failed_connect = context.connection is None and isinstance(context.sqlalchemy_exception, sa_exc.OperationalError)
+    if context.is_disconnect or failed_connect:
+        raise exception.DatabaseUnavailable(
+            f"database unreachable ({type(context.original_exception).__name__})") from context.original_exception
 
 
 # --------------------------------------------------------------------------- statement counters
