@@ -115,7 +115,9 @@ class AdminClient:
         return response
 
     def _request(self, method: str, path: str, expect: Iterable[int] = (200,), **kwargs) -> Any:
-        response = self._send(method, path, expect, **kwargs)
+        return self._json(self._send(method, path, expect, **kwargs), path)
+
+    def _json(self, response: requests.Response, path: str) -> Any:
         if response.status_code == 204 or not response.content:
             return None
         try:
@@ -174,13 +176,25 @@ class AdminClient:
         Raises AdminClientError 400 naming the bad field, 409 when the same rule is live for at least as long,
         a protected or non-global network overlaps, or ``max_rules`` is reached.
         """
+        _, answer = self.create_rule_answer(cidr, protocol, from_port, to_port, description, ttl, expires_at,
+                                            source, allow_non_global)
+        return {**answer["rule"], "renewed": answer.get("renewed", False),
+                "change_generation": answer.get("generation")}
+
+    def create_rule_answer(self, cidr: str, protocol: str = "all", from_port: int | None = None,
+                           to_port: int | None = None, description: str | None = None, ttl: float | None = None,
+                           expires_at: str | None = None, source: str | None = None,
+                           allow_non_global: bool | None = None) -> tuple[int, dict]:
+        """``create_rule``, answering (the HTTP status, the API's whole answer as sent): 201 and ``{"rule",
+        "generation", "renewed": false, "notified"}`` when the rule was created; 200 when it was live and this
+        request renewed it (``renewed`` true: a later expiry, or none) or only added its source (``renewed``
+        false).  Raises as ``create_rule`` does."""
         body = {k: v for k, v in {"cidr": cidr, "protocol": protocol, "from_port": from_port, "to_port": to_port,
                                   "description": description, "ttl": None if ttl is None else math.ceil(ttl),
                                   "expires_at": expires_at, "source": source,
                                   "allow_non_global": allow_non_global}.items() if v is not None}
-        answer = self._request("POST", "/v1/provider-fw-rules", expect=(200, 201), json=body)
-        return {**answer["rule"], "renewed": answer.get("renewed", False),
-                "change_generation": answer.get("generation")}
+        response = self._send("POST", "/v1/provider-fw-rules", expect=(200, 201), json=body)
+        return response.status_code, self._json(response, "/v1/provider-fw-rules")
 
     def get_rule(self, rule_id: int) -> dict:
         """One live rule: ``{"id", "cidr", "protocol", "from_port", "to_port", "description", "created_by",
@@ -270,20 +284,32 @@ class AdminClient:
         ``allow_non_global``, ``description``), its live ``rules`` count and its last sync (``last_sync``,
         ``last_success``, ``last_applied``, ``last_status``, ``last_error``, ``last_generation``, ``counts``,
         ``next_sync``, ``syncing``).  Raises AdminClientError 404 when unknown."""
-        return self._request("GET", f"/v1/feeds/{_segment(name)}")["feed"]
+        return self.get_feed_answer(name)["feed"]
+
+    def get_feed_answer(self, name: str) -> dict:
+        """``get_feed``'s whole answer, as the API sent it: ``{"feed": feed}``."""
+        return self._request("GET", f"/v1/feeds/{_segment(name)}")
 
     def create_feed(self, name: str, url: str, interval: int, **settings: Any) -> dict:
         """Subscribe to a list (``settings``: format, column, protocol, from_port, to_port, ttl, enabled,
         allow_non_global, description); returns the feed.  Raises AdminClientError 400 naming the bad field,
         409 when the name is taken."""
+        return self.create_feed_answer(name, url, interval, **settings)["feed"]
+
+    def create_feed_answer(self, name: str, url: str, interval: int, **settings: Any) -> dict:
+        """``create_feed``'s whole answer, as the API sent it: ``{"feed": feed}``."""
         body = {"name": name, "url": url, "interval": interval,
                 **{k: v for k, v in settings.items() if v is not None}}
-        return self._request("POST", "/v1/feeds", expect=(201,), json=body)["feed"]
+        return self._request("POST", "/v1/feeds", expect=(201,), json=body)
 
     def update_feed(self, name: str, **changes: Any) -> dict:
         """Change some settings (None values are left out); returns the feed."""
+        return self.update_feed_answer(name, **changes)["feed"]
+
+    def update_feed_answer(self, name: str, **changes: Any) -> dict:
+        """``update_feed``'s whole answer, as the API sent it: ``{"feed": feed}``."""
         body = {k: v for k, v in changes.items() if v is not None}
-        return self._request("PATCH", f"/v1/feeds/{_segment(name)}", json=body)["feed"]
+        return self._request("PATCH", f"/v1/feeds/{_segment(name)}", json=body)
 
     def delete_feed(self, name: str) -> dict:
         """Delete the feed and release its rules: ``{"feed", "removed", "deleted", "generation", "notified"}``."""
@@ -292,8 +318,12 @@ class AdminClient:
     def sync_feed(self, name: str, force: bool = False) -> dict:
         """Make the feed due now (``force``: past the replace guard once); returns the feed.  The conductor
         syncs it at its next poll; follow ``last_sync``.  Raises AdminClientError 409 when it is disabled."""
+        return self.sync_feed_answer(name, force)["feed"]
+
+    def sync_feed_answer(self, name: str, force: bool = False) -> dict:
+        """``sync_feed``'s whole answer, as the API sent it: ``{"feed": feed}``."""
         params = {"force": "true"} if force else None
-        return self._request("POST", f"/v1/feeds/{_segment(name)}/sync", expect=(202,), params=params)["feed"]
+        return self._request("POST", f"/v1/feeds/{_segment(name)}/sync", expect=(202,), params=params)
 
     # ------------------------------------------------------------ operations
 

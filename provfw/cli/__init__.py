@@ -8,7 +8,7 @@ every command's parser, with ``SUPPRESS`` defaults so that an option given
 before the command is not overwritten by the command parser's default; the
 real defaults are applied after parsing.  Exit status: 0 ok, 1 error (the
 server refused, the API could not be reached, a file could not be read),
-2 usage (bad arguments, no token).
+2 usage (bad arguments, a number out of its range included; no token).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ exit status:
   0  success
   1  error: the server refused, the API could not be reached, a file could not be read, or every
      entry of an import was refused (its answer is printed first)
-  2  usage: bad command line, or no token
+  2  usage: bad command line (an unknown option, a number not finite or out of its range), or no token
 """
 
 

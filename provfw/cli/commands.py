@@ -165,14 +165,62 @@ def describe_rule(rule: Mapping[str, Any]) -> str:
     return f"{what} from {rule.get('cidr')}"
 
 
-def _positive_int(text: str) -> int:
+class Number:
+    """The argparse type of every number ``provfw`` takes: a whole number from ``low`` to ``high`` (no limit
+    when None), so that what the API would refuse, and what no request can carry (``inf``, ``nan``), is a
+    usage error naming the option (exit 2), never a traceback or an HTTP 400.
+
+    ``fractions``: a decimal number (``0.5``, ``1e3``) is taken too and rounded up to a whole number, the
+    range checked after rounding (seconds: the API takes whole seconds, and a fraction was always rounded up).
+    """
+
+    def __init__(self, low: int, high: int | None = None, *, fractions: bool = False):
+        self.low, self.high, self.fractions = low, high, fractions
+
+    def __repr__(self) -> str:
+        return f"Number({self.low}, {self.high}, fractions={self.fractions})"
+
+    def __call__(self, text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+            if text.strip().lstrip("+-").isdecimal():       # a whole number of more digits than int() reads
+                raise argparse.ArgumentTypeError(f"must be {self.range()}, not {text[:20]}...") from None
+            if not self.fractions:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value is None:
+            try:
+                number = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            if not math.isfinite(number):
+                raise argparse.ArgumentTypeError(f"{text!r} is not a finite number") from None
+            value = math.ceil(number)
+        if value < self.low or self.high is not None and value > self.high:
+            raise argparse.ArgumentTypeError(f"must be {self.range()}, not {text}")
+        return value
+
+    def range(self) -> str:
+        return f"at least {self.low}" if self.high is None else f"from {self.low} to {self.high}"
+
+
+# The ranges the API takes (provfw.api.schemas; tests/unit/test_cli.py keeps them in step), here so that the
+# CLI need not load the API's schemas to read its command line.
+MAX_FEED_INTERVAL = 7 * 86400
+MAX_AUDIT_LIMIT = 1000
+MAX_ID = 2**63 - 1
+SECONDS = Number(1, rules.MAX_LIFETIME, fractions=True)   # every --ttl: 1 s to ten years, rounded up
+PORT = Number(rules.ANY, rules.MAX_PORT)                   # then the protocol narrows it (the server says how)
+RULE_ID = Number(1, MAX_ID)
+
+
+def _source(given: str | None) -> str:
+    """The source a block or rule-add names, as the API reads it (a bare NAME is manual:NAME)."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+        return sources.parse_source(given or sources.MANUAL, sources.MANUAL)
+    except exception.InvalidInput:
+        return str(given)                      # the API took it: print it as given
 
 
 def _expiry(rule: Mapping[str, Any] | None) -> str:
@@ -181,7 +229,7 @@ def _expiry(rule: Mapping[str, Any] | None) -> str:
 
 _PROTOCOL = arg("--protocol", default="all", choices=rules.PROTOCOLS, help="default: all")
 _DESCRIPTION = arg("--description", help="why (kept with the rule and in the audit log)")
-_TTL = arg("--ttl", type=float, metavar="SECONDS", help="seconds until the rule expires (default: never)")
+_TTL = arg("--ttl", type=SECONDS, metavar="SECONDS", help="seconds until the rule expires (default: never)")
 _SOURCE = arg("--source", metavar="SOURCE",
               help="who wants the rule: manual (default), manual:LABEL or import:NAME; a bare NAME means manual:NAME")
 _ALLOW_NON_GLOBAL = arg("--allow-non-global", action="store_true", default=None,
@@ -199,8 +247,12 @@ def block(client: AdminClient, args: argparse.Namespace) -> Result:
     cidr = added[0]["cidr"] if added else rules.normalise_cidr(args.cidr)
     generation = answer.get("generation")
     renewed = answer.get("renewed") or 0
+    # The rest of the three rules a block wants were live already: kept, now wanted by this source as well.
+    kept = len(rules.external_block_specs(cidr)) - len(added) - renewed
     message = (f"blocked {cidr}: {count(len(added), 'rule')} added"
                + (f", {count(renewed, 'rule')} renewed" if renewed else "")
+               + (f", {count(kept, 'rule')} kept (already live; source {_source(args.source)} added)"
+                  if kept > 0 else "")
                + f", generation {generation}" + _expiry(added[0] if added else None))
     return Result(answer, [{"cidr": cidr, "added": len(added), "generation": generation}], message)
 
@@ -229,20 +281,29 @@ def blocks(client: AdminClient, args: argparse.Namespace) -> Result:
 
 @command("rule-add", "add one rule (or renew it: the same rule again with a later expiry, or none)",
          arg("cidr", help="CIDR or address"), _PROTOCOL,
-         arg("--from-port", type=int, help="first destination port (tcp/udp), or the ICMP type"),
-         arg("--to-port", type=int, help="last destination port (tcp/udp), or the ICMP code"),
+         arg("--from-port", type=PORT, help="first destination port (tcp/udp), or the ICMP type"),
+         arg("--to-port", type=PORT, help="last destination port (tcp/udp), or the ICMP code"),
          _DESCRIPTION, _TTL, _SOURCE, _ALLOW_NON_GLOBAL, columns="rule")
 def rule_add(client: AdminClient, args: argparse.Namespace) -> Result:
-    rule = client.create_rule(args.cidr, args.protocol, args.from_port, args.to_port, args.description, args.ttl,
-                              source=args.source, allow_non_global=args.allow_non_global)
-    verb = "renewed" if rule.get("renewed") else "added"
-    generation = rule.get("change_generation") or rule.get("generation")
-    message = f"{verb} rule {rule['id']}: {describe_rule(rule)}, generation {generation}" + _expiry(rule)
-    return Result(rule, [rule], message)
+    status, answer = client.create_rule_answer(args.cidr, args.protocol, args.from_port, args.to_port,
+                                               args.description, args.ttl, source=args.source,
+                                               allow_non_global=args.allow_non_global)
+    rule, generation = answer["rule"], answer.get("generation")
+    # 201: created; 200: it was live, and this request renewed it (a later expiry, or none) or added its source.
+    if status == 201:
+        what = f"added rule {rule['id']}: {describe_rule(rule)}"
+    elif answer.get("renewed"):
+        what = f"renewed rule {rule['id']}: {describe_rule(rule)}"
+    else:
+        source = _source(args.source)
+        others = [item["source"] for item in rule.get("sources") or () if item.get("source") != source]
+        what = (f"kept rule {rule['id']}: {describe_rule(rule)} was already live"
+                + (f" for {', '.join(others)}" if others else "") + f"; source {source} added")
+    return Result(answer, [rule], f"{what}, generation {generation}" + _expiry(rule))
 
 
 @command("rule-delete", "delete one rule by id",
-         arg("id", type=int),
+         arg("id", type=RULE_ID),
          arg("--source", metavar="SOURCE", help="only this source lets go; the rule stays while others want it"),
          columns="deleted")
 def rule_delete(client: AdminClient, args: argparse.Namespace) -> Result:
@@ -252,7 +313,7 @@ def rule_delete(client: AdminClient, args: argparse.Namespace) -> Result:
     return Result(answer, [{"id": args.id, "generation": generation}], f"{what}, generation {generation}")
 
 
-@command("rule-show", "show one rule", arg("id", type=int), columns="rule-detail")
+@command("rule-show", "show one rule", arg("id", type=RULE_ID), columns="rule-detail")
 def rule_show(client: AdminClient, args: argparse.Namespace) -> Result:
     rule = client.get_rule(args.id)
     return Result(rule, [rule], record=True)
@@ -425,7 +486,7 @@ def _replace_needs_a_source(args: argparse.Namespace) -> str | None:
                                                     "nothing"),
          arg("--force", action="store_true", help="replace even past the guard (the list really shrank)"),
          _ALLOW_NON_GLOBAL,
-         arg("--chunk", type=_positive_int, default=IMPORT_CHUNK_LINES, metavar="LINES",
+         arg("--chunk", type=Number(1), default=IMPORT_CHUNK_LINES, metavar="LINES",
              help=f"add mode, one-entry-a-line formats: lines per request, each one transaction and one cast "
                   f"(default: {IMPORT_CHUNK_LINES})"),
          arg("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal"),
@@ -452,9 +513,7 @@ def import_(client: AdminClient, args: argparse.Namespace) -> Result:
         options["expires_at"] = expires.isoformat(timespec="seconds").replace("+00:00", "Z")
     else:
         options["ttl"] = args.ttl
-    totals: dict[str, Any] = {"source": source, "mode": args.mode, "format": fmt, "dry_run": args.dry_run,
-                              "added": 0, "renewed": 0, "duplicate": 0, "removed": 0, "deleted": 0, "refused": 0,
-                              "refused_lines": [], "generation": None, "guard": None, "preview": None}
+    answers: list[tuple[int, Mapping[str, Any]]] = []           # (the chunk's first line - 1, its answer)
     started = time.monotonic()
     show = chunked and (sys.stderr.isatty() or args.progress)
     step = args.chunk if chunked else max(len(lines), 1)
@@ -467,18 +526,16 @@ def import_(client: AdminClient, args: argparse.Namespace) -> Result:
             if start == 0:
                 raise
             raise CommandError(
-                f"{exc}; lines 1-{start:,} of {name} were imported (generation {totals['generation']}), the rest "
-                "were not. Importing the whole file again is safe: rules already present count as duplicate."
+                f"{exc}; lines 1-{start:,} of {name} were imported (generation {answers[-1][1]['generation']}), "
+                "the rest were not. Importing the whole file again is safe: rules already present count as "
+                "duplicate."
             ) from None
-        for key in ("added", "renewed", "duplicate", "removed", "deleted", "refused"):
-            totals[key] += answer.get(key, 0)
-        totals["refused_lines"] += [{**refused, "line": refused["line"] + start} for refused in answer["refused_lines"]]
-        totals.update(generation=answer["generation"], guard=answer.get("guard"), preview=answer.get("preview"),
-                      format=answer.get("format", fmt), source=answer.get("source", source))
+        answers.append((start, answer))
         if show:
             _progress(min(start + step, len(lines)), len(lines), started)
     if show:
         sys.stderr.write("\n")
+    totals = merge_import_answers(answers)
     accepted = totals["added"] + totals["renewed"] + totals["duplicate"]
     # Some refused lines are a list's normal state (one bad line never costs the rest); all of them refused
     # is an import that went wrong (the wrong --format, the wrong file), and a script must be able to tell.
@@ -492,6 +549,34 @@ def import_(client: AdminClient, args: argparse.Namespace) -> Result:
                   "if the list really shrank")
     return Result(totals, [totals], _import_sentence(name, totals, args), _import_details(totals, args),
                   failed=failed)
+
+
+_SUMMED = ("added", "renewed", "duplicate", "removed", "deleted", "refused", "non_global_allowed")
+
+
+def merge_import_answers(answers: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
+    """The one answer an import prints (``-o json``) from the API's answers to its requests, in order, each with
+    the number of lines before its chunk.
+
+    One request (every import but a chunked add): its answer, exactly as the API sent it.  Chunks: an answer
+    of the same fields, those of the last chunk's answer (``generation``, ``source``, ``format``...) but for
+    the counts (``added``, ``renewed``, ``duplicate``, ``removed``, ``deleted``, ``refused``,
+    ``non_global_allowed``), summed; ``refused_lines``, every chunk's (up to 1,000 each), numbered in the
+    file; and ``notified``, true when every chunk that changed something was notified (false when one was
+    not, null when no chunk changed anything).
+    """
+    if len(answers) == 1:
+        return dict(answers[0][1])
+    merged = dict(answers[-1][1])
+    for key in _SUMMED:
+        if key in merged:
+            merged[key] = sum(answer.get(key, 0) for _, answer in answers)
+    merged["refused_lines"] = [{**refused, "line": refused["line"] + start}
+                               for start, answer in answers for refused in answer.get("refused_lines") or ()]
+    if "notified" in merged:
+        told = [answer["notified"] for _, answer in answers if answer.get("notified") is not None]
+        merged["notified"] = all(told) if told else None
+    return merged
 
 
 def _import_sentence(name: str, totals: Mapping[str, Any], args: argparse.Namespace) -> str:
@@ -547,9 +632,9 @@ _FEED_OPTIONS = (
         help="the list's format (default: auto)"),
     arg("--csv-column", metavar="NAME", help="CSV: the address column's header name"),
     arg("--protocol", choices=rules.PROTOCOLS, help="what the rules block (default: all)"),
-    arg("--from-port", type=int, help="first destination port (tcp/udp), or the ICMP type"),
-    arg("--to-port", type=int, help="last destination port (tcp/udp), or the ICMP code"),
-    arg("--ttl", type=_positive_int, metavar="SECONDS",
+    arg("--from-port", type=PORT, help="first destination port (tcp/udp), or the ICMP type"),
+    arg("--to-port", type=PORT, help="last destination port (tcp/udp), or the ICMP code"),
+    arg("--ttl", type=SECONDS, metavar="SECONDS",
         help="listed rules expire this long after the last sync that saw them (at least twice the interval)"),
     arg("--allow-non-global", action="store_true", default=None,
         help="block the non-global ranges the list names too (audited)"),
@@ -574,45 +659,50 @@ def feed_show(client: AdminClient, args: argparse.Namespace) -> Result:
                      "its rules (source feed:NAME)",
          arg("name", help="1-64 letters, digits, '.', '_' or '-'"),
          arg("list_url", metavar="URL", help="where the list is: http:// or https://"),
-         arg("--interval", type=_positive_int, default=3600, metavar="SECONDS",
+         arg("--interval", type=Number(1, MAX_FEED_INTERVAL), default=3600, metavar="SECONDS",
              help="seconds between syncs (default: 3600)"),
          *_FEED_OPTIONS, arg("--disabled", action="store_true", help="create it disabled"),
          columns="feed")
 def feed_add(client: AdminClient, args: argparse.Namespace) -> Result:
-    feed = client.create_feed(args.name, args.list_url, args.interval, enabled=False if args.disabled else None,
-                              **_feed_settings(args))
+    answer = client.create_feed_answer(args.name, args.list_url, args.interval,
+                                       enabled=False if args.disabled else None, **_feed_settings(args))
+    feed = answer["feed"]
     state = "disabled" if not feed["enabled"] else "the conductor syncs it at its next poll"
-    return Result(feed, [feed], f"added feed {feed['name']} ({feed['source']}): every "
-                                f"{feed['interval']:,} s from {feed['url']}; {state}")
+    return Result(answer, [feed], f"added feed {feed['name']} ({feed['source']}): every "
+                                  f"{feed['interval']:,} s from {feed['url']}; {state}")
 
 
 @command("feed set", "change a feed's settings",
          arg("name"), arg("--list-url", metavar="URL", help="where the list is (--url is the API's)"),
-         arg("--interval", type=_positive_int, metavar="SECONDS"), *_FEED_OPTIONS,
+         arg("--interval", type=Number(1, MAX_FEED_INTERVAL), metavar="SECONDS"), *_FEED_OPTIONS,
          arg("--enable", dest="enabled", action="store_true", default=None, help="sync it again"),
          arg("--disable", dest="enabled", action="store_false", help="stop syncing it (its rules stay)"),
          columns="feed")
 def feed_set(client: AdminClient, args: argparse.Namespace) -> Result:
-    feed = client.update_feed(args.name, url=args.list_url, interval=args.interval, enabled=args.enabled,
-                              **_feed_settings(args))
-    return Result(feed, [feed], f"changed feed {feed['name']}: {'enabled' if feed['enabled'] else 'disabled'}, "
-                                f"next sync {feed['next_sync'] or 'never'}")
+    answer = client.update_feed_answer(args.name, url=args.list_url, interval=args.interval, enabled=args.enabled,
+                                       **_feed_settings(args))
+    feed = answer["feed"]
+    return Result(answer, [feed], f"changed feed {feed['name']}: {'enabled' if feed['enabled'] else 'disabled'}, "
+                                  f"next sync {feed['next_sync'] or 'never'}")
 
 
 @command("feed sync", "sync a feed now and wait for the conductor's result",
          arg("name"),
          arg("--force", action="store_true", help="apply the list even past the replace guard or if it is empty"),
          arg("--no-wait", dest="wait", action="store_false", help="only ask; do not wait for the result"),
-         arg("--timeout", type=float, default=120.0, metavar="SECONDS", help="how long to wait (default: 120)"),
+         arg("--timeout", type=Number(0, fractions=True), default=120, metavar="SECONDS",
+             help="how long to wait (default: 120)"),
          columns="feed-synced")
 def feed_sync(client: AdminClient, args: argparse.Namespace) -> Result:
     before = client.get_feed(args.name).get("last_sync")
-    feed = client.sync_feed(args.name, force=args.force)
+    answer = client.sync_feed_answer(args.name, force=args.force)
     if not args.wait:
-        return Result(feed, [feed], f"feed {args.name} is due now; the next conductor poll syncs it")
+        return Result(answer, [answer["feed"]], f"feed {args.name} is due now; the next conductor poll syncs it")
     deadline = time.monotonic() + args.timeout
     while True:
-        feed = client.get_feed(args.name)
+        # What -o json prints is the answer that reports the sync: the feed as GET /v1/feeds/NAME answers it.
+        answer = client.get_feed_answer(args.name)
+        feed = answer["feed"]
         if feed.get("last_sync") != before and not feed.get("syncing"):
             break
         if time.monotonic() > deadline:
@@ -630,7 +720,7 @@ def feed_sync(client: AdminClient, args: argparse.Namespace) -> Result:
     else:
         raise CommandError(f"feed {args.name}: {status}: {feed.get('last_error')}; the rules of its last good list "
                            "stay in force")
-    return Result(feed, [feed], message)
+    return Result(answer, [feed], message)
 
 
 @command("feed remove", "unsubscribe: delete the feed and release its rules (rules other sources want stay)",
@@ -650,7 +740,8 @@ def services(client: AdminClient, args: argparse.Namespace) -> Result:
 
 
 @command("audit", "recent audit records, newest first (admin tokens only)",
-         arg("--limit", type=_positive_int, default=20, help="how many records (default: 20)"), columns="audit")
+         arg("--limit", type=Number(1, MAX_AUDIT_LIMIT), default=20,
+             help=f"how many records, 1 to {MAX_AUDIT_LIMIT} (default: 20)"), columns="audit")
 def audit(client: AdminClient, args: argparse.Namespace) -> Result:
     rows = client.audit_log(args.limit)
     return Result(rows, rows, empty="no audit records")

@@ -17,12 +17,15 @@ import threading
 from wsgiref import simple_server
 
 import pytest
+import requests
 
 from provfw import cli
-from provfw.api import router
+from provfw.api import router, schemas
 from provfw.compute import api as compute_api
+from provfw.conductor import feeds as conductor_feeds
 from provfw.db import api as db
 from tests.lib import services
+from tests.lib.httpserver import FeedServer, data_file
 
 pytestmark = pytest.mark.functional
 
@@ -382,3 +385,177 @@ def test_version_after_a_subcommand_prints_the_installed_version():
     for argv in (("rules", "--version"), ("block", "--version"), ("--version",)):
         result = run(*argv)
         assert (result.code, result.out) == (0, expected)
+
+
+# ---------------------------------------------------------------- numbers, whole answers, what a change did
+
+def _keys(schema: str) -> set[str]:
+    """The fields of one of the API's answers, as its contract declares them."""
+    return set(schemas.SCHEMAS[schema]["properties"])
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["block", "198.18.63.0/24", "--ttl", "inf"], "--ttl"),
+    (["block", "198.18.63.0/24", "--ttl", "nan"], "--ttl"),
+    (["block", "198.18.63.0/24", "--ttl", "0"], "--ttl"),
+    (["block", "198.18.63.0/24", "--ttl", "1e12"], "--ttl"),
+    (["rule-add", "198.18.63.0/24", "--ttl", "inf"], "--ttl"),
+    (["rule-add", "198.18.63.0/24", "--ttl", "-5"], "--ttl"),
+    (["rule-add", "198.18.63.0/24", "--protocol", "tcp", "--from-port", "70000"], "--from-port"),
+    (["rule-add", "198.18.63.0/24", "--protocol", "tcp", "--to-port", "-2"], "--to-port"),
+    (["rule-add", "198.18.63.0/24", "--protocol", "tcp", "--from-port", "nan"], "--from-port"),
+    (["import", "LIST", "--ttl", "inf"], "--ttl"),
+    (["import", "LIST", "--ttl", "nan"], "--ttl"),
+    (["import", "LIST", "--chunk", "1", "--ttl", "1e12"], "--ttl"),
+    (["import", "LIST", "--chunk", "0"], "--chunk"),
+    (["import", "LIST", "--chunk", "inf"], "--chunk"),
+    (["feed", "add", "f", "http://127.0.0.1:9/l.txt", "--ttl", "inf"], "--ttl"),
+    (["feed", "add", "f", "http://127.0.0.1:9/l.txt", "--ttl", "1e12"], "--ttl"),
+    (["feed", "add", "f", "http://127.0.0.1:9/l.txt", "--interval", "nan"], "--interval"),
+    (["feed", "add", "f", "http://127.0.0.1:9/l.txt", "--interval", "99999999"], "--interval"),
+    (["feed", "add", "f", "http://127.0.0.1:9/l.txt", "--from-port", "65536"], "--from-port"),
+    (["feed", "set", "f", "--interval", "0"], "--interval"),
+    (["feed", "set", "f", "--ttl", "nan"], "--ttl"),
+    (["feed", "sync", "f", "--timeout", "nan"], "--timeout"),
+    (["feed", "sync", "f", "--timeout", "inf"], "--timeout"),
+    (["feed", "sync", "f", "--timeout", "-1"], "--timeout"),
+    (["audit", "--limit", "0"], "--limit"),
+    (["audit", "--limit", "100000"], "--limit"),
+    (["audit", "--limit", "inf"], "--limit"),
+    (["rule-delete", "0"], "id"),
+    (["rule-delete", str(2**63)], "id"),
+    (["rule-show", "nan"], "id"),
+])
+def test_a_number_out_of_range_or_not_finite_is_a_usage_error_naming_the_option(api, home, capsys, tmp_path, argv,
+                                                                                option):
+    # Found by a newcomer: --ttl inf and nan ended in a traceback (exit 1), --limit 100000 went to the server
+    # (HTTP 400, exit 1) while --limit 0 was a usage error.  Every number the CLI takes is checked as it is read.
+    listed = tmp_path / "list.txt"
+    listed.write_text("198.18.64.1\n198.18.64.2\n")
+    argv = [str(listed) if word == "LIST" else word for word in argv]
+    result = admin(capsys, api, *argv)
+    command = " ".join(argv[:2] if argv[0] == "feed" else argv[:1])
+    assert result.code == 2 and result.out == "", result
+    assert result.err.startswith(f"usage: provfw {command} ") and f"argument {option}: " in result.err, result.err
+    assert admin(capsys, api, "rules", "-o", "value").out == "", "nothing was sent"
+
+
+def test_a_number_that_is_not_finite_exits_2_without_a_traceback(api, home):
+    result = run("block", "198.18.63.0/24", "--ttl", "inf", "--url", api.url, "--token", api.admin)
+    assert result.code == 2 and "Traceback" not in result.err, result.err
+    assert "argument --ttl: 'inf' is not a finite number" in result.err
+
+
+def test_numbers_at_the_ends_of_their_range_are_taken(api, home, capsys, tmp_path):
+    assert admin(capsys, api, "rule-add", "198.18.70.0/24", "--ttl", "315360000").code == 0
+    assert admin(capsys, api, "rule-add", "198.18.71.0/24", "--ttl", "0.5", "--protocol", "tcp", "--from-port",
+                 "1", "--to-port", "65535").code == 0, "a fraction of a second is rounded up, as it always was"
+    listed = tmp_path / "list.txt"
+    listed.write_text("198.18.72.1\n198.18.72.2\n")
+    assert admin(capsys, api, "import", str(listed), "--chunk", "1", "--ttl", "3600.5").code == 0
+    for limit in ("1", "1000"):
+        audit = admin(capsys, api, "audit", "--limit", limit, "-o", "json")
+        assert audit.code == 0 and len(json.loads(audit.out)) == min(int(limit), 4), audit.err
+
+
+def test_rule_add_says_whether_it_added_renewed_or_kept_the_rule(api, home, capsys):
+    # Found by a newcomer: the same rule asked for by a second source printed "added rule" twice.
+    first = admin(capsys, api, "rule-add", "198.18.150.0/24", "--source", "ops")
+    rule_id = first.out.split()[2].rstrip(":")
+    generation = db.provider_fw_generation_get()
+    assert first.out == f"added rule {rule_id}: all traffic from 198.18.150.0/24, generation {generation}\n"
+    kept = admin(capsys, api, "rule-add", "198.18.150.0/24")
+    assert kept.code == 0, kept.err
+    assert kept.out == (f"kept rule {rule_id}: all traffic from 198.18.150.0/24 was already live for manual:ops; "
+                        f"source manual added, generation {db.provider_fw_generation_get()}\n")
+    assert admin(capsys, api, "rule-add", "198.18.150.0/24").code == 1, "the same request again changes nothing"
+
+    admin(capsys, api, "rule-add", "198.18.151.0/24", "--ttl", "60")
+    renewed = admin(capsys, api, "rule-add", "198.18.151.0/24")
+    assert renewed.code == 0 and renewed.out.startswith(f"renewed rule {int(rule_id) + 1}: all traffic from "
+                                                        "198.18.151.0/24, generation ")
+
+    # block: the three rules it wants, already live for another source, are kept (not "0 rules added" alone).
+    admin(capsys, api, "block", "198.18.152.0/24", "--source", "ops")
+    again = admin(capsys, api, "block", "198.18.152.0/24")
+    assert again.code == 0, again.err
+    assert again.out == (f"blocked 198.18.152.0/24: 0 rules added, 3 rules kept (already live; source manual "
+                         f"added), generation {db.provider_fw_generation_get()}\n")
+
+
+def test_every_change_prints_the_apis_whole_answer_as_json(api, home, capsys, tmp_path):
+    # Found by a newcomer: -o json of rule-add printed a flattened rule plus change_generation, and of import
+    # left out notified and non_global_allowed.  Each change prints what the API answered, as it answered it.
+    blocked = json.loads(admin(capsys, api, "block", "198.18.160.0/24", "-o", "json").out)
+    assert set(blocked) == _keys("BlockAdded") and len(blocked["rules"]) == 3
+    unblocked = json.loads(admin(capsys, api, "unblock", "198.18.160.0/24", "-o", "json").out)
+    assert set(unblocked) == _keys("BlockRemoved") and unblocked["deleted"] == 3
+
+    added = json.loads(admin(capsys, api, "rule-add", "198.18.162.0/24", "-o", "json").out)
+    assert set(added) == _keys("RuleCreated") == {"rule", "generation", "renewed", "notified"}
+    assert (added["renewed"], added["notified"]) == (False, True)
+    assert added["rule"] == json.loads(admin(capsys, api, "rule-show", str(added["rule"]["id"]), "-o", "json").out)
+    deleted = json.loads(admin(capsys, api, "rule-delete", str(added["rule"]["id"]), "-o", "json").out)
+    assert deleted == {"deleted": added["rule"]["id"], "generation": added["generation"] + 1}, \
+        "an empty 204: the id and its X-Provfw-Generation"
+
+    one = tmp_path / "one.txt"
+    one.write_text("198.18.163.1\n198.18.163.2\nbogus\n")
+    # One request: its answer exactly, compared with the same request sent over HTTP (a dry run changes nothing).
+    dry = json.loads(admin(capsys, api, "import", str(one), "--source", "one", "--dry-run", "-o", "json").out)
+    raw = requests.post(f"{api.url}/v1/provider-fw-rules/import", data=one.read_bytes(),
+                        params={"protocol": "all", "source": "one", "mode": "add", "format": "plain",
+                                "dry_run": "true"},
+                        headers={"X-Auth-Token": api.admin, "Content-Type": "text/plain"}, timeout=30)
+    assert dry == raw.json()
+    imported = json.loads(admin(capsys, api, "import", str(one), "--source", "one", "-o", "json").out)
+    assert set(imported) == _keys("ImportResult")
+    assert (imported["added"], imported["refused"], imported["notified"], imported["non_global_allowed"]) == \
+        (2, 1, True, 0)
+
+    feed = json.loads(admin(capsys, api, "feed", "add", "f1", "http://127.0.0.1:9/l.txt", "-o", "json").out)
+    assert set(feed) == _keys("FeedShown") and feed["feed"]["name"] == "f1"
+    changed = json.loads(admin(capsys, api, "feed", "set", "f1", "--disable", "-o", "json").out)
+    assert set(changed) == {"feed"} and changed["feed"]["enabled"] is False
+    admin(capsys, api, "feed", "set", "f1", "--enable")
+    due = json.loads(admin(capsys, api, "feed", "sync", "f1", "--no-wait", "-o", "json").out)
+    assert set(due) == {"feed"} and due["feed"]["force_next"] is False
+    removed = json.loads(admin(capsys, api, "feed", "remove", "f1", "-o", "json").out)
+    assert set(removed) == _keys("FeedDeleted") and removed["feed"] == "f1"
+
+
+def test_a_chunked_import_prints_one_answer_that_sums_every_chunks(api, home, capsys, tmp_path):
+    listed = tmp_path / "chunks.txt"
+    listed.write_text("198.18.170.1\nbogus\n198.18.170.2\n198.18.170.3\nworse\n198.18.170.1\n")
+    merged = json.loads(admin(capsys, api, "import", str(listed), "--chunk", "2", "-o", "json").out)
+    assert set(merged) == _keys("ImportResult"), "the fields of one answer"
+    assert (merged["added"], merged["duplicate"], merged["refused"]) == (3, 1, 2)
+    assert [r["line"] for r in merged["refused_lines"]] == [2, 5], "numbered in the file"
+    assert merged["notified"] is True and merged["non_global_allowed"] == 0
+    assert merged["generation"] == db.provider_fw_generation_get(), "the last chunk's"
+
+
+def test_feed_sync_prints_the_feed_it_waited_for_as_the_api_answers_it(api, home, capsys, conf):
+    conf.set_override("min_interval", 60, group="feeds")
+    server = FeedServer()
+    syncer = conductor_feeds.FeedSyncer(conf, None, host="cli-test-conductor")
+    stop = threading.Event()
+
+    def conductor():                                  # the conductor's feed syncer, polling every 50 ms
+        while not stop.wait(0.05):
+            syncer.run_due()
+
+    thread = threading.Thread(target=conductor, daemon=True)
+    thread.start()
+    try:
+        server.publish("/drop.txt", data_file("feeds", "spamhaus-drop.txt"))
+        admin(capsys, api, "feed", "add", "drop", server.url("/drop.txt"), "--interval", "3600")
+        synced = admin(capsys, api, "feed", "sync", "drop", "--timeout", "20", "-o", "json")
+        assert synced.code == 0, synced.err
+        answer = json.loads(synced.out)
+        assert set(answer) == _keys("FeedShown") and answer["feed"]["last_status"] == "ok"
+        assert answer["feed"]["rules"] == 4
+    finally:
+        stop.set()
+        thread.join(10)
+        server.close()

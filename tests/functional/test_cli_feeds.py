@@ -98,7 +98,7 @@ def test_why_names_each_rule_its_sources_and_the_hosts_that_enforce_it(api, home
     lists.write_text("198.51.100.0/24\n198.51.0.0/16\n")
     admin(capsys, api, "import", str(lists), "--source", "drop")
     host_rule = json.loads(admin(capsys, api, "rule-add", "198.51.100.7", "--protocol", "tcp", "--from-port", "22",
-                                 "-o", "json").out)
+                                 "-o", "json").out)["rule"]           # the API's answer: {"rule", "generation", ...}
     generation = db.provider_fw_generation_get()
     db.service_update("hv-1", heartbeat=True, driver="ipset", applied_generation=generation, rule_count=3)
     db.service_update("hv-2", heartbeat=True, driver="ipset", applied_generation=generation - 1, rule_count=2)
