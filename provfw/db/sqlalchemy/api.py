@@ -2269,7 +2269,7 @@ def _generation_table_missing() -> bool:
     """True when the database answers and has no generation table; False when it has one or cannot answer."""
     try:
         return not sa.inspect(get_engine()).has_table(FirewallGeneration.__tablename__)
-    except sa_exc.SQLAlchemyError:
+    except (sa_exc.SQLAlchemyError, exception.DatabaseUnavailable):        # the latter from _unavailable
         return False
 
 
