@@ -30,9 +30,7 @@ logging.logThreads = False
 
 
 def green_database() -> None:
-    """Make psycopg2 cooperative (its wait callback) when it is installed; API and conductor only."""
-    try:
-        from eventlet.support import psycopg2_patcher
-        psycopg2_patcher.make_psycopg_green()
-    except ImportError:
-        pass
+    """Make psycopg2 cooperative (its wait callback, with time limits: ``psycopg_wait``) when it is installed;
+    API and conductor only."""
+    from provfw.cmd import psycopg_wait
+    psycopg_wait.install()
