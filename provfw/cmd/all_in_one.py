@@ -36,6 +36,10 @@ bootstrap_token = bootstrap.bootstrap_token
 def main(argv=None) -> None:
     common.prepare(argv)
     conf = common.CONF
+    watchdog = systemd.Watchdog()
+    # Built before anything else happens (the schema, the bootstrap token): its drivers and host name are where
+    # a worker's configuration can be wrong, and a refused one must leave no trace.
+    worker = service.ComputeService(conf, watchdog=watchdog)
     # Installed first: a stop while the database is still away ends the wait (the message is the stop's).
     signalled = common.StopRequest(LOG, "stopping the API, the worker and the conductor").install()
     try:
@@ -48,10 +52,7 @@ def main(argv=None) -> None:
     bootstrap_token(conf)
     metrics.serve_configured(conf, "api_port", metrics.API, metrics.CONTROL, metrics.CONDUCTOR, metrics.WORKER,
                              what="provfw-all-in-one")
-    watchdog = systemd.Watchdog()
     compute = compute_api.ComputeAPI(conf)
-    # Built before anything starts: its drivers and host name are where a worker's configuration can be wrong.
-    worker = service.ComputeService(conf, watchdog=watchdog)
     conductor = conductor_service.ConductorService(conf, compute, watchdog=watchdog)
     conductor.start()
     conductor.ready.wait(10)

@@ -161,14 +161,14 @@ def _wait_for_database(what: str, stop: threading.Event | SignalFlag | None, mig
 
     generation = retrying(f"{what}: reaching the database", exception.DatabaseUnavailable, initial=0.5,
                           maximum=10.0, stop_event=stop, log=LOG)(probe)
-    if migrate:
+    current = migration.db_version(provfw_conf.database_url())
+    if migrate and not migration.schema_newer(current):
         migration.db_sync(provfw_conf.database_url())
         return db.ping()
-    current = migration.db_version(provfw_conf.database_url())
     if migration.schema_behind(current):
         raise exception.SchemaNotReady(f"the schema is at {current or '(empty)'}, this release's at "
                                        f"{migration.head_revision()}: run 'provfw-manage db sync'")
-    if current != migration.head_revision():
+    if migration.schema_newer(current):
         LOG.warning("%s: the schema is at %s, which this release (at %s) does not know: a newer release "
                     "migrated it; running on", what, current, migration.head_revision())
     return generation

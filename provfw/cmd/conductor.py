@@ -36,6 +36,7 @@ def main(argv=None) -> int:
         common.wait_for_database("provfw-conductor", stopping)
     except Exception:  # noqa: BLE001 - only reached when a signal interrupted the wait
         if stopping.is_set():
+            LOG.info("provfw-conductor stopped before the database answered")
             return 0
         raise
     metrics.serve_configured(conf, "conductor_port", metrics.CONDUCTOR, metrics.CONTROL, what="provfw-conductor")

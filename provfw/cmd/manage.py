@@ -99,11 +99,19 @@ def _command_args(argv):
     return parser.parse_args(argv)
 
 
+def _newer(current: str, head: str) -> str:
+    return (f"the schema is at {current}, which this release (at {head}) does not know: a newer release "
+            f"migrated it, and only that release can sync or check it")
+
+
 def _db_check(migration, url: str) -> int:
     """``db check``: 0 when the schema is at this release's head and matches the models; 1, saying which, if not."""
     from alembic.util import exc as alembic_exc
 
     current, head = migration.db_version(url), migration.head_revision()
+    if migration.schema_newer(current):
+        print(f"provfw-manage: {_newer(current, head)}", file=sys.stderr)
+        return 1
     if current != head:
         print(f"provfw-manage: the schema is at {current or '(empty)'}, this release's at {head}: "
               f"run 'provfw-manage db sync'", file=sys.stderr)
@@ -129,6 +137,10 @@ def run(args) -> int:
         from provfw.db import migration     # alembic: only for these
 
         if args.action == "sync":
+            current = migration.db_version(url)
+            if migration.schema_newer(current):          # alembic would end in "Can't locate revision"
+                print(f"provfw-manage: {_newer(current, migration.head_revision())}", file=sys.stderr)
+                return 1
             migration.db_sync(url)
             print(f"schema at {migration.db_version(url)}")
         elif args.action == "version":

@@ -63,6 +63,16 @@ def db_version(url: str) -> str | None:
         engine.dispose()
 
 
+def schema_newer(current: str | None) -> bool:
+    """Whether ``current`` is a revision this release does not know: a newer release migrated the schema."""
+    from alembic.script import ScriptDirectory
+
+    if current is None:
+        return False
+    scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return current not in {revision.revision for revision in scripts.walk_revisions()}
+
+
 def schema_behind(current: str | None) -> bool:
     """Whether a schema at ``current`` (``db_version``) lacks migrations of this release: empty, or at one of this
     release's revisions before its head.  A revision this release does not know is a newer release's (a
@@ -71,6 +81,5 @@ def schema_behind(current: str | None) -> bool:
 
     if current is None:
         return True
-    scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    known = {revision.revision for revision in scripts.walk_revisions()}
-    return current in known and current != scripts.get_current_head()
+    return not schema_newer(current) and current != ScriptDirectory.from_config(
+        alembic_config("sqlite://")).get_current_head()

@@ -122,11 +122,15 @@ def test_with_a_schema_older_than_this_release_the_api_says_how_far_behind_and_e
 ])
 def test_a_worker_configuration_provfw_itself_refuses_is_one_line_and_status_two(program, option, words, tmp_path):
     """Checked by provfw, not oslo.config (a driver that is no entry point, a host name a bus user cannot
-    carry): the same answer as a malformed file.  The all-in-one starts nothing (no conductor) first."""
+    carry): the same answer as a malformed file.  The all-in-one does nothing first (no schema, no token, no
+    conductor)."""
     config = write(tmp_path / "w.conf", base(tmp_path) + option + "\n")     # base ends in [compute]
     result, _ = run(program, config)
     assert_one_line(result, program, 2, *words)
     assert "conductor" not in result.stdout
+    state = tmp_path / "state"                          # no schema, no bootstrap token: nothing was done
+    database = state / "provfw.sqlite"                  # (created empty, mode 0600, when the engine is set up)
+    assert not (state / "admin-token").exists() and (not database.exists() or database.stat().st_size == 0)
 
 
 def free_port() -> int:
@@ -137,12 +141,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("program", ["provfw-api", "provfw-all-in-one"])
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
-def test_a_stop_while_the_database_is_away_ends_the_wait_cleanly(program, signal_name, tmp_path):
+WAITING_DAEMONS = ("provfw-api", "provfw-conductor", "provfw-all-in-one")
+
+
+@pytest.mark.parametrize("program, signal_name, away",
+                         [(program, signal_name, "refused") for program in WAITING_DAEMONS
+                          for signal_name in ("SIGTERM", "SIGINT")]
+                         + [(program, "SIGTERM", "silent") for program in WAITING_DAEMONS])
+def test_a_stop_while_the_database_is_away_ends_the_wait_cleanly(program, signal_name, away, tmp_path):
+    """Refused: nothing listens.  Silent: a server accepts and never answers (provfw.cmd.psycopg_wait gives each
+    connect 5 s, so the wait is seen and the stop taken between attempts)."""
     import signal
 
-    unreachable = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/provfw"       # nothing listens
+    from tests.functional.test_psycopg_wait import Silent
+
+    silent = Silent() if away == "silent" else None
+    port = silent.port if silent else free_port()                                        # nothing listens
+    unreachable = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/provfw"
     config = write(tmp_path / "down.conf", base(tmp_path) + f"[database]\nconnection = {unreachable}\n")
     log = tmp_path / "out.log"
     with open(log, "w") as out:
@@ -159,6 +174,8 @@ def test_a_stop_while_the_database_is_away_ends_the_wait_cleanly(program, signal
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        if silent:
+            silent.close()
     text = log.read_text()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     assert f"{program} stopped before the database answered" in text, text[-3000:]
@@ -202,3 +219,21 @@ def test_the_all_in_one_waits_for_its_database_then_creates_the_schema_and_serve
         finally:
             proc.terminate()
             proc.wait(20)
+
+
+def test_provfw_manage_says_a_schema_newer_than_this_release_is_not_its_to_sync_or_check(tmp_path):
+    """A rolling upgrade migrated first: db check must not advise a sync, and db sync must not end in alembic's
+    "Can't locate revision" traceback."""
+    import sqlalchemy as sa
+
+    config = write(tmp_path / "m.conf", base(tmp_path))
+    synced, _ = run("provfw-manage", config, "db", "sync")
+    assert synced.returncode == 0, synced.stderr
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/state/provfw.sqlite")
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    for action in ("check", "sync"):
+        result, _ = run("provfw-manage", config, "db", action)
+        assert_one_line(result, "provfw-manage", 1, "the schema is at 9999, which this release (at "
+                        f"{migration.head_revision()}) does not know: a newer release migrated it")
