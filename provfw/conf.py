@@ -215,7 +215,8 @@ rabbit_opts = [
                 help="Check that each broker's certificate is for the host transport_url names for it (an IP "
                      "address must be in the certificate's subjectAltName), on failover too. Off: the chain is "
                      "still checked against ssl_ca_file, but a certificate that CA signed for any other host is "
-                     "accepted too. kombu connects to 'localhost' as 127.0.0.1 and checks that name."),
+                     "accepted too. kombu turns the name 'localhost' into 127.0.0.1, so such a broker's "
+                     "certificate needs the entry IP:127.0.0.1."),
 ]
 
 sets_opts = [

@@ -181,6 +181,9 @@ class Number:
         return f"Number({self.low}, {self.high}, fractions={self.fractions})"
 
     def __call__(self, text: str) -> int:
+        # Python reads '١٢٣' and '1_000' as numbers; the API and every shell tool do not.
+        if not text.isascii() or "_" in text:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number in ASCII digits")
         try:
             value = int(text)
         except ValueError:

@@ -25,7 +25,7 @@ import threading
 from oslo_config import cfg
 
 from provfw import conf as provfw_conf
-from provfw import metrics, rpc, systemd
+from provfw import exception, metrics, rpc, systemd
 from provfw.compute import api as compute_api_mod
 from provfw.conductor import feeds as conductor_feeds
 from provfw.conductor import manager as conductor_manager
@@ -85,6 +85,8 @@ class ConductorService:
             self.manager.flush_now.clear()
             try:
                 self.manager.flush_reports()
+            except exception.DatabaseUnavailable as exc:     # one line a round while it is away, not a traceback
+                LOG.warning("flushing state reports failed: %s", exc.message)
             except Exception:  # noqa: BLE001 - a loop that must never die
                 LOG.exception("flushing state reports failed")
         self.manager.flush_reports()
@@ -107,6 +109,8 @@ class ConductorService:
             while not self._stop.wait(interval):
                 try:
                     func()
+                except exception.DatabaseUnavailable as exc:  # one line a round while it is away
+                    LOG.warning("periodic task %s failed: %s", getattr(func, "__name__", func), exc.message)
                 except Exception:  # noqa: BLE001 - a periodic task must never die
                     LOG.exception("periodic task %s failed", getattr(func, "__name__", func))
         return loop

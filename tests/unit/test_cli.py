@@ -175,6 +175,9 @@ def test_a_number_in_range_is_read_whole_and_a_fraction_rounded_up_where_taken(t
     ("65536", commands.PORT, "must be from -1 to 65535, not 65536"),
     ("0", commands.Number(1), "must be at least 1, not 0"),
     ("9" * 5000, commands.RULE_ID, "must be from 1 to 9223372036854775807, not 99999999999999999999..."),
+    ("\u0661\u0662\u0663", commands.PORT, "'\u0661\u0662\u0663' is not a number in ASCII digits"),   # Arabic-Indic 123
+    ("\u0661\u0665", commands.RULE_ID, "'\u0661\u0665' is not a number in ASCII digits"),
+    ("1_000", commands.SECONDS, "'1_000' is not a number in ASCII digits"),
 ])
 def test_a_number_not_finite_not_whole_or_out_of_range_is_refused_saying_why(text, number, message):
     with pytest.raises(argparse.ArgumentTypeError) as refused:
