@@ -31,9 +31,14 @@ def make_wait(connect_timeout: float = CONNECT_TIMEOUT, answer_timeout: float = 
     """A wait callback for ``psycopg2.extensions.set_wait_callback``: poll ``conn``, yielding to the eventlet hub
     until its socket is ready, for at most ``connect_timeout`` seconds while connecting and ``answer_timeout``
     for anything else."""
+    import warnings
+
     import psycopg2
-    from eventlet.hubs import trampoline
     from psycopg2 import extensions
+
+    with warnings.catch_warnings():            # as provfw.cmd.eventlet_patch: the brief names eventlet
+        warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+        from eventlet.hubs import trampoline
 
     def wait(conn, timeout=None) -> None:
         limit = connect_timeout if conn.status == extensions.STATUS_SETUP else answer_timeout
