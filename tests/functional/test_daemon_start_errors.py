@@ -153,7 +153,7 @@ def test_a_stop_while_the_database_is_away_ends_the_wait_cleanly(program, signal
     connect 5 s, so the wait is seen and the stop taken between attempts)."""
     import signal
 
-    from tests.functional.test_psycopg_wait import Silent
+    from tests.lib.silent import Silent
 
     silent = Silent() if away == "silent" else None
     port = silent.port if silent else free_port()                                        # nothing listens

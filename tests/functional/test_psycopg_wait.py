@@ -3,42 +3,17 @@ answer, within its limits, against a real PostgreSQL and a listener that accepts
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import pytest
 
 from provfw.cmd import psycopg_wait
 from tests.lib import services
+from tests.lib.silent import Silent
 
 pytestmark = pytest.mark.functional
 
 psycopg2 = pytest.importorskip("psycopg2")
-
-
-class Silent:
-    """Accepts TCP connections on 127.0.0.1 and never sends a byte (a hung server); closes them at ``close()``."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                self.accepted.append(self.listener.accept()[0])
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(5)
-        for conn in self.accepted:
-            conn.close()
 
 
 @pytest.fixture
