@@ -10,7 +10,9 @@ module does no I/O at import beyond reading the configuration: the database
 pool and the bus connection open on first use, in each worker after the
 server forked it, and nothing runs in the background (expiry purges run in
 provfw-conductor).  Use sync or threaded (gthread) workers: the code is
-plain blocking Python, and eventlet is provfw-api's own server.
+plain blocking Python, and eventlet is provfw-api's own server.  psycopg2
+waits through ``provfw.cmd.psycopg_wait`` (``green=False``), so a database
+server that stops answering costs a request thread 70 s, not the thread.
 
 Metrics: with several worker processes, set ``PROMETHEUS_MULTIPROC_DIR``
 and start gunicorn with ``-c python:provfw.api.gunicorn_conf``, which serves
@@ -34,13 +36,14 @@ def init_application(config_files: list[str] | None = None):
     ``provfw-manage db sync`` has run, ``/healthz`` answers 503 saying so.
     """
     from provfw.api import router
-    from provfw.cmd import common
+    from provfw.cmd import common, psycopg_wait
     from provfw.db import api as db
 
     files = config_files if config_files is not None else provfw_conf.config_files_from_env()
     provfw_conf.parse_args([arg for path in files for arg in ("--config-file", path)])
     provfw_conf.check_values()
     common.setup_logging()
+    psycopg_wait.install(green=False)
     db.configure(provfw_conf.database_url(), provfw_conf.CONF.database.pool_size)
     return router.build_app(provfw_conf.CONF)
 

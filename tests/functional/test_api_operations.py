@@ -184,6 +184,8 @@ def test_the_wsgi_application_starts_no_background_thread(sqlite_db, tmp_path, m
     import importlib
     import threading
 
+    from psycopg2 import extensions
+
     from provfw import conf as provfw_conf
 
     config = tmp_path / "provfw.conf"
@@ -199,7 +201,10 @@ def test_the_wsgi_application_starts_no_background_thread(sqlite_db, tmp_path, m
         assert call(application, "GET", "/healthz").status_int == 200
         started = [thread.name for thread in set(threading.enumerate()) - before]
         assert started == [], f"the request process runs background threads: {started}"
+        # psycopg2 waits with time limits in the server's threads (tests/functional/test_psycopg_wait.py)
+        assert extensions.get_wait_callback().__module__ == "provfw.cmd.psycopg_wait"
     finally:
+        extensions.set_wait_callback(None)
         provfw_conf.CONF.reset()
         provfw_conf.CONF.clear()
 

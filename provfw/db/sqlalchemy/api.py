@@ -1838,19 +1838,30 @@ class _CsvStream:
         return next(self._chunks, "")
 
 
+# psycopg2's wait callback is one for the process: two threads that each set it aside for a COPY and put back
+# what they found could leave it unset for good, so they take turns.
+_COPY_LOCK = threading.Lock()
+
+
 def _copy(connection, table: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
     import psycopg2.extensions
 
-    # Under eventlet psycopg2 runs green through a wait callback, and COPY
-    # refuses to run with one set.  The COPY then blocks this process for its
-    # ~1 s at 120k rows instead of ~5 s of green multi-row INSERTs.
-    wait_callback = psycopg2.extensions.get_wait_callback()
+    # psycopg2 runs through a wait callback (provfw.cmd.psycopg_wait: under
+    # eventlet, and under a threaded WSGI server), and COPY refuses to run with
+    # one set.  Under eventlet the COPY then blocks this process for its ~1 s
+    # at 120k rows instead of ~5 s of green multi-row INSERTs; other threads'
+    # statements meanwhile wait without the callback's time limit.
     cursor = connection.connection.dbapi_connection.cursor()
     try:
-        psycopg2.extensions.set_wait_callback(None)
-        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)", _CsvStream(rows))
+        with _COPY_LOCK:
+            wait_callback = psycopg2.extensions.get_wait_callback()
+            psycopg2.extensions.set_wait_callback(None)
+            try:
+                cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)",
+                                   _CsvStream(rows))
+            finally:
+                psycopg2.extensions.set_wait_callback(wait_callback)
     finally:
-        psycopg2.extensions.set_wait_callback(wait_callback)
         cursor.close()
 
 
