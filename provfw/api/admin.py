@@ -310,9 +310,12 @@ class AdminController:
         added_ids = {rule.id for rule in result.changes.added if rule.spec in result.preview["added"]}
         rows = [result.rules[rule_id] for rule_id in sorted(added_ids) if rule_id in result.rules]
         message = f"Added {len(rows)} rules" + (f", renewed {result.renewed}" if result.renewed else "")
+        unchanged = len(set(result.unchanged) & set(specs))
         return wsgi.json_response({"status": "OK", "message": message,
                                    "rules": [rule_view(rule, wants) for rule, wants in rows],
-                                   "renewed": result.renewed, "generation": result.generation})
+                                   "renewed": result.renewed, "unchanged": unchanged,
+                                   "kept": len(specs) - len(rows) - result.renewed - unchanged,
+                                   "generation": result.generation})
 
     def list_blocks(self, request, context):
         blocks = db.provider_fw_distinct_cidrs()

@@ -249,13 +249,14 @@ def block(client: AdminClient, args: argparse.Namespace) -> Result:
     added = answer.get("rules") or []
     cidr = added[0]["cidr"] if added else rules.normalise_cidr(args.cidr)
     generation = answer.get("generation")
-    renewed = answer.get("renewed") or 0
-    # The rest of the three rules a block wants were live already: kept, now wanted by this source as well.
-    kept = len(rules.external_block_specs(cidr)) - len(added) - renewed
+    renewed, unchanged, kept = (answer.get(key) or 0 for key in ("renewed", "unchanged", "kept"))
+    if "kept" not in answer:          # an API before 2026-12-02 counted the two together
+        kept = len(rules.external_block_specs(cidr)) - len(added) - renewed
+    source = _source(args.source)
     message = (f"blocked {cidr}: {count(len(added), 'rule')} added"
                + (f", {count(renewed, 'rule')} renewed" if renewed else "")
-               + (f", {count(kept, 'rule')} kept (already live; source {_source(args.source)} added)"
-                  if kept > 0 else "")
+               + (f", {count(kept, 'rule')} kept (already live; source {source} added)" if kept else "")
+               + (f", {count(unchanged, 'rule')} unchanged (already live for {source})" if unchanged else "")
                + f", generation {generation}" + _expiry(added[0] if added else None))
     return Result(answer, [{"cidr": cidr, "added": len(added), "generation": generation}], message)
 

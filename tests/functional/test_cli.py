@@ -482,6 +482,17 @@ def test_rule_add_says_whether_it_added_renewed_or_kept_the_rule(api, home, caps
     assert again.out == (f"blocked 198.18.152.0/24: 0 rules added, 3 rules kept (already live; source manual "
                          f"added), generation {db.provider_fw_generation_get()}\n")
 
+    # Found at stop 27: a block whose rules this source partly held already called those "kept ... source manual
+    # added" too.  The answer now tells the three kinds apart: added, kept for another source, unchanged.
+    admin(capsys, api, "rule-add", "198.18.153.0/24", "--protocol", "tcp")                  # manual's already
+    admin(capsys, api, "rule-add", "198.18.153.0/24", "--protocol", "udp", "--source", "ops")
+    mixed = admin(capsys, api, "block", "198.18.153.0/24")
+    assert mixed.code == 0, mixed.err
+    assert mixed.out == (f"blocked 198.18.153.0/24: 1 rule added, 1 rule kept (already live; source manual added), "
+                         f"1 rule unchanged (already live for manual), generation {db.provider_fw_generation_get()}\n")
+    answer = json.loads(admin(capsys, api, "block", "198.18.154.0/24", "-o", "json").out)
+    assert (len(answer["rules"]), answer["renewed"], answer["kept"], answer["unchanged"]) == (3, 0, 0, 0)
+
 
 def test_every_change_prints_the_apis_whole_answer_as_json(api, home, capsys, tmp_path):
     # Found by a newcomer: -o json of rule-add printed a flattened rule plus change_generation, and of import
