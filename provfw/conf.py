@@ -13,11 +13,13 @@ the same on every machine.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import io
 import os
 import re
 import socket
+import sys
 
 from oslo_config import cfg
 from oslo_log import log as oslo_log
@@ -253,11 +255,41 @@ def register_opts(conf: cfg.ConfigOpts = CONF) -> None:
 register_opts()
 
 
+def _config_files_in(argv) -> list[str]:
+    """The ``--config-file`` paths of a command line, in order."""
+    files, args = [], list(argv)
+    for index, arg in enumerate(args):
+        if arg == "--config-file" and index + 1 < len(args):
+            files.append(args[index + 1])
+        elif arg.startswith("--config-file="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
 def parse_args(argv=None, conf: cfg.ConfigOpts = CONF, default_config_files=None) -> cfg.ConfigOpts:
-    """Parse command line + config files (``--config-file``; default /etc/provfw/provfw.conf if present)."""
+    """Parse command line + config files (``--config-file``; default /etc/provfw/provfw.conf if present).
+
+    Raises oslo.config's errors, and ConfigError for a malformed value of an option that is also a command-line
+    option (``debug``...): oslo.config prints those itself and exits 1, which here becomes the same one line
+    as every other bad value.  Usage errors and ``--help`` exit as argparse makes them.
+    """
     if default_config_files is None:
         default_config_files = [p for p in ("/etc/provfw/provfw.conf",) if os.path.exists(p)]
-    conf(argv, project="provfw", default_config_files=default_config_files)
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            conf(argv, project="provfw", default_config_files=default_config_files)
+    except SystemExit as exc:
+        said = errors.getvalue().strip()
+        bad = re.fullmatch(r"argument --([\w-]+): (.+)", said)
+        if exc.code == 1 and bad:          # oslo.config's _validate_cli_options
+            option = bad.group(1).replace("-", "_")
+            files = ", ".join(_config_files_in(argv if argv is not None else sys.argv[1:]) or default_config_files)
+            source = f" in {files}" if files else ""
+            raise exception.ConfigError(f"[DEFAULT] {option}{source} is not valid: {bad.group(2)}") from None
+        sys.stderr.write(errors.getvalue())
+        raise
+    sys.stderr.write(errors.getvalue())
     return conf
 
 
@@ -277,6 +309,21 @@ def check_values(conf: cfg.ConfigOpts = CONF) -> None:
             source = f" in {where.group(1)}" if where else ""
             reason = str(exc).split(" is not valid: ", 1)[-1]
             raise exception.ConfigError(f"[{group or 'DEFAULT'}] {option}{source} is not valid: {reason}") from None
+        except (cfg.NoSuchOptError, cfg.NoSuchGroupError, cfg.TemplateSubstitutionError) as exc:
+            # A registered option read as missing: its value names ($other or ${group.other}) an option that
+            # is not there, and oslo.config reports the option read instead of the one named.
+            named = exc.__context__ or exc
+            if isinstance(named, cfg.NoSuchOptError):
+                what = f"${named.group.name + '.' if named.group else ''}{named.opt_name}, which is no option"
+            elif isinstance(named, cfg.NoSuchGroupError):
+                what = f"the group [{named.group_name}], which does not exist"
+            else:
+                what = f"what oslo.config could not substitute ({named or exc})"
+            files = ", ".join(conf.config_file or [])          # (its location is read through the value too)
+            source = f" in {files}" if files else ""
+            raise exception.ConfigError(
+                f"[{group or 'DEFAULT'}] {option}{source} is not valid: it refers to {what} "
+                "(write $$ for a literal $)") from None
 
     for name in conf:                                    # options of [DEFAULT] and the names of groups
         value = read(None, name)

@@ -63,9 +63,16 @@ def test_a_malformed_value_stops_every_program_at_start_naming_the_option_and_fi
     assert_one_line(result, program, 2, "[api] bind_port", str(config), "invalid literal for int()")
 
 
-@pytest.mark.parametrize("case", ["missing file", "malformed file", "unknown choice"])
+@pytest.mark.parametrize("case", ["missing file", "malformed file", "unknown choice", "command-line option",
+                                  "substitution"])
 def test_a_configuration_that_cannot_be_read_is_one_line_and_status_two(case, tmp_path):
-    if case == "missing file":
+    if case == "command-line option":      # oslo.config checked it itself: its own line, no file, status 1
+        config = write(tmp_path / "debug.conf", base(tmp_path).replace("[DEFAULT]\n", "[DEFAULT]\ndebug = maybe\n"))
+        words = ("[DEFAULT] debug", "debug.conf", "Invalid Boolean value: maybe")
+    elif case == "substitution":           # oslo.config named the option read, not the one it refers to
+        config = write(tmp_path / "subst.conf", base(tmp_path) + "[iptables]\nbackend = $fastest\n")
+        words = ("[iptables] backend", "subst.conf", "it refers to $fastest, which is no option")
+    elif case == "missing file":
         config, words = tmp_path / "absent.conf", ("Failed to find some config files", "absent.conf")
     elif case == "malformed file":
         config = write(tmp_path / "broken.conf", "[DEFAULT\nstate_path = /x\n")

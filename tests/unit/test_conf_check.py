@@ -43,3 +43,40 @@ def test_use_journal_without_the_systemd_bindings_says_which_extra_to_install(op
     monkeypatch.setitem(sys.modules, "systemd.journal", None)          # what Python does for a missing module
     with pytest.raises(exception.ConfigError, match=r"install the 'journal' extra \(pip install 'provfw\[journal\]'"):
         provfw_conf.check_values(opts("[DEFAULT]\nuse_journal = true\n"))
+
+
+@pytest.mark.parametrize("text, said", [
+    # oslo.config names the option read, "no such option state_path", instead of the one its value names.
+    ("[DEFAULT]\nstate_path = $nosuchvar/x\n", "[DEFAULT] state_path in {file} is not valid: it refers to "
+                                               "$nosuchvar, which is no option (write $$ for a literal $)"),
+    ("[api]\nbind_host = ${nosuch.host}\n", "[api] bind_host in {file} is not valid: it refers to the group "
+                                            "[nosuch], which does not exist (write $$ for a literal $)"),
+])
+def test_a_value_naming_an_option_that_does_not_exist_says_which(opts, text, said, tmp_path):
+    with pytest.raises(exception.ConfigError) as failure:
+        provfw_conf.check_values(opts(text))
+    assert str(failure.value) == said.format(file=tmp_path / "provfw.conf")
+
+
+def test_a_literal_dollar_written_twice_is_read_as_one(opts):
+    conf = opts("[DEFAULT]\nstate_path = /srv/$$provfw\n")
+    provfw_conf.check_values(conf)
+    assert conf.state_path == "/srv/$provfw"
+
+
+def test_a_bad_value_of_an_option_that_is_also_on_the_command_line_is_the_same_config_error(opts, tmp_path, capsys):
+    # oslo.config checks those (debug, use_json...) itself while parsing: it printed its own line, without the
+    # file, and exited 1, where every other bad value is a ConfigError that the daemons print and exit 2 on.
+    with pytest.raises(exception.ConfigError) as failure:
+        opts("[DEFAULT]\ndebug = maybe\n")
+    assert str(failure.value) == (f"[DEFAULT] debug in {tmp_path}/provfw.conf is not valid: "
+                                  "Invalid Boolean value: maybe")
+    assert capsys.readouterr().err == ""
+
+
+def test_usage_errors_still_exit_as_argparse_makes_them(capsys):
+    conf = cfg.ConfigOpts()
+    provfw_conf.register_opts(conf)
+    with pytest.raises(SystemExit) as stopped:
+        provfw_conf.parse_args(["--no-such-flag"], conf=conf, default_config_files=[])
+    assert stopped.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
