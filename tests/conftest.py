@@ -85,6 +85,29 @@ def fresh_db(request):
     database.drop()
 
 
+# Modules whose tests need only the databases (each test's own, or a per-process session database with a
+# random name) and servers run inside the test process: under ``pytest -n N --dist loadgroup`` (what
+# tools/run-tests.sh runs) xdist spreads them over every worker.  Every other test - network namespaces, the
+# kernel's tools, libvirtd's process-wide nwfilters, the real daemons, RabbitMQ users - is in the xdist group
+# "host" and runs on one worker in collection order, as it did before xdist, so no two of them ever overlap.
+SPREAD_MODULES = frozenset({
+    "tests/functional/test_api.py", "tests/functional/test_api_contract.py", "tests/functional/test_api_feeds.py",
+    "tests/functional/test_api_operations.py", "tests/functional/test_bootstrap_token.py",
+    "tests/functional/test_cli.py", "tests/functional/test_cli_feeds.py", "tests/functional/test_db.py",
+    "tests/functional/test_db_generation_lock.py", "tests/functional/test_db_group_commit.py",
+    "tests/functional/test_db_sources.py", "tests/functional/test_feed_fetch.py",
+    "tests/functional/test_feed_sync.py",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put every test outside ``SPREAD_MODULES`` and ``tests/unit`` in the xdist group "host"."""
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        if module not in SPREAD_MODULES and not module.startswith("tests/unit/"):
+            item.add_marker(pytest.mark.xdist_group("host"))
+
+
 def pytest_collection_finish(session):
     """Fail at once if collecting imported a daemon entry point: it monkey-patches this process with eventlet.
 

@@ -9,7 +9,10 @@ set +e
 # The style check first (setup.cfg's [flake8]); a warning fails the run, after the suite has run anyway.
 .venv/bin/flake8 provfw tests benchmarks tools
 lint=$?
-.venv/bin/python -m pytest -p no:cacheprovider --timeout=600 -ra tests "$@"
+# Two workers (pytest-xdist): the database-only modules spread over both, every test that touches the host
+# (namespaces, kernel tools, libvirtd, daemons) runs on one of them in order (tests/conftest.py,
+# SPREAD_MODULES).  Pass -n 0 to run everything in this process.
+.venv/bin/python -m pytest -p no:cacheprovider --timeout=600 -ra -n 2 --dist loadgroup tests "$@"
 rc=$?
 set -e
 if [ "$lint" -ne 0 ]; then
