@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tools/setup-test-env.sh
+# The user's own state directory (the all-in-one's database and token, the drivers' apply lock): tests keep
+# their state under tmp_path, so a file that appears here during the run is a test that forgot to.
+user_state="${PROVFW_STATE_PATH:-$HOME/.local/state/provfw}"
+state_before=$(find "$user_state" 2>/dev/null | sort || true)
 set +e
 # The style check first (setup.cfg's [flake8]); a warning fails the run, after the suite has run anyway.
 .venv/bin/flake8 provfw tests benchmarks tools
@@ -42,6 +46,12 @@ dirs_left=$(ls -d /tmp/provfw-bus-* /tmp/provfw-e2e-* 2>/dev/null || true)
 if [ -n "$dirs_left" ] && [ "${PROVFW_KEEP_E2E_DIRS:-}" != "1" ]; then
     echo "run-tests: test directories left behind:" >&2
     echo "$dirs_left" >&2
+    exit 1
+fi
+state_new=$(comm -13 <(echo "$state_before") <(find "$user_state" 2>/dev/null | sort) || true)
+if [ -n "$state_new" ]; then
+    echo "run-tests: the suite wrote to the user's state directory (tests keep theirs under tmp_path):" >&2
+    echo "$state_new" >&2
     exit 1
 fi
 exit "$rc"

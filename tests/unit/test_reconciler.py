@@ -377,14 +377,29 @@ def _history(draw):
     return initial, changes, live
 
 
-@settings(max_examples=150, deadline=None)
-@given(_history())
-def test_casts_applied_together_leave_what_they_leave_applied_one_by_one(history):
+@pytest.fixture(scope="module")
+def module_conf(tmp_path_factory):
+    """The ``conf`` fixture for a hypothesis test (which refuses function-scoped fixtures): state, and so the
+    drivers' apply lock, under a temporary directory, not the user's ~/.local/state/provfw."""
+    from oslo_config import cfg
+
     from provfw import conf as provfw_conf
+
+    conf = cfg.ConfigOpts()
+    provfw_conf.register_opts(conf)
+    conf([], project="provfw", default_config_files=[])
+    conf.set_override("state_path", str(tmp_path_factory.mktemp("state")))
+    yield conf
+    conf.reset()
+
+
+@settings(max_examples=150, deadline=None)
+@given(history=_history())
+def test_casts_applied_together_leave_what_they_leave_applied_one_by_one(module_conf, history):
     from provfw.rules import compose_changes
 
     initial, changes, live = history
-    conf = provfw_conf.CONF
+    conf = module_conf
     one_by_one, together = ModelKernel(conf), ModelKernel(conf)
     first = Reconciler(LibvirtConnection(conf, firewall_driver=one_by_one), conf, clock=lambda: 1_000_000.0)
     second = Reconciler(LibvirtConnection(conf, firewall_driver=together), conf, clock=lambda: 1_000_000.0)
