@@ -314,7 +314,10 @@ def check_values(conf: cfg.ConfigOpts = CONF) -> None:
             # is not there, and oslo.config reports the option read instead of the one named.
             named = exc.__context__ or exc
             if isinstance(named, cfg.NoSuchOptError):
-                what = f"${named.group.name + '.' if named.group else ''}{named.opt_name}, which is no option"
+                # oslo.config looks a bare $name up in the option's own group: say it as it was written.
+                other = named.group.name if named.group is not None else None
+                what = (f"${named.opt_name}" if other in (None, group) else "${" + f"{other}.{named.opt_name}" + "}") \
+                    + ", which is no option"
             elif isinstance(named, cfg.NoSuchGroupError):
                 what = f"the group [{named.group_name}], which does not exist"
             else:
