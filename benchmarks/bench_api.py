@@ -253,6 +253,8 @@ def start_server(kind: str, config: str, port: int, workers: int, threads: int, 
     elif kind in ("eventlet", "primer"):
         argv = [os.path.join(BIN, "provfw-api"), "--config-file", config]
     else:
+        if kind == "baseline-gunicorn":       # the same gunicorn serving the other tree's provfw.api.wsgi_app
+            env["PYTHONPATH"] = baseline
         # Its workers write their metrics to PROMETHEUS_MULTIPROC_DIR, its master serves their sum
         # (provfw.api.gunicorn_conf, as docs/operations.md runs it).
         env["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(os.path.dirname(config), "prometheus")
@@ -272,8 +274,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker (1: sync workers)")
     parser.add_argument("--servers", default="eventlet,gunicorn",
-                        help="comma list of eventlet, gunicorn, baseline (with --baseline)")
-    parser.add_argument("--baseline", help="source tree whose eventlet provfw-api runs as 'baseline'")
+                        help="comma list of eventlet, gunicorn, baseline and baseline-gunicorn (with --baseline)")
+    parser.add_argument("--baseline", help="source tree whose eventlet provfw-api runs as 'baseline' (and its WSGI "
+                                           "application under gunicorn as 'baseline-gunicorn')")
     parser.add_argument("--rounds", type=int, default=3,
                         help="the load runs in this many slices per server, the servers taking turns (rotated each "
                              "round), so a slow or fast minute of the machine falls on every server alike")
@@ -351,6 +354,8 @@ def main() -> None:
         database.drop()
 
     gunicorn = f"gunicorn {args.workers}x gthread/{args.threads}"
+    names = {"gunicorn": gunicorn, "baseline": "baseline (eventlet)",
+             "baseline-gunicorn": f"baseline gunicorn {args.workers}x{args.threads}"}
     print(machine.describe())
     print(f"\nAPI throughput, {args.clients} clients, block/unblock mix, PostgreSQL, casts over "
           f"{'RabbitMQ' if rabbit else 'the in-process bus'}, {args.seconds:.0f} s per server in {args.rounds} "
@@ -359,7 +364,7 @@ def main() -> None:
           f"{'vs eventlet':>13}")
     base = results.get("eventlet", {}).get("ops")
     for kind, result in results.items():
-        name = {"gunicorn": gunicorn, "baseline": "baseline (eventlet)"}.get(kind, "eventlet (provfw-api)")
+        name = names.get(kind, "eventlet (provfw-api)")
         ratio = f"{result['ops'] / base:.2f}x" if base else "-"
         print(f"{name:<24}{result['ops']:>10.0f}{result['p50'] * 1000:>8.1f}ms{result['p99'] * 1000:>8.1f}ms"
               f"{result['cpu_ms_per_op']:>8.2f}ms{result['per_generation']:>9.2f}{result['errors']:>8}{ratio:>13}")
@@ -370,7 +375,7 @@ def main() -> None:
     print(f"{'server':<24}{'server':>10}{'PostgreSQL':>12}{'broker':>10}{'clients':>10}{'total':>10}{'ceiling':>14}"
           f"{'lock held':>11}")
     for kind, result in results.items():
-        name = {"gunicorn": gunicorn, "baseline": "baseline (eventlet)"}.get(kind, "eventlet (provfw-api)")
+        name = names.get(kind, "eventlet (provfw-api)")
         spent = result["spent_ms_per_op"]
         total = sum(spent.values())
         share = "-" if result["lock_share"] is None else f"{100 * result['lock_share']:.0f} %"
