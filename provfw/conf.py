@@ -284,7 +284,8 @@ def parse_args(argv=None, conf: cfg.ConfigOpts = CONF, default_config_files=None
         bad = re.fullmatch(r"argument --([\w-]+): (.+)", said)
         if exc.code == 1 and bad:          # oslo.config's _validate_cli_options
             option = bad.group(1).replace("-", "_")
-            files = ", ".join(_config_files_in(argv if argv is not None else sys.argv[1:]) or default_config_files)
+            files = ", ".join(os.path.abspath(path) for path in
+                              _config_files_in(argv if argv is not None else sys.argv[1:]) or default_config_files)
             source = f" in {files}" if files else ""
             raise exception.ConfigError(f"[DEFAULT] {option}{source} is not valid: {bad.group(2)}") from None
         sys.stderr.write(errors.getvalue())
@@ -322,7 +323,7 @@ def check_values(conf: cfg.ConfigOpts = CONF) -> None:
                 what = f"the group [{named.group_name}], which does not exist"
             else:
                 what = f"what oslo.config could not substitute ({named or exc})"
-            files = ", ".join(conf.config_file or [])          # (its location is read through the value too)
+            files = ", ".join(os.path.abspath(path) for path in conf.config_file or [])   # (as oslo.config's own)
             source = f" in {files}" if files else ""
             raise exception.ConfigError(
                 f"[{group or 'DEFAULT'}] {option}{source} is not valid: it refers to {what} "

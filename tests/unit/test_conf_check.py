@@ -80,3 +80,15 @@ def test_usage_errors_still_exit_as_argparse_makes_them(capsys):
     with pytest.raises(SystemExit) as stopped:
         provfw_conf.parse_args(["--no-such-flag"], conf=conf, default_config_files=[])
     assert stopped.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_a_file_named_relative_is_said_absolute_as_oslo_config_says_it(tmp_path, monkeypatch):
+    # Found by a newcomer: these two said "in a.conf" where every other bad value says the absolute path.
+    monkeypatch.chdir(tmp_path)
+    for name, text in (("a.conf", "[DEFAULT]\ndebug = maybe\n"), ("b.conf", "[DEFAULT]\nstate_path = $x/y\n")):
+        (tmp_path / name).write_text(text)
+        conf = cfg.ConfigOpts()
+        provfw_conf.register_opts(conf)
+        with pytest.raises(exception.ConfigError, match=f" in {tmp_path}/{name} is not valid: "):
+            provfw_conf.parse_args(["--config-file", name], conf=conf, default_config_files=[])
+            provfw_conf.check_values(conf)
