@@ -334,7 +334,8 @@ class AdminController:
         count = len(changes.removed)
         # "cidr" and "deleted" let clients report the result without parsing the seed's message text.
         return wsgi.json_response({"status": "OK", "message": f"Deleted {count} rules", "cidr": cidr,
-                                   "deleted": count, "kept": len(changes.added), "generation": changes.generation})
+                                   "deleted": count, "kept": getattr(changes, "kept", 0),
+                                   "generation": changes.generation})
 
     # ------------------------------------------------------------ feeds
 

@@ -112,8 +112,9 @@ def provider_fw_rule_destroy(rule_id, audit=None, source=None, notify=None):
 
 
 def provider_fw_rule_destroy_by_cidr(cidr, audit=None, source=None, notify=None):
-    """Delete every live, unexpired rule of ``cidr`` (with ``source``: that source's wishes); return Changes.
-    NotFound when none.  ``notify``: as in provider_fw_rules_sync."""
+    """Delete every live, unexpired rule of ``cidr`` (with ``source``: that source's wishes); return Changes (with
+    ``source``: Unblocked, whose ``kept`` counts the rules that stay for other sources).  NotFound when none.
+    ``notify``: as in provider_fw_rules_sync."""
     return IMPL.provider_fw_rule_destroy_by_cidr(cidr, audit, source, notify)
 
 

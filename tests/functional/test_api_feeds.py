@@ -237,6 +237,24 @@ def test_deleting_with_a_source_keeps_a_rule_another_source_wants(api):
     assert unblocked.status_int == 200 and (unblocked.json["deleted"], unblocked.json["kept"]) == (1, 0)
 
 
+@pytest.mark.parametrize("other_ttl", [None, 3600], ids=["another source's rule is permanent", "it expires"])
+def test_an_unblock_by_one_source_counts_every_rule_another_source_keeps(api, other_ttl):
+    # Found by stop 28's newcomer: "kept" counted only the kept rules whose expiry moved, so with the other
+    # source's rule permanent (manual's expiry lapses, the rule's does not move) it said 0, and the CLI said
+    # nothing of the rule that stayed; the audit row said the same.
+    other = {"cidr": "203.0.113.0/24", "protocol": "tcp", "from_port": 1, "to_port": 65535, "source": "manual:bob"}
+    if other_ttl:
+        other["ttl"] = other_ttl
+    assert api.call("POST", "/v1/provider-fw-rules", other).status_int == 201
+    assert api.call("POST", "/v1/block-external-addresses", {"cidr": "203.0.113.0/24"}).status_int == 200
+    unblocked = api.call("POST", "/v1/remove-external-address-block", {"cidr": "203.0.113.0/24", "source": "manual"})
+    assert unblocked.status_int == 200, unblocked.text
+    assert (unblocked.json["deleted"], unblocked.json["kept"]) == (2, 1)
+    left = api.call("GET", "/v1/provider-fw-rules").json["rules"]
+    assert [(r["protocol"], [s["source"] for s in r["sources"]]) for r in left] == [("tcp", ["manual:bob"])]
+    assert json.loads(db.audit_get_all()[0].detail)["kept"] == 1                        # the newest first
+
+
 # --------------------------------------------------------------------------- why
 
 def test_contains_lists_every_rule_covering_an_address_most_specific_first_with_its_sources(api):

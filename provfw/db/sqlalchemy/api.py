@@ -1068,6 +1068,17 @@ def _storable_id(value) -> bool:
 # --------------------------------------------------------------------------- rules
 
 @dataclasses.dataclass(frozen=True)
+class Unblocked(Changes):
+    """What ``provider_fw_rule_destroy_by_cidr`` changed, and ``kept``: how many of the CIDR's rules that
+    ``source`` let go stay, because another source still wants them (0 when every source lets go).
+
+    ``added`` alone cannot say it: it names only the kept rules whose effective expiry moved.
+    """
+
+    kept: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class SyncResult:
     """What one add or replace of a source's rules did (or, with ``dry_run``, would do).
 
@@ -2187,11 +2198,12 @@ def _destroy_by_cidr_step(cidr: str, audit: Audit | None, source: str | None, se
     if not rows:
         raise exception.NotFound(f"no provider firewall rules for {cidr}" + (f" from {source}" if source else ""))
     changes, items = _release(session, m, rows, source, now, audit.actor if audit else None)
+    kept = len(rows) - len(changes.removed)
     _audit(session, audit, "cidr.unblock", generation,
            {"cidr": cidr, "count": len(changes.removed), "ids": [row.id for row in rows],
-            **({"source": source, "kept": len(changes.added)} if source else {})})
+            **({"source": source, "kept": kept} if source else {})})
     m.changed = True
-    return changes, changes
+    return Unblocked(changes.since, changes.generation, changes.added, changes.removed, kept), changes
 
 
 @_retry_on_deadlock
