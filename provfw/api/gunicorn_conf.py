@@ -6,12 +6,13 @@
 Defaults, each overridable on gunicorn's command line: ``bind`` from
 ``[api] bind_host``/``bind_port``; ``worker_class = gthread`` (keep-alive;
 sync workers close every connection), ``threads = 2``, ``workers`` =
-``$PROVFW_API_WORKERS`` or twice the CPUs.
+``$PROVFW_API_WORKERS`` or one per CPU, ``control_socket`` (gunicorn's
+``gunicornc``) ``<state_path>/gunicorn-api.ctl``.
 
 Metrics: every worker process counts its own requests, so the workers write
 them to files in ``$PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
 multi-process mode; a fresh temporary directory when unset, emptied at
-start) and the master serves their sum on ``[metrics] bind_host`` /
+start, removed at exit when it was made here) and the master serves their sum on ``[metrics] bind_host`` /
 ``api_port`` (``GET /metrics``); a worker that exits is marked dead so its
 gauges go.  Only the API's and the control plane's metrics are exported
 (``provfw_api_*``, ``provfw_casts_*``, ``provfw_db_*``): the worker's and
@@ -35,8 +36,9 @@ LOG = logging.getLogger("provfw.api.gunicorn")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 EXPORTED_PREFIXES = ("provfw_api_", "provfw_casts_", "provfw_db_")
 
+_OWN_MULTIPROC_DIR = None          # the temporary directory made here, removed at exit (on_exit)
 if not os.environ.get(MULTIPROC_ENV):
-    os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="provfw-api-metrics-")
+    _OWN_MULTIPROC_DIR = os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="provfw-api-metrics-")
 
 
 def _provfw_conf():
@@ -52,7 +54,12 @@ _conf = _provfw_conf()
 bind = [f"{_conf.api.bind_host}:{_conf.api.bind_port}"]
 worker_class = "gthread"
 threads = 2
-workers = int(os.environ.get("PROVFW_API_WORKERS") or 2 * multiprocessing.cpu_count())
+# One per core: each worker forms its own group commits, so more processes only queue longer on the generation
+# row lock (docs/benchmarks.md, "CPU or the lock?").
+workers = int(os.environ.get("PROVFW_API_WORKERS") or multiprocessing.cpu_count())
+# gunicorn 25.1+ listens for gunicornc on $XDG_RUNTIME_DIR/gunicorn.ctl or ~/.gunicorn/gunicorn.ctl, one path for
+# every instance of the user: each provfw API gets its own, in its state_path (older gunicorns ignore this).
+control_socket = os.path.join(_conf.state_path, "gunicorn-api.ctl")
 keepalive = 30
 graceful_timeout = 10
 _metrics_server = None
@@ -99,6 +106,12 @@ def when_ready(server) -> None:
         server.log.error("provfw-api: cannot serve metrics on %s:%s (%s)", _conf.metrics.bind_host, port, exc)
         return
     server.log.info("provfw-api metrics (all workers) on http://%s:%s/metrics", _conf.metrics.bind_host, port)
+
+
+def on_exit(server) -> None:
+    """Remove the multi-process directory when this module made it (a directory the operator named stays)."""
+    if _OWN_MULTIPROC_DIR:
+        shutil.rmtree(_OWN_MULTIPROC_DIR, ignore_errors=True)
 
 
 def child_exit(server, worker) -> None:

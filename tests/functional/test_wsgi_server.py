@@ -161,6 +161,33 @@ api_port = {metrics_port}
             assert not any(name.startswith(("provfw_rules_applied", "provfw_conductor_")) for name, _ in values)
             files = os.listdir(tmp_path / "prometheus")
             assert len({f.rsplit("_", 1)[1] for f in files if f.startswith("counter_")}) >= 2   # several writers
+            # gunicorn's control socket is this API's own, not the one ~/.gunicorn/gunicorn.ctl of every instance
+            assert (tmp_path / "state" / "gunicorn-api.ctl").is_socket(), log_path.read_text()
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(15)
+    assert os.listdir(tmp_path / "prometheus"), "a directory the operator named stays, with its files"
+
+
+def test_without_a_multiprocess_directory_gunicorn_conf_makes_one_and_removes_it_at_exit(sqlite_db, tmp_path):
+    # Found by stop 28's newcomer: each run left a /tmp/provfw-api-metrics-* directory behind.
+    services.require_tools(os.path.join(BIN, "gunicorn"))
+    port = free_port()
+    config = tmp_path / "provfw.conf"
+    config.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n[database]\nconnection = {sqlite_db.url}\n"
+                      f"[api]\nbind_port = {port}\n[metrics]\napi_port = 0\n")
+    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(PROVFW_CONFIG_FILE=str(config), PROVFW_API_WORKERS="1", TMPDIR=str(tmp_path))
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([os.path.join(BIN, "gunicorn"), "-c", "python:provfw.api.gunicorn_conf",
+                                 "provfw.api.wsgi_app:application"],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            assert wait_for(f"http://127.0.0.1:{port}/healthz", proc, log_path.read_text).status_code == 200
+            made = [path for path in tmp_path.iterdir() if path.name.startswith("provfw-api-metrics-")]
+            assert len(made) == 1 and any(made[0].iterdir()), log_path.read_text()
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+    assert not made[0].exists(), log_path.read_text()
