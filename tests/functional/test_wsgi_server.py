@@ -52,7 +52,8 @@ api_port = 0
     port = free_port()
     log_path = tmp_path / "gunicorn.log"
     log_file = open(log_path, "wb")
-    env = {**os.environ, "PROVFW_CONFIG_FILE": str(config)}
+    # XDG_RUNTIME_DIR: gunicorn 25.1+'s control socket goes there, not to the ~/.gunicorn every instance shares
+    env = {**os.environ, "PROVFW_CONFIG_FILE": str(config), "XDG_RUNTIME_DIR": str(tmp_path)}
     proc = subprocess.Popen([os.path.join(BIN, "gunicorn"), "--workers", "2", "--worker-class", "gthread",
                              "--threads", "4", "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5",
                              "provfw.api.wsgi_app:application"],
