@@ -223,8 +223,13 @@ def bus_user_and_permissions(args):
     if args.role == "compute":
         if not args.host:
             raise exception.InvalidInput("--host", "is required for a compute user")
-        return (args.user or CONF.conductor.compute_user_prefix + rpc.check_host(args.host),
-                rpc.compute_user_permissions(CONF, args.host))
+        expected = CONF.conductor.compute_user_prefix + rpc.check_host(args.host)
+        if args.user and args.user != expected:
+            # The conductor takes a report for host H only from the user [conductor] compute_user_prefix + H.
+            print(f"{common.program()}: warning: the conductor accepts {args.host}'s reports only from the user "
+                  f"'{expected}' ([conductor] compute_user_prefix + host); set compute_user_prefix so that "
+                  f"'{args.user}' is that name, in this file and in the conductor's", file=sys.stderr)
+        return (args.user or expected, rpc.compute_user_permissions(CONF, args.host))
     if not args.user:
         raise exception.InvalidInput("--user", "is required for the control user")
     return args.user, rpc.control_user_permissions(CONF)

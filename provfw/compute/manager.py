@@ -69,6 +69,9 @@ class ComputeManager:
         self._report_soon: Callable[[], None] | None = None
         self._next_drift_check = 0.0
         self._driver_label = conf.compute.firewall_driver         # bounded metric label: the configured name
+        # Exported as 0 from the start, so that increase() in an alert rule has a series before the first failure.
+        metrics.DATAPLANE_APPLY_FAILURES.labels(self._driver_label)
+        metrics.DATAPLANE_DRIFT_REPAIRS.labels(self._driver_label)
 
     # ----------------------------------------------------------------- RPC
 

@@ -75,7 +75,7 @@ class ConductorService:
         self._spawn(self._every(self.conf.conductor.purge_interval, self.manager.purge_expired), "conductor-purge")
         self._spawn(self._every(self.conf.feeds.poll_interval, self._sync_feeds), "conductor-feeds")
         self._spawn(self._every(self.conf.compute.heartbeat_interval, self._heartbeat), "conductor-heartbeat")
-        LOG.info("provfw-conductor %s started", self.host)
+        LOG.info("provfw-conductor started on host %s", self.host)
 
     def _flush_loop(self) -> None:
         interval = self.conf.conductor.report_flush_interval

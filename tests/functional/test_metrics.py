@@ -116,3 +116,23 @@ def test_port_zero_in_the_configuration_means_no_endpoint(conf):
     started = time.monotonic()
     assert metrics.serve_configured(conf, "compute_port", metrics.WORKER, what="provfw-compute") is None
     assert time.monotonic() - started < 1
+
+
+def test_the_apply_failure_and_repair_counters_are_zero_from_the_start_not_absent(conf):
+    # Found by stop 28's operator trial: until the first failure the two counters printed only HELP and TYPE,
+    # so docs/operations.md's ProvfwApplyFailing rule (increase(...)) had no series to evaluate.
+    from prometheus_client import generate_latest
+
+    conf.set_override("firewall_driver", "noop", group="compute")
+    for counter in (metrics.DATAPLANE_APPLY_FAILURES, metrics.DATAPLANE_DRIFT_REPAIRS):
+        try:
+            counter.remove("noop")                   # as in a fresh worker process
+        except KeyError:
+            pass
+    compute_manager.ComputeManager(conf, LibvirtConnection(conf, firewall_driver=NoopFirewallDriver(conf)),
+                                   host="hv-zero")
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(generate_latest(metrics.WORKER).decode())
+              for s in family.samples}
+    for name in ("provfw_dataplane_apply_failures_total", "provfw_dataplane_drift_repairs_total"):
+        assert values[(name, (("driver", "noop"),))] == 0, name
