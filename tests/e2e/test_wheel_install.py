@@ -110,6 +110,26 @@ def test_the_wheel_declares_its_config_options_and_drivers_as_entry_points(insta
     assert loaded.split() == ["LibvirtConnection", "NoopFirewallDriver"]
 
 
+def test_the_wheel_installs_the_systemd_units_the_sample_and_the_docs_under_the_venvs_share(installed):
+    # Found by stop 28's operator trial: the wheel held none of them, and the units' Documentation= named a
+    # file nothing installed.
+    venv = installed["venv"]
+    units = sorted(os.listdir(os.path.join(REPO, "etc", "systemd")))
+    assert units and sorted(os.listdir(os.path.join(venv, "share", "provfw", "systemd"))) == units
+    for unit in units:
+        with open(os.path.join(venv, "share", "provfw", "systemd", unit)) as handle:
+            (documentation,) = [line.split("=", 1)[1].strip() for line in handle if line.startswith("Documentation=")]
+        # The units run /opt/provfw/bin/...: their docs are in that venv's share/doc/provfw.
+        assert documentation.startswith("file:///opt/provfw/"), documentation
+        assert os.path.exists(documentation.replace("file:///opt/provfw", venv, 1)), documentation
+    with open(os.path.join(REPO, "etc", "provfw", "provfw.conf.sample")) as handle:
+        sample = handle.read()
+    with open(os.path.join(venv, "share", "provfw", "provfw.conf.sample")) as handle:
+        assert handle.read() == sample
+    docs = {name for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md")}
+    assert set(os.listdir(os.path.join(venv, "share", "doc", "provfw"))) == docs
+
+
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
     return ScriptDirectory(migration.MIGRATIONS_DIR).get_current_head()
