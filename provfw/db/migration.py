@@ -9,6 +9,7 @@ the same directory for developers who run ``alembic`` by hand.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -32,11 +33,17 @@ def db_sync(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
-def head_revision() -> str:
-    """The revision this release's migrations end at (e.g. '0006')."""
+@functools.lru_cache(maxsize=1)
+def _scripts():
+    """This release's alembic script directory, read once per process (its files do not change while it runs)."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    return ScriptDirectory.from_config(alembic_config("sqlite://"))
+
+
+def head_revision() -> str:
+    """The revision this release's migrations end at (e.g. '0006')."""
+    return _scripts().get_current_head()
 
 
 def db_check(url: str) -> None:
@@ -65,21 +72,15 @@ def db_version(url: str) -> str | None:
 
 def schema_newer(current: str | None) -> bool:
     """Whether ``current`` is a revision this release does not know: a newer release migrated the schema."""
-    from alembic.script import ScriptDirectory
-
     if current is None:
         return False
-    scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    return current not in {revision.revision for revision in scripts.walk_revisions()}
+    return current not in {revision.revision for revision in _scripts().walk_revisions()}
 
 
 def schema_behind(current: str | None) -> bool:
     """Whether a schema at ``current`` (``db_version``) lacks migrations of this release: empty, or at one of this
     release's revisions before its head.  A revision this release does not know is a newer release's (a
     rolling upgrade migrated first): not behind."""
-    from alembic.script import ScriptDirectory
-
     if current is None:
         return True
-    return not schema_newer(current) and current != ScriptDirectory.from_config(
-        alembic_config("sqlite://")).get_current_head()
+    return not schema_newer(current) and current != head_revision()
