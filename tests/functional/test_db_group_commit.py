@@ -411,9 +411,10 @@ def wire_db(pg_db):
 
 
 def test_begin_and_commit_ride_on_a_creates_first_and_last_statements_on_the_wire(wire_db):
-    """Counted at the wire, psycopg2's own BEGIN and COMMIT included: a one-rule create is four round trips
-    (six before they rode on the bump and on the audit row), and every way a transaction ends leaves the
-    connection as psycopg2 would: autocommit off, no transaction open on the server."""
+    """Counted at the wire, psycopg2's own BEGIN and COMMIT included: a one-rule create is three round trips
+    (six before they rode on the bump and on the audit row, four before the look-up rode on the bump too),
+    and every way a transaction ends leaves the connection as psycopg2 would: autocommit off, no transaction
+    open on the server."""
     recorder = Recorder()
 
     def create(cidr, actor="group-test"):
@@ -429,8 +430,9 @@ def test_begin_and_commit_ride_on_a_creates_first_and_last_statements_on_the_wir
     wire_db.take()
     create("192.0.2.2/32")
     sent = wire_db.take()
-    assert len(sent) == 4, sent
+    assert len(sent) == 3, sent
     assert sent[0].startswith("BEGIN; UPDATE provider_fw_generation") and sent[-1].endswith("; COMMIT")
+    assert "cidr = ANY(CAST(ARRAY['192.0.2.2/32'] AS VARCHAR[]))" in sent[0]           # the look-up rode on it
     assert not any(query.strip().upper() in ("BEGIN", "COMMIT", "ROLLBACK") for query in sent)
     assert pooled_connection_is_clean()
 
@@ -445,17 +447,17 @@ def test_begin_and_commit_ride_on_a_creates_first_and_last_statements_on_the_wir
     assert wire_db.take()[-1] == "ROLLBACK" and pooled_connection_is_clean()
 
     create("192.0.2.4/32")
-    assert len(wire_db.take()) == 4
+    assert len(wire_db.take()) == 3
     assert sorted(rule.cidr for rule in db.provider_fw_rule_get_all()) == [
         "192.0.2.1/32", "192.0.2.2/32", "192.0.2.4/32"]
     assert [row.action for row in db.audit_get_all()] == ["rule.create"] * 3
     assert [len(change.added) for change in recorder.changes] == [1, 1, 1]
 
 
-def test_a_one_rule_create_is_four_statements_on_postgresql(grouping_db):
-    """The +1 CIDR path under the generation row lock: the bump, the look-up, the rule with its source row
-    (one statement on PostgreSQL), the audit row with the live-rule counter (one on PostgreSQL); BEGIN and
-    COMMIT are the driver's own."""
+def test_a_one_rule_create_is_three_statements_on_postgresql(grouping_db):
+    """The +1 CIDR path under the generation row lock: the bump with the look-up (one statement on
+    PostgreSQL), the rule with its source row (one on PostgreSQL), the audit row with the live-rule counter
+    (one on PostgreSQL); BEGIN and COMMIT are the driver's own."""
     recorder = Recorder()
 
     def create(cidr):
@@ -465,17 +467,19 @@ def test_a_one_rule_create_is_four_statements_on_postgresql(grouping_db):
 
     create("192.0.2.1/32")                                           # warm: the statement caches
     sent = round_trips(grouping_db, lambda: create("192.0.2.2/32"))
-    # SQLite: BEGIN IMMEDIATE is a statement of its own, and each of the four is one or two.
-    assert sent == (4 if grouping_db.kind == "postgresql" else 7)
+    # SQLite: BEGIN IMMEDIATE is a statement of its own, and the bump, the look-up, the rule with its
+    # source row and the audit row with the counter are one or two each.
+    assert sent == (3 if grouping_db.kind == "postgresql" else 7)
     assert db.provider_fw_rule_count() == 2
     assert [row.action for row in db.audit_get_all()] == ["rule.create", "rule.create"]
     assert [len(change.added) for change in recorder.changes] == [1, 1]
 
 
 def test_an_unblock_retires_its_rules_and_forgets_their_sources_in_one_statement_on_postgresql(pg_db, wire_db):
-    """Under the generation row lock an unblock is the bump, the retire of its rules together with the
-    deletion of their source rows (one data-modifying WITH), and the audit row with COMMIT: three round trips
-    (four before the two were one), alone and for a group; the sources are gone all the same."""
+    """Under the generation row lock an unblock is the bump with the retire of its rules and the deletion of
+    their source rows (a data-modifying WITH after the bump, in the same query), and the audit row with
+    COMMIT: two round trips (four before the retire and the deletion were one, three before they rode on the
+    bump), alone and for a group; the sources are gone all the same."""
     recorder = Recorder()
     for index in range(5):
         block(f"198.51.100.{index}/32", recorder)
@@ -483,19 +487,71 @@ def test_an_unblock_retires_its_rules_and_forgets_their_sources_in_one_statement
     wire_db.take()
     unblock("198.51.100.0/32", recorder)
     sent = [" ".join(query.split()) for query in wire_db.take()]
-    assert len(sent) == 3, sent
-    assert sent[1].startswith("WITH retired AS (UPDATE provider_fw_rules") and "DELETE FROM provider_fw_rule_sources" \
-        in sent[1]
+    assert len(sent) == 2, sent
+    assert sent[0].startswith("BEGIN; UPDATE provider_fw_generation") and "retired AS (UPDATE provider_fw_rules" \
+        in sent[0] and "DELETE FROM provider_fw_rule_sources" in sent[0]
     assert db.provider_fw_rule_sources(ids) == {}
     assert [rule.id for rule in recorder.changes[-1].removed] == sorted(ids)
 
-    # A group of unblocks by one actor: the same three, whatever its size.
+    # A group of unblocks by one actor: the same two, whatever its size.
     queued = [(f"unblock{index}", unblock, f"198.51.100.{index}/32", recorder) for index in range(2, 5)]
     wire_db.take()
     outcomes = queued_behind_the_lock(pg_db, ("leader", unblock, "198.51.100.1/32", recorder), queued)
     sent = [" ".join(query.split()) for query in wire_db.take()]
     assert [len(outcomes[f"unblock{index}"].removed) for index in range(2, 5)] == [3, 3, 3]
-    assert sum(query.startswith("WITH retired AS (UPDATE provider_fw_rules") for query in sent) == 2, sent
+    assert len(sent) == 4 and sum("retired AS (UPDATE provider_fw_rules" in query for query in sent) == 2, sent
     assert not any(query.startswith("DELETE FROM provider_fw_rule_sources") for query in sent), sent
     assert db.provider_fw_rule_get_all() == [] and db.provider_fw_rule_sources(
         [rule.id for change in recorder.changes for rule in change.removed]) == {}
+
+
+def test_a_group_of_blocks_and_unblocks_is_three_round_trips_on_postgresql(pg_db, wire_db):
+    """A group's unblocks (one actor) are retired and its blocks' CIDRs looked up in the query that bumps the
+    generation (``_bump_and_read``), so the group is that query, the new rules with their source rows, and the
+    audit rows with COMMIT.  A block whose CIDR holds an expired live copy is answered from the same look-up
+    as alone: the copy retired, a new rule in its place."""
+    recorder = Recorder()
+    for index in range(3):
+        block(f"198.51.100.{index}/32", recorder)
+    expired = db.provider_fw_rules_sync("manual", [make_spec("192.0.2.7/32")],
+                                        expires_at=db_impl._now() - datetime.timedelta(seconds=1))
+    queued = ([(f"unblock{index}", unblock, f"198.51.100.{index}/32", recorder) for index in range(1, 3)]
+              + [(f"block{index}", block, f"203.0.113.{index}/32", recorder) for index in range(3)]
+              + [("renewing", lambda cidr, notify: db.provider_fw_rules_sync(
+                  "manual", [make_spec(cidr)], action="rule.create", audit=db.Audit("group-test"), notify=notify),
+                  "192.0.2.7/32", recorder)])
+    wire_db.take()
+    outcomes = queued_behind_the_lock(pg_db, ("leader", unblock, "198.51.100.0/32", recorder), queued)
+    sent = [" ".join(query.split()) for query in wire_db.take()]
+    # The leader's group of one (two round trips), then the group of eight: the bump with the retire and the
+    # look-up, the source rows of the live copy, its own writes (_sync_write: retire, forget its sources, the
+    # new rule with its source row), the new rules of the blocks, and the audit rows with COMMIT.
+    first = sent[2]
+    assert first.startswith("BEGIN; UPDATE provider_fw_generation") and "retired AS (UPDATE provider_fw_rules" \
+        in first and "'203.0.113.0/32'" in first and "'192.0.2.7/32'" in first, first
+    assert sent[-1].endswith("; COMMIT") and len(sent) == 2 + 7, sent
+    assert not any(query.startswith("WITH retired") for query in sent), sent
+    generation = outcomes["block0"].generation
+    assert [len(outcomes[f"unblock{index}"].removed) for index in (1, 2)] == [3, 3]
+    assert [outcomes[f"block{index}"].added for index in range(3)] == [3, 3, 3]
+    assert outcomes["renewing"].added == 1 and outcomes["renewing"].deleted == 1
+    assert outcomes["renewing"].generation == generation
+    (old_id,) = expired.rule_ids.values()
+    (new_id,) = outcomes["renewing"].rule_ids.values()
+    assert new_id != old_id and [rule.id for rule in db.provider_fw_rule_get_all(cidr="192.0.2.7/32")] == [new_id]
+    assert db.provider_fw_rule_get_all(cidr="198.51.100.1/32") == []
+    group = recorder.changes[-1]
+    assert group.generation == generation
+    assert len(group.added) == 3 * 3 + 1 and len(group.removed) == 3 * 2 + 1
+    audited = sorted(row.action for row in db.audit_get_all(limit=100) if row.generation == generation)
+    assert audited == ["cidr.block"] * 3 + ["cidr.unblock"] * 2 + ["rule.create"]
+
+    # Without the live copy the same group is three round trips.
+    queued = ([(f"unblock{index}", unblock, f"203.0.113.{index}/32", recorder) for index in range(1, 3)]
+              + [(f"block{index}", block, f"203.0.113.{10 + index}/32", recorder) for index in range(3)])
+    wire_db.take()
+    outcomes = queued_behind_the_lock(pg_db, ("leader", unblock, "203.0.113.0/32", recorder), queued)
+    sent = [" ".join(query.split()) for query in wire_db.take()]
+    assert len(sent) == 2 + 3, sent
+    assert [outcomes[f"block{index}"].added for index in range(3)] == [3, 3, 3]
+    assert [len(outcomes[f"unblock{index}"].removed) for index in (1, 2)] == [3, 3]
