@@ -411,10 +411,10 @@ def wire_db(pg_db):
 
 
 def test_begin_and_commit_ride_on_a_creates_first_and_last_statements_on_the_wire(wire_db):
-    """Counted at the wire, psycopg2's own BEGIN and COMMIT included: a one-rule create is three round trips
-    (six before they rode on the bump and on the audit row, four before the look-up rode on the bump too),
-    and every way a transaction ends leaves the connection as psycopg2 would: autocommit off, no transaction
-    open on the server."""
+    """Counted at the wire, psycopg2's own BEGIN and COMMIT included: a one-rule create is two round trips
+    (six before they rode on the bump and on the audit row, four before the look-up rode on the bump and the
+    new rule on the audit row), and every way a transaction ends leaves the connection as psycopg2 would:
+    autocommit off, no transaction open on the server."""
     recorder = Recorder()
 
     def create(cidr, actor="group-test"):
@@ -430,7 +430,7 @@ def test_begin_and_commit_ride_on_a_creates_first_and_last_statements_on_the_wir
     wire_db.take()
     create("192.0.2.2/32")
     sent = wire_db.take()
-    assert len(sent) == 3, sent
+    assert len(sent) == 2, sent
     assert sent[0].startswith("BEGIN; UPDATE provider_fw_generation") and sent[-1].endswith("; COMMIT")
     assert "cidr = ANY(CAST(ARRAY['192.0.2.2/32'] AS VARCHAR[]))" in sent[0]           # the look-up rode on it
     assert not any(query.strip().upper() in ("BEGIN", "COMMIT", "ROLLBACK") for query in sent)
@@ -447,17 +447,17 @@ def test_begin_and_commit_ride_on_a_creates_first_and_last_statements_on_the_wir
     assert wire_db.take()[-1] == "ROLLBACK" and pooled_connection_is_clean()
 
     create("192.0.2.4/32")
-    assert len(wire_db.take()) == 3
+    assert len(wire_db.take()) == 2
     assert sorted(rule.cidr for rule in db.provider_fw_rule_get_all()) == [
         "192.0.2.1/32", "192.0.2.2/32", "192.0.2.4/32"]
     assert [row.action for row in db.audit_get_all()] == ["rule.create"] * 3
     assert [len(change.added) for change in recorder.changes] == [1, 1, 1]
 
 
-def test_a_one_rule_create_is_three_statements_on_postgresql(grouping_db):
-    """The +1 CIDR path under the generation row lock: the bump with the look-up (one statement on
-    PostgreSQL), the rule with its source row (one on PostgreSQL), the audit row with the live-rule counter
-    (one on PostgreSQL); BEGIN and COMMIT are the driver's own."""
+def test_a_one_rule_create_is_two_statements_on_postgresql(grouping_db):
+    """The +1 CIDR path under the generation row lock: the bump with the look-up and the new rule's id (one
+    query on PostgreSQL), then the rule with its source row, the audit row and the live-rule counter (one on
+    PostgreSQL); BEGIN and COMMIT are the driver's own."""
     recorder = Recorder()
 
     def create(cidr):
@@ -469,7 +469,7 @@ def test_a_one_rule_create_is_three_statements_on_postgresql(grouping_db):
     sent = round_trips(grouping_db, lambda: create("192.0.2.2/32"))
     # SQLite: BEGIN IMMEDIATE is a statement of its own, and the bump, the look-up, the rule with its
     # source row and the audit row with the counter are one or two each.
-    assert sent == (3 if grouping_db.kind == "postgresql" else 7)
+    assert sent == (2 if grouping_db.kind == "postgresql" else 7)
     assert db.provider_fw_rule_count() == 2
     assert [row.action for row in db.audit_get_all()] == ["rule.create", "rule.create"]
     assert [len(change.added) for change in recorder.changes] == [1, 1]
@@ -505,11 +505,11 @@ def test_an_unblock_retires_its_rules_and_forgets_their_sources_in_one_statement
         [rule.id for change in recorder.changes for rule in change.removed]) == {}
 
 
-def test_a_group_of_blocks_and_unblocks_is_three_round_trips_on_postgresql(pg_db, wire_db):
-    """A group's unblocks (one actor) are retired and its blocks' CIDRs looked up in the query that bumps the
-    generation (``_bump_and_read``), so the group is that query, the new rules with their source rows, and the
-    audit rows with COMMIT.  A block whose CIDR holds an expired live copy is answered from the same look-up
-    as alone: the copy retired, a new rule in its place."""
+def test_a_group_of_blocks_and_unblocks_is_two_round_trips_on_postgresql(pg_db, wire_db):
+    """A group's unblocks (one actor) are retired, its blocks' CIDRs looked up and ids taken for their rules in
+    the query that bumps the generation (``_bump_and_read``), so the group is that query and one more: the
+    new rules with their source rows, the audit rows and COMMIT.  A block whose CIDR holds an expired live
+    copy is answered from the same look-up as alone: the copy retired, a new rule in its place."""
     recorder = Recorder()
     for index in range(3):
         block(f"198.51.100.{index}/32", recorder)
@@ -523,13 +523,14 @@ def test_a_group_of_blocks_and_unblocks_is_three_round_trips_on_postgresql(pg_db
     wire_db.take()
     outcomes = queued_behind_the_lock(pg_db, ("leader", unblock, "198.51.100.0/32", recorder), queued)
     sent = [" ".join(query.split()) for query in wire_db.take()]
-    # The leader's group of one (two round trips), then the group of eight: the bump with the retire and the
-    # look-up, the source rows of the live copy, its own writes (_sync_write: retire, forget its sources, the
-    # new rule with its source row), the new rules of the blocks, and the audit rows with COMMIT.
+    # The leader's group of one (two round trips), then the group of eight: the bump with the retire, the
+    # look-up and the ids, the source rows of the live copy, its own writes (_sync_write: retire, forget its
+    # sources, the new rule with its source row), then the blocks' new rules with the audit rows and COMMIT.
     first = sent[2]
     assert first.startswith("BEGIN; UPDATE provider_fw_generation") and "retired AS (UPDATE provider_fw_rules" \
         in first and "'203.0.113.0/32'" in first and "'192.0.2.7/32'" in first, first
-    assert sent[-1].endswith("; COMMIT") and len(sent) == 2 + 7, sent
+    assert sent[-1].endswith("; COMMIT") and len(sent) == 2 + 6, sent
+    assert sent[-1].startswith("WITH data AS (SELECT * FROM json_to_recordset")
     assert not any(query.startswith("WITH retired") for query in sent), sent
     generation = outcomes["block0"].generation
     assert [len(outcomes[f"unblock{index}"].removed) for index in (1, 2)] == [3, 3]
@@ -546,12 +547,34 @@ def test_a_group_of_blocks_and_unblocks_is_three_round_trips_on_postgresql(pg_db
     audited = sorted(row.action for row in db.audit_get_all(limit=100) if row.generation == generation)
     assert audited == ["cidr.block"] * 3 + ["cidr.unblock"] * 2 + ["rule.create"]
 
-    # Without the live copy the same group is three round trips.
+    # Without the live copy the same group is two round trips.
     queued = ([(f"unblock{index}", unblock, f"203.0.113.{index}/32", recorder) for index in range(1, 3)]
               + [(f"block{index}", block, f"203.0.113.{10 + index}/32", recorder) for index in range(3)])
     wire_db.take()
     outcomes = queued_behind_the_lock(pg_db, ("leader", unblock, "203.0.113.0/32", recorder), queued)
     sent = [" ".join(query.split()) for query in wire_db.take()]
-    assert len(sent) == 2 + 3, sent
+    assert len(sent) == 2 + 2, sent
     assert [outcomes[f"block{index}"].added for index in range(3)] == [3, 3, 3]
     assert [len(outcomes[f"unblock{index}"].removed) for index in (1, 2)] == [3, 3]
+
+
+def test_a_new_rule_the_database_refuses_at_commit_spoils_no_other_mutation(grouping_db):
+    """On PostgreSQL a batched group's new rules are written with its COMMIT (``_defer_new_rules``): a row the
+    database refuses there (a description past VARCHAR(255)) rolls the group back, each mutation runs alone,
+    and only the refused one fails."""
+    recorder = Recorder()
+
+    def long_description(cidr, notify):
+        return db.provider_fw_rules_sync("manual", rules.external_block_specs(cidr), description="x" * 300,
+                                         action="cidr.block", audit=db.Audit("group-test"), notify=notify)
+
+    outcomes = queued_behind_the_lock(grouping_db, ("leader", block, "198.51.100.1/32", recorder), [
+        ("block", block, "198.51.100.2/32", recorder), ("refused", long_description, "198.51.100.3/32", recorder),
+        ("unblock", unblock, "198.51.100.1/32", recorder)])
+    assert outcomes["block"].added == 3 and outcomes["block"].notified is True
+    assert len(outcomes["unblock"].removed) == 3
+    if grouping_db.kind == "postgresql":
+        assert isinstance(outcomes["refused"], sa.exc.DBAPIError), outcomes["refused"]
+    assert [rule.cidr for rule in db.provider_fw_rule_get_all()] == ["198.51.100.2/32"] * 3 + (
+        [] if grouping_db.kind == "postgresql" else ["198.51.100.3/32"] * 3)
+    assert not db_impl._GROUP._leading and not db_impl._GROUP._queue

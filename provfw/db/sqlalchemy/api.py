@@ -309,6 +309,8 @@ def _write_audit_rows(session: Session) -> None:
     """The transaction's audit rows (``_audit``) and its move of the live-rule counter (``_adjust_live_rules``),
     just before COMMIT: inside the transaction (a row that cannot be written rolls the mutation back), one
     round trip for a whole group commit, and on PostgreSQL one for both (``_AUDIT_AND_LIVE_PG``)."""
+    if session.info.get("new_rules"):
+        raise exception.ProvfwError("a transaction's deferred new rules were not written (_commit_riding)")
     rows = session.info.pop("audit_rows", None)
     delta = session.info.pop("live_delta", 0)
     connection = session.connection() if rows or delta else None
@@ -336,6 +338,7 @@ def _after_rollback(session: Session) -> None:
     session.info.pop("audit_lines", None)
     session.info.pop("audit_rows", None)
     session.info.pop("live_delta", None)
+    session.info.pop("new_rules", None)
 
 
 def _generation_locked(session: Session, asked: float) -> None:
@@ -458,6 +461,11 @@ _AUDIT_AND_LIVE_PG = sa.text(
 _BEGIN_AND_BUMP_PG = sa.text("BEGIN; UPDATE provider_fw_generation SET generation = generation + 1, "
                              "updated_at = :b_now WHERE id = 1 RETURNING generation, live_rules")
 _AUDIT_LIVE_AND_COMMIT_PG = sa.text(_AUDIT_AND_LIVE_PG.text + "; COMMIT")
+# The new rules' fields and each row's owner, as ``json_to_recordset`` reads them (``_json_rows``).
+_NEW_RULE_FIELDS = (("cidr", "VARCHAR"), ("ip_version", "INTEGER"), ("protocol", "VARCHAR"), ("from_port", "INTEGER"),
+                    ("to_port", "INTEGER"), ("description", "VARCHAR"), ("created_by", "VARCHAR"),
+                    ("created_at", "TIMESTAMP"), ("expires_at", "TIMESTAMP"), ("created_generation", "BIGINT"),
+                    ("source", "VARCHAR"), ("actor", "VARCHAR"))
 # PostgreSQL: a group commit's first round trip also retires its unblocks' rules (by every source, one actor:
 # ``_retire_cidrs``'s statement, the generation read from the row just bumped) and looks up its blocks' live
 # rules (``_existing_live``'s), so a group of blocks and unblocks is three round trips, not five.  The third
@@ -478,7 +486,22 @@ _BEGIN_BUMP_AND_READ_PG = sa.text(
     "CAST(NULL AS TIMESTAMP) AS expires_at, generation, live_rules FROM g "
     "UNION ALL SELECT 1, id, cidr, protocol, from_port, to_port, expires_at, NULL, NULL FROM retired "
     "UNION ALL SELECT 2, id, cidr, protocol, from_port, to_port, expires_at, NULL, NULL FROM provider_fw_rules "
-    "WHERE deleted = 0 AND cidr = ANY(CAST(:b_lookup AS VARCHAR[]))")
+    "WHERE deleted = 0 AND cidr = ANY(CAST(:b_lookup AS VARCHAR[])) "
+    "UNION ALL SELECT 3, nextval(pg_get_serial_sequence('provider_fw_rules', 'id')), NULL, NULL, NULL, NULL, "
+    "NULL, NULL, NULL FROM generate_series(1, :b_ids)")
+# PostgreSQL: the last round trip of a group whose new rules were deferred (``_defer_new_rules``): the rules with
+# the ids ``_BEGIN_BUMP_AND_READ_PG`` took (kind 3), their source rows, the audit rows, the live-rule counter and
+# COMMIT.  A group of blocks and unblocks is then two round trips under the generation row lock.
+_NEW_RULES_AUDIT_LIVE_AND_COMMIT_PG = sa.text(
+    "WITH data AS (SELECT * FROM json_to_recordset(CAST(:b_new AS JSON)) AS d(id BIGINT, "
+    + ", ".join(f"{name} {kind}" for name, kind in _NEW_RULE_FIELDS) + ")), "
+    "new AS (INSERT INTO provider_fw_rules (id, cidr, ip_version, protocol, from_port, to_port, description, "
+    "created_by, created_at, expires_at, created_generation, deleted) "
+    "SELECT id, cidr, ip_version, protocol, from_port, to_port, description, created_by, created_at, expires_at, "
+    "created_generation, 0 FROM data RETURNING id), "
+    "sources AS (INSERT INTO provider_fw_rule_sources (rule_id, source, expires_at, created_at, created_by) "
+    "SELECT new.id, data.source, data.expires_at, data.created_at, data.actor FROM new JOIN data USING (id)), "
+    + _AUDIT_AND_LIVE_PG.text.removeprefix("WITH ") + "; COMMIT")
 _WIRE_COLUMNS = (_RULES.c.id, _RULES.c.cidr, _RULES.c.protocol, _RULES.c.from_port, _RULES.c.to_port,
                  _RULES.c.expires_at)
 _IN_FORCE_AT = sa.and_(_RULES.c.deleted == 0,
@@ -633,6 +656,9 @@ class _Mutation:
     live_delta: int = 0     # written once, before COMMIT (_commit_group)
     changed: bool = False   # some step changed rules: commit; otherwise roll back and the generation stays
     wrote: bool = False     # the running step has written, so an error of it spoils the transaction
+    # PostgreSQL, a group whose steps were all batched: rule ids taken from the sequence with the bump, for
+    # new rules written with the audit rows and COMMIT (``_defer_new_rules``); None: insert them at once.
+    new_ids: Iterator[int] | None = None
 
     @property
     def live(self) -> int:
@@ -701,8 +727,12 @@ def _commit_riding(session: Session) -> None:
     session.flush()                   # nothing the ORM holds may reach the server after the COMMIT
     rows = session.info.pop("audit_rows", None) or []
     delta = session.info.pop("live_delta", 0)
-    session.connection().execute(_AUDIT_LIVE_AND_COMMIT_PG,
-                                 {"b_rows": _json_rows(rows), "b_created_at": _now(), "b_delta": delta})
+    new = session.info.pop("new_rules", None)
+    arguments = {"b_rows": _json_rows(rows), "b_created_at": _now(), "b_delta": delta}
+    if new:
+        session.connection().execute(_NEW_RULES_AUDIT_LIVE_AND_COMMIT_PG, {**arguments, "b_new": _json_rows(new)})
+    else:
+        session.connection().execute(_AUDIT_LIVE_AND_COMMIT_PG, arguments)
 
 
 def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
@@ -723,7 +753,12 @@ def _commit_group(steps: Sequence[Step]) -> tuple[list, Changes | None]:
                 unblocks, syncs = _batches(steps, session.get_bind().dialect.update_returning, singles=riding)
                 if riding and (unblocks or syncs):
                     now = _now()
-                    m, read = _bump_and_read(session, unblocks, syncs, now, asked)
+                    # Every step batched: no later step needs to see the new rules before COMMIT, so they are
+                    # written with it, under ids taken now (one for each spec an add wants: at most what it
+                    # creates; an unused id is a gap, as a rolled-back insert leaves).
+                    every = len(unblocks) + len(syncs) == len(steps)
+                    m, read = _bump_and_read(session, unblocks, syncs, now, asked, new_ids=sum(
+                        len(step.call.wanted) for _, step in syncs) if every else 0)
                 else:
                     m, read = _Mutation(*_bump_generation(session, begin=riding, asked=asked)), None
                     now = _now()
@@ -824,10 +859,11 @@ class _Read(NamedTuple):
     found: dict
 
 
-def _bump_and_read(session: Session, unblocks: list, syncs: list, now: datetime.datetime,
-                   asked: float) -> tuple[_Mutation, _Read]:
+def _bump_and_read(session: Session, unblocks: list, syncs: list, now: datetime.datetime, asked: float,
+                   new_ids: int = 0) -> tuple[_Mutation, _Read]:
     """PostgreSQL, riding transaction: BEGIN, the bump, the retire of ``unblocks``' rules (when they share one
-    actor) and the look-up of ``syncs``' specs in ONE round trip (``_BEGIN_BUMP_AND_READ_PG``)."""
+    actor), the look-up of ``syncs``' specs and ``new_ids`` ids from the rules' sequence (``m.new_ids``) in
+    ONE round trip (``_BEGIN_BUMP_AND_READ_PG``)."""
     connection = session.connection()
     actors = {_actor(step.audit) for _, step in unblocks}
     retiring = len(actors) == 1
@@ -837,13 +873,15 @@ def _bump_and_read(session: Session, unblocks: list, syncs: list, now: datetime.
             by_cidr.setdefault(spec.cidr, set()).add(spec)
     rows = connection.execute(_BEGIN_BUMP_AND_READ_PG, {
         "b_now": now, "b_actor": next(iter(actors)) if retiring else None,
-        "b_unblock": [step.cidr for _, step in unblocks] if retiring else [], "b_lookup": list(by_cidr)}).all()
+        "b_unblock": [step.cidr for _, step in unblocks] if retiring else [], "b_lookup": list(by_cidr),
+        "b_ids": new_ids}).all()
     head = [row for row in rows if row.kind == 0]
     if not head:
         raise exception.ProvfwError("provider_fw_generation row missing: run 'provfw-manage db sync'")
     _generation_locked(session, asked)
     retired: dict[str, list] | None = {} if retiring else None
     found: dict = {}
+    ids: list[int] = []
     for row in rows:
         if row.kind == 1:
             retired.setdefault(row.cidr, []).append(row)
@@ -851,7 +889,10 @@ def _bump_and_read(session: Session, unblocks: list, syncs: list, now: datetime.
             spec = _spec_of(row)
             if spec in by_cidr.get(spec.cidr, ()):
                 found[spec] = (row.id, row.expires_at)
-    return _Mutation(head[0].generation, head[0].live_rules), _Read(retired, found)
+        elif row.kind == 3:
+            ids.append(row.id)
+    m = _Mutation(head[0].generation, head[0].live_rules, new_ids=iter(ids) if new_ids else None)
+    return m, _Read(retired, found)
 
 
 def _run_batched(session: Session, m: _Mutation, unblocks: list, syncs: list, now: datetime.datetime,
@@ -965,7 +1006,8 @@ def _sync_batch(session: Session, m: _Mutation, steps: list[tuple[int, "_SyncSte
                                created_generation=generation, deleted=0))
             owners.append((call.source, actor))
     m.wrote = m.changed = True
-    inserted = iter(_insert_new_rules(session.connection(), values, owners))
+    inserted = iter(_defer_new_rules(session, values, owners, m.new_ids) if m.new_ids is not None else
+                    _insert_new_rules(session.connection(), values, owners))
     for index, call, plan, held_rules in creating:
         rows = list(itertools.islice(inserted, len(plan.create)))
         created = dict(zip(plan.create, (row.id for row in rows)))
@@ -1789,11 +1831,6 @@ def _write_plan(session: Session, m: "_Mutation", plan: sources_mod.Plan, source
 # every column, and the source rows are written from it, matched to their owner by spec (the live spec is
 # unique; RETURNING's order is not promised).  Against the two statements below: SQLAlchemy's ordered
 # insertmanyvalues rendered a VALUES row per rule in Python and psycopg2 formatted each parameter.
-# The new rules' fields and each row's owner, as ``json_to_recordset`` reads them (``_json_rows``).
-_NEW_RULE_FIELDS = (("cidr", "VARCHAR"), ("ip_version", "INTEGER"), ("protocol", "VARCHAR"), ("from_port", "INTEGER"),
-                    ("to_port", "INTEGER"), ("description", "VARCHAR"), ("created_by", "VARCHAR"),
-                    ("created_at", "TIMESTAMP"), ("expires_at", "TIMESTAMP"), ("created_generation", "BIGINT"),
-                    ("source", "VARCHAR"), ("actor", "VARCHAR"))
 _NEW_RULES_PG = sa.text(
     "WITH data AS (SELECT * FROM json_to_recordset(CAST(:b_rows AS JSON)) AS d("
     + ", ".join(f"{name} {kind}" for name, kind in _NEW_RULE_FIELDS) + ")), "
@@ -1805,6 +1842,29 @@ _NEW_RULES_PG = sa.text(
     "SELECT new.id, data.source, new.expires_at, new.created_at, data.actor "
     "FROM new JOIN data USING (cidr, protocol, from_port, to_port)) "
     "SELECT * FROM new").columns(*_RULES.c)
+
+
+# A rule row as stored, for rules written later in the transaction (``_defer_new_rules``): what RETURNING * answers.
+_StoredRule = collections.namedtuple("_StoredRule", [column.key for column in _RULES.c])
+_UNSET_COLUMNS = dict.fromkeys(("updated_at", "deleted_at", "deleted_by", "deleted_generation", "updated_generation"))
+
+
+def _defer_new_rules(session: Session, values: list[dict], owners: list[tuple[str, str | None]],
+                     ids: Iterator[int]) -> list:
+    """``_insert_new_rules`` for a group whose rules are written with its COMMIT (PostgreSQL,
+    ``_commit_riding``): give each row the next of ``ids`` and return the rows as they will be stored.
+
+    Every column is known here: the values, the id, NULL for the rest (the table has no server defaults).
+    No statement of the transaction may read the rules before COMMIT; ``_commit_group`` defers only when
+    every step was batched, and a batch's steps touch disjoint CIDRs.
+    """
+    pending = session.info.setdefault("new_rules", [])
+    rows = []
+    for value, (source, actor) in zip(values, owners):
+        row = {**value, "id": next(ids)}
+        rows.append(_StoredRule(**_UNSET_COLUMNS, **row))
+        pending.append({**row, "source": source, "actor": actor})
+    return rows
 
 
 def _insert_new_rules(connection: sa.Connection, values: list[dict], owners: list[tuple[str, str | None]]) -> list:
