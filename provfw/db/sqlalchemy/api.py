@@ -489,19 +489,37 @@ _BEGIN_BUMP_AND_READ_PG = sa.text(
     "WHERE deleted = 0 AND cidr = ANY(CAST(:b_lookup AS VARCHAR[])) "
     "UNION ALL SELECT 3, nextval(pg_get_serial_sequence('provider_fw_rules', 'id')), NULL, NULL, NULL, NULL, "
     "NULL, NULL, NULL FROM generate_series(1, :b_ids)")
+
+
+def _new_rules_ctes(with_ids: bool) -> str:
+    """The CTEs that write new rules and their source rows from ONE JSON parameter (``_json_rows``), whatever
+    their count (PostgreSQL): ``data`` (``json_to_recordset``), ``new`` (the rules' INSERT .. RETURNING every
+    column) and ``sources`` (a source row per rule, matched to its owner by spec - the live spec is unique;
+    RETURNING's order is not promised - or by the id sent, ``with_ids``).  Against the two statements of other
+    databases: SQLAlchemy's ordered insertmanyvalues rendered a VALUES row per rule in Python and psycopg2
+    formatted each parameter; against one array per column, psycopg2 adapted each element (``_json_rows``)."""
+    id_column = "id, " if with_ids else ""
+    return (
+        f"WITH data AS (SELECT * FROM json_to_recordset(CAST(:b_{'new' if with_ids else 'rows'} AS JSON)) AS d("
+        + ("id BIGINT, " if with_ids else "") + ", ".join(f"{name} {kind}" for name, kind in _NEW_RULE_FIELDS)
+        + ")), "
+        f"new AS (INSERT INTO provider_fw_rules ({id_column}cidr, ip_version, protocol, from_port, to_port, "
+        "description, created_by, created_at, expires_at, created_generation, deleted) "
+        f"SELECT {id_column}cidr, ip_version, protocol, from_port, to_port, description, created_by, created_at, "
+        "expires_at, created_generation, 0 FROM data RETURNING *), "
+        "sources AS (INSERT INTO provider_fw_rule_sources (rule_id, source, expires_at, created_at, created_by) "
+        "SELECT new.id, data.source, new.expires_at, new.created_at, data.actor "
+        f"FROM new JOIN data USING ({'id' if with_ids else 'cidr, protocol, from_port, to_port'}))")
+
+
+# PostgreSQL: a group's (or one create's) new rules and their source rows in ONE statement (``_insert_new_rules``).
+_NEW_RULES_PG = sa.text(_new_rules_ctes(with_ids=False) + " SELECT * FROM new").columns(*_RULES.c)
 # PostgreSQL: the last round trip of a group whose new rules were deferred (``_defer_new_rules``): the rules with
 # the ids ``_BEGIN_BUMP_AND_READ_PG`` took (kind 3), their source rows, the audit rows, the live-rule counter and
 # COMMIT.  A group of blocks and unblocks is then two round trips under the generation row lock.
 _NEW_RULES_AUDIT_LIVE_AND_COMMIT_PG = sa.text(
-    "WITH data AS (SELECT * FROM json_to_recordset(CAST(:b_new AS JSON)) AS d(id BIGINT, "
-    + ", ".join(f"{name} {kind}" for name, kind in _NEW_RULE_FIELDS) + ")), "
-    "new AS (INSERT INTO provider_fw_rules (id, cidr, ip_version, protocol, from_port, to_port, description, "
-    "created_by, created_at, expires_at, created_generation, deleted) "
-    "SELECT id, cidr, ip_version, protocol, from_port, to_port, description, created_by, created_at, expires_at, "
-    "created_generation, 0 FROM data RETURNING id), "
-    "sources AS (INSERT INTO provider_fw_rule_sources (rule_id, source, expires_at, created_at, created_by) "
-    "SELECT new.id, data.source, data.expires_at, data.created_at, data.actor FROM new JOIN data USING (id)), "
-    + _AUDIT_AND_LIVE_PG.text.removeprefix("WITH ") + "; COMMIT")
+    _new_rules_ctes(with_ids=True) + ", " + _AUDIT_AND_LIVE_PG.text.removeprefix("WITH ") + "; COMMIT")
+
 _WIRE_COLUMNS = (_RULES.c.id, _RULES.c.cidr, _RULES.c.protocol, _RULES.c.from_port, _RULES.c.to_port,
                  _RULES.c.expires_at)
 _IN_FORCE_AT = sa.and_(_RULES.c.deleted == 0,
@@ -1824,24 +1842,6 @@ def _write_plan(session: Session, m: "_Mutation", plan: sources_mod.Plan, source
             [{"b_id": rule_id, "b_expires": expires} for rule_id, expires in plan.rule_expiry.items()])
     m.live_delta += len(created) - len(gone)
     return created
-
-
-# PostgreSQL: a group's (or one create's) new rules and their source rows in ONE statement, whatever their
-# count: the values travel as one array per column (psycopg2 adapts a list in C), the rules' INSERT answers
-# every column, and the source rows are written from it, matched to their owner by spec (the live spec is
-# unique; RETURNING's order is not promised).  Against the two statements below: SQLAlchemy's ordered
-# insertmanyvalues rendered a VALUES row per rule in Python and psycopg2 formatted each parameter.
-_NEW_RULES_PG = sa.text(
-    "WITH data AS (SELECT * FROM json_to_recordset(CAST(:b_rows AS JSON)) AS d("
-    + ", ".join(f"{name} {kind}" for name, kind in _NEW_RULE_FIELDS) + ")), "
-    "new AS (INSERT INTO provider_fw_rules (cidr, ip_version, protocol, from_port, to_port, description, "
-    "created_by, created_at, expires_at, created_generation, deleted) "
-    "SELECT cidr, ip_version, protocol, from_port, to_port, description, created_by, created_at, expires_at, "
-    "created_generation, 0 FROM data RETURNING *), "
-    "sources AS (INSERT INTO provider_fw_rule_sources (rule_id, source, expires_at, created_at, created_by) "
-    "SELECT new.id, data.source, new.expires_at, new.created_at, data.actor "
-    "FROM new JOIN data USING (cidr, protocol, from_port, to_port)) "
-    "SELECT * FROM new").columns(*_RULES.c)
 
 
 # A rule row as stored, for rules written later in the transaction (``_defer_new_rules``): what RETURNING * answers.
