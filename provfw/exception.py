@@ -7,6 +7,8 @@ id and no traceback in the body.
 
 from __future__ import annotations
 
+import ipaddress
+
 
 class ProvfwError(Exception):
     """Base class; ``code`` is the HTTP status the API answers with."""
@@ -93,10 +95,27 @@ class DuplicateRule(Conflict):
         super().__init__(f"a live rule{what} already exists")
 
 
+def relation(cidr: str, other: str) -> str:
+    """How network ``cidr`` meets network ``other`` (both CIDR strings, which overlap), as a refusal says it:
+    "is", "lies within", "contains" or "overlaps"."""
+    network, against = ipaddress.ip_network(cidr, strict=False), ipaddress.ip_network(other, strict=False)
+    if network == against:
+        return "is"
+    if network.version == against.version and network.subnet_of(against):
+        return "lies within"
+    if network.version == against.version and network.supernet_of(against):
+        return "contains"
+    return "overlaps"
+
+
 class ProtectedNetwork(Conflict):
     def __init__(self, cidr: str, protected: str):
         self.protected = protected
-        super().__init__(f"cidr: {cidr} overlaps protected network {protected}")
+        super().__init__(f"cidr: {cidr} {relation(cidr, protected)} protected network {protected}")
+
+
+#: The end of a refusal of a non-global range: the API's field and the CLI's flag that opt in.
+NON_GLOBAL_HINT = "blocking it needs allow_non_global (provfw CLI: --allow-non-global)"
 
 
 class NonGlobalNetwork(Conflict):
@@ -106,7 +125,7 @@ class NonGlobalNetwork(Conflict):
     def __init__(self, cidr: str, range_: str, name: str):
         self.range = range_
         self.name = name
-        super().__init__(f"cidr: {cidr} overlaps {range_}, {name}; blocking it needs allow_non_global")
+        super().__init__(f"cidr: {cidr} {relation(cidr, range_)} {range_}, {name}; {NON_GLOBAL_HINT}")
 
 
 class ReplaceGuardTripped(Conflict):

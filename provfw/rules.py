@@ -500,7 +500,7 @@ class NonGlobalRange(NamedTuple):
     """A range no provider rule should block by default, and why.
 
     ``name`` says what the range is and what breaks if it is blocked, for a
-    human; a refusal reads ``f"{cidr} overlaps {hit.network}, {hit.name}"``.
+    human; a refusal reads ``f"{cidr} lies within {hit.network}, {hit.name}"`` (``exception.relation``).
     """
 
     network: Network

@@ -124,8 +124,9 @@ def build_from_entries(entries: Iterable[tuple[int, rules.Network | int | rules.
         reserved = between(version, start, end)
         if reserved is not None:
             if not allow_non_global:
-                out.append(formats.Refused(line, cidr, f"{cidr} overlaps {reserved.network}, {reserved.name}; "
-                                                       "blocking it needs allow_non_global"))
+                out.append(formats.Refused(line, cidr, f"{cidr} {exception.relation(cidr, str(reserved.network))} "
+                                                       f"{reserved.network}, {reserved.name}; "
+                                                       f"{exception.NON_GLOBAL_HINT}"))
                 continue
             non_global_count += 1
             if len(non_global) < MAX_NON_GLOBAL_AUDITED:

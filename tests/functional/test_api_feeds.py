@@ -101,7 +101,7 @@ def test_firehol_level1_as_published_blocks_no_non_global_range(api):
                             "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/3"}
     assert "169.254.0.0/16, link-local" in reasons["169.254.0.0/16"]
     assert "0.0.0.0/8, 'this network'" in reasons["0.0.0.0/8"]
-    assert "overlaps protected network 127.0.0.0/8" in reasons["127.0.0.0/8"]
+    assert "is protected network 127.0.0.0/8" in reasons["127.0.0.0/8"]
     assert live() == ["192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.7/32"]
 
 

@@ -56,11 +56,26 @@ def test_an_entry_becomes_the_rule_or_the_refusal_a_single_rule_would(network, a
         if isinstance(refusal, exception.ProtectedNetwork):
             assert built.refused[0].reason == refusal.message
         else:
-            assert "allow_non_global" in built.refused[0].reason
+            # The list's reason is the single rule's message without its "cidr: " field prefix.
+            assert "cidr: " + built.refused[0].reason == refusal.message
         return
     assert built.specs == [spec] and built.refused == []
     assert built.non_global == ([(7, network.with_prefixlen, hit)] if hit else [])
     assert built.non_global_count == (1 if hit else 0)
+
+
+@pytest.mark.parametrize("cidr, other, said", [
+    ("10.0.0.0/8", "10.0.0.0/8", "is"), ("10.1.2.3/32", "10.0.0.0/8", "lies within"),
+    ("0.0.0.0/1", "10.0.0.0/8", "contains"), ("2001:db8::/32", "2001:db8::/32", "is"),
+    ("fe80::/9", "fe80::/10", "contains"), ("10.0.0.0/8", "fe80::/10", "overlaps")])
+def test_a_refusal_says_how_the_network_meets_the_range(cidr, other, said):
+    assert exception.relation(cidr, other) == said
+
+
+def test_a_non_global_refusal_names_the_api_field_and_the_cli_flag():
+    message = exception.NonGlobalNetwork("10.0.0.0/8", "10.0.0.0/8", "private network (RFC 1918)").message
+    assert message == ("cidr: 10.0.0.0/8 is 10.0.0.0/8, private network (RFC 1918); blocking it needs "
+                       "allow_non_global (provfw CLI: --allow-non-global)")
 
 
 def test_the_same_network_twice_is_one_spec_and_the_list_order_is_kept():
