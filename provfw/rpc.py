@@ -427,6 +427,7 @@ class _ReconnectingConsumer:
         # (received at, message, whether to acknowledge it once handled)
         received: collections.deque[tuple[float, kombu.Message, bool]] = collections.deque()
         acked = self.prefetch is not None
+        lost = None
         try:
             conn.ensure_connection(max_retries=1)
             self.setup(conn)
@@ -457,15 +458,17 @@ class _ReconnectingConsumer:
         except Exception as exc:
             if self._stop.is_set():
                 return
-            if self.connected.is_set():
-                LOG.warning("%s lost the bus (%s: %s); reconnecting", self.name, type(exc).__name__, exc)
-                return
-            if not isinstance(exc, self._errors):
-                LOG.exception("%s failed unexpectedly", self.name)
-            raise
+            if not self.connected.is_set():
+                if not isinstance(exc, self._errors):
+                    LOG.exception("%s failed unexpectedly", self.name)
+                raise
+            lost = exc
         finally:
             self.connected.clear()
             _release(conn)
+        if lost is not None:
+            # Logged outside the except: oslo.log appends the exception being handled to a WARNING line.
+            LOG.warning("%s lost the bus (%s: %s); reconnecting", self.name, type(lost).__name__, lost)
 
     def _tick(self) -> None:
         if self.on_tick is not None:

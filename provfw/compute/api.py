@@ -48,10 +48,12 @@ class ComputeAPI:
             self.publisher.cast("trigger_provider_fw_rules", **args)
             return True
         except Exception as exc:  # noqa: BLE001 - any bus failure degrades to the periodic check
-            metrics.CASTS_FAILED.inc()
-            LOG.error("could not cast trigger_provider_fw_rules(generation=%s): %s; workers will pick the "
-                      "change up on their next periodic check", generation, exc)
-            return False
+            failure = exc
+        # Logged outside the except: oslo.log appends the exception being handled to an ERROR line.
+        metrics.CASTS_FAILED.inc()
+        LOG.error("could not cast trigger_provider_fw_rules(generation=%s): %s; workers will pick the "
+                  "change up on their next periodic check", generation, failure)
+        return False
 
     def notify(self, changes: Changes) -> bool:
         """``trigger_provider_fw_rules_refresh`` for one mutation's ``Changes``."""

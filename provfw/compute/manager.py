@@ -184,16 +184,20 @@ class ComputeManager:
         ``fresh``: see ``ConductorAPI.get_provider_fw_rules`` (after the cast consumer (re)connects).
         """
         since = None if full else self.reconciler.generation
+        failed = None
         try:
             reply = self.conductor.get_provider_fw_rules(since, min_generation, fresh=fresh)
         except exception.RpcClientClosed:
             LOG.info("stopping: not asking the conductor")     # not an error to record or report
             return None
         except exception.ConductorUnavailable as exc:
-            self._record_error(f"ConductorUnavailable: {exc}")
-            return None
+            failed = f"ConductorUnavailable: {exc}"
         except exception.ProvfwError as exc:
-            self._record_error(f"conductor: {exc}")
+            failed = f"conductor: {exc}"
+        if failed is not None:
+            # Recorded (and logged) outside the except: oslo.log appends the exception being handled to an
+            # ERROR line, which would repeat the message.
+            self._record_error(failed)
             return None
         applied = self.reconciler.generation
         if applied is not None and reply.generation < applied:

@@ -321,10 +321,14 @@ class ConductorManager:
             batch, self._pending = self._pending, {}
         if not batch:
             return 0
+        failure = None
         try:
             written = db.service_update_many(batch)
         except Exception as exc:  # noqa: BLE001 - keep them for the next flush, newer reports win
-            LOG.warning("could not write %d state report(s): %s", len(batch), exc)
+            failure = exc
+        if failure is not None:
+            # Logged outside the except: oslo.log appends the exception being handled to a WARNING line.
+            LOG.warning("could not write %d state report(s): %s", len(batch), failure)
             with self._lock:
                 for host, values in batch.items():
                     self._pending.setdefault(host, values)

@@ -9,6 +9,8 @@ state is the count of specs it holds (what a set driver's state would track).
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 
 from hypothesis import given, settings
@@ -425,3 +427,47 @@ def test_a_chain_with_a_gap_is_not_composed():
         compose_changes([])
     only = Changes(4, 5, [rule(1, A)], [])
     assert compose_changes([only]) is only
+
+
+class _ExceptionAtEmit(logging.Handler):
+    """Records each line with the exception being handled when it was emitted: oslo.log's formatter appends
+    that exception's summary to a WARNING or ERROR line logged inside an ``except`` (``_get_error_summary``),
+    so a line whose message already names the error would say it twice."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, str, type | None]] = []
+
+    def emit(self, record):
+        self.lines.append((record.levelname, record.getMessage(), sys.exc_info()[0]))
+
+
+def test_errors_that_name_their_exception_are_not_logged_while_it_is_handled(conf, model):
+    """An operator saw the worker's "ConductorUnavailable: no conductor answered ..." line twice over during a
+    conductor outage: once in the message, once appended by oslo.log."""
+    from provfw import exception
+    from provfw.compute import api as compute_api, manager as manager_mod
+
+    class Unreachable:
+        def get_provider_fw_rules(self, *args, **kwargs):
+            raise exception.ConductorUnavailable("no conductor answered get_provider_fw_rules")
+
+    class DeadBus:
+        def cast(self, *args, **kwargs):
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    seen = _ExceptionAtEmit()
+    for name in ("provfw.compute.manager", "provfw.compute.api"):
+        logging.getLogger(name).addHandler(seen)
+    try:
+        worker = manager_mod.ComputeManager(conf, driver=LibvirtConnection(conf, firewall_driver=model), host="hv1",
+                                            conductor=Unreachable())
+        assert worker.sync() is None
+        assert compute_api.ComputeAPI(conf, publisher=DeadBus()).trigger_provider_fw_rules_refresh(7) is False
+    finally:
+        for name in ("provfw.compute.manager", "provfw.compute.api"):
+            logging.getLogger(name).removeHandler(seen)
+    errors = [(message, active) for level, message, active in seen.lines if level == "ERROR"]
+    assert [message.split(":")[0] for message, _ in errors] == ["ConductorUnavailable", "could not cast "
+                                                                "trigger_provider_fw_rules(generation=7)"]
+    assert [active for _, active in errors] == [None, None]
