@@ -468,11 +468,11 @@ _NEW_RULE_FIELDS = (("cidr", "VARCHAR"), ("ip_version", "INTEGER"), ("protocol",
                     ("source", "VARCHAR"), ("actor", "VARCHAR"))
 # PostgreSQL: a group commit's first round trip also retires its unblocks' rules (by every source, one actor:
 # ``_retire_cidrs``'s statement, the generation read from the row just bumped) and looks up its blocks' live
-# rules (``_existing_live``'s), so a group of blocks and unblocks is three round trips, not five.  The third
-# statement of the query starts after the bump holds the generation row lock, so under READ COMMITTED it
-# sees every mutation committed before (one statement's CTE could not: its snapshot would predate the lock
-# wait).  psycopg2 answers the last statement's rows: ``kind`` 0 is the generation row, 1 a retired rule,
-# 2 a live rule of a looked-up CIDR.
+# rules (``_existing_live``'s) and takes ids for its new rules (``_defer_new_rules``), so a group of blocks and
+# unblocks is two round trips, not five.  The third statement of the query starts after the bump holds the
+# generation row lock, so under READ COMMITTED it sees every mutation committed before (one statement's CTE
+# could not: its snapshot would predate the lock wait).  psycopg2 answers the last statement's rows: ``kind``
+# 0 is the generation row, 1 a retired rule, 2 a live rule of a looked-up CIDR, 3 an id taken.
 _BEGIN_BUMP_AND_READ_PG = sa.text(
     "BEGIN; UPDATE provider_fw_generation SET generation = generation + 1, updated_at = :b_now WHERE id = 1; "
     "WITH g AS (SELECT generation, live_rules FROM provider_fw_generation WHERE id = 1), "
