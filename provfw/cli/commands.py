@@ -551,8 +551,11 @@ def import_(client: AdminClient, args: argparse.Namespace) -> Result:
         # import would be refused, so that "provfw import --dry-run ... && provfw import ..." stops there.
         failed = ("the replace guard would refuse this import (HTTP 409); nothing was changed; add --force "
                   "if the list really shrank")
-    return Result(totals, [totals], _import_sentence(name, totals, args), _import_details(totals, args),
-                  failed=failed)
+    details = _import_details(totals, args)
+    if not accepted and not totals["refused"] and not totals.get("removed") and not totals.get("deleted"):
+        # An empty standard input or file is no error (an empty list adds nothing), but rarely what was meant.
+        details.append(f"  {name} held no entries (only blank lines and comments, or nothing at all)")
+    return Result(totals, [totals], _import_sentence(name, totals, args), details, failed=failed)
 
 
 _SUMMED = ("added", "renewed", "duplicate", "removed", "deleted", "refused", "non_global_allowed")

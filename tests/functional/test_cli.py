@@ -294,6 +294,17 @@ def test_import_dash_reads_standard_input(api, home, capsys):
     assert all(r["expires_at"] for r in rows), "--ttl reached the API"
 
 
+def test_an_empty_import_says_the_list_held_no_entries(api, home):
+    """A newcomer's 'provfw import - </dev/null' answered '0 added' and nothing else."""
+    for stdin in (b"", b"# only a comment\n\n"):
+        result = run("import", "-", "--dry-run", "--url", api.url, "--token", api.admin, stdin=stdin)
+        assert result.code == 0, result.err
+        assert result.out.splitlines()[1:] == [
+            "  stdin held no entries (only blank lines and comments, or nothing at all)"], result.out
+    result = run("import", "-", "--url", api.url, "--token", api.admin, stdin=b"192.0.2.77\n")
+    assert "held no entries" not in result.out
+
+
 def test_file_errors_say_what_is_wrong_with_the_file_never_cannot_reach(api, home, tmp_path):
     credentials = ("--url", api.url, "--token", api.admin)
     missing = run("import", str(tmp_path / "nope.txt"), *credentials)
