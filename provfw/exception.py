@@ -95,23 +95,35 @@ class DuplicateRule(Conflict):
         super().__init__(f"a live rule{what} already exists")
 
 
-def relation(cidr: str, other: str) -> str:
-    """How network ``cidr`` meets network ``other`` (both CIDR strings, which overlap), as a refusal says it:
-    "is", "lies within", "contains" or "overlaps"."""
-    network, against = ipaddress.ip_network(cidr, strict=False), ipaddress.ip_network(other, strict=False)
-    if network == against:
+def relation_of_bounds(start: int, end: int, low: int, high: int) -> str:
+    """How a network meets a range it overlaps, as a refusal says it: "is", "lies within", "contains" or
+    "overlaps".  ``start``/``end`` and ``low``/``high``: their first and last addresses, as integers of one
+    IP version (what the importer holds for every entry of a list, without parsing it again)."""
+    if start == low and end == high:
         return "is"
-    if network.version == against.version and network.subnet_of(against):
+    if low <= start and end <= high:
         return "lies within"
-    if network.version == against.version and network.supernet_of(against):
+    if start <= low and high <= end:
         return "contains"
     return "overlaps"
 
 
+def relation(cidr: str, other: str) -> str:
+    """``relation_of_bounds`` for two CIDR strings (host bits cleared)."""
+    network, against = ipaddress.ip_network(cidr, strict=False), ipaddress.ip_network(other, strict=False)
+    if network.version != against.version:
+        return "overlaps"
+    return relation_of_bounds(int(network.network_address), int(network.broadcast_address),
+                              int(against.network_address), int(against.broadcast_address))
+
+
 class ProtectedNetwork(Conflict):
-    def __init__(self, cidr: str, protected: str):
+    """``relation``: how ``cidr`` meets ``protected`` when the caller knows it already (``relation``'s)."""
+
+    def __init__(self, cidr: str, protected: str, relation_: str | None = None):
         self.protected = protected
-        super().__init__(f"cidr: {cidr} {relation(cidr, protected)} protected network {protected}")
+        said = relation_ or relation(cidr, protected)
+        super().__init__(f"cidr: {cidr} {said} protected network {protected}")
 
 
 #: The end of a refusal of a non-global range: the API's field and the CLI's flag that opt in.

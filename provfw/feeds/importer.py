@@ -119,13 +119,16 @@ def build_from_entries(entries: Iterable[tuple[int, rules.Network | int | rules.
                 hit = net
                 break
         if hit is not None:
-            out.append(formats.Refused(line, cidr, exception.ProtectedNetwork(cidr, str(hit)).message))
+            said = exception.relation_of_bounds(start, end, low, high)
+            out.append(formats.Refused(line, cidr, exception.ProtectedNetwork(cidr, str(hit), said).message))
             continue
         reserved = between(version, start, end)
         if reserved is not None:
             if not allow_non_global:
-                out.append(formats.Refused(line, cidr, f"{cidr} {exception.relation(cidr, str(reserved.network))} "
-                                                       f"{reserved.network}, {reserved.name}; "
+                range_ = reserved.network
+                said = exception.relation_of_bounds(start, end, int(range_.network_address),
+                                                    int(range_.broadcast_address))
+                out.append(formats.Refused(line, cidr, f"{cidr} {said} {range_}, {reserved.name}; "
                                                        f"{exception.NON_GLOBAL_HINT}"))
                 continue
             non_global_count += 1
