@@ -1,33 +1,42 @@
 #!/usr/bin/env python3
 """API throughput: provfw-api's eventlet server vs provfw.api.wsgi_app under gunicorn, on PostgreSQL.
 
-12 concurrent clients (threads, one keep-alive HTTP connection each, stdlib
-http.client so the client costs little CPU) run a block/unblock mix for a
-fixed time: each client blocks a CIDR of its own (3 rules, one transaction,
-one cast) and unblocks it again (one transaction, one cast), so every
-request is a mutation that takes the generation row lock.  Casts go over
+12 concurrent clients run a block/unblock mix for a fixed time: each client
+blocks a CIDR of its own (3 rules, one transaction, one cast) and unblocks
+it again (one transaction, one cast), so every request is a mutation that
+takes the generation row lock.  The clients are wrk's (Debian's ``wrk``,
+C, one keep-alive connection per wrk thread, driven by
+benchmarks/bench_api_mix.lua), so the load costs the shared 2 cores
+~0.1 ms of CPU per request; ``--load python`` runs the same mix from
+http.client threads in this process instead (~0.25 ms).  Casts go over
 RabbitMQ when it is reachable (as in production), else over the in-process
-bus.  Printed side by side: ops/s, p50/p99 latency, the server's CPU per
-operation, operations per generation (the group commit's average group:
-how many mutations shared a transaction and a cast) and the ratio to the
-eventlet server.  All the servers run at once and take turns under load
-(``--rounds`` slices each, the order rotated every round), so a slow or
-fast minute of the shared machine is spread over all of them.
+bus.  Printed side by side: ops/s, p50/p99 latency (wrk reports
+percentiles per slice: p50 is the slices' weighted by their answers, p99
+the worst slice's), the server's CPU per operation, operations per
+generation (the group commit's average group: how many mutations shared a
+transaction and a cast) and the ratio to the eventlet server.  All the
+servers run at once and take turns under load (``--rounds`` slices each,
+the order rotated every round), so a slow or fast minute of the shared
+machine is spread over all of them.  When PostgreSQL's autovacuum is off
+(as on this machine), the benchmark vacuums its database after each slice
+(``Vacuum``: without it PostgreSQL's CPU per mutation doubled within a
+minute of load).
 
 A second table splits each operation's CPU by process - the server,
 PostgreSQL's backends serving the benchmark's database (pg_stat_activity,
-/proc), the local RabbitMQ's Erlang VM and the load clients (this process)
-- and prints the ceiling that sets: cores / total CPU per operation, the
-ops/s this machine could reach if it ran nothing else and every process
-kept every core busy.  A goal above the ceiling needs less CPU per
-operation, not more processes.  Its last column is the share of the time
-the server held the generation row lock, from the server's own
+/proc), the local RabbitMQ's Erlang VM and the load clients (wrk, or this
+process) - and prints the ceiling that sets: cores / total CPU per
+operation, the ops/s this machine could reach if it ran nothing else and
+every process kept every core busy.  A goal above the ceiling needs less
+CPU per operation, not more processes.  Its last column is the share of
+the time the server held the generation row lock, from the server's own
 ``provfw_db_generation_lock_held_seconds`` (scraped from its metrics port
 before and after each slice; ``-`` for a tree without it): near 100 %, the
 next group of mutations was always waiting for the lock.
 
     .venv/bin/python benchmarks/bench_api.py [--seconds 15] [--clients 12] [--workers 4] [--threads 4]
 
+Needs ``wrk`` (``apt-get install wrk``; ./tools/setup-test-env.sh installs it) unless ``--load python``.
 Talks only to 127.0.0.1; creates and drops its own PostgreSQL database.
 """
 
@@ -46,6 +55,7 @@ import sys
 import threading
 import time
 import urllib.request
+from typing import Callable
 
 import sqlalchemy as sa
 
@@ -58,6 +68,7 @@ from tests.lib import services  # noqa: E402
 from tests.lib.deployment import free_port  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
+MIX_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_api_mix.lua")
 
 
 def percentile(values, q):
@@ -149,6 +160,40 @@ class Accounting:
                 for kind in before}
 
 
+class Vacuum:
+    """Autovacuum's work, done by the benchmark after each slice when the server's autovacuum is off.
+
+    Every unblock soft-deletes three rules (an UPDATE: a dead row version in
+    each of their indexes) and deletes their source rows, and every
+    transaction updates the generation row twice.  Without vacuuming, the
+    dead versions pile up under the statements' index scans: with this
+    machine's PostgreSQL (``autovacuum = off``), PostgreSQL's CPU per mutation
+    doubled (0.48 -> 0.95 ms) over 50 s of load and the mutations/s fell with
+    it, a cost no production server with autovacuum on pays (2026-12-03).
+    ``VACUUM (ANALYZE)`` runs on a connection of the benchmark's database
+    that stays open, so its CPU counts under PostgreSQL in the slice's
+    accounting; its time is not part of the slice's ops/s (autovacuum runs
+    beside the load).  With autovacuum on, this does nothing: its workers
+    are the database's backends and count there already.
+    """
+
+    def __init__(self, url: str):
+        self.engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.StaticPool)
+        with self.engine.connect() as conn:
+            self.needed = conn.execute(sa.text("SHOW autovacuum")).scalar() == "off"
+        self.seconds = 0.0
+
+    def __call__(self) -> None:
+        if self.needed:
+            started = time.perf_counter()
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("VACUUM (ANALYZE)"))
+            self.seconds += time.perf_counter() - started
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
 def lock_held(metrics_port: int) -> float | None:
     """Seconds the server has held the generation row lock so far (its metrics' histogram sum), or None when
     it does not export the metric (a tree from before it) or cannot be scraped."""
@@ -168,6 +213,7 @@ def lock_held(metrics_port: int) -> float | None:
 
 def client(port: int, token: str, index: int, run: int, stop: threading.Event, latencies: list,
            errors: list) -> None:
+    """One load client of ``--load python``: the mix over one keep-alive http.client connection."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"X-Auth-Token": token, "Content-Type": "application/json"}
     n = 0
@@ -196,16 +242,46 @@ def client(port: int, token: str, index: int, run: int, stop: threading.Event, l
     conn.close()
 
 
+def wrk_load(port: int, token: str, clients: int, seconds: float, run: int, stop: threading.Event,
+             outcome: dict) -> None:
+    """The same mix from wrk (benchmarks/bench_api_mix.lua), one connection per wrk thread; fills ``outcome``."""
+    argv = ["wrk", "--threads", str(clients), "--connections", str(clients),
+            "--duration", f"{max(1, round(seconds))}s", "--timeout", "30s", "--script", MIX_SCRIPT,
+            f"http://127.0.0.1:{port}", "--", token, str(run)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        output = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)          # wrk's own CPU: the load clients' share
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"wrk failed ({proc.returncode}):\n{output[-3000:]}")
+    outcome["cpu"] = usage.ru_utime + usage.ru_stime
+    found = json.loads(lines[-1])
+    outcome.update(ok=found["ok"], elapsed=found["duration_us"] / 1e6, p50=found["p50_us"] / 1e6,
+                   p99=found["p99_us"] / 1e6,
+                   errors=[*(int(status) for status in found["first_failures"].split())][:found["failed"]]
+                   + ["socket error"] * found["socket_errors"])
+    outcome["failed"] = found["failed"] + found["socket_errors"]
+
+
 def run_load(port: int, token: str, clients: int, seconds: float, profile: str | None = None,
-             pid: int | None = None, accounting: Accounting | None = None, metrics_port: int | None = None) -> dict:
+             pid: int | None = None, accounting: Accounting | None = None, metrics_port: int | None = None,
+             load: str = "wrk", after: Callable[[], None] | None = None) -> dict:
+    """One slice of load from ``load`` ("wrk", or "python": http.client threads in this process); returns the
+    slice's answers, elapsed seconds, latency percentiles, errors and CPU by process.  ``after`` runs once
+    the load stopped, before the CPU is read (a ``Vacuum``)."""
     stop = threading.Event()
     latencies: list[float] = []
     errors: list = []
+    outcome: dict = {}
     run = next(RUNS)
     spent_before = accounting.read() if accounting else None
     held_before = lock_held(metrics_port) if metrics_port else None
-    threads = [threading.Thread(target=client, args=(port, token, i, run, stop, latencies, errors))
-               for i in range(clients)]
+    if load == "wrk":
+        threads = [threading.Thread(target=wrk_load, args=(port, token, clients, seconds, run, stop, outcome))]
+    else:
+        threads = [threading.Thread(target=client, args=(port, token, i, run, stop, latencies, errors))
+                   for i in range(clients)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -215,32 +291,46 @@ def run_load(port: int, token: str, clients: int, seconds: float, profile: str |
                         "--duration", str(int(seconds)),
                         "--rate", "200", "--gil", "--format", "raw", "--output", profile, "--nonblocking"],
                        capture_output=True, check=False)
-    else:
+    elif load != "wrk":
         time.sleep(seconds)
     stop.set()
     for thread in threads:
-        thread.join(60)
+        thread.join(60 + seconds)
     elapsed = time.perf_counter() - started
+    if after is not None:
+        after()
     spent = Accounting.spent(spent_before, accounting.read()) if accounting else {}
+    if spent:
+        spent["client"] += outcome.get("cpu", 0.0)
     held_after = lock_held(metrics_port) if held_before is not None else None
-    return {"latencies": latencies, "elapsed": elapsed, "cpu": spent.get("server", 0.0), "errors": errors,
-            "spent": spent, "lock_held": None if held_after is None else held_after - held_before}
+    if load == "wrk":
+        if "ok" not in outcome:
+            raise SystemExit("wrk did not report")
+        elapsed, errors = outcome["elapsed"], outcome["errors"]
+        answered, p50, p99 = outcome["ok"], outcome["p50"], outcome["p99"]
+    else:
+        answered, p50, p99 = len(latencies), percentile(latencies, 50), percentile(latencies, 99)
+    return {"ok": answered, "p50": p50, "p99": p99, "elapsed": elapsed, "cpu": spent.get("server", 0.0),
+            "errors": errors, "spent": spent,
+            "lock_held": None if held_after is None else held_after - held_before}
 
 
 def summarise(slices: list[dict]) -> dict:
-    """One server's figures over all its slices of load."""
-    latencies = [value for one in slices for value in one["latencies"]]
+    """One server's figures over all its slices of load: p50 is the slices' p50 weighted by their answers,
+    p99 the worst slice's (wrk reports percentiles per run, not the latencies themselves)."""
     elapsed = sum(one["elapsed"] for one in slices)
     errors = [error for one in slices for error in one["errors"]]
     generations = sum(one.get("generations", 0) for one in slices)
-    ops = max(len(latencies), 1)
+    answered = sum(one["ok"] for one in slices)
+    ops = max(answered, 1)
     spent = {key: 1000.0 * sum(one["spent"].get(key, 0.0) for one in slices) / ops for key in slices[0]["spent"]}
     held = [one.get("lock_held") for one in slices]
-    return {"ops": len(latencies) / elapsed, "cpu_ms_per_op": 1000.0 * sum(one["cpu"] for one in slices) / ops,
+    return {"ops": answered / elapsed, "cpu_ms_per_op": 1000.0 * sum(one["cpu"] for one in slices) / ops,
             "lock_share": None if None in held else sum(held) / elapsed,
-            "spent_ms_per_op": spent, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "spent_ms_per_op": spent, "p50": sum(one["p50"] * one["ok"] for one in slices) / ops,
+            "p99": max(one["p99"] for one in slices),
             "errors": len(errors), "first_errors": errors[:3],
-            "per_generation": len(latencies) / generations if generations else 0.0}
+            "per_generation": answered / generations if generations else 0.0}
 
 
 def start_server(kind: str, config: str, port: int, workers: int, threads: int, log_path: str,
@@ -280,6 +370,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="the load runs in this many slices per server, the servers taking turns (rotated each "
                              "round), so a slow or fast minute of the machine falls on every server alike")
+    parser.add_argument("--load", choices=("wrk", "python"), default="wrk",
+                        help="the load clients: wrk (C, one connection per thread, benchmarks/bench_api_mix.lua) or "
+                             "python (http.client threads in this process, which cost the machine more CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="record the servers with py-spy "
                              "(collapsed stacks in /tmp/provfw-bench-api-*/profile-ROUND.txt)")
@@ -287,14 +380,19 @@ def main() -> None:
                         help="keep each server's directory (/tmp/provfw-bench-api-*: config, log) after the run; "
                              "always kept with --profile or when a server had errors")
     args = parser.parse_args()
+    if args.load == "wrk" and shutil.which("wrk") is None:
+        raise SystemExit("bench_api.py: wrk not found (apt-get install wrk, or ./tools/setup-test-env.sh); "
+                         "--load python runs the mix from Python threads instead")
 
     database = services.TestDatabase("postgresql")
     admin = sa.create_engine(services.PG_ADMIN_URL)       # pg_stat_activity: the backends to account
     results = {}
+    vacuum = None
     try:
         migration.db_sync(database.url)
         db.configure(database.url)
         token = db.api_token_create("bench-" + secrets.token_hex(3), "admin")
+        vacuum = Vacuum(database.url)
         rabbit = services.port_open("127.0.0.1", 5672)
         transport = services.RABBIT_URL if rabbit else "memory://"
         # Every server runs at once (idle ones cost nothing) and they take turns under load: measured one
@@ -323,7 +421,8 @@ def main() -> None:
                                                     args.baseline), log_path, workdir, metrics_port)
             for kind, (port, proc, log_path, _, _) in servers.items():
                 wait_healthy(port, proc, log_path)
-                run_load(port, token, args.clients, 2.0)                    # warm-up: connections, caches
+                run_load(port, token, args.clients, 2.0, load=args.load)    # warm-up: connections, caches
+            vacuum()                                # what the warm-ups left
             slices: dict[str, list] = {kind: [] for kind in kinds}
             rounds = max(1, args.rounds)
             for round_number in range(rounds):
@@ -332,7 +431,8 @@ def main() -> None:
                     profile = os.path.join(workdir, f"profile-{round_number}.txt") if args.profile else None
                     before = db.provider_fw_generation_get()
                     slices[kind].append(run_load(port, token, args.clients, args.seconds / rounds, profile, proc.pid,
-                                                 Accounting(admin, database.name, proc.pid), metrics_port))
+                                                 Accounting(admin, database.name, proc.pid), metrics_port,
+                                                 args.load, vacuum))
                     # Mutations per generation: how many the group commit put in one transaction on average.
                     slices[kind][-1]["generations"] = db.provider_fw_generation_get() - before
             for kind in kinds:
@@ -350,6 +450,8 @@ def main() -> None:
                     shutil.rmtree(workdir, ignore_errors=True)
     finally:
         admin.dispose()
+        if vacuum is not None:
+            vacuum.dispose()
         db.dispose()
         database.drop()
 
@@ -357,7 +459,10 @@ def main() -> None:
     names = {"gunicorn": gunicorn, "baseline": "baseline (eventlet)",
              "baseline-gunicorn": f"baseline gunicorn {args.workers}x{args.threads}"}
     print(machine.describe())
-    print(f"\nAPI throughput, {args.clients} clients, block/unblock mix, PostgreSQL, casts over "
+    if vacuum.needed:
+        print(f"PostgreSQL's autovacuum is off here: the benchmark vacuumed its database after each slice "
+              f"({vacuum.seconds:.1f} s in all; CPU counted under PostgreSQL, time not in ops/s)")
+    print(f"\nAPI throughput, {args.clients} clients ({args.load}), block/unblock mix, PostgreSQL, casts over "
           f"{'RabbitMQ' if rabbit else 'the in-process bus'}, {args.seconds:.0f} s per server in {args.rounds} "
           "turns")
     print(f"{'server':<24}{'ops/s':>10}{'p50':>10}{'p99':>10}{'CPU/op':>10}{'ops/gen':>9}{'errors':>8}"

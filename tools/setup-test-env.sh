@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iptables ipset nftables iproute2 iputils-ping iperf3 procps socat openssl
               libvirt-daemon libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-              python3-venv python3-dev gcc systemd)
+              python3-venv python3-dev gcc systemd
+              wrk)                 # wrk: benchmarks/bench_api.py's load clients
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
