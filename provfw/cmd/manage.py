@@ -1,6 +1,8 @@
 """provfw-manage: operator tasks that do not go through the REST API.
 
     provfw-manage [--config-file F] db sync | db version | db check
+    provfw-manage db purge --before DATE | --older-than-days N [--audit-records] [--max-rows N]
+                                                                  (delete the rows of long-deleted rules)
     provfw-manage token create --name NAME --role admin|reader     (prints the secret once)
     provfw-manage token list | token revoke --name NAME
     provfw-manage config sample                                   (oslo-config-generator's sample, as in etc/provfw/)
@@ -35,11 +37,71 @@ def _actions(subparsers, name: str, help_: str):
     return subparsers.add_parser(name, help=help_).add_subparsers(dest="action", required=True)
 
 
+def _utc_datetime(text: str) -> datetime.datetime:
+    """``--before``: an ISO 8601 date or date and time as naive UTC (the database's timestamps)."""
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or date and time: {text!r} (e.g. 2026-11-01 "
+                                         "or 2026-11-01T12:00:00Z)") from None
+    if when.tzinfo is not None:
+        when = when.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return when
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        days = -1.0
+    if not 0 <= days < 100_000:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}")
+    return days
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return int(text)
+
+
+def _purge(db, args) -> int:
+    """``db purge``: delete long-deleted rules (and old audit records); say what went and what it means."""
+    before = args.before
+    if before is None:
+        before = (datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+                  - datetime.timedelta(days=args.older_than_days))
+    result = db.provider_fw_purge_deleted(before, audit_records=args.audit_records, max_rows=args.max_rows,
+                                          audit=db.Audit("provfw-manage"))
+    what = f"{result.rules} deleted rule(s)"
+    if args.audit_records:
+        what += f" and {result.audit_records} audit record(s)"
+    print(f"purged {what} from before {before:%Y-%m-%d %H:%M:%S} UTC")
+    if result.purged_generation:
+        print(f"hosts that applied a generation older than {result.purged_generation} get a full snapshot on "
+              "their next check")
+    return 0
+
+
 def _add_commands(subparsers) -> None:
-    dbp = _actions(subparsers, "db", "the schema: sync (migrate), version, check")
+    dbp = _actions(subparsers, "db", "the schema: sync (migrate), version, check; purge deleted rows")
     dbp.add_parser("sync", help="create or upgrade the schema (alembic upgrade head)")
     dbp.add_parser("version", help="print the schema revision")
     dbp.add_parser("check", help="fail if models and migrations disagree (alembic check)")
+    purge_db = dbp.add_parser(
+        "purge", help="delete the rows of rules deleted before a date (and, with --audit-records, older audit "
+                      "records), as 'nova-manage db purge'; hosts further behind then get a snapshot",
+        description="Rules are soft-deleted, so hosts catching up can be told what to stop enforcing; the rows "
+                    "stay until purged.  Live rules are never touched.  A host whose applied generation is older "
+                    "than the newest deletion purged gets a full snapshot instead of a delta on its next check.")
+    when = purge_db.add_mutually_exclusive_group(required=True)
+    when.add_argument("--before", type=_utc_datetime, metavar="DATE",
+                      help="ISO 8601 date or date and time (UTC unless it carries an offset), e.g. 2026-11-01")
+    when.add_argument("--older-than-days", type=_days, metavar="N", help="rules deleted more than N days ago")
+    purge_db.add_argument("--audit-records", action="store_true",
+                          help="also delete the audit records created before the same date")
+    purge_db.add_argument("--max-rows", type=_positive_int, metavar="N",
+                          help="stop after about N rows of each table (default: all, in batches of 1,000)")
 
     token = _actions(subparsers, "token", "API tokens: create, list, revoke (only SHA-256 hashes are stored)")
     create = token.add_parser("create", help="create a token and print its secret once")
@@ -133,6 +195,8 @@ def run(args) -> int:
 
     url = provfw_conf.database_url()
     db.configure(url, CONF.database.pool_size)
+    if args.category == "db" and args.action == "purge":
+        return _purge(db, args)
     if args.category == "db":
         from provfw.db import migration     # alembic: only for these
 

@@ -201,12 +201,16 @@ class ConductorManager:
             else:
                 # Count first: a delta too large to send is never read (a 120k import would otherwise be
                 # read twice, once as a delta thrown away and once as the snapshot).
+                # None from either: rules deleted after `since` were purged (provfw-manage db purge), so only a
+                # snapshot can tell this host what to stop enforcing.
                 changes = None
-                if db.provider_fw_changes_count_since(since) <= self.conf.conductor.max_delta_rules:
+                count = db.provider_fw_changes_count_since(since)
+                if count is not None and count <= self.conf.conductor.max_delta_rules:
                     changes = db.provider_fw_changes_since(since)
                     self.stats["delta_reads"] += 1
-                    self.note_generation(changes.generation)
-                    if changes.size <= self.conf.conductor.max_delta_rules:
+                    if changes is not None:
+                        self.note_generation(changes.generation)
+                    if changes is not None and changes.size <= self.conf.conductor.max_delta_rules:
                         reply = self._encode({"kind": "delta", "since": since, "generation": changes.generation,
                                               "added": [r.to_wire() for r in changes.added],
                                               "removed": [r.to_wire() for r in changes.removed]})

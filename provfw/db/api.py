@@ -124,6 +124,13 @@ def provider_fw_rule_purge_expired(now=None, older_than=None, audit=None):
     return IMPL.provider_fw_rule_purge_expired(now, older_than, audit)
 
 
+def provider_fw_purge_deleted(before, audit_records=False, max_rows=None, audit=None):
+    """Delete the rows of rules soft-deleted before ``before`` (naive UTC datetime) and, with
+    ``audit_records``, the audit records created before it, in batches; return PurgeResult(rules,
+    audit_records, purged_generation).  Hosts behind ``purged_generation`` get a snapshot, not a delta."""
+    return IMPL.provider_fw_purge_deleted(before, audit_records, max_rows=max_rows, audit=audit)
+
+
 def provider_fw_distinct_cidrs():
     """[(cidr, count of live, unexpired rules)] for every CIDR that has one."""
     return IMPL.provider_fw_distinct_cidrs()
@@ -150,12 +157,14 @@ def provider_fw_snapshot_wire(now=None):
 
 
 def provider_fw_changes_count_since(generation):
-    """How many rule rows were created or deleted after ``generation`` (an upper bound of the delta's size)."""
+    """How many rule rows were created or deleted after ``generation`` (an upper bound of the delta's size);
+    None when rows a delta would need were purged (``provider_fw_purge_deleted``): only a snapshot answers."""
     return IMPL.provider_fw_changes_count_since(generation)
 
 
 def provider_fw_changes_since(generation):
-    """Changes(since, generation, added [Rule], removed [Rule]) after ``generation``."""
+    """Changes(since, generation, added [Rule], removed [Rule]) after ``generation``; None when rows it would
+    need were purged (``provider_fw_purge_deleted``)."""
     return IMPL.provider_fw_changes_since(generation)
 
 

@@ -57,6 +57,32 @@ def test_a_small_delta_is_read_once_for_every_host_that_asks(conf, pg_db):
     assert (manager.stats["delta_reads"], manager.stats["delta_hits"], manager.stats["snapshot_reads"]) == (1, 49, 0)
 
 
+def test_a_host_behind_a_purge_gets_a_snapshot_and_one_after_it_a_delta(conf, pg_db):
+    """Rules deleted long ago and purged (provfw-manage db purge) cannot be sent as a delta's removals."""
+    import datetime
+
+    import sqlalchemy as sa
+
+    from provfw.db.sqlalchemy import models
+
+    manager = conductor_manager.ConductorManager(conf)
+    gone, behind = db.provider_fw_rule_create(make_spec("203.0.113.5"))
+    purged = db.provider_fw_rule_destroy(gone.id).generation
+    _, current = db.provider_fw_rule_create(make_spec("203.0.113.6"))
+    with db.get_engine().begin() as conn:
+        conn.execute(sa.update(models.ProviderFirewallRule.__table__).values(
+            deleted_at=models.utcnow() - datetime.timedelta(days=30)).where(models.ProviderFirewallRule.deleted != 0))
+    assert db.provider_fw_purge_deleted(models.utcnow() - datetime.timedelta(days=7)).purged_generation == purged
+
+    snapshot = rpc.decode_reply(manager.get_provider_fw_rules(behind, current).body)
+    delta = rpc.decode_reply(manager.get_provider_fw_rules(purged, current).body)
+
+    assert (snapshot["kind"], snapshot["generation"], [rule[1] for rule in snapshot["rules"]]) == (
+        "snapshot", current, ["203.0.113.6/32"])
+    assert (delta["kind"], [rule[1] for rule in delta["added"]], delta["removed"]) == (
+        "delta", ["203.0.113.6/32"], [])
+
+
 def test_a_fresh_request_is_not_answered_unchanged_from_a_cached_generation(conf, pg_db):
     """A worker whose consumer just (re)connected may have missed a cast younger than the cache's TTL."""
     conf.set_override("generation_cache_ttl", 60.0, group="conductor")

@@ -129,7 +129,7 @@ def test_the_generation_indexes_hold_only_rules_deleted_or_renewed_and_the_delta
     assert "IS NOT NULL" not in "".join(_index_definitions(engine)[f"ix_provider_fw_rules_{column}"]
                                         for column in ("deleted_generation", "updated_generation"))
     migration.db_sync(fresh_db.url)
-    assert migration.db_version(fresh_db.url) == "0006"
+    assert migration.db_version(fresh_db.url) == migration.head_revision()
 
 
 @pytest.mark.parametrize("fresh_db", ["sqlite", "postgresql"], indirect=True)
@@ -175,6 +175,30 @@ def test_manage_db_check_says_how_far_behind_the_schema_is_and_agrees_once_synce
     agreed = _manage(config, "db", "check")
     assert agreed.returncode == 0 and agreed.stdout.endswith("models and migrations agree\n")
     assert "alembic.runtime.plugins" not in agreed.stderr and "Detected sequence" not in agreed.stderr
+
+
+@pytest.mark.parametrize("fresh_db", ["sqlite", "postgresql"], indirect=True)
+def test_manage_db_purge_says_what_went_and_refuses_a_date_it_cannot_read(fresh_db, tmp_path):
+    config = tmp_path / "provfw.conf"
+    config.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n[database]\nconnection = {fresh_db.url}\n")
+    rule, _ = db.provider_fw_rule_create(A, audit=WHO)
+    gone = db.provider_fw_rule_destroy(rule.id, audit=WHO).generation
+    backdate_deletion(rule.id, 40)
+    db.dispose()
+
+    nothing = _manage(config, "db", "purge", "--older-than-days", "60")
+    assert (nothing.returncode, nothing.stdout.splitlines()[0][:34]) == (0, "purged 0 deleted rule(s) from befo")
+    done = _manage(config, "db", "purge", "--before", "2099-01-01T00:00:00+02:00", "--audit-records")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "purged 1 deleted rule(s) and 2 audit record(s) from before 2098-12-31 22:00:00 UTC",
+        f"hosts that applied a generation older than {gone} get a full snapshot on their next check"]
+    for wrong in (["--before", "last tuesday"], ["--older-than-days", "-3"], ["--before", "2026-01-01",
+                                                                              "--older-than-days", "3"], []):
+        refused = _manage(config, "db", "purge", *wrong)
+        assert refused.returncode == 2 and "usage: provfw-manage" in refused.stderr, wrong
+    assert "not an ISO 8601 date or date and time: 'last tuesday'" in _manage(
+        config, "db", "purge", "--before", "last tuesday").stderr
 
 
 def test_a_new_sqlite_database_file_is_readable_by_its_owner_only(tmp_path):
@@ -461,6 +485,87 @@ def test_purge_soft_deletes_expired_rules_in_one_generation(any_db):
     assert (len(changes.removed), changes.generation) == (2, before + 1)
     assert sorted(r.spec for r in db.provider_fw_changes_since(before).removed) == sorted([A, B])
     assert [r.cidr for r in db.provider_fw_rule_get_all()] == [C.cidr]
+
+
+def backdate_deletion(rule_id: int, days: float) -> None:
+    """Make rule ``rule_id``'s deletion ``days`` old, as if it had been deleted then."""
+    with db.get_engine().begin() as conn:
+        conn.execute(sa.update(models.ProviderFirewallRule.__table__)
+                     .where(models.ProviderFirewallRule.id == rule_id)
+                     .values(deleted_at=now() - datetime.timedelta(days=days)))
+
+
+def purged_generation() -> int:
+    with db.get_engine().connect() as conn:
+        return conn.execute(sa.select(models.FirewallGeneration.purged_generation)).scalar_one()
+
+
+def test_db_purge_deletes_only_the_rows_of_rules_deleted_before_the_date(any_db):
+    """`provfw-manage db purge`: the rows of long-deleted rules go; live rules and recent deletions stay."""
+    old, _ = db.provider_fw_rule_create(A)
+    recent, _ = db.provider_fw_rule_create(B)
+    live, _ = db.provider_fw_rule_create(C)
+    old_gone = db.provider_fw_rule_destroy(old.id).generation
+    db.provider_fw_rule_destroy(recent.id)
+    backdate_deletion(old.id, 10)
+    assert purged_generation() == 0
+    moved = generation()
+
+    result = db.provider_fw_purge_deleted(now() - datetime.timedelta(days=1), audit=WHO)
+
+    assert (result.rules, result.audit_records, result.purged_generation) == (1, 0, old_gone)
+    assert [(row["id"], row["deleted"] != 0) for row in raw_rules()] == [(recent.id, True), (live.id, False)]
+    assert purged_generation() == old_gone
+    assert generation() == moved, "hosts enforce the same rules: no generation moves"
+    with db.get_engine().connect() as conn:
+        assert conn.execute(sa.select(models.ProviderFirewallRuleSource.rule_id)).scalars().all() == [live.id]
+    (record,) = [r for r in db.audit_get_all() if r.action == "db.purge"]
+    assert (record.actor, json.loads(record.detail)["rules"]) == (WHO.actor, 1)
+    again = db.provider_fw_purge_deleted(now() - datetime.timedelta(days=1))
+    assert (again.rules, again.purged_generation) == (0, old_gone)
+
+
+def test_a_delta_that_would_need_purged_rows_is_refused_and_a_later_one_is_whole(any_db):
+    """A host behind the purge must not be told "nothing was removed": the delta is None (a snapshot's job)."""
+    g0 = generation()
+    rule_a, g1 = db.provider_fw_rule_create(A)
+    rule_b, g2 = db.provider_fw_rule_create(B)
+    g3 = db.provider_fw_rule_destroy(rule_a.id).generation
+    g4 = db.provider_fw_rule_destroy(rule_b.id).generation
+    backdate_deletion(rule_a.id, 2)
+
+    assert db.provider_fw_purge_deleted(now() - datetime.timedelta(days=1)).purged_generation == g3
+
+    for since in (g0, g1, g2):
+        assert db.provider_fw_changes_count_since(since) is None
+        assert db.provider_fw_changes_since(since) is None
+    changes = db.provider_fw_changes_since(g3)
+    assert (changes.generation, changes.added, [r.spec for r in changes.removed]) == (g4, [], [B])
+    assert db.provider_fw_changes_count_since(g3) == 1
+    assert db.provider_fw_changes_since(g4).removed == []
+
+
+def test_db_purge_goes_in_batches_stops_at_max_rows_and_takes_old_audit_records(any_db):
+    from provfw.db.sqlalchemy import api as impl
+
+    specs = [make_spec(f"192.0.2.{i}") for i in range(1, 8)]
+    created = db.provider_fw_rules_create_many(specs, audit=WHO).added
+    for rule in created:
+        db.provider_fw_rule_destroy(rule.id, audit=WHO)
+        backdate_deletion(rule.id, 3)
+    with db.get_engine().begin() as conn:
+        conn.execute(sa.update(models.AuditRecord.__table__).values(created_at=now() - datetime.timedelta(days=3)))
+    records = len(db.audit_get_all(limit=1000))
+    cutoff = now() - datetime.timedelta(days=1)
+
+    first = impl.provider_fw_purge_deleted(cutoff, batch=2, max_rows=3)
+    assert (first.rules, first.audit_records) == (3, 0)
+    rest = impl.provider_fw_purge_deleted(cutoff, audit_records=True, batch=2, audit=WHO)
+    assert (rest.rules, rest.audit_records) == (4, records)
+    assert raw_rules() == []
+    assert rest.purged_generation == generation()       # the last destroy's
+    (left,) = db.audit_get_all()                        # only the purge's own record
+    assert (left.action, json.loads(left.detail)["audit_records"]) == ("db.purge", records)
 
 
 def test_expired_live_copy_is_replaced_by_a_new_create(any_db):

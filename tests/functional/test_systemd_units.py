@@ -18,9 +18,9 @@ BIN = os.path.dirname(sys.executable)
 NAMES = ("provfw-api", "provfw-conductor", "provfw-compute", "provfw-all-in-one")
 
 
-def settings(name: str) -> dict[str, str]:
+def settings(name: str, kind: str = "service") -> dict[str, str]:
     values: dict[str, str] = {}
-    with open(os.path.join(UNITS, f"{name}.service")) as handle:
+    with open(os.path.join(UNITS, f"{name}.{kind}")) as handle:
         for line in handle:
             line = line.strip()
             if line and not line.startswith(("#", "[")):
@@ -64,3 +64,18 @@ def test_the_dataplane_keeps_only_the_network_capabilities(name):
     assert set(unit["CapabilityBoundingSet"].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"}
     assert unit["AmbientCapabilities"] == unit["CapabilityBoundingSet"]
     assert unit["TimeoutStartSec"] == "infinity"       # waits for its first apply, however long
+
+
+def test_the_daily_purge_verifies_runs_unprivileged_and_purges_only_old_deletions(tmp_path):
+    services.require_tools("systemd-analyze")
+    for kind in ("service", "timer"):
+        with open(os.path.join(UNITS, f"provfw-db-purge.{kind}")) as handle:
+            (tmp_path / f"provfw-db-purge.{kind}").write_text(handle.read().replace("/opt/provfw/bin/", BIN + "/"))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "provfw-db-purge.timer"),
+                             str(tmp_path / "provfw-db-purge.service")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+    unit, timer = settings("provfw-db-purge"), settings("provfw-db-purge", "timer")
+    assert unit["Type"] == "oneshot" and unit["User"] == "provfw" and unit["CapabilityBoundingSet"] == ""
+    assert unit["ExecStart"].endswith("db purge --older-than-days 30")
+    assert unit["ProtectSystem"] == "strict" and unit["NoNewPrivileges"] == "yes"
+    assert (timer["OnCalendar"], timer["Persistent"]) == ("daily", "true")

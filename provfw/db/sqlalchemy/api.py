@@ -2393,6 +2393,100 @@ def provider_fw_rule_purge_expired(now: datetime.datetime | None = None, older_t
     return Changes(generation - 1, generation, [], [rule_of(row) for row in rows])
 
 
+@dataclasses.dataclass(frozen=True)
+class PurgeResult:
+    """What ``provider_fw_purge_deleted`` deleted: rule rows and audit records, and ``purged_generation``,
+    the generation hosts must have applied to be answered with a delta (0: nothing was ever purged)."""
+
+    rules: int
+    audit_records: int
+    purged_generation: int
+
+
+PURGE_BATCH = 1000
+
+
+def provider_fw_purge_deleted(before: datetime.datetime, audit_records: bool = False, batch: int = PURGE_BATCH,
+                              max_rows: int | None = None, audit: Audit | None = None) -> PurgeResult:
+    """Delete the rows of rules soft-deleted before ``before`` (naive UTC) and, with ``audit_records``, the
+    audit records created before it; return what went.  ``nova-manage db purge --before`` does this for
+    Nova's soft-deleted rows.
+
+    Live rules are never touched, nor rules deleted at or after ``before``.
+    Each batch of at most ``batch`` rule rows (oldest deletion first) is one
+    transaction that holds the generation row's lock - it queues with rule
+    mutations for one batch, never for the whole purge - and raises
+    ``purged_generation`` to the newest ``deleted_generation`` it deleted.
+    ``provider_fw_changes_since`` of an older generation then answers None
+    and the conductor sends that host a snapshot: a host far behind never
+    misses a removal.  The purge moves no generation (hosts enforce the same
+    rules).  ``max_rows``: stop after about that many rows of each table
+    (None: all).  ``audit``: who purged; one ``db.purge`` record says what
+    went, written after the audit records were purged.
+    """
+    rules = audit_count = 0
+    purged = 0
+    while max_rows is None or rules < max_rows:
+        count, purged = _retried("purge_deleted", _purge_rule_batch, before,
+                                 batch if max_rows is None else min(batch, max_rows - rules))
+        rules += count
+        if count < batch:
+            break
+    while audit_records and (max_rows is None or audit_count < max_rows):
+        count = _purge_audit_batch(before, batch if max_rows is None else min(batch, max_rows - audit_count))
+        audit_count += count
+        if count < batch:
+            break
+    with _session() as session, session.begin():
+        purged = _purged_generation(session)
+        if rules or audit_count:
+            _audit(session, audit, "db.purge", _current_generation(session),
+                   {"before": before.isoformat(), "rules": rules, "audit_records": audit_count,
+                    "purged_generation": purged})
+    return PurgeResult(rules, audit_count, purged)
+
+
+def _purge_rule_batch(before: datetime.datetime, limit: int) -> tuple[int, int]:
+    """Delete up to ``limit`` rules deleted before ``before``, under the generation row's lock; return
+    (rows deleted, purged_generation after)."""
+    r = ProviderFirewallRule
+    with _session() as session, session.begin():
+        asked = time.monotonic()
+        purged = session.execute(select(FirewallGeneration.purged_generation)
+                                 .where(FirewallGeneration.id == 1).with_for_update()).scalar_one()
+        _generation_locked(session, asked)
+        # The deleted_generation index (partial: deleted rules only) in generation order, which is the order
+        # of deletion: the scan stops after `limit` rows, except in the last batch.
+        rows = session.execute(select(r.id, r.deleted_generation).where(
+            r.deleted_generation.is_not(None), r.deleted != 0, r.deleted_at < before)
+            .order_by(r.deleted_generation).limit(limit)).all()
+        if not rows:
+            return 0, purged
+        ids = [row.id for row in rows]
+        # Their source rows went when they were deleted; a release before sources, or SQLite without
+        # foreign keys enforced, may have left some: they go with their rule.
+        session.execute(sa.delete(ProviderFirewallRuleSource).where(ProviderFirewallRuleSource.rule_id.in_(ids))
+                        .execution_options(synchronize_session=False))
+        session.execute(sa.delete(r).where(r.id.in_(ids)).execution_options(synchronize_session=False))
+        newest = max(row.deleted_generation for row in rows)
+        if newest > purged:
+            session.execute(update(FirewallGeneration).where(FirewallGeneration.id == 1)
+                            .values(purged_generation=newest))
+            purged = newest
+        return len(ids), purged
+
+
+def _purge_audit_batch(before: datetime.datetime, limit: int) -> int:
+    """Delete up to ``limit`` audit records created before ``before``, oldest first; return how many."""
+    with _session() as session, session.begin():
+        ids = session.execute(select(AuditRecord.id).where(AuditRecord.created_at < before)
+                              .order_by(AuditRecord.created_at, AuditRecord.id).limit(limit)).scalars().all()
+        if ids:
+            session.execute(sa.delete(AuditRecord).where(AuditRecord.id.in_(ids))
+                            .execution_options(synchronize_session=False))
+        return len(ids)
+
+
 def provider_fw_distinct_cidrs() -> list[tuple[str, int]]:
     """Every CIDR with at least one live, unexpired rule, with its count of such rules."""
     with _session() as session:
@@ -2415,6 +2509,13 @@ def _current_generation(session: Session | None = None) -> int:
         with _session() as own:
             return _current_generation(own)
     return session.execute(select(FirewallGeneration.generation).where(FirewallGeneration.id == 1)).scalar_one()
+
+
+def _purged_generation(session: Session) -> int:
+    """The newest deleted_generation purged (``provider_fw_purge_deleted``): deltas since an older one are not
+    answerable."""
+    statement = select(FirewallGeneration.purged_generation).where(FirewallGeneration.id == 1)
+    return session.execute(statement).scalar_one()
 
 
 def provider_fw_generation_get() -> int:
@@ -2509,15 +2610,19 @@ def provider_fw_snapshot_wire(now: datetime.datetime | None = None, attempts: in
     return generation, [row if row[5] is None else (*row[:5], _epoch(row[5])) for row in rows]
 
 
-def provider_fw_changes_count_since(generation: int) -> int:
+def provider_fw_changes_count_since(generation: int) -> int | None:
     """Rows created, changed (renewed) or deleted after ``generation``: three index-only counts, no rows read.
 
     An upper bound of ``provider_fw_changes_since``'s size (a row created and
     deleted in the window counts twice), so a caller can choose a snapshot
-    without reading a delta it would throw away.
+    without reading a delta it would throw away.  None when rules deleted
+    after ``generation`` were purged (``provider_fw_purge_deleted``): no delta
+    can answer, only a snapshot.
     """
     counts = []
     with _session() as session:
+        if generation < _purged_generation(session):
+            return None
         for column in (ProviderFirewallRule.created_generation, ProviderFirewallRule.updated_generation,
                        ProviderFirewallRule.deleted_generation):
             counts.append(session.execute(select(func.count()).select_from(ProviderFirewallRule).where(
@@ -2525,14 +2630,17 @@ def provider_fw_changes_count_since(generation: int) -> int:
     return sum(counts)
 
 
-def provider_fw_changes_since(generation: int, attempts: int = 5) -> Changes:
+def provider_fw_changes_since(generation: int, attempts: int = 5) -> Changes | None:
     """The rules added, changed and removed after ``generation`` (indexed by generation columns).
 
     A rule created and deleted within the window is in neither list; a rule
     deleted in the window is in ``removed`` only if it existed at ``generation``.
     A live rule whose expiry changed in the window (renewed, or shortened when
     a source let go) is in ``added`` with its current expiry: hosts match by
-    id and relabel it.
+    id and relabel it.  None when rules deleted after ``generation`` were
+    purged (``provider_fw_purge_deleted``): only a snapshot can answer.  The
+    bound is read after the rows, so a purge that committed before they were
+    read is seen (it commits its rows and its bound together).
     """
     for attempt in range(attempts):
         with _session() as session:
@@ -2548,6 +2656,8 @@ def provider_fw_changes_since(generation: int, attempts: int = 5) -> Changes:
                 ProviderFirewallRule.deleted_generation > generation)).all()
             session.rollback()
             after = _current_generation(session)
+            if generation < _purged_generation(session):
+                return None
         if before != after:
             time.sleep(0.01 * (attempt + 1))
             continue

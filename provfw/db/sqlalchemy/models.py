@@ -189,6 +189,10 @@ class FirewallGeneration(Base):
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
     live_rules: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0",
                                             comment="Live rules, kept in step by every mutation (max_rules check)")
+    purged_generation: Mapped[int] = mapped_column(
+        BigInteger, default=0, server_default="0",
+        comment="Newest deleted_generation of the deleted rules purged: deltas since an older generation are "
+                "snapshots")
     updated_at: Mapped[Optional[timestamp]]
 
 
