@@ -191,8 +191,12 @@ def run(args) -> int:
     """Every command but ``bus`` and ``config``, after ``db.configure``: the db layer (SQLAlchemy, alembic, a
     third of a second to import) is imported here, so those two run quickly on a broker node or a host
     without a database driver."""
+    from provfw.cmd import psycopg_wait
     from provfw.db import api as db
 
+    # libpq alone waits for a statement's answer without end: a database server that goes silent mid-command
+    # (a hung host, a half-open path) would hold a purge started by a timer, and the next day's, for ever.
+    psycopg_wait.install(green=False)
     url = provfw_conf.database_url()
     db.configure(url, CONF.database.pool_size)
     if args.category == "db" and args.action == "purge":

@@ -201,6 +201,21 @@ def test_manage_db_purge_says_what_went_and_refuses_a_date_it_cannot_read(fresh_
         config, "db", "purge", "--before", "last tuesday").stderr
 
 
+def test_manage_bounds_its_wait_for_a_silent_database_as_the_daemons_do(sqlite_db, tmp_path):
+    """provfw-manage installs the daemons' wait callback (provfw.cmd.psycopg_wait) before it opens the database:
+    libpq alone would wait for a statement's answer for ever (tests/functional/test_psycopg_wait.py)."""
+    config = tmp_path / "provfw.conf"
+    config.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n[database]\nconnection = {sqlite_db.url}\n")
+    code = ("import sys; from psycopg2 import extensions; from provfw.cmd import manage; "
+            "assert extensions.get_wait_callback() is None; "
+            "code = manage.main(sys.argv[1:]); "
+            "print(extensions.get_wait_callback().__qualname__); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, "--config-file", str(config), "db", "version"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "make_wait.<locals>.wait"
+
+
 def test_a_new_sqlite_database_file_is_readable_by_its_owner_only(tmp_path):
     # The all-in-one's database holds token hashes and the audit log; it was created 0644 (the umask).
     from provfw.db.sqlalchemy.api import create_engine

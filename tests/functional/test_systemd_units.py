@@ -76,6 +76,7 @@ def test_the_daily_purge_verifies_runs_unprivileged_and_purges_only_old_deletion
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
     unit, timer = settings("provfw-db-purge"), settings("provfw-db-purge", "timer")
     assert unit["Type"] == "oneshot" and unit["User"] == "provfw" and unit["CapabilityBoundingSet"] == ""
+    assert unit["TimeoutStartSec"] == "2h"               # a oneshot's default is no limit
     assert unit["ExecStart"].endswith("db purge --older-than-days 30")
     assert unit["ProtectSystem"] == "strict" and unit["NoNewPrivileges"] == "yes"
     assert (timer["OnCalendar"], timer["Persistent"]) == ("daily", "true")
