@@ -343,11 +343,12 @@ class DatabaseRules:
         try:
             if self.light_host and LIGHT_PHASE.is_set():
                 return self._unparsed(since_generation)
-            if since_generation is None:
+            # None: deletions after `since` were purged (provfw-manage db purge), only a snapshot answers.
+            result = None if since_generation is None else db.provider_fw_changes_since(since_generation)
+            if result is None:
                 result = db.provider_fw_snapshot()
                 self.last_rows = len(result.rules)
             else:
-                result = db.provider_fw_changes_since(since_generation)
                 self.last_rows = result.size
             self.last_arrival = time.monotonic()
             return result
