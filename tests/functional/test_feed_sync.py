@@ -175,6 +175,35 @@ def test_a_failed_download_or_an_error_page_keeps_the_last_good_list(rig):
     assert rig.run()["daily"].status == "ok" and db.feed_get("daily").last_error is None
 
 
+@pytest.mark.parametrize("outcome", ["ok", "not_modified", "failed"])
+def test_a_sync_asked_for_while_another_runs_is_not_lost_when_that_one_finishes(rig, outcome):
+    """`provfw feed add` then `provfw feed sync`: the conductor had claimed the new feed before the request
+    came, and the finished sync wrote its next time (an hour away) over the request - the CLI waited for a
+    sync that never came (a suite run, 2026-12-03).  The request stands, with its force, and downloads again."""
+    rig.add("daily", "/daily.txt", DAY1)
+    if outcome != "ok":
+        rig.run()
+    if outcome == "failed":
+        rig.server.publish("/daily.txt", b"", status=500)
+    _due_now("daily")
+    (claim,) = db.feed_claim_due("conductor-a", 60)
+    db.feed_request_sync("daily", force=True, audit=db.Audit("ops"))       # while conductor-a syncs it
+
+    first = rig.syncer.sync(claim)
+
+    feed = db.feed_get("daily")
+    assert (first.status == outcome) if outcome != "failed" else (first.status not in ("ok", "not_modified"))
+    assert feed.next_sync_at <= models.utcnow() and feed.force_next and feed.etag is None, "the request stands"
+    assert feed.claim_token is None
+    if outcome == "failed":
+        rig.server.publish("/daily.txt", DAY1)
+    (second,) = rig.syncer.run_due()                                        # no _due_now: it is due already
+    assert second.status == "ok" and rig.server.answered("/daily.txt")[-1] == 200
+    feed = db.feed_get("daily")
+    assert feed.next_sync_at > models.utcnow() and not feed.force_next, "answered: due again in an hour"
+    assert rig.syncer.run_due() == []
+
+
 def test_firehol_level1_as_published_blocks_no_private_or_special_range(rig):
     rig.add("level1", "/level1.netset", data_file("feeds", "firehol-level1.netset"))
     outcome = rig.run()["level1"]

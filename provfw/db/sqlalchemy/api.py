@@ -2998,10 +2998,23 @@ def _hold_claim(session: Session, feed_id: int, token: str, now: datetime.dateti
         raise exception.FeedClaimLost(f"feed {feed_id}: another conductor holds it now")
 
 
+# What a sync asked for (feed_request_sync) or made necessary (feed_set) while another sync held the feed sets:
+# the finished sync's outcome must not overwrite it.
+_ASKED_WHILE_CLAIMED = ("next_sync_at", "force_next", "etag", "last_modified", "content_sha256")
+
+
 def _release_claim(session: Session, feed_id: int, token: str, state: dict) -> None:
+    """Write ``state`` and release the claim (in the caller's transaction, which ``_hold_claim`` made hold the
+    row).  A sync requested while this one ran - the feed's ``next_sync_at`` moved past the claim's
+    ``last_attempt_at`` - stands: the feed stays due, with the request's ``force`` and without validators, so
+    the next poll downloads it again (this sync may have fetched the list before the request; found by the
+    CLI's ``feed add`` then ``feed sync``, whose sync was answered by the first one and then lost)."""
     unknown = set(state) - set(FEED_STATE)
     if unknown:
         raise TypeError(f"unknown feed state: {sorted(unknown)}")
+    due, attempted = session.execute(select(Feed.next_sync_at, Feed.last_attempt_at).where(Feed.id == feed_id)).one()
+    if due is not None and attempted is not None and due > attempted:
+        state = {key: value for key, value in state.items() if key not in _ASKED_WHILE_CLAIMED}
     session.execute(update(Feed).where(Feed.id == feed_id, Feed.claim_token == token)
                     .values(claim_token=None, claimed_until=None, **state)
                     .execution_options(synchronize_session=False))
