@@ -341,6 +341,8 @@ def test_exit_status_is_0_ok_1_error_2_usage(api, home, tmp_path, refused_port):
 
     duplicate = run("block", "203.0.113.0/24", *credentials)
     assert (duplicate.code, duplicate.err) == (1, "provfw: HTTP 409: Duplicate rule. 0 rules added\n")
+    as_json = run("block", "203.0.113.0/24", *credentials, "-o", "json")      # docs/design.md, "Exit status"
+    assert (as_json.code, as_json.out, as_json.err) == (1, "", duplicate.err)
     bad_cidr = run("rule-add", "not-a-cidr", *credentials)
     assert bad_cidr.code == 1 and "HTTP 400" in bad_cidr.err
     forbidden = run("audit", "--url", api.url, "--token", api.reader)
