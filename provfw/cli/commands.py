@@ -50,7 +50,10 @@ def _audit_cidrs(row: Mapping[str, Any]) -> str | None:
     detail = row.get("detail") or {}
     if detail.get("cidr"):
         return detail["cidr"]
-    cidrs = list(dict.fromkeys(r.get("cidr") for r in detail.get("rules") or () if r.get("cidr")))
+    rules = detail.get("rules")
+    if not isinstance(rules, list):         # an action whose detail names no rules (a db.purge counts them)
+        return None
+    cidrs = list(dict.fromkeys(r.get("cidr") for r in rules if isinstance(r, dict) and r.get("cidr")))
     return None if not cidrs else ", ".join(cidrs[:3]) + (f" +{len(cidrs) - 3}" if len(cidrs) > 3 else "")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 
 from oslo_config import cfg
@@ -41,12 +42,15 @@ def _utc_datetime(text: str) -> datetime.datetime:
     """``--before``: an ISO 8601 date or date and time as naive UTC (the database's timestamps)."""
     try:
         when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or date and time: {text!r} (e.g. 2026-11-01 "
-                                         "or 2026-11-01T12:00:00Z)") from None
-    if when.tzinfo is not None:
-        when = when.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        if when.tzinfo is not None:
+            when = when.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError):              # OverflowError: an offset that leaves years 1-9999
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or date and time in UTC years 1-9999: {text!r} "
+                                         "(e.g. 2026-11-01 or 2026-11-01T12:00:00Z)") from None
     return when
+
+
+MAX_DAYS = 36_500        # a hundred years: --older-than-days beyond it is a typo, not a retention policy
 
 
 def _days(text: str) -> float:
@@ -54,14 +58,14 @@ def _days(text: str) -> float:
         days = float(text)
     except ValueError:
         days = -1.0
-    if not 0 <= days < 100_000:
-        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}")
+    if not 0 <= days <= MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"not a number of days from 0 to {MAX_DAYS:,}: {text!r}")
     return days
 
 
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a whole number of 1 or more: {text!r}")
     return int(text)
 
 
@@ -76,8 +80,8 @@ def _purge(db, args) -> int:
     what = f"{result.rules} deleted rule(s)"
     if args.audit_records:
         what += f" and {result.audit_records} audit record(s)"
-    print(f"purged {what} from before {before:%Y-%m-%d %H:%M:%S} UTC")
-    if result.purged_generation:
+    print(f"purged {what} from before {before.isoformat(sep=' ')} UTC")
+    if result.rules:
         print(f"hosts that applied a generation older than {result.purged_generation} get a full snapshot on "
               "their next check")
     return 0
@@ -97,11 +101,13 @@ def _add_commands(subparsers) -> None:
     when = purge_db.add_mutually_exclusive_group(required=True)
     when.add_argument("--before", type=_utc_datetime, metavar="DATE",
                       help="ISO 8601 date or date and time (UTC unless it carries an offset), e.g. 2026-11-01")
-    when.add_argument("--older-than-days", type=_days, metavar="N", help="rules deleted more than N days ago")
+    when.add_argument("--older-than-days", type=_days, metavar="N",
+                      help=f"rules deleted more than N days ago (0 to {MAX_DAYS:,}; fractions allowed)")
     purge_db.add_argument("--audit-records", action="store_true",
                           help="also delete the audit records created before the same date")
     purge_db.add_argument("--max-rows", type=_positive_int, metavar="N",
-                          help="stop after about N rows of each table (default: all, in batches of 1,000)")
+                          help="stop after N rows of each table, rules and audit records counted apart (default: "
+                               "all, in batches of 1,000)")
 
     token = _actions(subparsers, "token", "API tokens: create, list, revoke (only SHA-256 hashes are stored)")
     create = token.add_parser("create", help="create a token and print its secret once")
@@ -198,7 +204,17 @@ def run(args) -> int:
     # (a hung host, a half-open path) would hold a purge started by a timer, and the next day's, for ever.
     psycopg_wait.install(green=False)
     url = provfw_conf.database_url()
+    # Commands that read or write provfw's tables (not: db sync/version/check, which make or read the schema
+    # itself, nor nwfilter and dataplane teardown, which never open the database).
+    needs_schema = (args.category in ("token", "rules", "service") or (args.category, args.action) in (
+        ("db", "purge"), ("dataplane", "apply")))
+    if needs_schema and url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
+        # Opening it would create an empty file there (and then fail on the first table).
+        raise exception.SchemaNotReady(f"no database at {url[len('sqlite:///'):]}: point --config-file at the "
+                                       "deployment's configuration, or run 'provfw-manage db sync' to create it")
     db.configure(url, CONF.database.pool_size)
+    if needs_schema:
+        db.ping()           # one line (SchemaNotReady, DatabaseUnavailable), not a traceback of the first query
     if args.category == "db" and args.action == "purge":
         return _purge(db, args)
     if args.category == "db":
@@ -370,7 +386,13 @@ def main(argv=None) -> int:
             return bus_command(args)       # talks to rabbitmqctl, never to the database
         return run(args)
     except exception.ProvfwError as exc:
-        print(f"provfw-manage: {exc.message}", file=sys.stderr)
+        message = exc.message
+        cause = getattr(exc.__cause__, "orig", None) or exc.__cause__
+        if isinstance(exc, exception.DatabaseUnavailable) and cause is not None and str(cause).strip():
+            # The API keeps the driver's text to its log; on an operator's terminal it says what is wrong
+            # (e.g. 'FATAL: database "provfw" does not exist' rather than only "unreachable").
+            message += f": {str(cause).strip().splitlines()[0]}"
+        print(f"provfw-manage: {message}", file=sys.stderr)
         return 1
 
 

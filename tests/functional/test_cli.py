@@ -215,6 +215,29 @@ def test_the_audit_log_shows_who_blocked_what_and_why(api, home, capsys):
     assert value.out.splitlines()[0] == "cli-admin\tcidr.block\t203.0.113.0/24\t3\tscanner"
 
 
+def test_the_audit_log_shows_a_purge_with_its_count(api, home, capsys):
+    # An operator trial: once `provfw-manage db purge` had deleted rows, `provfw audit` ended in a traceback
+    # (its table read the purge's count of rules as a list of rules).
+    import datetime
+
+    import sqlalchemy as sa
+
+    from provfw.db.sqlalchemy import models
+
+    admin(capsys, api, "block", "203.0.113.0/24")
+    admin(capsys, api, "unblock", "203.0.113.0/24")
+    admin(capsys, api, "block", "198.51.100.0/24")
+    with db.get_engine().begin() as conn:
+        conn.execute(sa.update(models.ProviderFirewallRule.__table__).where(models.ProviderFirewallRule.deleted != 0)
+                     .values(deleted_at=models.utcnow() - datetime.timedelta(days=40)))
+    assert db.provider_fw_purge_deleted(models.utcnow() - datetime.timedelta(days=30),
+                                        audit=db.Audit("provfw-manage")).rules == 3
+    table = admin(capsys, api, "audit")
+    assert table.code == 0, table.err
+    value = admin(capsys, api, "audit", "-o", "value", "-c", "actor", "-c", "action", "-c", "cidr", "-c", "count")
+    assert value.out.splitlines()[0] == "provfw-manage\tdb.purge\t-\t3"
+
+
 def test_refused_lines_show_their_text_and_the_cli_flag_that_lets_non_global_ranges_through(api, home, capsys,
                                                                                             tmp_path):
     # Found by a newcomer: the table output gave only the line number and the reason, and the reason named

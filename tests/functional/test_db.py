@@ -183,22 +183,46 @@ def test_manage_db_purge_says_what_went_and_refuses_a_date_it_cannot_read(fresh_
     config.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n[database]\nconnection = {fresh_db.url}\n")
     rule, _ = db.provider_fw_rule_create(A, audit=WHO)
     gone = db.provider_fw_rule_destroy(rule.id, audit=WHO).generation
+    db.provider_fw_rule_create(B, audit=WHO)              # the newest rule and record, which a purge keeps
     backdate_deletion(rule.id, 40)
     db.dispose()
 
     nothing = _manage(config, "db", "purge", "--older-than-days", "60")
-    assert (nothing.returncode, nothing.stdout.splitlines()[0][:34]) == (0, "purged 0 deleted rule(s) from befo")
+    assert nothing.returncode == 0, nothing.stderr
+    (line,) = nothing.stdout.splitlines()                  # no "snapshot" line when nothing went
+    assert line.startswith("purged 0 deleted rule(s) from before ") and line.endswith(" UTC")
     done = _manage(config, "db", "purge", "--before", "2099-01-01T00:00:00+02:00", "--audit-records")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "purged 1 deleted rule(s) and 2 audit record(s) from before 2098-12-31 22:00:00 UTC",
         f"hosts that applied a generation older than {gone} get a full snapshot on their next check"]
-    for wrong in (["--before", "last tuesday"], ["--older-than-days", "-3"], ["--before", "2026-01-01",
-                                                                              "--older-than-days", "3"], []):
+    for wrong in (["--before", "last tuesday"], ["--older-than-days", "-3"], ["--older-than-days", "36501"],
+                  ["--before", "0001-01-01T00:00:00+05:00"], ["--max-rows", "0", "--older-than-days", "1"],
+                  ["--before", "2026-01-01", "--older-than-days", "3"], []):
         refused = _manage(config, "db", "purge", *wrong)
         assert refused.returncode == 2 and "usage: provfw-manage" in refused.stderr, wrong
-    assert "not an ISO 8601 date or date and time: 'last tuesday'" in _manage(
+        assert "Traceback" not in refused.stderr, wrong
+    assert "not an ISO 8601 date or date and time in UTC years 1-9999: 'last tuesday'" in _manage(
         config, "db", "purge", "--before", "last tuesday").stderr
+
+
+def test_manage_says_in_one_line_that_a_database_is_missing_and_creates_none(tmp_path):
+    """An operator trial: pointed at the wrong place, `db purge` created an empty SQLite file there and ended in
+    80 lines of traceback ('no such table: provider_fw_generation')."""
+    config = tmp_path / "provfw.conf"
+    config.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n")
+    for argv in (["db", "purge", "--older-than-days", "30"], ["token", "list"], ["service", "list"]):
+        missing = _manage(config, *argv)
+        assert (missing.returncode, missing.stdout) == (1, ""), argv
+        assert missing.stderr == (f"provfw-manage: no database at {tmp_path}/state/provfw.sqlite: point --config-file "
+                                  "at the deployment's configuration, or run 'provfw-manage db sync' to create it\n")
+    assert not (tmp_path / "state" / "provfw.sqlite").exists()
+    empty = tmp_path / "empty.sqlite"
+    sa.create_engine(f"sqlite:///{empty}").connect().close()
+    config.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n[database]\nconnection = sqlite:///{empty}\n")
+    schemaless = _manage(config, "db", "purge", "--older-than-days", "30")
+    assert (schemaless.returncode, schemaless.stderr) == (
+        1, "provfw-manage: the database has no provfw schema: run 'provfw-manage db sync'\n")
 
 
 def test_manage_bounds_its_wait_for_a_silent_database_as_the_daemons_do(sqlite_db, tmp_path):
@@ -535,7 +559,7 @@ def test_db_purge_deletes_only_the_rows_of_rules_deleted_before_the_date(any_db)
     with db.get_engine().connect() as conn:
         assert conn.execute(sa.select(models.ProviderFirewallRuleSource.rule_id)).scalars().all() == [live.id]
     (record,) = [r for r in db.audit_get_all() if r.action == "db.purge"]
-    assert (record.actor, json.loads(record.detail)["rules"]) == (WHO.actor, 1)
+    assert (record.actor, json.loads(record.detail)["count"]) == (WHO.actor, 1)
     again = db.provider_fw_purge_deleted(now() - datetime.timedelta(days=1))
     assert (again.rules, again.purged_generation) == (0, old_gone)
 
@@ -576,11 +600,15 @@ def test_db_purge_goes_in_batches_stops_at_max_rows_and_takes_old_audit_records(
     first = impl.provider_fw_purge_deleted(cutoff, batch=2, max_rows=3)
     assert (first.rules, first.audit_records) == (3, 0)
     rest = impl.provider_fw_purge_deleted(cutoff, audit_records=True, batch=2, audit=WHO)
-    assert (rest.rules, rest.audit_records) == (4, records)
-    assert raw_rules() == []
-    assert rest.purged_generation == generation()       # the last destroy's
-    (left,) = db.audit_get_all()                        # only the purge's own record
-    assert (left.action, json.loads(left.detail)["audit_records"]) == ("db.purge", records)
+    # The newest row of each table stays: SQLite would hand its id out again (found by an operator trial).
+    assert (rest.rules, rest.audit_records) == (3, records - 1)
+    assert [row["id"] for row in raw_rules()] == [created[-1].id]
+    assert rest.purged_generation == generation() - 1    # the last destroy but one's
+    own, kept = db.audit_get_all()                      # newest first: the purge's own, then the newest it kept
+    assert (own.action, json.loads(own.detail)["audit_records"]) == ("db.purge", records - 1)
+    assert kept.action == "rule.delete" and own.id > kept.id
+    rule, _ = db.provider_fw_rule_create(A)
+    assert rule.id > created[-1].id, "no purged id is handed out again"
 
 
 def test_expired_live_copy_is_replaced_by_a_new_create(any_db):

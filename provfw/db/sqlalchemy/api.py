@@ -2420,9 +2420,11 @@ def provider_fw_purge_deleted(before: datetime.datetime, audit_records: bool = F
     ``provider_fw_changes_since`` of an older generation then answers None
     and the conductor sends that host a snapshot: a host far behind never
     misses a removal.  The purge moves no generation (hosts enforce the same
-    rules).  ``max_rows``: stop after about that many rows of each table
-    (None: all).  ``audit``: who purged; one ``db.purge`` record says what
-    went, written after the audit records were purged.
+    rules).  The row with the highest id of each table is kept, so no id is
+    ever handed out again (SQLite's tables have no AUTOINCREMENT).
+    ``max_rows``: stop after that many rows of each table (None: all).
+    ``audit``: who purged; when anything went, one ``db.purge`` record says
+    what (``count``: rules), written after the audit records were purged.
     """
     rules = audit_count = 0
     purged = 0
@@ -2441,8 +2443,8 @@ def provider_fw_purge_deleted(before: datetime.datetime, audit_records: bool = F
         purged = _purged_generation(session)
         if rules or audit_count:
             _audit(session, audit, "db.purge", _current_generation(session),
-                   {"before": before.isoformat(), "rules": rules, "audit_records": audit_count,
-                    "purged_generation": purged})
+                   {"before": before.isoformat(timespec="microseconds") + "Z", "count": rules,
+                    "audit_records": audit_count, "purged_generation": purged})
     return PurgeResult(rules, audit_count, purged)
 
 
@@ -2457,8 +2459,11 @@ def _purge_rule_batch(before: datetime.datetime, limit: int) -> tuple[int, int]:
         _generation_locked(session, asked)
         # The deleted_generation index (partial: deleted rules only) in generation order, which is the order
         # of deletion: the scan stops after `limit` rows, except in the last batch.
+        # Never the row with the highest id: SQLite (whose tables have no AUTOINCREMENT) hands out the highest id
+        # + 1, so purging the newest rows would give their ids - which audit records name - to new rules.
+        newest_id = select(func.max(r.id)).scalar_subquery()
         rows = session.execute(select(r.id, r.deleted_generation).where(
-            r.deleted_generation.is_not(None), r.deleted != 0, r.deleted_at < before)
+            r.deleted_generation.is_not(None), r.deleted != 0, r.deleted_at < before, r.id < newest_id)
             .order_by(r.deleted_generation).limit(limit)).all()
         if not rows:
             return 0, purged
@@ -2479,7 +2484,8 @@ def _purge_rule_batch(before: datetime.datetime, limit: int) -> tuple[int, int]:
 def _purge_audit_batch(before: datetime.datetime, limit: int) -> int:
     """Delete up to ``limit`` audit records created before ``before``, oldest first; return how many."""
     with _session() as session, session.begin():
-        ids = session.execute(select(AuditRecord.id).where(AuditRecord.created_at < before)
+        newest_id = select(func.max(AuditRecord.id)).scalar_subquery()      # as for rules: ids never reused
+        ids = session.execute(select(AuditRecord.id).where(AuditRecord.created_at < before, AuditRecord.id < newest_id)
                               .order_by(AuditRecord.created_at, AuditRecord.id).limit(limit)).scalars().all()
         if ids:
             session.execute(sa.delete(AuditRecord).where(AuditRecord.id.in_(ids))
