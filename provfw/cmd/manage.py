@@ -47,7 +47,16 @@ def _utc_datetime(text: str) -> datetime.datetime:
     except (ValueError, OverflowError):              # OverflowError: an offset that leaves years 1-9999
         raise argparse.ArgumentTypeError(f"not an ISO 8601 date or date and time in UTC years 1-9999: {text!r} "
                                          "(e.g. 2026-11-01 or 2026-11-01T12:00:00Z)") from None
+    if when > _utcnow():
+        # Everything deleted so far is older than any future date; with --audit-records a typo (2062 for 2026)
+        # would also take every audit record.  --older-than-days 0 says "everything" on purpose.
+        raise argparse.ArgumentTypeError(f"{text!r} is in the future (to purge every deleted rule so far: "
+                                         "--older-than-days 0)")
     return when
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
 MAX_DAYS = 36_500        # a hundred years: --older-than-days beyond it is a typo, not a retention policy
@@ -69,18 +78,29 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _database_exists() -> None:
+    """SchemaNotReady, before anything is opened or made, when provfw's SQLite file is missing or empty: opening
+    it would create the file (and ``database_url`` the state directory) and then fail on the first table."""
+    url = CONF.database.connection
+    path = os.path.join(CONF.state_path, "provfw.sqlite") if not url else (
+        url[len("sqlite:///"):] if url.startswith("sqlite:///") else None)
+    if path is not None and (not os.path.isfile(path) or os.path.getsize(path) == 0):
+        state = "an empty file" if os.path.isfile(path) else "no file"
+        raise exception.SchemaNotReady(f"no database at {path} ({state}): point --config-file at the deployment's "
+                                       "configuration, or run 'provfw-manage db sync' to create it")
+
+
 def _purge(db, args) -> int:
     """``db purge``: delete long-deleted rules (and old audit records); say what went and what it means."""
     before = args.before
     if before is None:
-        before = (datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-                  - datetime.timedelta(days=args.older_than_days))
+        before = _utcnow() - datetime.timedelta(days=args.older_than_days)
     result = db.provider_fw_purge_deleted(before, audit_records=args.audit_records, max_rows=args.max_rows,
                                           audit=db.Audit("provfw-manage"))
     what = f"{result.rules} deleted rule(s)"
     if args.audit_records:
         what += f" and {result.audit_records} audit record(s)"
-    print(f"purged {what} from before {before.isoformat(sep=' ')} UTC")
+    print(f"purged {what} from before {before:%Y-%m-%d %H:%M:%S} UTC")
     if result.rules:
         print(f"hosts that applied a generation older than {result.purged_generation} get a full snapshot on "
               "their next check")
@@ -162,7 +182,8 @@ def _command_args(argv):
         prog="provfw-manage", usage="provfw-manage [--config-file PATH ...] [--config-dir DIR] COMMAND ...",
         epilog="--config-file / --config-dir (oslo.config) come before the command; default: "
                "/etc/provfw/provfw.conf when it exists.")
-    sub = parser.add_subparsers(dest="category", required=True)
+    # Subcommands are named from prog, not from the usage line above ("provfw-manage db purge: error: ...").
+    sub = parser.add_subparsers(dest="category", required=True, prog="provfw-manage")
     _add_commands(sub)
     return parser.parse_args(argv)
 
@@ -203,15 +224,13 @@ def run(args) -> int:
     # libpq alone waits for a statement's answer without end: a database server that goes silent mid-command
     # (a hung host, a half-open path) would hold a purge started by a timer, and the next day's, for ever.
     psycopg_wait.install(green=False)
-    url = provfw_conf.database_url()
     # Commands that read or write provfw's tables (not: db sync/version/check, which make or read the schema
     # itself, nor nwfilter and dataplane teardown, which never open the database).
     needs_schema = (args.category in ("token", "rules", "service") or (args.category, args.action) in (
         ("db", "purge"), ("dataplane", "apply")))
-    if needs_schema and url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
-        # Opening it would create an empty file there (and then fail on the first table).
-        raise exception.SchemaNotReady(f"no database at {url[len('sqlite:///'):]}: point --config-file at the "
-                                       "deployment's configuration, or run 'provfw-manage db sync' to create it")
+    if needs_schema:
+        _database_exists()
+    url = provfw_conf.database_url()
     db.configure(url, CONF.database.pool_size)
     if needs_schema:
         db.ping()           # one line (SchemaNotReady, DatabaseUnavailable), not a traceback of the first query

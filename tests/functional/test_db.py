@@ -191,17 +191,20 @@ def test_manage_db_purge_says_what_went_and_refuses_a_date_it_cannot_read(fresh_
     assert nothing.returncode == 0, nothing.stderr
     (line,) = nothing.stdout.splitlines()                  # no "snapshot" line when nothing went
     assert line.startswith("purged 0 deleted rule(s) from before ") and line.endswith(" UTC")
-    done = _manage(config, "db", "purge", "--before", "2099-01-01T00:00:00+02:00", "--audit-records")
+    done = _manage(config, "db", "purge", "--older-than-days", "0", "--audit-records")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
-        "purged 1 deleted rule(s) and 2 audit record(s) from before 2098-12-31 22:00:00 UTC",
-        f"hosts that applied a generation older than {gone} get a full snapshot on their next check"]
+    summary, snapshot = done.stdout.splitlines()
+    assert summary.startswith("purged 1 deleted rule(s) and 2 audit record(s) from before ")
+    assert snapshot == f"hosts that applied a generation older than {gone} get a full snapshot on their next check"
     for wrong in (["--before", "last tuesday"], ["--older-than-days", "-3"], ["--older-than-days", "36501"],
                   ["--before", "0001-01-01T00:00:00+05:00"], ["--max-rows", "0", "--older-than-days", "1"],
-                  ["--before", "2026-01-01", "--older-than-days", "3"], []):
+                  ["--before", "2099-01-01"], ["--before", "2026-01-01", "--older-than-days", "3"], []):
         refused = _manage(config, "db", "purge", *wrong)
-        assert refused.returncode == 2 and "usage: provfw-manage" in refused.stderr, wrong
+        assert refused.returncode == 2 and "usage: provfw-manage db purge [-h]" in refused.stderr, wrong
         assert "Traceback" not in refused.stderr, wrong
+    # An operator trial: a --before tomorrow with --audit-records took every audit record, of live rules too.
+    assert "provfw-manage db purge: error: argument --before: '2099-01-01' is in the future" in _manage(
+        config, "db", "purge", "--before", "2099-01-01", "--audit-records").stderr
     assert "not an ISO 8601 date or date and time in UTC years 1-9999: 'last tuesday'" in _manage(
         config, "db", "purge", "--before", "last tuesday").stderr
 
@@ -210,15 +213,23 @@ def test_manage_says_in_one_line_that_a_database_is_missing_and_creates_none(tmp
     """An operator trial: pointed at the wrong place, `db purge` created an empty SQLite file there and ended in
     80 lines of traceback ('no such table: provider_fw_generation')."""
     config = tmp_path / "provfw.conf"
-    config.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n")
+    state = tmp_path / "nowhere" / "state"
+    config.write_text(f"[DEFAULT]\nstate_path = {state}\n")
     for argv in (["db", "purge", "--older-than-days", "30"], ["token", "list"], ["service", "list"]):
         missing = _manage(config, *argv)
         assert (missing.returncode, missing.stdout) == (1, ""), argv
-        assert missing.stderr == (f"provfw-manage: no database at {tmp_path}/state/provfw.sqlite: point --config-file "
+        assert missing.stderr == (f"provfw-manage: no database at {state}/provfw.sqlite (no file): point --config-file "
                                   "at the deployment's configuration, or run 'provfw-manage db sync' to create it\n")
-    assert not (tmp_path / "state" / "provfw.sqlite").exists()
+    assert not (tmp_path / "nowhere").exists(), "not even the state directory"
+    state.mkdir(parents=True)
+    (state / "provfw.sqlite").touch()                   # an empty file stays one (a second trial)
+    refused = _manage(config, "token", "list")
+    assert refused.returncode == 1 and "provfw.sqlite (an empty file)" in refused.stderr
+    assert sorted(path.name for path in state.iterdir()) == ["provfw.sqlite"]
+    assert (state / "provfw.sqlite").stat().st_size == 0
     empty = tmp_path / "empty.sqlite"
-    sa.create_engine(f"sqlite:///{empty}").connect().close()
+    with sa.create_engine(f"sqlite:///{empty}").begin() as conn:     # a database, but not provfw's
+        conn.exec_driver_sql("CREATE TABLE other (x INTEGER)")
     config.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n[database]\nconnection = sqlite:///{empty}\n")
     schemaless = _manage(config, "db", "purge", "--older-than-days", "30")
     assert (schemaless.returncode, schemaless.stderr) == (
