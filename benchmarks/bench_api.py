@@ -334,7 +334,7 @@ def summarise(slices: list[dict]) -> dict:
 
 
 def start_server(kind: str, config: str, port: int, workers: int, threads: int, log_path: str,
-                 baseline: str | None = None) -> subprocess.Popen:
+                 baseline: str | None = None, granian: tuple[int, int] = (1, 12)) -> subprocess.Popen:
     env = {**os.environ, "PROVFW_CONFIG_FILE": config}
     if kind == "baseline":
         # provfw-api of another source tree (e.g. `git archive <commit> | tar -x -C DIR`), same venv.
@@ -342,6 +342,13 @@ def start_server(kind: str, config: str, port: int, workers: int, threads: int, 
                 "from provfw.cmd.api import main; sys.argv[1:] = ['--config-file', " + repr(config) + "]; main()"]
     elif kind in ("eventlet", "primer"):
         argv = [os.path.join(BIN, "provfw-api"), "--config-file", config]
+    elif kind == "granian":
+        # The same WSGI application under granian (Rust HTTP, the app in a pool of Python threads per worker);
+        # not one of provfw's dependencies: `.venv/bin/pip install granian`.  Its workers start no metrics
+        # server, so its 'lock held' column is '-'.
+        argv = [granian_bin(), "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", str(granian[0]), "--blocking-threads", str(granian[1]), "--backpressure", "256",
+                "--no-ws", "provfw.api.wsgi_app:application"]
     else:
         if kind == "baseline-gunicorn":       # the same gunicorn serving the other tree's provfw.api.wsgi_app
             env["PYTHONPATH"] = baseline
@@ -356,6 +363,13 @@ def start_server(kind: str, config: str, port: int, workers: int, threads: int, 
                             start_new_session=True)
 
 
+def granian_bin() -> str:
+    path = os.path.join(BIN, "granian")
+    if not os.path.exists(path):
+        raise SystemExit("bench_api.py: granian is not installed in this venv (.venv/bin/pip install granian)")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -364,7 +378,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker (1: sync workers)")
     parser.add_argument("--servers", default="eventlet,gunicorn",
-                        help="comma list of eventlet, gunicorn, baseline and baseline-gunicorn (with --baseline)")
+                        help="comma list of eventlet, gunicorn, granian, baseline and baseline-gunicorn (with "
+                             "--baseline)")
+    parser.add_argument("--granian", default="1x12", metavar="WORKERSxTHREADS",
+                        help="granian's worker processes and blocking threads per worker")
     parser.add_argument("--baseline", help="source tree whose eventlet provfw-api runs as 'baseline' (and its WSGI "
                                            "application under gunicorn as 'baseline-gunicorn')")
     parser.add_argument("--rounds", type=int, default=3,
@@ -380,6 +397,14 @@ def main() -> None:
                         help="keep each server's directory (/tmp/provfw-bench-api-*: config, log) after the run; "
                              "always kept with --profile or when a server had errors")
     args = parser.parse_args()
+    try:
+        granian = tuple(int(part) for part in args.granian.lower().split("x"))
+        if len(granian) != 2 or min(granian) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--granian: {args.granian!r} is not WORKERSxTHREADS (e.g. 1x12)")
+    if "granian" in args.servers.split(","):
+        granian_bin()
     if args.load == "wrk" and shutil.which("wrk") is None:
         raise SystemExit("bench_api.py: wrk not found (apt-get install wrk, or ./tools/setup-test-env.sh); "
                          "--load python runs the mix from Python threads instead")
@@ -418,7 +443,7 @@ def main() -> None:
                                  f"[metrics]\nbind_host = 127.0.0.1\napi_port = {metrics_port}\n")
                 log_path = os.path.join(workdir, "server.log")
                 servers[kind] = (port, start_server(kind, config, port, args.workers, args.threads, log_path,
-                                                    args.baseline), log_path, workdir, metrics_port)
+                                                    args.baseline, granian), log_path, workdir, metrics_port)
             for kind, (port, proc, log_path, _, _) in servers.items():
                 wait_healthy(port, proc, log_path)
                 run_load(port, token, args.clients, 2.0, load=args.load)    # warm-up: connections, caches
@@ -456,7 +481,8 @@ def main() -> None:
         database.drop()
 
     gunicorn = f"gunicorn {args.workers}x gthread/{args.threads}"
-    names = {"gunicorn": gunicorn, "baseline": "baseline (eventlet)",
+    names = {"gunicorn": gunicorn, "granian": f"granian {granian[0]}x threads/{granian[1]}",
+             "baseline": "baseline (eventlet)",
              "baseline-gunicorn": f"baseline gunicorn {args.workers}x{args.threads}"}
     print(machine.describe())
     if vacuum.needed:
