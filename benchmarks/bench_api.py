@@ -333,6 +333,19 @@ def summarise(slices: list[dict]) -> dict:
             "per_generation": answered / generations if generations else 0.0}
 
 
+def write_config(workdir: str, transport: str, database_url: str, port: int, metrics_port: int) -> str:
+    """A server's provfw.conf in ``workdir`` (its state there too, its own control exchange); returns its path.
+    ``metrics_port`` 0: no metrics server."""
+    config = os.path.join(workdir, "provfw.conf")
+    with open(config, "w") as handle:
+        handle.write(f"[DEFAULT]\nstate_path = {workdir}/state\ntransport_url = {transport}\n"
+                     f"control_exchange = bench-{secrets.token_hex(4)}\n"
+                     f"[database]\nconnection = {database_url}\npool_size = 8\n"
+                     f"[api]\nbind_host = 127.0.0.1\nbind_port = {port}\n"
+                     f"[metrics]\nbind_host = 127.0.0.1\napi_port = {metrics_port}\n")
+    return config
+
+
 def start_server(kind: str, config: str, port: int, workers: int, threads: int, log_path: str,
                  baseline: str | None = None, granian: tuple[int, int] = (1, 12)) -> subprocess.Popen:
     env = {**os.environ, "PROVFW_CONFIG_FILE": config}
@@ -434,13 +447,7 @@ def main() -> None:
                 port, metrics_port = free_port(), free_port()
                 workdir = f"/tmp/provfw-bench-api-{kind}-{os.getpid()}"
                 os.makedirs(workdir, exist_ok=True)
-                config = os.path.join(workdir, "provfw.conf")
-                with open(config, "w") as handle:
-                    handle.write(f"[DEFAULT]\nstate_path = {workdir}/state\ntransport_url = {transport}\n"
-                                 f"control_exchange = bench-{secrets.token_hex(4)}\n"
-                                 f"[database]\nconnection = {database.url}\npool_size = 8\n"
-                                 f"[api]\nbind_host = 127.0.0.1\nbind_port = {port}\n"
-                                 f"[metrics]\nbind_host = 127.0.0.1\napi_port = {metrics_port}\n")
+                config = write_config(workdir, transport, database.url, port, metrics_port)
                 log_path = os.path.join(workdir, "server.log")
                 servers[kind] = (port, start_server(kind, config, port, args.workers, args.threads, log_path,
                                                     args.baseline, granian), log_path, workdir, metrics_port)

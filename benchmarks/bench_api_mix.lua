@@ -8,11 +8,11 @@
 -- the next run must not meet it as a duplicate.  Prints one JSON line: answers that were 200 and those
 -- that were not, socket errors, the run's length and its latency percentiles (microseconds).
 
-local threads = {}
+-- The JSON line and the thread bookkeeping: bench_api_report.lua, beside this script.
+local report = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "bench_api_report.lua")
 
 function setup(thread)
-   table.insert(threads, thread)
-   thread:set("index", #threads - 1)
+   thread:set("index", report.setup(thread))
 end
 
 function init(args)
@@ -37,26 +37,9 @@ function response(status, headers, body)
       n = n + 1
    end
    blocking = not blocking
-   if status == 200 then
-      ok = ok + 1
-   else
-      failed = failed + 1
-      if #first < 200 then
-         first = first .. status .. " "
-      end
-   end
+   report.count(status == 200, status)
 end
 
 function done(summary, latency, requests)
-   local answered, refused, statuses = 0, 0, ""
-   for _, thread in ipairs(threads) do
-      answered = answered + thread:get("ok")
-      refused = refused + thread:get("failed")
-      statuses = statuses .. thread:get("first")
-   end
-   local errors = summary.errors
-   io.write(string.format('{"ok": %d, "failed": %d, "first_failures": "%s", "socket_errors": %d, ' ..
-                          '"duration_us": %d, "p50_us": %d, "p99_us": %d}\n',
-                          answered, refused, statuses, errors.connect + errors.read + errors.write + errors.timeout,
-                          summary.duration, latency:percentile(50), latency:percentile(99)))
+   report.done(summary, latency)
 end
