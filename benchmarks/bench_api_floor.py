@@ -40,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -159,11 +160,14 @@ def main() -> None:
         for kind in ("trivial", "provfw"):
             servers[kind] = start(kind, workdir, database.url, services.RABBIT_URL if rabbit else "memory://")
         bench_api.wait_healthy(servers["provfw"]["port"], servers["provfw"]["proc"], servers["provfw"]["log"])
+        trivial = servers["trivial"]
+        deadline = time.monotonic() + 30
+        while not services.port_open("127.0.0.1", trivial["port"]):        # /healthz is provfw-api's only
+            if trivial["proc"].poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the trivial server did not listen:\n{open(trivial['log']).read()[-3000:]}")
+            time.sleep(0.1)
         for kind in LAYERS:                                             # warm-up: connections, caches
-            server = servers[LAYERS[kind][0]]
-            if kind == "eventlet alone":
-                fixed_load(server["port"], token, args.clients, 1.0, *LAYERS[kind][1:])
-            measure(kind, server, token, args.clients, 2.0, vacuum)
+            measure(kind, servers[LAYERS[kind][0]], token, args.clients, 2.0, vacuum)
         kinds = list(LAYERS)
         for number in range(rounds):
             for kind in kinds[number % len(kinds):] + kinds[:number % len(kinds)]:
